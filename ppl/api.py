@@ -1,0 +1,80 @@
+"""Python API: `ppl.load(path)` -> `PplModel`, whose `.check()`, `.graph()` and
+`.fit()` run the pipeline stages; the CLI is a thin layer over this.
+
+Stage: model path (+ data) -> checked `Model` -> DAG / `Fit`.
+Torch is imported only by `.fit()`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import networkx as nx
+
+from .data import DataSet, load_data
+from .errors import PplError, Source
+from .frontend import ast as A
+from .frontend.check import Model, check
+from .frontend.parse import decode, parse
+
+DataArg = Union[None, str, Sequence[str], Mapping[str, Any]]
+
+
+class PplModel:
+    def __init__(self, source: Source):
+        self.source = source
+        self.program: A.Program = parse(source)
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    def check(self, data: DataArg = None, sets: Sequence[str] = ()) -> Model:
+        """Checked IR; with `data=None` and no `sets`, sizes stay symbolic."""
+        files, objects = _split_data(data)
+        if data is None and not sets:
+            return check(self.program, self.source, None)
+
+        def loader(decls, syms):
+            return load_data(decls, files, sets, syms, objects=objects)
+        return check(self.program, self.source, loader)
+
+    def graph(self, data: DataArg = None, sets: Sequence[str] = (), estimator: str = "auto") -> nx.DiGraph:
+        from .graph import build_graph
+        return build_graph(self.check(data, sets), estimator)
+
+    def fit(self, data: DataArg = (), sets: Sequence[str] = (), **options):
+        """Fit the model; options as `ppl fit` (method, estimator, steps, tol, lr, mc_samples, draws, seed ...)."""
+        from .infer.fit import fit as run_fit
+        import time
+        t0 = time.perf_counter()
+        model = self.check(data if data is not None else (), sets)
+        return run_fit(model, timings={"check": time.perf_counter() - t0}, **options)
+
+
+def load(path: str) -> PplModel:
+    """Parse a model file (raises PplError with a located message on bad input)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        from .errors import Diagnostic
+        raise PplError([Diagnostic(None, f"cannot read model file: {e.strerror}", path)])
+    return PplModel(decode(raw, path))
+
+
+def loads(text: str, path: str = "<string>") -> PplModel:
+    return PplModel(Source(path, text))
+
+
+def _split_data(data: DataArg):
+    if data is None:
+        return [], []
+    if isinstance(data, str):
+        return [data], []
+    if isinstance(data, Mapping):
+        return [], [dict(data)]
+    files, objects = [], []
+    for d in data:
+        (objects if isinstance(d, Mapping) else files).append(d)
+    return files, objects

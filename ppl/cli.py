@@ -1,0 +1,159 @@
+"""CLI: `ppl check | graph | fit` (DESIGN §4) over the Python API.
+
+Exit codes: 0 ok; 1 the model or data is wrong (located message, no
+traceback); 2 usage; 3 inference failed numerically.  `--debug` shows a
+traceback.  `check` and `graph` never import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from typing import List, Optional
+
+from . import __version__
+from .errors import EXIT_USAGE, EXIT_USER, Diagnostic, PplError, UsageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppl", description="probabilistic programs with automatic variational inference")
+    p.add_argument("--version", action="version", version=f"ppl {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="{check,graph,fit}")
+
+    def common(sp):
+        sp.add_argument("model", help="the .ppl model file")
+        sp.add_argument("data", nargs="*", help="data files: CSV (columns) or JSON (names to values)")
+        sp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a scalar data value")
+        sp.add_argument("--debug", action="store_true", help="show a traceback on errors")
+
+    c = sub.add_parser("check", help="check a model (and its data)")
+    common(c)
+    c.add_argument("--dump", choices=["ast", "ir"], help="print a stage's output")
+
+    g = sub.add_parser("graph", help="show the model's directed graph")
+    common(g)
+    g.add_argument("--format", default="text", choices=["text", "dot", "json", "png", "svg"])
+    g.add_argument("-o", "--output", metavar="FILE", help="write to FILE (png/svg need it)")
+    g.add_argument("--estimator", default="auto", choices=["auto", "reparam", "score", "enumerate"])
+
+    f = sub.add_parser("fit", help="fit the model by variational inference")
+    common(f)
+    f.add_argument("--method", default="auto", help="auto|meanfield|fullrank|lowrank|flow")
+    f.add_argument("--estimator", default="auto", choices=["auto", "reparam", "score", "enumerate"])
+    f.add_argument("--objective", default="elbo", help="elbo|iwae|renyi")
+    f.add_argument("--alpha", type=float, default=0.5, help="Renyi alpha (with --objective renyi)")
+    f.add_argument("--rank", type=int, default=None, help="rank of the lowrank family")
+    f.add_argument("--steps", type=int, default=None, help="step cap (default 10000)")
+    f.add_argument("--tol", type=float, default=0.01, help="relative ELBO change for convergence; 0 turns it off")
+    f.add_argument("--lr", type=float, default=None, help="step size (default: adaptive)")
+    f.add_argument("--mc-samples", type=int, default=None, help="Monte Carlo samples per gradient")
+    f.add_argument("--draws", type=int, default=1000, help="posterior draws to report")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--init", default="laplace", choices=["laplace", "zero"], help="starting point of the fit")
+    f.add_argument("--out", metavar="DIR", help="write draws.csv, summary.csv, elbo.csv to DIR")
+    f.add_argument("--force", action="store_true", help="replace an existing --out DIR")
+    f.add_argument("--format", default="table", choices=["table", "json"])
+    f.add_argument("--profile", action="store_true", help="print where the time went")
+    f.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = _parser()
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.cmd is None:
+        p.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return {"check": cmd_check, "graph": cmd_graph, "fit": cmd_fit}[args.cmd](args)
+    except PplError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(e.render(), file=sys.stderr)
+        return e.code
+    except UsageError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ppl {args.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug in ppl, not in the input: still no traceback unless asked
+        if args.debug:
+            traceback.print_exc()
+        print(f"{args.model}: error: internal error ({type(e).__name__}: {e}); "
+              f"please report it (rerun with --debug for a traceback)", file=sys.stderr)
+        return EXIT_USER
+
+
+def _model(args):
+    from .api import load
+    return load(args.model)
+
+
+def _data_arg(args):
+    return args.data if (args.data or args.set) else None
+
+
+def cmd_check(args) -> int:
+    m = _model(args)
+    if args.dump == "ast":
+        from .frontend.ast import dump
+        print(dump(m.program.statements))
+        return 0
+    model = m.check(_data_arg(args), args.set)
+    if args.dump == "ir":
+        for name in model.order:
+            n = model.nodes[name]
+            print(f"{n.kind:<13} {name} shape={list(n.shape)} int={n.is_int} support={n.support} deps={list(n.deps)}")
+        return 0
+    nl = sum(1 for n in model.nodes.values() if n.kind == "latent")
+    no = sum(1 for n in model.nodes.values() if n.kind == "observed")
+    sizes = ", ".join(f"{k}={v}" for k, v in model.dims.items())
+    print(f"{args.model}: ok ({nl} latent, {no} observed" + (f"; {sizes}" if sizes else "") + ")")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from . import graph as G
+    g = _model(args).graph(_data_arg(args), args.set, args.estimator)
+    if args.format in ("png", "svg"):
+        if not args.output:
+            raise UsageError(f"--format {args.format} writes a file: give -o FILE")
+        write_atomic(args.output, G.render(G.to_dot(g), args.format))
+        return 0
+    text = {"text": G.to_text, "dot": G.to_dot, "json": G.to_json}[args.format](g)
+    if args.output:
+        write_atomic(args.output, text.encode())
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .infer.report import run_fit_command
+    return run_fit_command(args)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".ppl-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PplError([Diagnostic(None, f"cannot write: {e.strerror}", path)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

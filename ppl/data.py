@@ -1,0 +1,474 @@
+"""Data binding: CSV / JSON files and `--set` values -> arrays checked against
+the model's `data` declarations.
+
+Stage: (data declarations from the AST, file paths, --set pairs) -> `DataSet`
+(numpy arrays by name, dimension sizes by symbol, level labels).
+
+Decisions (also in README.md):
+- CSV has a header row and is read by column name; unknown columns are ignored.
+  A column that appears in several CSV files is taken from the first.
+- JSON is Stan/posteriordb style: names to scalars or (nested) arrays.
+- `level[N] of K`: labels that are all whole numbers within 1..K, where K is
+  already given (JSON or --set), are used as they are.  Otherwise the distinct
+  labels are sorted (numerically when all are numbers, else as strings) and
+  numbered 1..K in that order; K is bound to their count.
+- `from "pattern"` gathers, in file order, every CSV column whose name matches
+  the glob pattern (fnmatch, case-sensitive).
+- A dimension symbol is bound by the first source that fixes it (scalars in
+  JSON / --set first, then data in declaration order); every later use must agree.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import Diagnostic, PplError, Source, Span, did_you_mean
+from .frontend import ast as A
+
+_NUMERIC_BASES = {"real", "int"}
+
+
+@dataclass
+class DataSet:
+    values: Dict[str, np.ndarray] = field(default_factory=dict)
+    dims: Dict[str, int] = field(default_factory=dict)
+    dim_origin: Dict[str, str] = field(default_factory=dict)
+    levels: Dict[str, List[str]] = field(default_factory=dict)
+    files: Tuple[str, ...] = ()
+
+
+# ---- reading files -----------------------------------------------------------
+@dataclass
+class _Csv:
+    path: str
+    source: Source
+    header: List[str]
+    columns: Dict[str, int]
+    rows: List[List[str]]
+    lines: List[int]              # file line of each row
+
+    def cell_span(self, row: int, col: int) -> Span:
+        line = self.lines[row]
+        text = self.source.line(line)
+        start = 1
+        parts = text.split(",")
+        for p in parts[:col]:
+            start += len(p) + 1
+        width = len(parts[col]) if col < len(parts) else 1
+        return Span(self.source, line, start, line, start + max(1, width))
+
+    def header_span(self, col: int) -> Span:
+        return _Csv.cell_span(_HeaderView(self), 0, col)
+
+
+class _HeaderView:
+    def __init__(self, t: _Csv):
+        self.source, self.lines = t.source, [1]
+
+
+@dataclass
+class _Json:
+    path: str
+    source: Source
+    obj: dict
+
+    def key_span(self, key: str) -> Span:
+        text = self.source.text
+        i = text.find(json.dumps(key))
+        if i < 0:
+            return Span(self.source, 1, 1, 1, 2)
+        line = text.count("\n", 0, i) + 1
+        col = i - (text.rfind("\n", 0, i) + 1) + 1
+        return Span(self.source, line, col, line, col + len(json.dumps(key)))
+
+
+def _fail(span: Optional[Span], msg: str, path: Optional[str] = None):
+    raise PplError([Diagnostic(span, msg, path)])
+
+
+def _read_text(path: str) -> Source:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        _fail(None, f"cannot read data file: {e.strerror}", path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        before = raw[: e.start].decode("utf-8", "replace")
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        _fail(Span(Source(path, before), line, col, line, col + 1), f"byte 0x{raw[e.start]:02x} is not UTF-8 text")
+    if "\0" in text:
+        before = text[: text.index("\0")]
+        line = before.count("\n") + 1
+        _fail(Span(Source(path, text), line, 1, line, 2), "a NUL byte in a text data file")
+    return Source(path, text)
+
+
+def _read_csv(path: str, src: Source) -> _Csv:
+    if not src.text.strip():
+        _fail(None, "the file is empty (a CSV needs a header row)", path)
+    reader = csv.reader(io.StringIO(src.text))
+    rows, lines = [], []
+    try:
+        header = next(reader)
+        header_line = reader.line_num
+        for r in reader:
+            if not r or (len(r) == 1 and not r[0].strip()):
+                continue   # blank line
+            rows.append(r)
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        line = reader.line_num or 1
+        _fail(Span(src, line, 1, line, 2), f"malformed CSV: {e}")
+    header = [h.strip() for h in header]
+    t = _Csv(path, src, header, {}, rows, lines)
+    for j, h in enumerate(header):
+        if not h:
+            _fail(_Csv.cell_span(_HeaderView(t), 0, j), f"column {j + 1} has an empty name in the header")
+        if h in t.columns:
+            _fail(_Csv.cell_span(_HeaderView(t), 0, j), f"column '{h}' appears twice in the header")
+        t.columns[h] = j
+    n = len(header)
+    for i, r in enumerate(rows):
+        if len(r) != n:
+            line = lines[i]
+            _fail(Span(src, line, 1, line, max(2, len(src.line(line)) + 1)),
+                  f"row {i + 1} has {len(r)} field{'s' if len(r) != 1 else ''}, but the header has {n}")
+    if not rows:
+        _fail(Span(src, header_line, 1, header_line, 2), "the file has a header but no rows")
+    return t
+
+
+def _read_json(path: str, src: Source) -> _Json:
+    try:
+        obj = json.loads(src.text, parse_constant=lambda c: float(c))
+    except json.JSONDecodeError as e:
+        _fail(Span(src, e.lineno, e.colno, e.lineno, e.colno + 1), f"invalid JSON: {e.msg}")
+    except RecursionError:
+        _fail(None, "invalid JSON: nested too deeply", path)
+    if not isinstance(obj, dict):
+        _fail(Span(src, 1, 1, 1, 2), "a JSON data file must hold an object of names to values")
+    return _Json(path, src, obj)
+
+
+def _read(path: str):
+    src = _read_text(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".json" or (ext != ".csv" and src.text.lstrip().startswith("{")):
+        return _read_json(path, src)
+    return _read_csv(path, src)
+
+
+# ---- converting values -------------------------------------------------------
+def _num(s: str) -> float:
+    return float(s)
+
+
+class _Binder:
+    def __init__(self, decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[str], dim_symbols,
+                 objects: Sequence[dict] = ()):
+        self.decls = list(decls)
+        self.tables = [_read(p) for p in files] + [_from_object(o, i) for i, o in enumerate(objects)]
+        self.csvs = [t for t in self.tables if isinstance(t, _Csv)]
+        self.jsons = [t for t in self.tables if isinstance(t, _Json)]
+        self.sets: Dict[str, float] = {}
+        for s in sets:
+            if "=" not in s:
+                _fail(None, f"--set {s!r}: expected NAME=VALUE", "--set")
+            k, v = s.split("=", 1)
+            k = k.strip()
+            try:
+                val = float(v)
+            except ValueError:
+                _fail(None, f"--set {k}={v}: {v!r} is not a number", "--set")
+            if not math.isfinite(val):
+                _fail(None, f"--set {k}={v}: the value must be finite", "--set")
+            self.sets[k] = val
+        self.out = DataSet(files=tuple(files))
+        self.dim_symbols = set(dim_symbols)
+
+    # dimension symbols -----------------------------------------------------
+    def bind(self, sym: str, n: int, origin: str, span: Optional[Span], path: Optional[str] = None):
+        d = self.out
+        if sym in d.dims and d.dims[sym] != n:
+            _fail(span, f"{origin} gives {sym} = {n}, but {d.dim_origin[sym]} gives {sym} = {d.dims[sym]}", path)
+        if sym not in d.dims:
+            d.dims[sym] = n
+            d.dim_origin[sym] = origin
+
+    def bind_scalars(self):
+        declared = {d.name for d in self.decls}
+        for j in self.jsons:
+            for k, v in j.obj.items():
+                if k in self.dim_symbols and k not in declared:
+                    self._bind_scalar(k, v, f"'{k}' in {j.path}", j.path, j.key_span(k))
+        for k, v in self.sets.items():
+            if k in self.dim_symbols and k not in declared:
+                self._bind_scalar(k, v, f"--set {k}", "--set")
+
+    def _bind_scalar(self, k, v, origin, path, span=None):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+            _fail(span, f"{origin}: the size {k} must be a non-negative whole number, got {json.dumps(v)}", path)
+        self.bind(k, int(v), origin, None, path)
+
+    # one declaration ---------------------------------------------------------
+    def load(self, d: A.DataDecl):
+        t = d.type
+        if d.pattern is not None:
+            return self._load_pattern(d)
+        for j in self.jsons:
+            if d.name in j.obj:
+                return self._load_json(d, j)
+        for c in self.csvs:
+            if d.name in c.columns:
+                if not t.dims:
+                    _fail(d.name_span, f"'{d.name}' is declared a scalar, but {c.path} has it as a column; "
+                          f"give a scalar in JSON or with --set {d.name}=VALUE")
+                if len(t.dims) != 1:
+                    _fail(d.name_span, f"'{d.name}' has {len(t.dims)} dimensions; a CSV column gives one "
+                          f"(use `from \"pattern\"` to gather several columns)")
+                return self._load_column(d, c)
+        if d.name in self.sets:
+            if t.dims:
+                _fail(d.name_span, f"'{d.name}' is an array; --set gives only scalars")
+            return self._finish(d, np.asarray(self.sets[d.name]), None, "--set", lambda i: (None, "--set"))
+        where = []
+        for c in self.csvs:
+            where.append(f"{c.path} has columns " + ", ".join(c.header[:8]) + (" ..." if len(c.header) > 8 else ""))
+        for j in self.jsons:
+            where.append(f"{j.path} has keys " + ", ".join(list(j.obj)[:8]) + (" ..." if len(j.obj) > 8 else ""))
+        options = [h for c in self.csvs for h in c.header] + [k for j in self.jsons for k in j.obj] + list(self.sets)
+        hint = did_you_mean(d.name, options)
+        if not self.tables and not self.sets:
+            msg = f"no data given for '{d.name}'"
+        else:
+            msg = f"no column or key named '{d.name}'{hint}" + ((" (" + "; ".join(where) + ")") if where else "")
+        _fail(d.name_span, msg)
+
+    def _load_column(self, d: A.DataDecl, c: _Csv):
+        j = c.columns[d.name]
+        cells = [r[j] for r in c.rows]
+        arr, labels = self._convert(d, cells, lambda i: (c.cell_span(i, j), f"row {i + 1}, column '{d.name}'"))
+        self._bind_dims(d, arr.shape, f"column '{d.name}' in {c.path}", c.path)
+        return self._finish(d, arr, labels, c.path, lambda i: (c.cell_span(i, j), f"row {i + 1}, column '{d.name}'"))
+
+    def _load_pattern(self, d: A.DataDecl):
+        t = d.type
+        if len(t.dims) != 2:
+            _fail(t.span, f"`from \"{d.pattern}\"` gathers columns into a matrix; declare '{d.name}' with two dimensions, "
+                  "like real[N, D]")
+        for c in self.csvs:
+            cols = [j for j, h in enumerate(c.header) if fnmatchcase(h, d.pattern)]
+            if not cols:
+                continue
+            cells = [[r[j] for j in cols] for r in c.rows]
+            flat = [x for row in cells for x in row]
+            ncol = len(cols)
+
+            def where(i, c=c, cols=cols, ncol=ncol):
+                r, k = divmod(i, ncol)
+                return c.cell_span(r, cols[k]), f"row {r + 1}, column '{c.header[cols[k]]}'"
+            arr, labels = self._convert(d, flat, where)
+            arr = arr.reshape(len(cells), ncol)
+            self._bind_dims(d, arr.shape, f"columns matching \"{d.pattern}\" in {c.path}", c.path)
+            return self._finish(d, arr, labels, c.path, where)
+        for j in self.jsons:
+            if d.name in j.obj:
+                return self._load_json(d, j)
+        names = [h for c in self.csvs for h in c.header]
+        _fail(d.name_span, f"no CSV column matches \"{d.pattern}\"" +
+              (f" (columns: {', '.join(names[:10])})" if names else " (no CSV file was given)"))
+
+    def _load_json(self, d: A.DataDecl, j: _Json):
+        v = j.obj[d.name]
+        t = d.type
+
+        span = j.key_span(d.name)
+
+        def where(i):
+            return span, f"key '{d.name}'" + (f", element {i + 1}" if t.dims else "")
+        arr = self._json_array(d, v, j)
+        if arr.ndim != len(t.dims):
+            _fail(span, f"key '{d.name}' has {arr.ndim} dimension{'s' if arr.ndim != 1 else ''}, "
+                  f"but the model declares {len(t.dims)}")
+        flat = list(arr.reshape(-1))
+        conv, labels = self._convert(d, flat, where, raw_json=True)
+        conv = conv.reshape(arr.shape)
+        self._bind_dims(d, conv.shape, f"key '{d.name}' in {j.path}", j.path)
+        return self._finish(d, conv, labels, j.path, where)
+
+    def _json_array(self, d, v, j: _Json) -> np.ndarray:
+        def shape_of(x, depth=0):
+            if isinstance(x, list):
+                subs = [shape_of(e, depth + 1) for e in x]
+                if any(s != subs[0] for s in subs):
+                    _fail(j.key_span(d.name), f"key '{d.name}' is a ragged array (rows of different lengths)")
+                return (len(x),) + (subs[0] if subs else ())
+            if isinstance(x, dict):
+                _fail(j.key_span(d.name), f"key '{d.name}' holds an object; expected a number or an array")
+            return ()
+        shp = shape_of(v)
+        arr = np.empty(shp, dtype=object)
+        if shp == ():
+            arr[()] = v
+        else:
+            flat = []
+
+            def rec(x):
+                if isinstance(x, list):
+                    for e in x:
+                        rec(e)
+                else:
+                    flat.append(x)
+            rec(v)
+            arr = np.array(flat + [None], dtype=object)[:-1].reshape(shp)
+        return arr
+
+    def _convert(self, d: A.DataDecl, cells, where, raw_json=False):
+        """cells (strings, or JSON scalars) -> (float array, level labels or None)."""
+        base = d.type.base
+        if base == "level":
+            labels = []
+            for i, x in enumerate(cells):
+                if x is None or (isinstance(x, str) and not x.strip()) or isinstance(x, (list, dict)):
+                    span, w = where(i)
+                    _fail(span, f"{w}: {'empty cell' if not raw_json else 'null'} where a level label is expected")
+                if isinstance(x, float) and x == int(x):
+                    x = int(x)
+                labels.append(str(x).strip())
+            return self._levels(d, labels, where)
+        try:
+            if raw_json:
+                if any(isinstance(x, (str, bool)) or x is None for x in cells):
+                    raise ValueError
+                arr = np.asarray(cells, dtype=np.float64)
+            else:
+                arr = np.asarray(cells, dtype=np.float64) if cells else np.zeros(0)
+        except (ValueError, TypeError):
+            arr = None
+        if arr is None or not np.all(np.isfinite(arr)):
+            for i, x in enumerate(cells):
+                span, w = where(i)
+                if raw_json:
+                    if x is None:
+                        _fail(span, f"{w}: null is not a number")
+                    if isinstance(x, bool):
+                        if base == "int":
+                            continue
+                        _fail(span, f"{w}: {json.dumps(x)} is not a number")
+                    if isinstance(x, str):
+                        _fail(span, f"{w}: {json.dumps(x)} is not a number")
+                    v = float(x)
+                else:
+                    if not x.strip():
+                        _fail(span, f"{w}: empty cell")
+                    try:
+                        v = float(x)
+                    except ValueError:
+                        _fail(span, f"{w}: {x.strip()!r} is not a number")
+                if not math.isfinite(v):
+                    _fail(span, f"{w}: {str(x).strip()!r} is not a finite number (NaN and inf are not data)")
+            if arr is None:
+                arr = np.asarray([float(x) for x in cells], dtype=np.float64)
+        if base == "int":
+            bad = np.nonzero(arr != np.round(arr))[0]
+            if bad.size:
+                i = int(bad[0])
+                span, w = where(i)
+                _fail(span, f"{w}: {str(cells[i]).strip()!r} is not an integer, but '{d.name}' is declared int")
+        return arr, None
+
+    def _levels(self, d: A.DataDecl, labels: List[str], where):
+        k_sym = d.type.levels.value if d.type.levels else None
+        uniq = sorted(set(labels))
+        try:
+            nums = {u: float(u) for u in uniq}
+            uniq = sorted(uniq, key=lambda u: nums[u])
+            numeric = True
+        except ValueError:
+            numeric = False
+        k_known = self.out.dims.get(k_sym) if isinstance(k_sym, str) else (k_sym if isinstance(k_sym, int) else None)
+        if numeric and k_known is not None and all(nums[u] == int(nums[u]) and 1 <= nums[u] <= k_known for u in uniq):
+            arr = np.asarray([int(nums[x]) for x in labels], dtype=np.float64)
+            return arr, [str(i) for i in range(1, k_known + 1)]
+        code = {u: i + 1 for i, u in enumerate(uniq)}
+        arr = np.asarray([code[x] for x in labels], dtype=np.float64)
+        if isinstance(k_sym, int) and len(uniq) > k_sym:
+            span, w = where(labels.index(uniq[-1]))
+            _fail(span, f"{w}: '{d.name}' has {len(uniq)} distinct labels, more than the {k_sym} declared")
+        if isinstance(k_sym, str):
+            if k_known is not None and len(uniq) != k_known:
+                _fail(d.type.span, f"'{d.name}' has {len(uniq)} distinct labels, but {k_sym} = {k_known} "
+                      f"({self.out.dim_origin[k_sym]}); labels that are whole numbers 1..{k_sym} are used as they are")
+            self.bind(k_sym, len(uniq), f"the labels of '{d.name}'", d.type.span)
+        return arr, uniq
+
+    def _bind_dims(self, d: A.DataDecl, shape, origin: str, path: str):
+        for dim, n in zip(d.type.dims, shape):
+            if isinstance(dim.value, int):
+                if dim.value != n:
+                    _fail(dim.span, f"{origin} has size {n}, but the model declares {dim.value}")
+            else:
+                self.bind(dim.value, n, origin, None, path)
+
+    def _finish(self, d: A.DataDecl, arr: np.ndarray, labels, origin: str, where):
+        for b in d.type.bounds:
+            lim = _literal(b.value)
+            if lim is None:
+                continue   # non-literal bounds are checked by the checker
+            bad = np.nonzero(arr < lim if b.key == "lower" else arr > lim)[0] if b.key in ("lower", "upper") else []
+            if len(bad):
+                i = int(np.ravel_multi_index(np.unravel_index(bad[0], arr.shape), arr.shape)) if arr.ndim > 1 else int(bad[0])
+                span, w = where(i)
+                v = arr.reshape(-1)[i]
+                sign = ">=" if b.key == "lower" else "<="
+                _fail(span, f"{w}: {v:g} violates the bound {b.key}={lim:g} of '{d.name}' (must be {sign} {lim:g})",
+                      origin if span is None else None)
+        if not d.type.dims and d.type.base in _NUMERIC_BASES | {"level"} and d.name in self.dim_symbols:
+            v = float(arr)
+            if v != int(v) or v < 0:
+                _fail(d.name_span, f"'{d.name}' is used as a size but its value is {v:g}")
+            self.bind(d.name, int(v), f"'{d.name}' from {origin}", d.name_span)
+        self.out.values[d.name] = arr
+        if labels is not None:
+            self.out.levels[d.name] = labels
+
+
+def _literal(e: A.Expr) -> Optional[float]:
+    if isinstance(e, A.Num):
+        return float(e.value)
+    if isinstance(e, A.Neg) and isinstance(e.operand, A.Num):
+        return -float(e.operand.value)
+    return None
+
+
+def _from_object(obj: dict, i: int) -> _Json:
+    """A Python mapping of names to numbers / arrays, treated like a JSON file."""
+    plain = {str(k): (v.tolist() if hasattr(v, "tolist") else list(v) if isinstance(v, (tuple, range)) else v)
+             for k, v in obj.items()}
+    path = f"<data {i + 1}>"
+    return _Json(path, Source(path, json.dumps(plain, default=str)), plain)
+
+
+def load_data(decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[str] = (),
+              dim_symbols=(), objects: Sequence[dict] = ()) -> DataSet:
+    """Read every file, then bind each declaration in source order."""
+    b = _Binder(decls, files, sets, dim_symbols, objects)
+    b.bind_scalars()
+    # level declarations whose K is given first, so labels 1..K keep their meaning
+    for d in decls:
+        b.load(d)
+    for k, v in b.sets.items():
+        if k in b.dim_symbols and k not in b.out.dims and v == int(v):
+            b.bind(k, int(v), f"--set {k}", None, "--set")
+    return b.out

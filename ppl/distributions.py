@@ -1,0 +1,128 @@
+"""Registry of distributions (torch-free: the checker and `ppl graph` use it
+without importing torch).
+
+One `DistSpec` per distribution, in Stan's names and parameterisations:
+parameter names and their constraints, the support, whether it is discrete,
+how its value shape follows from its parameters' shapes, and `build`, the
+torch constructor.  `build` receives the namespace `ppl.backend.dists`
+(torch.distributions plus the few distributions written here), so this module
+never imports torch.  Adding a distribution is one entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from .functions import Shape, ShapeError, fmt
+
+# parameter constraints, checked on known (data/constant) arguments
+PARAM_CHECKS: Dict[str, Tuple[str, Callable]] = {
+    "real": ("finite", lambda v: (v == v) & (abs(v) != float("inf"))),
+    "positive": ("positive", lambda v: v > 0),
+    "nonneg": ("non-negative", lambda v: v >= 0),
+    "unit": ("in [0, 1]", lambda v: (v >= 0) & (v <= 1)),
+    "nonneg_int": ("a non-negative integer", lambda v: (v >= 0) & (v == v.round())),
+    "simplex": ("a simplex (non-negative, summing to 1)", None),
+    "matrix": ("a matrix", None),
+}
+
+
+@dataclass(frozen=True)
+class DistSpec:
+    name: str
+    params: Tuple[Tuple[str, str], ...]          # (name, constraint kind)
+    support: str                                 # real positive unit_interval simplex corr_cholesky
+                                                 # interval boolean nonneg_int categorical binomial
+    build: Callable                              # (D, *args) -> torch Distribution
+    discrete: bool = False
+    param_event_ranks: Tuple[int, ...] = ()      # per parameter; default all 0
+    event_rank: int = 0                          # rank of one draw (0 scalar, 1 vector, 2 matrix)
+    event_shape: Optional[Callable] = None       # (param shapes) -> event shape; None: from the declaration
+
+    @property
+    def arity(self) -> int:
+        return len(self.params)
+
+    def value_shape(self, param_shapes: Sequence[Shape], broadcast) -> Tuple[Shape, Optional[Shape]]:
+        """-> (batch shape, event shape or None when the declaration must give it)."""
+        ranks = self.param_event_ranks or (0,) * self.arity
+        batch: Shape = ()
+        for (pname, _), shp, r in zip(self.params, param_shapes, ranks):
+            if len(shp) < r:
+                raise ShapeError(f"{self.name}'s {pname} must have at least {r} dimension{'s' if r > 1 else ''}, got {fmt(shp)}")
+            batch = broadcast(batch, tuple(shp[: len(shp) - r]))
+        event = self.event_shape(param_shapes) if self.event_shape else (() if self.event_rank == 0 else None)
+        return batch, event
+
+
+def _last(i: int):
+    return lambda shapes: tuple(shapes[i][-1:])
+
+
+def _mvn_event(shapes):
+    mu, sig = shapes
+    if len(sig) >= 2 and isinstance(sig[-1], int) and isinstance(sig[-2], int) and sig[-1] != sig[-2]:
+        raise ShapeError(f"the covariance must be square, got {fmt(sig)}")
+    if mu and sig and isinstance(mu[-1], int) and isinstance(sig[-1], int) and mu[-1] != sig[-1]:
+        raise ShapeError(f"mean has length {mu[-1]} but the covariance is {fmt(sig)}")
+    return tuple(mu[-1:])
+
+
+_C = [
+    # ---- continuous -----------------------------------------------------
+    DistSpec("normal", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Normal(m, s)),
+    DistSpec("student_t", (("nu", "positive"), ("mu", "real"), ("sigma", "positive")), "real",
+             lambda D, nu, m, s: D.StudentT(nu, m, s)),
+    DistSpec("cauchy", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Cauchy(m, s)),
+    DistSpec("half_normal", (("sigma", "positive"),), "positive", lambda D, s: D.HalfNormal(s)),
+    DistSpec("half_cauchy", (("sigma", "positive"),), "positive", lambda D, s: D.HalfCauchy(s)),
+    DistSpec("half_student_t", (("nu", "positive"), ("sigma", "positive")), "positive",
+             lambda D, nu, s: D.HalfStudentT(nu, s)),
+    DistSpec("exponential", (("rate", "positive"),), "positive", lambda D, r: D.Exponential(r)),
+    DistSpec("gamma", (("alpha", "positive"), ("beta", "positive")), "positive", lambda D, a, b: D.Gamma(a, b)),
+    DistSpec("inv_gamma", (("alpha", "positive"), ("beta", "positive")), "positive",
+             lambda D, a, b: D.InverseGamma(a, b)),
+    DistSpec("lognormal", (("mu", "real"), ("sigma", "positive")), "positive", lambda D, m, s: D.LogNormal(m, s)),
+    DistSpec("beta", (("a", "positive"), ("b", "positive")), "unit_interval", lambda D, a, b: D.Beta(a, b)),
+    DistSpec("uniform", (("lo", "real"), ("hi", "real")), "interval", lambda D, lo, hi: D.Uniform(lo, hi)),
+    DistSpec("laplace", (("mu", "real"), ("b", "positive")), "real", lambda D, m, b: D.Laplace(m, b)),
+    DistSpec("logistic", (("mu", "real"), ("s", "positive")), "real", lambda D, m, s: D.Logistic(m, s)),
+    DistSpec("weibull", (("k", "positive"), ("lambda", "positive")), "positive",
+             lambda D, k, lam: D.Weibull(lam, k)),
+    DistSpec("dirichlet", (("alpha", "positive"),), "simplex", lambda D, a: D.Dirichlet(a),
+             param_event_ranks=(1,), event_rank=1, event_shape=_last(0)),
+    DistSpec("multi_normal", (("mu", "real"), ("Sigma", "matrix")), "real",
+             lambda D, m, S: D.MultivariateNormal(m, covariance_matrix=S),
+             param_event_ranks=(1, 2), event_rank=1, event_shape=_mvn_event),
+    DistSpec("multi_normal_cholesky", (("mu", "real"), ("L", "matrix")), "real",
+             lambda D, m, L: D.MultivariateNormal(m, scale_tril=L),
+             param_event_ranks=(1, 2), event_rank=1, event_shape=_mvn_event),
+    DistSpec("lkj_corr_cholesky", (("eta", "positive"),), "corr_cholesky",
+             lambda D, eta, dim: D.LKJCholesky(dim, eta), event_rank=2),
+    # ---- discrete -----------------------------------------------------
+    DistSpec("bernoulli", (("p", "unit"),), "boolean", lambda D, p: D.Bernoulli(probs=p), discrete=True),
+    DistSpec("bernoulli_logit", (("a", "real"),), "boolean", lambda D, a: D.Bernoulli(logits=a), discrete=True),
+    DistSpec("binomial", (("n", "nonneg_int"), ("p", "unit")), "binomial",
+             lambda D, n, p: D.Binomial(n, probs=p), discrete=True),
+    DistSpec("binomial_logit", (("n", "nonneg_int"), ("a", "real")), "binomial",
+             lambda D, n, a: D.Binomial(n, logits=a), discrete=True),
+    DistSpec("poisson", (("lambda", "positive"),), "nonneg_int", lambda D, lam: D.Poisson(lam), discrete=True),
+    DistSpec("poisson_log", (("a", "real"),), "nonneg_int", lambda D, a: D.PoissonLog(a), discrete=True),
+    DistSpec("neg_binomial_2", (("mu", "positive"), ("phi", "positive")), "nonneg_int",
+             lambda D, mu, phi: D.NegBinomial2(mu, phi), discrete=True),
+    DistSpec("categorical", (("p", "simplex"),), "categorical", lambda D, p: D.Categorical1(probs=p),
+             discrete=True, param_event_ranks=(1,)),
+    DistSpec("categorical_logit", (("a", "real"),), "categorical", lambda D, a: D.Categorical1(logits=a),
+             discrete=True, param_event_ranks=(1,)),
+]
+
+REGISTRY: Dict[str, DistSpec] = {d.name: d for d in _C}
+
+# supports whose values are finite sets that can be summed out
+FINITE_SUPPORTS = {"boolean", "categorical", "binomial"}
+# supports -> a readable set, for `ppl graph` and messages
+SUPPORT_TEXT = {
+    "real": "real", "positive": "(0, inf)", "unit_interval": "(0, 1)", "simplex": "simplex",
+    "corr_cholesky": "Cholesky factor of a correlation matrix", "interval": "(lo, hi)",
+    "boolean": "{0, 1}", "nonneg_int": "{0, 1, 2, ...}", "categorical": "{1, ..., K}", "binomial": "{0, ..., n}",
+}

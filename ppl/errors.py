@@ -1,0 +1,106 @@
+"""Source spans and user-facing errors (every stage).
+
+A `Span` locates a piece of source text (a model file or a data file); a
+`Diagnostic` is one located message; `PplError` carries one or more of them
+and the exit code.  `render` turns a diagnostic into the
+``file:line:col: error: message`` block with the source line and a caret.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_NUMERIC = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Source:
+    """The text of one input file, kept so messages can quote its lines."""
+    path: str
+    text: str
+
+    def line(self, lineno: int) -> str:
+        lines = self.text.splitlines()
+        return lines[lineno - 1] if 1 <= lineno <= len(lines) else ""
+
+
+@dataclass(frozen=True)
+class Span:
+    source: Optional[Source]
+    line: int
+    col: int
+    end_line: int
+    end_col: int          # exclusive
+
+    @property
+    def path(self) -> str:
+        return self.source.path if self.source else "<input>"
+
+    def to(self, other: "Span") -> "Span":
+        return Span(self.source, self.line, self.col, other.end_line, other.end_col)
+
+    def __repr__(self) -> str:  # keeps AST dumps short
+        return f"{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    span: Optional[Span]
+    message: str
+    path: Optional[str] = None          # for errors with no span (a whole file)
+
+    def render(self) -> str:
+        if self.span is None:
+            return f"{self.path or 'ppl'}: error: {self.message}"
+        s = self.span
+        head = f"{s.path}:{s.line}:{s.col}: error: {self.message}"
+        if s.source is None:
+            return head
+        text = s.source.line(s.line).expandtabs(1)
+        if not text and s.line > len(s.source.text.splitlines()):
+            return head
+        width = (s.end_col - s.col) if s.end_line == s.line else len(text) - s.col + 1
+        width = max(1, min(width, max(1, len(text) - s.col + 1)))
+        gutter = f"{s.line:>5} | "
+        return "\n".join([head, gutter + text,
+                          " " * (len(gutter) - 2) + "| " + " " * (s.col - 1) + "^" * width])
+
+    def sort_key(self):
+        s = self.span
+        return (s.path, s.line, s.col) if s else (self.path or "", 0, 0)
+
+
+class PplError(Exception):
+    """One or more located user errors; `code` is the process exit code."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic] | Diagnostic, code: int = EXIT_USER):
+        if isinstance(diagnostics, Diagnostic):
+            diagnostics = [diagnostics]
+        self.diagnostics = sorted(diagnostics, key=Diagnostic.sort_key)
+        self.code = code
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return "\n".join(d.render() for d in self.diagnostics)
+
+
+def error(span: Optional[Span], message: str, code: int = EXIT_USER, path: str | None = None) -> PplError:
+    return PplError([Diagnostic(span, message, path)], code)
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    if len(close) == 1:
+        return f"; did you mean '{close[0]}'?"
+    return "; did you mean " + ", ".join(f"'{c}'" for c in close[:-1]) + f" or '{close[-1]}'?"
+
+
+def one_of(options: Iterable[str]) -> str:
+    return ", ".join(sorted(options))

@@ -1,0 +1,279 @@
+"""Parse: model text -> AST (`ast.Program`).
+
+The grammar lives in grammar/ppl.lark (installed as package data `ppl.grammar`).
+Lark types never leave this module: a syntax error becomes a located
+`PplError`, a parse tree becomes frozen AST nodes with spans.
+
+Only the first syntax error is reported (as stanc3 does); semantic errors are
+all collected by the checker.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from typing import List
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from ..errors import Diagnostic, PplError, Source, Span
+from . import ast as A
+
+_BRACKETS_OPEN = {"LPAR", "LSQB", "LESSTHAN"}
+_BRACKETS_CLOSE = {"RPAR", "RSQB", "MORETHAN"}
+
+# readable names for terminals in "expected ..." lists
+_TERMINAL_WORDS = {
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "_NL": "end of line",
+    "COMPOP": "a comparison", "$END": "end of file",
+}
+
+
+_OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "CIRCUMFLEX", "COMPOP", "LSQB"}
+
+
+class _BracketNewlines:
+    """Post-lexer: a newline inside (), [] or <> of a type continues the line."""
+    always_accept = ("_NL",)
+
+    def process(self, stream):
+        depth = 0
+        for tok in stream:
+            if tok.type in _BRACKETS_OPEN:
+                depth += 1
+            elif tok.type in _BRACKETS_CLOSE:
+                depth = max(0, depth - 1)
+            elif tok.type == "_NL" and depth > 0:
+                continue
+            yield tok
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    text = resources.files("ppl.grammar").joinpath("ppl.lark").read_text()
+    return Lark(text, parser="lalr", lexer="contextual", postlex=_BracketNewlines(),
+                propagate_positions=True, maybe_placeholders=True, cache=True)
+
+
+def decode(raw: bytes, path: str) -> Source:
+    """Bytes of a model file -> Source; invalid UTF-8 is a located error."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = raw[: e.start].decode("utf-8", "replace")
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        src = Source(path, before)
+        raise PplError([Diagnostic(Span(src, line, col, line, col + 1),
+                                   f"byte 0x{raw[e.start]:02x} is not UTF-8 text")])
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return Source(path, text)
+
+
+def parse(source: Source) -> A.Program:
+    """Source text -> AST; raises PplError on a syntax error."""
+    text = source.text
+    if "\0" in text:
+        before = text[: text.index("\0")]
+        line, col = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        raise PplError([Diagnostic(Span(source, line, col, line, col + 1), "a NUL byte is not allowed in a model")])
+    try:
+        tree = _parser().parse(text + "\n")
+    except UnexpectedInput as e:
+        raise PplError([_syntax_diagnostic(e, source)]) from None
+    except RecursionError:
+        raise PplError([Diagnostic(Span(source, 1, 1, 1, 2), "expression is nested too deeply")]) from None
+    try:
+        stmts = _ToAst(source).transform(tree)
+    except VisitError as e:
+        if isinstance(e.orig_exc, PplError):
+            raise e.orig_exc from None
+        raise
+    except RecursionError:
+        raise PplError([Diagnostic(Span(source, 1, 1, 1, 2), "expression is nested too deeply")]) from None
+    return A.Program(tuple(stmts), source.path, Span(source, 1, 1, 1, 2))
+
+
+def _describe(tok: Token) -> str:
+    if tok.type == "_NL":
+        return "end of line"
+    if tok.type == "$END":
+        return "end of file"
+    return repr(str(tok)) if len(str(tok)) <= 20 else repr(str(tok)[:20] + "...")
+
+
+def _expected(names) -> str:
+    parser = _parser()
+    words = set()
+    names = set(names or ())
+    if len(names) > 1:
+        names.discard("_NL")   # always accepted by the post-lexer, rarely what was meant
+    ops = names & _OPERATORS
+    if len(ops) >= 3:
+        names = (names - _OPERATORS) | {"an operator"}
+    for n in names:
+        if n == "an operator":
+            words.add(n)
+            continue
+        if n in _TERMINAL_WORDS:
+            words.add(_TERMINAL_WORDS[n])
+            continue
+        try:
+            pat = parser.get_terminal(n).pattern
+            words.add(repr(pat.value) if pat.type == "str" else n.lower())
+        except KeyError:
+            words.add(n.lower())
+    words = sorted(words)
+    if len(words) > 8:
+        return ""
+    return "; expected " + (words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1])
+
+
+def _syntax_diagnostic(e: UnexpectedInput, source: Source) -> Diagnostic:
+    nlines = max(1, len(source.text.splitlines()))
+    if isinstance(e, UnexpectedCharacters):
+        ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else ""
+        what = repr(ch) if ch.isprintable() else f"character U+{ord(ch):04X}" if ch else "input"
+        msg = f"unexpected {what}"
+        if ch == '"':
+            msg = "unterminated or misplaced string"
+        elif e.allowed:
+            msg += _expected(e.allowed)
+        return Diagnostic(Span(source, e.line, e.column, e.line, e.column + 1), msg)
+    if isinstance(e, UnexpectedToken):
+        tok = e.token
+        if tok.type in ("$END",) or tok.line is None:
+            line = nlines
+            col = len(source.line(line)) + 1
+            return Diagnostic(Span(source, line, col, line, col + 1),
+                              "unexpected end of file" + _expected(e.expected))
+        line, col = tok.line, tok.column
+        if tok.type == "_NL":
+            # point just past the end of the line that ended too early
+            col = len(source.line(line)) + 1
+            if col == 1 and line > 1:
+                line -= 1
+                col = len(source.line(line)) + 1
+            return Diagnostic(Span(source, line, col, line, col + 1),
+                              "unexpected end of line" + _expected(e.expected))
+        end = tok.end_column if tok.end_line == tok.line and tok.end_column else col + 1
+        msg = f"unexpected {_describe(tok)}" + _expected(e.expected)
+        return Diagnostic(Span(source, line, col, line, end), msg)
+    if isinstance(e, UnexpectedEOF):
+        line = nlines
+        col = len(source.line(line)) + 1
+        return Diagnostic(Span(source, line, col, line, col + 1), "unexpected end of file")
+    return Diagnostic(Span(source, 1, 1, 1, 2), "syntax error")
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    def __init__(self, source: Source):
+        super().__init__()
+        self.src = source
+
+    # spans -------------------------------------------------------------
+    def _m(self, meta) -> Span:
+        return Span(self.src, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _t(self, tok: Token) -> Span:
+        return Span(self.src, tok.line, tok.column, tok.end_line, tok.end_column)
+
+    # statements ----------------------------------------------------------
+    def start(self, meta, children):
+        return [c for c in children if c is not None]
+
+    def data_decl(self, meta, c):
+        name, typ, pattern = c[0], c[1], (c[2] if len(c) > 2 else None)
+        return A.DataDecl(str(name), typ, pattern, self._m(meta), self._t(name))
+
+    def from_clause(self, meta, c):
+        return str(c[0])[1:-1]
+
+    def sample(self, meta, c):
+        name = c[0]
+        dims = c[1] if c[1] is not None else ()
+        return A.Sample(str(name), dims, None, c[2], self._m(meta), self._t(name))
+
+    def typed_sample(self, meta, c):
+        name = c[0]
+        return A.Sample(str(name), c[1].dims, c[1], c[2], self._m(meta), self._t(name))
+
+    def flat_decl(self, meta, c):
+        return A.FlatDecl(str(c[0]), c[1], self._m(meta), self._t(c[0]))
+
+    def assign(self, meta, c):
+        return A.Assign(str(c[0]), c[1], self._m(meta), self._t(c[0]))
+
+    # types ----------------------------------------------------------------
+    def basic_type(self, meta, c):
+        name, bounds, dims = c
+        return A.TypeSpec(str(name), bounds or (), dims or (), self._m(meta))
+
+    def level_type(self, meta, c):
+        dims, k = c
+        return A.TypeSpec("level", (), dims, self._m(meta), A.Dim(str(k), self._t(k)))
+
+    def bounds(self, meta, c):
+        return tuple(c)
+
+    def bound(self, meta, c):
+        return A.Bound(str(c[0]), c[1], self._m(meta))
+
+    def dims(self, meta, c):
+        return tuple(c)
+
+    def dim_name(self, meta, c):
+        return A.Dim(str(c[0]), self._t(c[0]))
+
+    def dim_int(self, meta, c):
+        tok = c[0]
+        text = str(tok)
+        if not text.isdigit():
+            raise PplError([Diagnostic(self._t(tok), f"a dimension must be a whole number or a name, not {text}")])
+        return A.Dim(int(text), self._t(tok))
+
+    # expressions ------------------------------------------------------------
+    def number(self, meta, c):
+        text = str(c[0])
+        is_int = text.isdigit()
+        return A.Num(int(text) if is_int else float(text), is_int, self._t(c[0]))
+
+    def name(self, meta, c):
+        return A.Name(str(c[0]), self._t(c[0]))
+
+    def call(self, meta, c):
+        name, args = c
+        return A.Call(str(name), tuple(args or ()), self._m(meta), self._t(name))
+
+    def args(self, meta, c):
+        return tuple(c)
+
+    def vector(self, meta, c):
+        return A.Vector(tuple(c[0]), self._m(meta))
+
+    def index(self, meta, c):
+        return A.Index(c[0], tuple(c[1]), self._m(meta))
+
+    def neg(self, meta, c):
+        return A.Neg(c[0], self._m(meta))
+
+    def compare(self, meta, c):
+        return A.BinOp(str(c[1]), c[0], c[2], self._m(meta))
+
+    def _bin(op):  # noqa: N805 - a factory for the five arithmetic rules
+        def rule(self, meta, c):
+            return A.BinOp(op, c[0], c[1], self._m(meta))
+        return rule
+
+    add, sub, mul, div, matmul, pow = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("@"), _bin("^")
+
+
+def parse_file(path: str) -> A.Program:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PplError([Diagnostic(None, f"cannot read model file: {e.strerror}", path)])
+    return parse(decode(raw, path))

@@ -1,0 +1,147 @@
+"""Model graph: checked IR -> networkx DAG, and its renderings (text, dot, json).
+
+One node per named variable with its kind, distribution, shape, support,
+transform to unconstrained space and estimator; one edge for each name an
+expression (or a size) uses.  `ppl graph` renders exactly this object.
+Torch-free.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Dict, Optional
+
+import networkx as nx
+
+from . import distributions as DS
+from .errors import PplError, Diagnostic
+from .frontend.check import A_text, Model, Node
+from .plan import NodePlan, describe, plan
+
+# declared constraint or support -> the bijection used to unconstrain it
+TRANSFORM_NAMES = {
+    "real": "identity", "lower": "exp + lower", "upper": "upper - exp", "interval": "sigmoid (affine)",
+    "positive": "exp", "ordered": "ordered (cumulative exp)", "simplex": "stick-breaking",
+    "corr_cholesky": "corr-Cholesky", "unit_interval": "sigmoid",
+}
+
+
+def transform_name(node: Node) -> Optional[str]:
+    if node.kind != "latent" or node.discrete:
+        return None
+    if node.constraint is not None:
+        return TRANSFORM_NAMES[node.constraint.kind]
+    sup = DS.REGISTRY[node.dist.spec].support if node.dist else "real"
+    return TRANSFORM_NAMES.get(sup, "sigmoid (affine)" if sup == "interval" else "identity")
+
+
+def build_graph(model: Model, estimator: str = "auto") -> nx.DiGraph:
+    g = nx.DiGraph(name=model.source.path)
+    p: Dict[str, NodePlan] = plan(model, estimator)
+    for name, node in model.nodes.items():
+        attrs = dict(kind=node.kind, shape=[d for d in node.shape], line=node.span.line,
+                     support=node.support if node.kind in ("latent",) or node.dist else "data")
+        if node.dist is not None:
+            attrs["dist"] = f"{node.dist.spec}({', '.join(A_text(a) for a in node.dist.args)})"
+        if node.expr is not None:
+            attrs["expr"] = A_text(node.expr)
+        if node.kind in ("data", "observed") and node.decl is not None:
+            attrs["type"] = node.decl.base
+        t = transform_name(node)
+        if t is not None:
+            attrs["transform"] = t
+        if name in p:
+            attrs["estimator"] = p[name].estimator
+        if node.kind == "latent" and node.dist is None:
+            attrs["dist"] = "flat"
+        if node.declared and node.constraint is not None:
+            attrs["declared"] = node.constraint.text()
+        g.add_node(name, **attrs)
+    for name, node in model.nodes.items():
+        for d in node.deps:
+            if d in model.nodes:
+                g.add_edge(d, name)
+    g.graph["estimators"] = describe(p)
+    g.graph["order"] = [n for n in nx.lexicographical_topological_sort(
+        g, key=lambda n: list(model.nodes).index(n))]
+    return g
+
+
+def to_json(g: nx.DiGraph) -> str:
+    return json.dumps({
+        "model": g.graph.get("name"),
+        "estimators": g.graph.get("estimators"),
+        "order": g.graph["order"],
+        "nodes": [{"name": n, **a} for n, a in g.nodes(data=True)],
+        "edges": [[u, v] for u, v in g.edges()],
+    }, indent=2)
+
+
+def _shape_text(shape) -> str:
+    return "" if not shape else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def to_text(g: nx.DiGraph) -> str:
+    lines = [f"model {g.graph.get('name')}  (estimators: {g.graph.get('estimators')})"]
+    for n in g.graph["order"]:
+        a = g.nodes[n]
+        desc = f"{n}{_shape_text(a['shape'])}"
+        what = a.get("dist") or a.get("expr") or a.get("type", "")
+        extra = []
+        if a["kind"] == "latent":
+            extra.append(f"support {a['support']}")
+            if "transform" in a:
+                extra.append(f"transform {a['transform']}")
+            if "estimator" in a:
+                extra.append(f"estimator {a['estimator']}")
+        parents = sorted(g.predecessors(n), key=g.graph["order"].index)
+        if parents:
+            extra.append("<- " + ", ".join(parents))
+        lines.append(f"  {a['kind']:<13} {desc:<18} {what}" + ("   [" + "; ".join(extra) + "]" if extra else ""))
+    return "\n".join(lines) + "\n"
+
+
+_STYLE = {
+    "data": 'shape=box, style=filled, fillcolor="#dddddd"',
+    "observed": 'shape=ellipse, style=filled, fillcolor="#bbbbbb"',
+    "constant": 'shape=box, style=dashed',
+    "latent": 'shape=ellipse',
+    "deterministic": 'shape=ellipse, style=dashed',
+}
+
+
+def _dot_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def to_dot(g: nx.DiGraph) -> str:
+    out = ["digraph model {", "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=11];']
+    for n in g.graph["order"]:
+        a = g.nodes[n]
+        label = f"{n}{_shape_text(a['shape'])}"
+        if a.get("dist"):
+            label += f"\\n~ {_dot_escape(a['dist'])}"
+        elif a.get("expr"):
+            label += f"\\n= {_dot_escape(a['expr'])}"
+        if a.get("estimator") in ("enumerate", "score"):
+            label += f"\\n[{a['estimator']}]"
+        out.append(f'  "{_dot_escape(n)}" [label="{label}", {_STYLE[a["kind"]]}];')
+    for u, v in g.edges():
+        out.append(f'  "{_dot_escape(u)}" -> "{_dot_escape(v)}";')
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def render(dot_text: str, fmt: str) -> bytes:
+    """Render DOT text with Graphviz's `dot` to png or svg bytes."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise PplError([Diagnostic(None, "Graphviz's `dot` is needed for png/svg output and was not found; "
+                                   "install it (Debian/Ubuntu: apt-get install graphviz; macOS: brew install "
+                                   "graphviz), or use --format dot|text|json", "ppl graph")])
+    p = subprocess.run([exe, f"-T{fmt}"], input=dot_text.encode(), capture_output=True, timeout=60)
+    if p.returncode != 0:
+        raise PplError([Diagnostic(None, "Graphviz failed: " + p.stderr.decode(errors="replace").strip()[:300],
+                                   "ppl graph")])
+    return p.stdout
