@@ -98,7 +98,7 @@ _C = [
              lambda D, m, L: D.MultivariateNormal(m, scale_tril=L),
              param_event_ranks=(1, 2), event_rank=1, event_shape=_mvn_event),
     DistSpec("lkj_corr_cholesky", (("eta", "positive"),), "corr_cholesky",
-             lambda D, eta, dim: D.LKJCholesky(dim, eta), event_rank=2),
+             lambda D, eta, *, event: D.LKJCholesky(event[-1], eta), event_rank=2),
     # ---- discrete -----------------------------------------------------
     DistSpec("bernoulli", (("p", "unit"),), "boolean", lambda D, p: D.Bernoulli(probs=p), discrete=True),
     DistSpec("bernoulli_logit", (("a", "real"),), "boolean", lambda D, a: D.Bernoulli(logits=a), discrete=True),

@@ -1,0 +1,94 @@
+"""Distribution namespace handed to `DistSpec.build`: torch.distributions plus
+the few distributions torch lacks (or parameterises differently from Stan).
+
+Only `log_prob` (and `support`) is needed of a model's distributions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributions import (Bernoulli, Beta, Binomial, Cauchy, Dirichlet, Exponential, Gamma,  # noqa: F401
+                                 HalfCauchy, HalfNormal, InverseGamma, Laplace, LKJCholesky, LogNormal,
+                                 MultivariateNormal, Normal, Poisson, StudentT, Uniform, Weibull, constraints)
+from torch.distributions import Distribution
+
+Distribution.set_default_validate_args(False)   # data are checked at load; latents live in the support
+
+
+class _LogProbOnly(Distribution):
+    arg_constraints = {}
+
+    def __init__(self, batch_shape):
+        super().__init__(batch_shape=batch_shape, validate_args=False)
+
+
+class HalfStudentT(_LogProbOnly):
+    support = constraints.positive
+
+    def __init__(self, nu, sigma):
+        self.nu, self.sigma = torch.broadcast_tensors(torch.as_tensor(nu), torch.as_tensor(sigma))
+        super().__init__(self.nu.shape)
+
+    def log_prob(self, x):
+        return math.log(2.0) + StudentT(self.nu, torch.zeros_like(self.sigma), self.sigma).log_prob(x)
+
+
+class Logistic(_LogProbOnly):
+    support = constraints.real
+
+    def __init__(self, mu, s):
+        self.mu, self.s = torch.broadcast_tensors(torch.as_tensor(mu), torch.as_tensor(s))
+        super().__init__(self.mu.shape)
+
+    def log_prob(self, x):
+        z = (x - self.mu) / self.s
+        return -z - 2.0 * torch.nn.functional.softplus(-z) - torch.log(self.s)
+
+
+class PoissonLog(_LogProbOnly):
+    """Poisson with log-rate `a` (Stan's poisson_log), stable for large |a|."""
+    support = constraints.nonnegative_integer
+
+    def __init__(self, a):
+        self.a = torch.as_tensor(a)
+        super().__init__(self.a.shape)
+
+    def log_prob(self, k):
+        return k * self.a - torch.exp(self.a) - torch.lgamma(k + 1.0)
+
+
+class NegBinomial2(_LogProbOnly):
+    """Stan's neg_binomial_2(mu, phi): mean mu, variance mu + mu^2 / phi."""
+    support = constraints.nonnegative_integer
+
+    def __init__(self, mu, phi):
+        self.mu, self.phi = torch.broadcast_tensors(torch.as_tensor(mu), torch.as_tensor(phi))
+        super().__init__(self.mu.shape)
+
+    def log_prob(self, k):
+        mu, phi = self.mu, self.phi
+        log_mp = torch.log(mu + phi)
+        return (torch.lgamma(k + phi) - torch.lgamma(k + 1.0) - torch.lgamma(phi)
+                + phi * (torch.log(phi) - log_mp) + k * (torch.log(mu) - log_mp))
+
+
+class Categorical1(_LogProbOnly):
+    """Categorical over 1..K (Stan's numbering), from probabilities or logits."""
+    support = constraints.positive_integer
+
+    def __init__(self, probs=None, logits=None):
+        if probs is not None:
+            self.logits = torch.log(probs) - torch.log(probs.sum(-1, keepdim=True))
+        else:
+            self.logits = logits - torch.logsumexp(logits, -1, keepdim=True)
+        super().__init__(self.logits.shape[:-1])
+
+    @property
+    def num_categories(self) -> int:
+        return self.logits.shape[-1]
+
+    def log_prob(self, value):
+        idx = (value.long() - 1).unsqueeze(-1)
+        idx, logp = torch.broadcast_tensors(idx, self.logits)
+        return logp.gather(-1, idx[..., :1]).squeeze(-1)

@@ -1,0 +1,308 @@
+"""log_joint: checked IR + estimator plan -> a log density on one flat
+unconstrained vector, vectorised over a leading Monte Carlo sample dimension.
+
+Compiled once per fit.  Each continuous latent owns a block of the vector,
+mapped onto its set by `biject_to` (log|det J| added); data and data-only
+constants are tensors made once; expressions are closures from
+`ppl.expr.compile_expr`.  Enumerated discrete latents are summed out exactly
+(one vectorised pass per value, elementwise per row); discrete latents on the
+score path take their values from the caller.
+
+Input: `Model`, plan.  Output: `LogJoint`, with `log_prob(theta[, z]) -> (S,)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import distributions as DS
+from ..expr import compile_expr
+from ..frontend.check import Model, Node
+from ..plan import NodePlan
+from . import dists as D
+from .ops import TorchOps
+from .transforms import bijection, sum_event
+
+
+@dataclass
+class Block:
+    name: str
+    offset: int
+    size: int
+    ushape: Tuple[int, ...]
+    shape: Tuple[int, ...]
+    transform: Optional[object]                 # static bijection, or None when bounds vary
+    bounds: Optional[Callable] = None           # env -> (lo, hi) for a varying bijection
+    kind: str = "real"
+
+    def names(self) -> List[str]:
+        return [f"{self.name}(unconstrained)[{i + 1}]" for i in range(self.size)]
+
+
+@dataclass
+class Factor:
+    name: str
+    value: Callable                             # env -> value tensor
+    dist: Callable                              # env -> torch distribution
+
+
+@dataclass
+class EnumGroup:
+    name: str
+    values: torch.Tensor                        # (K,) the support
+    shape: Tuple[int, ...]
+    prior: Factor
+    deterministics: List[Tuple[str, Callable]]  # tainted, in order
+    factors: List[Factor]
+
+
+@dataclass
+class Evaluation:
+    total: torch.Tensor                         # (S,)
+    env: Dict[str, torch.Tensor]
+    factors: Dict[str, torch.Tensor] = field(default_factory=dict)   # elementwise log densities
+    enum_logits: Dict[str, torch.Tensor] = field(default_factory=dict)  # (K, S, *shape) per enumerated latent
+
+
+class LogJoint:
+    def __init__(self, model: Model, plan: Mapping[str, NodePlan], dtype=torch.float64):
+        self.model, self.plan, self.dtype = model, dict(plan), dtype
+        self.ops = TorchOps(dtype)
+        known = {}
+        for k, v in model.values.items():
+            known[k] = torch.as_tensor(np.asarray(v, dtype=np.float64), dtype=dtype).unsqueeze(0)
+        for k, v in model.dims.items():
+            known.setdefault(k, torch.tensor([float(v)], dtype=dtype))
+        self.known = known
+        self.blocks: List[Block] = []
+        self.score: List[str] = []
+        self.enum: List[EnumGroup] = []
+        self.steps: List[Tuple[str, str, object]] = []   # (kind, name, payload)
+        self._compile()
+
+    # ---- compilation ----------------------------------------------------------
+    def expr(self, e):
+        return compile_expr(e, self.model.rank, self.known, self.ops).fn
+
+    def _aligned_args(self, node: Node) -> List[Callable]:
+        spec = DS.REGISTRY[node.dist.spec]
+        ranks = spec.param_event_ranks or (0,) * spec.arity
+        target_batch = len(node.shape) - spec.event_rank
+        out = []
+        for a, er in zip(node.dist.args, ranks):
+            fn = self.expr(a)
+            ra = self.model.rank(a)
+            pad = target_batch - (ra - er)
+            if pad > 0:
+                fn = (lambda f, ra, pad: lambda env: TorchOps.align(f(env), ra, ra + pad))(fn, ra, pad)
+            out.append(fn)
+        return out
+
+    def _dist_fn(self, node: Node) -> Callable:
+        spec = DS.REGISTRY[node.dist.spec]
+        args = self._aligned_args(node)
+        build = spec.build
+        if spec.event_shape is None and spec.event_rank > 0:
+            event = tuple(node.shape[-spec.event_rank:])
+            return lambda env: build(D, *[f(env) for f in args], event=event)
+        return lambda env: build(D, *[f(env) for f in args])
+
+    def _compile(self):
+        m = self.model
+        tainted: Dict[str, str] = {}            # node -> enumerated latent it depends on
+        enum_groups: Dict[str, EnumGroup] = {}
+        factor_owner: Dict[str, str] = {}
+        for name, p in self.plan.items():
+            if p.estimator == "enumerate":
+                for f in p.factors:
+                    factor_owner[f] = name
+        offset = 0
+        for name in m.order:
+            node = m.nodes[name]
+            if node.kind in ("data", "constant"):
+                continue
+            owner = next((tainted[d] for d in node.deps if d in tainted), None)
+            if node.kind == "deterministic":
+                fn = self.expr(node.expr)
+                if owner is not None:
+                    tainted[name] = owner
+                    enum_groups[owner].deterministics.append((name, fn))
+                else:
+                    self.steps.append(("deterministic", name, fn))
+                continue
+            if node.kind == "latent" and node.discrete:
+                prior = Factor(name, None, self._dist_fn(node))
+                if self.plan[name].estimator == "enumerate":
+                    spec = DS.REGISTRY[node.dist.spec]
+                    size = self.plan[name].size
+                    vals = torch.arange(size, dtype=self.dtype) + (1 if spec.support == "categorical" else 0)
+                    g = EnumGroup(name, vals, tuple(node.shape), prior, [], [])
+                    enum_groups[name] = g
+                    self.enum.append(g)
+                    tainted[name] = name
+                else:
+                    self.score.append(name)
+                    self.steps.append(("score", name, prior))
+                continue
+            if node.kind == "latent":
+                block = self._block(node, offset)
+                offset += block.size
+                self.blocks.append(block)
+                self.steps.append(("block", name, block))
+            if node.dist is not None:
+                value = (lambda n: lambda env: env[n])(name) if node.kind == "latent" else \
+                    (lambda v: lambda env: v)(self.known[name])
+                fac = Factor(name, value, self._dist_fn(node))
+                if name in factor_owner:
+                    enum_groups[factor_owner[name]].factors.append(fac)
+                else:
+                    self.steps.append(("factor", name, fac))
+        self.dim = offset
+
+    def _block(self, node: Node, offset: int) -> Block:
+        c = node.constraint
+        if c is not None:
+            kind, lo_e, hi_e = c.kind, c.lower, c.upper
+        else:
+            sup = DS.REGISTRY[node.dist.spec].support if node.dist else "real"
+            kind = sup
+            lo_e, hi_e = (node.dist.args[0], node.dist.args[1]) if sup == "interval" else (None, None)
+        shape = tuple(int(d) for d in node.shape)
+        varying = None
+        lo = hi = None
+        r = len(shape)
+        fns = []
+        for b in (lo_e, hi_e):
+            if b is None:
+                fns.append(None)
+                continue
+            fn = self.expr(b)
+            rb = self.model.rank(b)
+            fns.append((lambda f, rb: lambda env: TorchOps.align(f(env), rb, r))(fn, rb))
+        names = {n.id for b in (lo_e, hi_e) if b is not None for n in _names(b)}
+        if names - set(self.known):
+            varying = lambda env: tuple(f(env) if f else None for f in fns)  # noqa: E731
+            t0 = bijection(kind, *(torch.zeros(1, dtype=self.dtype) if f else None for f in fns))
+        else:
+            lo, hi = (f({})[0] if f else None for f in fns)
+            t0 = bijection(kind, lo, hi)
+        ushape = tuple(t0.inverse_shape(torch.Size(shape)))
+        size = int(np.prod(ushape)) if ushape else 1
+        return Block(node.name, offset, size, ushape, shape, None if varying else t0, varying, kind)
+
+    # ---- evaluation -------------------------------------------------------------
+    def evaluate(self, theta: torch.Tensor, discrete: Optional[Mapping[str, torch.Tensor]] = None,
+                 keep_factors: bool = False, keep_enum: bool = False) -> Evaluation:
+        S = theta.shape[0]
+        env: Dict[str, torch.Tensor] = dict(self.known)
+        total = torch.zeros(S, dtype=theta.dtype)
+        factors: Dict[str, torch.Tensor] = {}
+        for kind, name, payload in self.steps:
+            if kind == "block":
+                b: Block = payload
+                u = theta[:, b.offset:b.offset + b.size].reshape((S,) + b.ushape)
+                t = b.transform if b.transform is not None else bijection(b.kind, *b.bounds(env))
+                x = t(u)
+                env[name] = x
+                total = total + sum_event(t.log_abs_det_jacobian(u, x))
+            elif kind == "deterministic":
+                env[name] = payload(env)
+            elif kind == "score":
+                z = discrete[name]
+                env[name] = z
+                lp = payload.dist(env).log_prob(z)
+                if keep_factors:
+                    factors[name] = lp
+                total = total + sum_event(lp)
+            else:   # factor
+                lp = payload.dist(env).log_prob(payload.value(env))
+                if keep_factors:
+                    factors[name] = lp
+                total = total + sum_event(lp)
+        enum_logits = {}
+        for g in self.enum:
+            L = self._enumerate(g, env, S)
+            if keep_enum:
+                enum_logits[g.name] = L
+            total = total + sum_event(torch.logsumexp(L, 0))
+        return Evaluation(total, env, factors, enum_logits)
+
+    def _enumerate(self, g: EnumGroup, env, S) -> torch.Tensor:
+        """(K, S, *shape): log p(z = k, blanket | rest), elementwise over z's elements."""
+        out = []
+        for k in g.values:
+            e = dict(env)
+            zk = torch.full((1,) + g.shape, float(k), dtype=self.dtype)
+            e[g.name] = zk
+            for name, fn in g.deterministics:
+                e[name] = fn(e)
+            Lk = g.prior.dist(e).log_prob(zk)
+            for f in g.factors:
+                lp = f.dist(e).log_prob(f.value(e))
+                Lk = Lk + (sum_event(lp) if g.shape == () else lp)
+            out.append(Lk.expand((S,) + g.shape) if Lk.shape[0] == 1 else Lk)
+        return torch.stack(out, 0)
+
+    def log_prob(self, theta: torch.Tensor, discrete=None) -> torch.Tensor:
+        return self.evaluate(theta, discrete).total
+
+    def log_prob_chunked(self, theta: torch.Tensor, discrete=None, chunk: Optional[int] = None) -> torch.Tensor:
+        chunk = chunk or self.chunk_size()
+        outs = []
+        for i in range(0, theta.shape[0], chunk):
+            z = {k: v[i:i + chunk] for k, v in discrete.items()} if discrete else None
+            outs.append(self.log_prob(theta[i:i + chunk], z))
+        return torch.cat(outs) if outs else torch.zeros(0, dtype=theta.dtype)
+
+    def chunk_size(self) -> int:
+        """Samples per pass so one pass touches at most ~4M elements per data column."""
+        n = max([int(np.prod(v.shape)) for v in self.model.values.values()] + [1])
+        return int(max(1, min(4096, 4_000_000 // n)))
+
+    # ---- values in constrained space -----------------------------------------
+    def constrain(self, theta: torch.Tensor, discrete=None, generator: Optional[torch.Generator] = None
+                  ) -> Dict[str, torch.Tensor]:
+        """Values of every latent and deterministic (enumerated latents drawn from
+        their exact conditional given the rest)."""
+        ev = self.evaluate(theta, discrete, keep_enum=True)
+        env = ev.env
+        S = theta.shape[0]
+        for g in self.enum:
+            L = ev.enum_logits[g.name]                           # (K, S, *shape)
+            probs = torch.softmax(L, 0).movedim(0, -1).reshape(-1, len(g.values))
+            idx = torch.multinomial(probs, 1, generator=generator).reshape((S,) + g.shape)
+            env[g.name] = g.values[idx]
+            for name, fn in g.deterministics:
+                env[name] = fn(env)
+        out = {}
+        for name in self.model.order:
+            node = self.model.nodes[name]
+            if node.kind in ("latent", "deterministic"):
+                v = env[name]
+                out[name] = v.expand((S,) + tuple(v.shape[1:])) if v.shape[0] == 1 else v
+        return out
+
+    def nonfinite_latents(self, theta: torch.Tensor, discrete=None) -> List[str]:
+        """Names of the latents whose value or density is not finite (for messages)."""
+        bad = []
+        with torch.no_grad():
+            try:
+                ev = self.evaluate(theta, discrete, keep_factors=True)
+            except (ValueError, RuntimeError):
+                return [b.name for b in self.blocks]
+            for b in self.blocks:
+                u = theta[:, b.offset:b.offset + b.size]
+                if not torch.isfinite(u).all() or not torch.isfinite(ev.env[b.name]).all():
+                    bad.append(b.name)
+            for name, lp in ev.factors.items():
+                if not torch.isfinite(lp).all() and name not in bad:
+                    bad.append(name)
+        return bad
+
+
+def _names(e):
+    from ..frontend import ast as A
+    return A.names_in(e)

@@ -1,0 +1,116 @@
+"""Array primitives on torch tensors with a leading batch (sample) dimension;
+the torch twin of `ppl.expr.NumpyOps`, used by the expression compiler."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fnn
+
+
+class TorchOps:
+    def __init__(self, dtype=torch.float64):
+        self.dtype = dtype
+
+    def const(self, value, is_int=False):
+        return torch.tensor([value], dtype=self.dtype)
+
+    @staticmethod
+    def align(x, r_from, r_to):
+        return x.reshape(x.shape[:1] + (1,) * (r_to - r_from) + x.shape[1:])
+
+    _BIN = {
+        "+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "^": torch.pow,
+    }
+    _CMP = {"==": torch.eq, "!=": torch.ne, "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge}
+
+    def binary(self, op):
+        if op in self._BIN:
+            return self._BIN[op]
+        cmp = self._CMP[op]
+        dtype = self.dtype
+        return lambda a, b: cmp(a, b).to(dtype)
+
+    @staticmethod
+    def neg(x):
+        return -x
+
+    @staticmethod
+    def matmul(a, b, ra, rb):
+        if ra == 2 and rb == 1:
+            if a.shape[0] == 1:                       # data matrix: (S, D) @ (D, N)
+                return b @ a[0].transpose(0, 1)
+            return (a @ b.unsqueeze(-1)).squeeze(-1)
+        if ra == 1 and rb == 1:
+            return (a * b).sum(-1)
+        if ra == 1 and rb == 2:
+            return (a.unsqueeze(-2) @ b).squeeze(-2)
+        return a @ b
+
+    @staticmethod
+    def as_index(x):
+        return x.long() - 1 if torch.is_tensor(x) else torch.as_tensor(x).long() - 1
+
+    @staticmethod
+    def index(x, idx, axis, ri):
+        """x: (B, ..., n_axis, ...); idx: (Bi, *ishape), 0-based."""
+        if idx.shape[0] == 1:
+            return x[(slice(None),) * axis + (idx[0],)]
+        B = max(x.shape[0], idx.shape[0])
+        x = x.expand((B,) + x.shape[1:])
+        idx = idx.expand((B,) + idx.shape[1:])
+        ishape = idx.shape[1:]
+        flat = idx.reshape(B, -1)
+        pre, post = x.shape[1:axis], x.shape[axis + 1:]
+        view = flat.reshape((B,) + (1,) * len(pre) + (flat.shape[1],) + (1,) * len(post))
+        view = view.expand((B,) + pre + (flat.shape[1],) + post)
+        out = torch.gather(x, axis, view)
+        return out.reshape((B,) + pre + ishape + post)
+
+    @staticmethod
+    def stack(items):
+        items = torch.broadcast_tensors(*items)
+        return torch.stack(items, dim=1)
+
+    @staticmethod
+    def _flat(x):
+        return x.reshape(x.shape[0], -1)
+
+    exp, log, log1p, expm1, sqrt, abs, tanh = (torch.exp, torch.log, torch.log1p, torch.expm1, torch.sqrt,
+                                               torch.abs, torch.tanh)
+    mul = staticmethod(torch.mul)
+    sigmoid = staticmethod(torch.sigmoid)
+
+    @staticmethod
+    def logit(x):
+        return torch.log(x) - torch.log1p(-x)
+
+    @staticmethod
+    def softplus(x):
+        return Fnn.softplus(x)
+
+    def sum(self, x):
+        return self._flat(x).sum(-1)
+
+    def mean(self, x):
+        return self._flat(x).mean(-1)
+
+    def sd(self, x):
+        return self._flat(x).std(-1, correction=1)
+
+    def log_sum_exp(self, x):
+        return torch.logsumexp(self._flat(x), -1)
+
+    @staticmethod
+    def cumsum(x):
+        return torch.cumsum(x, -1)
+
+    @staticmethod
+    def softmax(x):
+        return torch.softmax(x, -1)
+
+    def full(self, n, v):
+        return torch.full((1, int(n.reshape(-1)[0])), v, dtype=self.dtype)
+
+    @staticmethod
+    def rep(x, n):
+        k = int(n.reshape(-1)[0])
+        return x.unsqueeze(1).expand((x.shape[0], k) + x.shape[1:])

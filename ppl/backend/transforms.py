@@ -1,0 +1,82 @@
+"""Unconstraining: a latent's constraint -> a torch bijection from R^n.
+
+Every constraint maps to a `torch.distributions.constraints` object and goes
+through `biject_to`; the one set torch lacks, ordered vectors, is defined here
+with its transform and registered with `biject_to`.  The registry
+`CONSTRAINTS` is keyed by the constraint kind of the checked IR (declared
+types) and by the distributions' support names.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+from torch.distributions import biject_to, constraints
+from torch.distributions.transforms import Transform
+
+
+class _Ordered(constraints.Constraint):
+    """Vectors with strictly increasing elements."""
+    event_dim = 1
+
+    def check(self, value):
+        return (value[..., 1:] > value[..., :-1]).all(-1)
+
+
+ordered_vector = _Ordered()
+
+
+class OrderedTransform(Transform):
+    """R^K -> ordered vectors: y_1 = x_1, y_k = y_{k-1} + exp(x_k)."""
+    domain = constraints.independent(constraints.real, 1)
+    codomain = ordered_vector
+    bijective = True
+
+    def __eq__(self, other):
+        return isinstance(other, OrderedTransform)
+
+    def _call(self, x):
+        return torch.cumsum(torch.cat([x[..., :1], torch.exp(x[..., 1:])], -1), -1)
+
+    def _inverse(self, y):
+        return torch.cat([y[..., :1], torch.log(y[..., 1:] - y[..., :-1])], -1)
+
+    def log_abs_det_jacobian(self, x, y):
+        return x[..., 1:].sum(-1)
+
+
+@biject_to.register(_Ordered)
+def _biject_ordered(constraint):
+    return OrderedTransform()
+
+
+def _t(x):
+    return x if torch.is_tensor(x) else torch.as_tensor(float(x), dtype=torch.get_default_dtype())
+
+
+# constraint kind -> (bounds -> torch constraint); bounds are (lower, upper) tensors or None
+CONSTRAINTS: Dict[str, Callable] = {
+    "real": lambda lo, hi: constraints.real,
+    "lower": lambda lo, hi: constraints.greater_than(_t(lo)),
+    "upper": lambda lo, hi: constraints.less_than(_t(hi)),
+    "interval": lambda lo, hi: constraints.interval(_t(lo), _t(hi)),
+    "positive": lambda lo, hi: constraints.positive,
+    "unit_interval": lambda lo, hi: constraints.unit_interval,
+    "ordered": lambda lo, hi: ordered_vector,
+    "simplex": lambda lo, hi: constraints.simplex,
+    "corr_cholesky": lambda lo, hi: constraints.corr_cholesky,
+}
+
+
+def bijection(kind: str, lo=None, hi=None) -> Transform:
+    """The map from unconstrained space onto the set `kind` (with bounds)."""
+    return biject_to(CONSTRAINTS[kind](lo, hi))
+
+
+def unconstrained_shape(t: Transform, shape) -> tuple:
+    return tuple(t.inverse_shape(torch.Size(shape)))
+
+
+def sum_event(x: torch.Tensor) -> torch.Tensor:
+    """Sum every dimension but the leading (sample) one."""
+    return x.reshape(x.shape[0], -1).sum(-1) if x.dim() > 1 else x

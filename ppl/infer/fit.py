@@ -1,0 +1,275 @@
+"""fit: checked IR -> `Fit` (draws, summary, ELBO trace, PSIS diagnostics, verdict).
+
+Pipeline: plan estimators -> compile the log joint -> Laplace start ->
+family -> estimator -> Adam with a decaying step (iterate averaging over the
+last window) -> draws in constrained space -> PSIS k-hat / ESS -> verdict.
+
+Optimiser: Adam in whitened coordinates (see families.py) with
+lr_t = lr / sqrt(1 + t / 100); convergence as Stan's (relative ELBO change
+checked every 100 steps, mean or median of the recent changes below `tol`),
+here on window means of the per-step ELBO estimates and never before
+`min_steps`.  A non-finite ELBO or gradient restores the last good parameters
+and halves the step; after repeated failures the fit stops with exit 3,
+naming the latents that went non-finite.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..errors import EXIT_NUMERIC, Diagnostic, PplError, UsageError
+from ..frontend.check import Model
+from ..plan import describe, plan as make_plan
+from ..backend.log_joint import LogJoint
+from .estimators import Estimator, discrete_families
+from .families import FAMILIES, Preconditioner
+from .laplace import FULL_HESSIAN_MAX, laplace
+from .psis import psis, verdict
+
+METHODS = ("auto",) + tuple(FAMILIES)
+AUTO_FULLRANK_MAX = 200
+
+
+@dataclass
+class Fit:
+    model: Model
+    method: str
+    estimator: str
+    draws: Dict[str, np.ndarray]              # name -> (D, *shape), constrained
+    elbo_trace: List[float]
+    elbo: float
+    steps: int
+    converged: bool
+    khat: float
+    ess: float
+    sd_log_w: float
+    verdict: str
+    verdict_label: str
+    init: str
+    seconds: float
+    timings: Dict[str, float] = field(default_factory=dict)
+    lr: float = 0.0
+    mc_samples: int = 0
+
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95."""
+        out = {}
+        for name, arr in self.draws.items():
+            flat = arr.reshape(arr.shape[0], -1)
+            shape = arr.shape[1:]
+            q = np.quantile(flat, [0.05, 0.5, 0.95], axis=0)
+            mean, sd = flat.mean(0), flat.std(0, ddof=1) if flat.shape[0] > 1 else np.zeros(flat.shape[1])
+            for j in range(flat.shape[1]):
+                key = name if not shape else f"{name}[{','.join(str(i + 1) for i in np.unravel_index(j, shape))}]"
+                out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
+                            "q50": float(q[1, j]), "q95": float(q[2, j])}
+        return out
+
+    def draws_table(self):
+        names, cols = [], []
+        for name, arr in self.draws.items():
+            flat = arr.reshape(arr.shape[0], -1)
+            shape = arr.shape[1:]
+            for j in range(flat.shape[1]):
+                names.append(name if not shape else
+                             f"{name}[{','.join(str(i + 1) for i in np.unravel_index(j, shape))}]")
+                cols.append(flat[:, j])
+        return names, (np.stack(cols, 1) if cols else np.zeros((0, 0)))
+
+
+def choose_method(method: str, dim: int) -> str:
+    if method not in METHODS:
+        raise UsageError(f"unknown method '{method}' (methods: {', '.join(METHODS)})")
+    if method == "auto":
+        return "fullrank" if dim <= AUTO_FULLRANK_MAX else "lowrank"
+    return method
+
+
+def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Optional[int] = None,
+        tol: float = 0.01, lr: Optional[float] = None, mc_samples: Optional[int] = None, draws: int = 1000,
+        seed: int = 0, rank: Optional[int] = None, objective: str = "elbo", alpha: float = 0.5,
+        init: str = "laplace", progress=None, timings: Optional[Dict[str, float]] = None,
+        min_steps: int = 300) -> Fit:
+    t_start = time.perf_counter()
+    timings = dict(timings or {})
+    if draws < 1:
+        raise UsageError("--draws must be at least 1")
+    if steps is not None and steps < 0:
+        raise UsageError("--steps must be non-negative")
+    if mc_samples is not None and mc_samples < 1:
+        raise UsageError("--mc-samples must be at least 1")
+    if tol < 0:
+        raise UsageError("--tol must be non-negative")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float64
+
+    t0 = time.perf_counter()
+    p = make_plan(model, estimator)
+    lj = LogJoint(model, p, dtype)
+    method = choose_method(method, lj.dim)
+    timings["compile"] = time.perf_counter() - t0
+
+    # ---- start: Laplace at the mode (needs every discrete latent summed out) ----
+    t0 = time.perf_counter()
+    full = method in ("fullrank", "flow") and lj.dim <= FULL_HESSIAN_MAX
+    if init == "laplace" and not lj.score and lj.dim > 0:
+        lap = laplace(lj, dtype, full=full)
+    else:
+        from .laplace import Laplace
+        lap = Laplace(torch.zeros(lj.dim, dtype=dtype),
+                      torch.eye(lj.dim, dtype=dtype) if full else torch.ones(lj.dim, dtype=dtype),
+                      False, "cold start" + (" (score-function latents)" if lj.score else ""))
+    if not full and lap.A.dim() == 2:
+        lap.A = torch.sqrt((lap.A * lap.A).sum(1))           # diagonal preconditioner: marginal sds
+    timings["init"] = time.perf_counter() - t0
+
+    pre = Preconditioner(lap.mu0, lap.A)
+    fam = FAMILIES[method](pre, gen, rank=rank)
+    dq = discrete_families(model, lj, p, dtype, gen)
+    cont = "score" if estimator == "score" else "reparam"
+    est = Estimator(model, lj, fam, p, cont, objective, alpha, dq)
+
+    S = mc_samples or (16 if cont == "reparam" and not dq else 64)
+    max_steps = 10000 if steps is None else steps
+    if lr is None:
+        lr = 0.05 if lap.ok or lap.note.startswith("Laplace") else 0.1
+        if cont == "score" or dq:
+            lr = lr * 0.5
+    t0 = time.perf_counter()
+    trace, converged, n_steps = _optimise(est, lj, S, max_steps, tol, lr, min_steps, progress)
+    timings["optimise"] = time.perf_counter() - t0
+
+    # ---- draws and diagnostics ---------------------------------------------------------
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        M = max(draws, 1000)
+        if hasattr(fam, "rsample_with_log_q"):
+            theta, log_q = fam.rsample_with_log_q(M)
+        else:
+            theta = fam.rsample(M)
+            log_q = fam.log_q(theta)
+        z = {n: q.sample(M) for n, q in dq.items()}
+        log_q_z = sum((q.log_q(z[n]).reshape(M, -1).sum(-1) for n, q in dq.items()), torch.zeros(M, dtype=dtype))
+        chunk = lj.chunk_size()
+        values: Dict[str, List[np.ndarray]] = {}
+        log_p = []
+        for i in range(0, M, chunk):
+            th = theta[i:i + chunk]
+            zz = {k: v[i:i + chunk] for k, v in z.items()}
+            log_p.append(lj.log_prob(th, zz))
+            if i < draws:
+                for k, v in lj.constrain(th[: max(0, draws - i)], zz and {kk: vv[: max(0, draws - i)]
+                                                                          for kk, vv in zz.items()},
+                                         gen).items():
+                    values.setdefault(k, []).append(v.numpy())
+        log_p = torch.cat(log_p)
+    timings["draws"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    log_w = (log_p - log_q - log_q_z).numpy()
+    ps = psis(log_w)
+    timings["khat"] = time.perf_counter() - t0
+    label, text = verdict(ps.khat, ps.ess, method, converged)
+    draws_np = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
+    tail = trace[-100:] if trace else [float("nan")]
+    fit_ = Fit(model, method, describe(p), draws_np, trace, float(np.mean(tail)), n_steps, converged,
+               float(ps.khat), float(ps.ess), float(ps.sd_log_w), text, label, lap.note,
+               time.perf_counter() - t_start, timings, lr, S)
+    return fit_
+
+
+def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, lr0: float, min_steps: int,
+              progress):
+    params = est.parameters()
+    if not params or max_steps == 0:
+        return [], max_steps == 0 and tol > 0 and False, 0
+    opt = torch.optim.Adam(params, lr=lr0)
+    window = 100
+    trace: List[float] = []
+    rel_changes: List[float] = []
+    prev_mean = None
+    good = [p.detach().clone() for p in params]
+    avg = [torch.zeros_like(p) for p in params]
+    n_avg = 0
+    failures = 0
+    lr_scale = 1.0
+    converged = False
+    t = 0
+    while t < max_steps:
+        lr_t = lr0 * lr_scale / math.sqrt(1.0 + t / 100.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_t
+        opt.zero_grad(set_to_none=True)
+        ok = True
+        try:
+            terms = est(S)
+            ok = math.isfinite(terms.objective) and bool(torch.isfinite(terms.loss))
+            if ok:
+                terms.loss.backward()
+                ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+            ok = False
+        if not ok:
+            failures += 1
+            with torch.no_grad():
+                for p, g in zip(params, good):
+                    p.copy_(g)
+            lr_scale *= 0.5
+            opt = torch.optim.Adam(params, lr=lr0 * lr_scale)
+            if failures >= 8:
+                _numeric_failure(est, lj, S)
+            continue
+        opt.step()
+        t += 1
+        failures = max(0, failures - 1) if t % 50 == 0 else failures
+        trace.append(terms.objective)
+        if t % 10 == 0:
+            with torch.no_grad():
+                for p, g in zip(params, good):
+                    g.copy_(p)
+        # iterate averaging over the current window
+        with torch.no_grad():
+            n_avg += 1
+            for a, p in zip(avg, params):
+                a.add_(p.detach() - a, alpha=1.0 / n_avg)
+        if progress is not None:
+            progress(t, max_steps, terms.objective)
+        if t % window == 0:
+            cur = float(np.mean(trace[-window:]))
+            if prev_mean is not None:
+                rel_changes.append(abs(cur - prev_mean) / max(abs(cur), 1e-8))
+            prev_mean = cur
+            if tol > 0 and t >= min_steps and rel_changes:
+                recent = rel_changes[-max(2, int(0.1 * max_steps / window)):]
+                if np.mean(recent) < tol or np.median(recent) < tol:
+                    converged = True
+                    break
+            n_avg = 0
+    if n_avg == 0 and t > 0:
+        n_avg = 1
+    if t >= 2 and n_avg > 0:
+        with torch.no_grad():
+            for p, a in zip(params, avg):
+                p.copy_(a)
+    return trace, converged, t
+
+
+def _numeric_failure(est: Estimator, lj: LogJoint, S: int):
+    with torch.no_grad():
+        try:
+            theta = est.family.rsample(S)
+            z = {n: q.sample(S) for n, q in est.dq.items()}
+            bad = lj.nonfinite_latents(theta, z)
+        except (ValueError, RuntimeError):
+            bad = []
+    what = ", ".join(f"'{b}'" for b in bad) if bad else "the log density"
+    src = lj.model.source
+    raise PplError([Diagnostic(None, f"inference failed: {what} became non-finite (NaN or inf) repeatedly, "
+                               f"even after reducing the step size; check the priors and the scale of the data, "
+                               f"or try --lr smaller", src.path)], EXIT_NUMERIC)

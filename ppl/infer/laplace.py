@@ -1,0 +1,120 @@
+"""Initialisation: the mode of the unconstrained log density (L-BFGS) and its
+Hessian -> the Laplace approximation N(mode, (-H)^-1), used as the starting
+point and preconditioner of the variational fit.
+
+Stage: `LogJoint` -> `Laplace(mu0, A, ok, note)` with A a Cholesky factor of
+the covariance (or a vector of sds above `FULL_HESSIAN_MAX` dims).  Models
+without a usable mode (funnels, improper directions) fall back to a cold
+start: mu0 = 0, A = I, `ok = False`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FULL_HESSIAN_MAX = 400
+MAX_SD = 1e3          # clamp on any direction's sd from the Hessian
+
+
+@dataclass
+class Laplace:
+    mu0: torch.Tensor
+    A: torch.Tensor
+    ok: bool
+    note: str
+    evals: int = 0
+
+
+def _negative_log_density(lj, discrete=None):
+    def f(theta):
+        return -lj.log_prob(theta.unsqueeze(0), discrete)[0]
+    return f
+
+
+def find_mode(lj, dtype=torch.float64, max_iter: int = 400):
+    D = lj.dim
+    f = _negative_log_density(lj)
+    theta = torch.zeros(D, dtype=dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    evals = [0]
+
+    def closure():
+        opt.zero_grad()
+        v = f(theta)
+        evals[0] += 1
+        if not torch.isfinite(v):
+            theta.grad = torch.zeros_like(theta)
+            return torch.tensor(1e10, dtype=dtype)
+        v.backward()
+        if not torch.isfinite(theta.grad).all():
+            theta.grad.zero_()
+        return v
+    try:
+        opt.step(closure)
+    except (RuntimeError, ValueError):
+        pass
+    return theta.detach(), evals[0]
+
+
+def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
+    D = lj.dim
+    cold = Laplace(torch.zeros(D, dtype=dtype), torch.eye(D, dtype=dtype) if full else torch.ones(D, dtype=dtype),
+                   False, "cold start (no usable mode)")
+    if D == 0:
+        return cold
+    mode, evals = find_mode(lj, dtype)
+    cold.evals = evals
+    if not torch.isfinite(mode).all():
+        return cold
+    f = _negative_log_density(lj)
+    try:
+        val = f(mode)
+        if not torch.isfinite(val):
+            return cold
+        if full and D <= FULL_HESSIAN_MAX:
+            P = torch.autograd.functional.hessian(f, mode)          # precision: -H of log p
+            P = 0.5 * (P + P.T)
+            lam, V = torch.linalg.eigh(P)
+        else:
+            lam = _diag_hessian(f, mode, dtype)
+            V = None
+    except (RuntimeError, ValueError):
+        return cold
+    if not torch.isfinite(lam).all():
+        return cold
+    floor = 1.0 / MAX_SD ** 2
+    bad = int((lam <= floor).sum())
+    lam_c = torch.clamp(lam, min=floor)
+    # stationarity: the Newton decrement in the (clamped) metric
+    th = mode.clone().requires_grad_(True)
+    grad = torch.autograd.grad(f(th), th)[0]
+    if V is not None:
+        gw = (V.T @ grad) / torch.sqrt(lam_c)
+        cov = (V / lam_c) @ V.T
+        cov = 0.5 * (cov + cov.T)
+        A = torch.linalg.cholesky(cov + 1e-12 * torch.eye(D, dtype=dtype) * cov.diagonal().max())
+    else:
+        gw = grad / torch.sqrt(lam_c)
+        A = 1.0 / torch.sqrt(lam_c)
+    decrement = float((gw * gw).sum())
+    if decrement > 1.0:
+        return Laplace(torch.zeros(D, dtype=dtype), cold.A, False,
+                       f"cold start (mode search did not settle: Newton decrement {decrement:.2g})", evals)
+    note = "Laplace at the mode" + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
+                                    if bad else "")
+    return Laplace(mode, A, bad == 0, note, evals)
+
+
+def _diag_hessian(f, mode, dtype, probes: int = 32):
+    """Hutchinson estimate of diag(H) from Hessian-vector products."""
+    gen = torch.Generator().manual_seed(0)
+    th = mode.clone().requires_grad_(True)
+    g = torch.autograd.grad(f(th), th, create_graph=True)[0]
+    acc = torch.zeros_like(mode)
+    for _ in range(probes):
+        v = (torch.randint(0, 2, mode.shape, generator=gen) * 2 - 1).to(dtype)
+        hv = torch.autograd.grad(g, th, v, retain_graph=True)[0]
+        acc += v * hv
+    return (acc / probes).detach()

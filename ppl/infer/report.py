@@ -1,0 +1,175 @@
+"""Outputs of a fit: the printed table, `--format json`, `--out DIR` files
+(written whole or not at all), the progress bar and `--profile`.
+
+Stage: `Fit` -> text / JSON / CSV files.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from ..errors import Diagnostic, PplError, UsageError
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.4e}"
+
+
+def table(fit) -> str:
+    s = fit.summary()
+    w = max([len(k) for k in s] + [6])
+    lines = [
+        f"model      {fit.model.source.path}",
+        f"method     {fit.method} (ADVI, start: {fit.init})",
+        f"estimator  {fit.estimator}",
+        f"steps      {fit.steps} ({'converged' if fit.converged else 'not converged'}; "
+        f"{fit.mc_samples} MC samples/step, lr {fit.lr:g})",
+        f"ELBO       {fit.elbo:.4f}",
+        f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
+        f"time       {fit.seconds:.2f} s",
+        f"verdict    {fit.verdict}",
+        "",
+        f"{'':<{w}}  {'mean':>10} {'sd':>10} {'q5':>10} {'q50':>10} {'q95':>10}",
+    ]
+    for k, v in s.items():
+        lines.append(f"{k:<{w}}  " + " ".join(f"{_fmt(v[c]):>10}" for c in ("mean", "sd", "q5", "q50", "q95")))
+    return "\n".join(lines) + "\n"
+
+
+def to_json(fit) -> str:
+    def num(x):
+        return x if math.isfinite(x) else None
+    return json.dumps({
+        "params": {k: {c: num(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")} for k, v in fit.summary().items()},
+        "elbo": num(fit.elbo), "steps": fit.steps, "converged": fit.converged, "method": fit.method,
+        "estimator": fit.estimator, "khat": num(round(fit.khat, 4)), "ess": num(round(fit.ess, 4)),
+        "sd_log_w": num(fit.sd_log_w), "verdict": fit.verdict_label, "verdict_text": fit.verdict,
+        "init": fit.init, "seconds": round(fit.seconds, 3),
+    })
+
+
+def _csv_text(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(fit, out_dir: str, force: bool) -> None:
+    """draws.csv, summary.csv, elbo.csv into out_dir, atomically (a temp dir renamed into place)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not force:
+        raise PplError([Diagnostic(None, "the output directory exists; use --force to replace it", out_dir)])
+    parent = os.path.dirname(out_dir)
+    if not os.path.isdir(parent):
+        raise PplError([Diagnostic(None, "the parent directory does not exist", out_dir)])
+    names, mat = fit.draws_table()
+    s = fit.summary()
+    try:
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".ppl-out-")
+        files = {
+            "draws.csv": _csv_text(names, ([repr(float(x)) for x in row] for row in mat)),
+            "summary.csv": _csv_text(["name", "mean", "sd", "q5", "q50", "q95"],
+                                     ([k] + [repr(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")]
+                                      for k, v in s.items())),
+            "elbo.csv": _csv_text(["step", "elbo"], ([i + 1, repr(e)] for i, e in enumerate(fit.elbo_trace))),
+        }
+        for fn, text in files.items():
+            with open(os.path.join(tmp, fn), "w") as f:
+                f.write(text)
+        _plot(fit, tmp)
+        if os.path.exists(out_dir):
+            old = out_dir + ".ppl-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PplError([Diagnostic(None, f"cannot write outputs: {e.strerror}", out_dir)])
+
+
+def _plot(fit, d: str) -> None:
+    """elbo.png where matplotlib is installed (the `plot` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(1, len(fit.elbo_trace) + 1), fit.elbo_trace, lw=0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ELBO estimate")
+    fig.tight_layout()
+    fig.savefig(os.path.join(d, "elbo.png"), dpi=100)
+    plt.close(fig)
+
+
+class Progress:
+    """A one-line progress bar on a terminal (stderr), redrawn at most 10 times a second."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def __call__(self, t, total, elbo):
+        now = time.monotonic()
+        if now - self.last < 0.1 and t < total:
+            return
+        self.last = now
+        frac = t / max(total, 1)
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r  step {t:>6}/{total}  [{bar:<30}]  ELBO {elbo:.4g}   ")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\r" + " " * 79 + "\r")
+        sys.stderr.flush()
+
+
+def run_fit_command(args) -> int:
+    t_start = time.perf_counter()
+    from ..api import load
+    timings = {}
+    t0 = time.perf_counter()
+    m = load(args.model)
+    timings["parse"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = m.check(args.data if (args.data or args.set) else [], args.set)
+    timings["data+check"] = time.perf_counter() - t0
+    if args.out and os.path.exists(args.out) and not args.force:
+        raise PplError([Diagnostic(None, "the output directory exists; use --force to replace it", args.out)])
+    show = args.progress == "on" or (args.progress == "auto" and args.format != "json" and sys.stderr.isatty())
+    bar = Progress() if show else None
+    from .fit import fit as run
+    try:
+        f = run(model, method=args.method, estimator=args.estimator, steps=args.steps, tol=args.tol, lr=args.lr,
+                mc_samples=args.mc_samples, draws=args.draws, seed=args.seed, rank=args.rank,
+                objective=args.objective, alpha=args.alpha, init=args.init, progress=bar, timings=timings)
+    finally:
+        if bar is not None:
+            bar.close()
+    f.seconds = time.perf_counter() - t_start
+    if args.out:
+        write_outputs(f, args.out, args.force)
+    sys.stdout.write(to_json(f) + "\n" if args.format == "json" else table(f))
+    if args.profile:
+        total = f.seconds
+        sys.stderr.write("profile (seconds):\n")
+        for k in ("parse", "data+check", "compile", "init", "optimise", "draws", "khat"):
+            if k in f.timings:
+                sys.stderr.write(f"  {k:<12} {f.timings[k]:8.3f}\n")
+        sys.stderr.write(f"  {'total':<12} {total:8.3f}  (process start-up and imports not included)\n")
+    return 0
