@@ -146,12 +146,18 @@ def cmd_fit(args) -> int:
 
 def write_atomic(path: str, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path))
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".ppl-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)      # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)                 # no stray temp file when the final rename fails
         raise PplError([Diagnostic(None, f"cannot write: {e.strerror}", path)])
 
 

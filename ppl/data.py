@@ -110,26 +110,33 @@ def _read_text(path: str) -> Source:
     if "\0" in text:
         before = text[: text.index("\0")]
         line = before.count("\n") + 1
-        _fail(Span(Source(path, text), line, 1, line, 2), "a NUL byte in a text data file")
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        _fail(Span(Source(path, text), line, col, line, col + 1), "a NUL byte in a text data file")
     return Source(path, text)
 
 
 def _read_csv(path: str, src: Source) -> _Csv:
     if not src.text.strip():
         _fail(None, "the file is empty (a CSV needs a header row)", path)
-    reader = csv.reader(io.StringIO(src.text))
+    reader = csv.reader(io.StringIO(src.text), strict=True)
     rows, lines = [], []
+    start = 1                     # file line where the next record starts
     try:
         header = next(reader)
-        header_line = reader.line_num
+        header_line = start = reader.line_num
+        start += 1
         for r in reader:
+            start = reader.line_num + 1
             if not r or (len(r) == 1 and not r[0].strip()):
                 continue   # blank line
             rows.append(r)
             lines.append(reader.line_num)
     except csv.Error as e:
-        line = reader.line_num or 1
-        _fail(Span(src, line, 1, line, 2), f"malformed CSV: {e}")
+        text = src.line(start)
+        col = text.find('"') + 1 or 1
+        msg = "a quoted field is not closed before the end of the file" if "end of data" in str(e) \
+            else f"malformed CSV: {e}"
+        _fail(Span(src, start, col, start, col + 1), msg)
     header = [h.strip() for h in header]
     t = _Csv(path, src, header, {}, rows, lines)
     for j, h in enumerate(header):
@@ -184,15 +191,15 @@ class _Binder:
         self.sets: Dict[str, float] = {}
         for s in sets:
             if "=" not in s:
-                _fail(None, f"--set {s!r}: expected NAME=VALUE", "--set")
+                _fail(None, f"{s!r} is not NAME=VALUE", "--set")
             k, v = s.split("=", 1)
             k = k.strip()
             try:
                 val = float(v)
             except ValueError:
-                _fail(None, f"--set {k}={v}: {v!r} is not a number", "--set")
+                _fail(None, f"{k}={v}: {v!r} is not a number", "--set")
             if not math.isfinite(val):
-                _fail(None, f"--set {k}={v}: the value must be finite", "--set")
+                _fail(None, f"{k}={v}: the value must be finite", "--set")
             self.sets[k] = val
         self.out = DataSet(files=tuple(files))
         self.dim_symbols = set(dim_symbols)
@@ -218,7 +225,7 @@ class _Binder:
 
     def _bind_scalar(self, k, v, origin, path, span=None):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
-            _fail(span, f"{origin}: the size {k} must be a non-negative whole number, got {json.dumps(v)}", path)
+            _fail(span, f"the size {k} must be a non-negative whole number, got {json.dumps(v)}", path)
         self.bind(k, int(v), origin, None, path)
 
     # one declaration ---------------------------------------------------------
@@ -241,7 +248,8 @@ class _Binder:
         if d.name in self.sets:
             if t.dims:
                 _fail(d.name_span, f"'{d.name}' is an array; --set gives only scalars")
-            return self._finish(d, np.asarray(self.sets[d.name]), None, "--set", lambda i: (None, "--set"))
+            return self._finish(d, np.asarray(self.sets[d.name]), None, "--set",
+                                lambda i: (None, f"{d.name}={self.sets[d.name]:g}"))
         where = []
         for c in self.csvs:
             where.append(f"{c.path} has columns " + ", ".join(c.header[:8]) + (" ..." if len(c.header) > 8 else ""))
@@ -259,7 +267,7 @@ class _Binder:
         j = c.columns[d.name]
         cells = [r[j] for r in c.rows]
         arr, labels = self._convert(d, cells, lambda i: (c.cell_span(i, j), f"row {i + 1}, column '{d.name}'"))
-        self._bind_dims(d, arr.shape, f"column '{d.name}' in {c.path}", c.path)
+        self._bind_dims(d, arr.shape, f"column '{d.name}' in {c.path}", c.path, c.header_span(j))
         return self._finish(d, arr, labels, c.path, lambda i: (c.cell_span(i, j), f"row {i + 1}, column '{d.name}'"))
 
     def _load_pattern(self, d: A.DataDecl):
@@ -280,7 +288,8 @@ class _Binder:
                 return c.cell_span(r, cols[k]), f"row {r + 1}, column '{c.header[cols[k]]}'"
             arr, labels = self._convert(d, flat, where)
             arr = arr.reshape(len(cells), ncol)
-            self._bind_dims(d, arr.shape, f"columns matching \"{d.pattern}\" in {c.path}", c.path)
+            self._bind_dims(d, arr.shape, f"columns matching \"{d.pattern}\" in {c.path}", c.path,
+                           c.header_span(cols[0]))
             return self._finish(d, arr, labels, c.path, where)
         for j in self.jsons:
             if d.name in j.obj:
@@ -304,7 +313,7 @@ class _Binder:
         flat = list(arr.reshape(-1))
         conv, labels = self._convert(d, flat, where, raw_json=True)
         conv = conv.reshape(arr.shape)
-        self._bind_dims(d, conv.shape, f"key '{d.name}' in {j.path}", j.path)
+        self._bind_dims(d, conv.shape, f"key '{d.name}' in {j.path}", j.path, span)
         return self._finish(d, conv, labels, j.path, where)
 
     def _json_array(self, d, v, j: _Json) -> np.ndarray:
@@ -413,22 +422,23 @@ class _Binder:
             self.bind(k_sym, len(uniq), f"the labels of '{d.name}'", d.type.span)
         return arr, uniq
 
-    def _bind_dims(self, d: A.DataDecl, shape, origin: str, path: str):
+    def _bind_dims(self, d: A.DataDecl, shape, origin: str, path: str, span: Optional[Span] = None):
         for dim, n in zip(d.type.dims, shape):
             if isinstance(dim.value, int):
                 if dim.value != n:
                     _fail(dim.span, f"{origin} has size {n}, but the model declares {dim.value}")
             else:
-                self.bind(dim.value, n, origin, None, path)
+                self.bind(dim.value, n, origin, span, path)
 
     def _finish(self, d: A.DataDecl, arr: np.ndarray, labels, origin: str, where):
         for b in d.type.bounds:
             lim = _literal(b.value)
             if lim is None:
                 continue   # non-literal bounds are checked by the checker
-            bad = np.nonzero(arr < lim if b.key == "lower" else arr > lim)[0] if b.key in ("lower", "upper") else []
+            flat = arr.reshape(-1)
+            bad = np.nonzero(flat < lim if b.key == "lower" else flat > lim)[0] if b.key in ("lower", "upper") else []
             if len(bad):
-                i = int(np.ravel_multi_index(np.unravel_index(bad[0], arr.shape), arr.shape)) if arr.ndim > 1 else int(bad[0])
+                i = int(bad[0])
                 span, w = where(i)
                 v = arr.reshape(-1)[i]
                 sign = ">=" if b.key == "lower" else "<="

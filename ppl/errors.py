@@ -21,8 +21,8 @@ class Source:
     text: str
 
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
-        return lines[lineno - 1] if 1 <= lineno <= len(lines) else ""
+        lines = self.text.split("\n")     # as the lexer counts lines (not str.splitlines: \f, \x85 ...)
+        return lines[lineno - 1].rstrip("\r") if 1 <= lineno <= len(lines) else ""
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class Span:
         return f"{self.line}:{self.col}"
 
 
+_SHOW = 100     # longest source line quoted in full under a message
+
+
 @dataclass(frozen=True)
 class Diagnostic:
     span: Optional[Span]
@@ -57,14 +60,21 @@ class Diagnostic:
         head = f"{s.path}:{s.line}:{s.col}: error: {self.message}"
         if s.source is None:
             return head
-        text = s.source.line(s.line).expandtabs(1)
+        # one character per column; control characters (NUL, ...) would garble the terminal
+        text = "".join(c if c.isprintable() else " " if c.isspace() else "\ufffd" for c in s.source.line(s.line))
         if not text and s.line > len(s.source.text.splitlines()):
             return head
         width = (s.end_col - s.col) if s.end_line == s.line else len(text) - s.col + 1
         width = max(1, min(width, max(1, len(text) - s.col + 1)))
+        pad = s.col - 1
+        if len(text) > _SHOW:        # a very long line: show a window around the caret
+            start = max(0, min(pad - _SHOW // 3, len(text) - _SHOW))
+            text = ("..." if start else "") + text[start:start + _SHOW] + ("..." if start + _SHOW < len(text) else "")
+            width = max(1, min(width, _SHOW - (pad - start)))
+            pad = pad - start + (3 if start else 0)
         gutter = f"{s.line:>5} | "
         return "\n".join([head, gutter + text,
-                          " " * (len(gutter) - 2) + "| " + " " * (s.col - 1) + "^" * width])
+                          " " * (len(gutter) - 2) + "| " + " " * pad + "^" * width])
 
     def sort_key(self):
         s = self.span

@@ -42,6 +42,8 @@ def build_graph(model: Model, estimator: str = "auto") -> nx.DiGraph:
     for name, node in model.nodes.items():
         attrs = dict(kind=node.kind, shape=[d for d in node.shape], line=node.span.line,
                      support=node.support if node.kind in ("latent",) or node.dist else "data")
+        if node.kind == "deterministic":
+            del attrs["support"]   # a function of latents: no support of its own (not "data")
         if node.dist is not None:
             attrs["dist"] = f"{node.dist.spec}({', '.join(A_text(a) for a in node.dist.args)})"
         if node.expr is not None:

@@ -20,6 +20,7 @@ from .frontend import ast as A
 from .frontend.check import Model, Node
 
 ESTIMATORS = ("auto", "reparam", "score", "enumerate")
+# "score-all" (API only): the score-function estimator for continuous latents too (for tests and study)
 MAX_ENUM = 64
 _ELEMENTWISE = {"exp", "log", "log1p", "expm1", "sqrt", "square", "abs", "inv_logit", "logit", "softplus", "tanh"}
 
@@ -92,13 +93,13 @@ def enum_size(model: Model, node: Node) -> Optional[int]:
 
 
 def plan(model: Model, requested: str = "auto") -> Dict[str, NodePlan]:
-    if requested not in ESTIMATORS:
+    if requested not in ESTIMATORS + ("score-all",):
         raise UsageError(f"unknown estimator '{requested}' (estimators: {', '.join(ESTIMATORS)})")
     out: Dict[str, NodePlan] = {}
     enumerated: Dict[str, Set[str]] = {}
     for node in model.latents():
         if not node.discrete:
-            est = "score" if requested == "score" else "reparam"
+            est = "score" if requested == "score-all" else "reparam"
             out[node.name] = NodePlan(est)
             continue
         factors, local = factors_of(model, node.name)

@@ -313,7 +313,7 @@ class _Checker:
                              f"(bounds: lower, upper)")
             elif keys.count(b.key) > 1 and keys.index(b.key) != t.bounds.index(b):
                 self.err.add(b.span, f"bound '{b.key}' is given twice")
-        if t.bounds and t.base not in ("real", "int"):
+        if t.bounds and t.base not in ("real", "int") and t.base in DATA_TYPES | LATENT_TYPES:
             self.err.add(t.bounds[0].span, f"bounds apply to real or int, not to '{t.base}'")
         if isinstance(s, A.DataDecl):
             for b in t.bounds:
@@ -343,7 +343,7 @@ class _Checker:
                 for dm in self._dims_of(st):
                     if isinstance(dm.value, str) and dm.value in self.defs and dm.value != name:
                         g.add_edge(dm.value, name)
-        order = {n: i for i, n in enumerate(self.defs)}
+        order = {n: (self.defs[n].span.line, self.defs[n].span.col) for n in self.defs}   # source order
         for comp in sorted(nx.strongly_connected_components(g), key=lambda c: min(order[n] for n in c)):
             if len(comp) == 1:
                 (n,) = comp
@@ -554,14 +554,15 @@ class _Checker:
             self.err.raise_if_any()
         self.definitions()
         self.resolve()
-        self.err.raise_if_any()
         g = self.dependencies()
-        self.err.raise_if_any()
+        if not nx.is_directed_acyclic_graph(g):
+            self.err.raise_if_any()
 
+        # after errors so far, the later phases go on (all errors are reported) without data
         decls = [s for s in self.defs.values() if isinstance(s, A.DataDecl)]
-        self.has_data = data is not None
+        self.has_data = data is not None and not self.err.items
         levels = {}
-        if data is not None:
+        if self.has_data:
             ds = data(decls, self.syms)
             self.values.update(ds.values)
             self.dims.update(ds.dims)
@@ -603,7 +604,9 @@ class _Checker:
             self.err.add(first.span, "nothing to infer: the model has no latent variable "
                          "(a '~' on a name that is not data, or a 'NAME: TYPE' declaration)")
         self.err.raise_if_any()
-        ordered = {n: nodes[n] for n in self.defs}
+        # source order of the defining statements (self.defs lists `~` statements last)
+        ordered = {n: nodes[n] for n in sorted(self.defs, key=lambda n: (self.defs[n].span.line,
+                                                                         self.defs[n].span.col))}
         return Model(self.src, self.p, ordered, tuple(topo), dict(self.dims),
                      {k: v for k, v in self.values.items()}, self.shapes, self.ints, self.has_data, levels)
 
@@ -637,7 +640,8 @@ class _Checker:
                             bad = "NaN" if np.any(np.isnan(v)) else "infinite"
                             self.err.add(s.expr.span, f"the constant '{name}' has {bad} values "
                                          f"(for example, log of a non-positive number)")
-                        self.values[name] = np.asarray(v)
+                        else:
+                            self.values[name] = np.asarray(v)
         elif isinstance(s, A.FlatDecl):
             decl = s.type
             shape = self.resolve_dims(s.type.dims)
@@ -657,7 +661,7 @@ class _Checker:
                 if discrete:
                     self.err.add(s.type.span, f"'{name}' has a discrete distribution; it cannot take a declared "
                                  f"constraint")
-                else:
+                elif dist is not None:
                     self.check_constraint_fits(s, constraint)
         if obs is not None:
             data_shape = shape
@@ -667,7 +671,7 @@ class _Checker:
                 self.err.add(obs.dist.func_span, f"'{obs.dist.func}' is a discrete distribution, but '{name}' is "
                              f"{'declared real' if isinstance(s, A.DataDecl) else 'real-valued'}"
                              + ("; declare it int" if isinstance(s, A.DataDecl) else ""))
-            if d is not None and name in self.values:
+            elif d is not None and name in self.values:
                 self.check_support(obs, name, DS.REGISTRY[d.spec])
         self.node_shape[name] = shape
         self.node_int[name] = is_int
@@ -677,7 +681,11 @@ class _Checker:
                     deps, decl)
 
     def check_sample(self, s: A.Sample, target: Optional[Shape], has_target: bool, observed: str = ""):
-        spec = DS.REGISTRY[s.dist.func]
+        spec = DS.REGISTRY.get(s.dist.func)
+        if spec is None or len(s.dist.args) != spec.arity:      # reported by resolve()
+            for a in s.dist.args:
+                self.infer(a)
+            return None, (target if has_target else None), False
         args = [self.infer(a) for a in s.dist.args]
         use = DistUse(spec.name, s.dist.args, s.dist.span, s.dist.func_span)
         if any(a is None for a in args) or (has_target and target is None):

@@ -13,7 +13,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import List
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from ..errors import Diagnostic, PplError, Source, Span
@@ -33,17 +33,28 @@ _OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "CIRCUMFLEX", "COMPOP", "L
 
 
 class _BracketNewlines:
-    """Post-lexer: a newline inside (), [] or <> of a type continues the line."""
+    """Post-lexer: a newline inside (), [] or <> of a type continues the line.
+
+    It also tells the two meanings of `>` apart: LALR merges the state after an
+    operand inside a type's `<...>` with the one in an expression, so the
+    contextual lexer calls every `>` the closing MORETHAN; outside `<...>`
+    (or nested in brackets within it) it is a comparison, COMPOP."""
     always_accept = ("_NL",)
 
     def process(self, stream):
-        depth = 0
+        stack = []
+        self.opened = opened = []     # the open bracket tokens, for syntax-error hints
         for tok in stream:
-            if tok.type in _BRACKETS_OPEN:
-                depth += 1
+            if tok.type == "MORETHAN" and (not stack or stack[-1] != "LESSTHAN"):
+                tok.type = "COMPOP"
+            elif tok.type in _BRACKETS_OPEN:
+                stack.append(tok.type)
+                opened.append(tok)
             elif tok.type in _BRACKETS_CLOSE:
-                depth = max(0, depth - 1)
-            elif tok.type == "_NL" and depth > 0:
+                if stack:
+                    stack.pop()
+                    opened.pop()
+            elif tok.type == "_NL" and stack:
                 continue
             yield tok
 
@@ -81,18 +92,45 @@ def parse(source: Source) -> A.Program:
     try:
         tree = _parser().parse(text + "\n")
     except UnexpectedInput as e:
-        raise PplError([_syntax_diagnostic(e, source)]) from None
+        d = _syntax_diagnostic(e, source)
+        opened = getattr(_parser().options.postlex, "opened", [])
+        if opened and d.span is not None and opened[-1].line < d.span.line:
+            o = opened[-1]
+            d = Diagnostic(d.span, f"{d.message} (inside the '{o}' opened at line {o.line}, column {o.column})")
+        raise PplError([d]) from None
     except RecursionError:
         raise PplError([Diagnostic(Span(source, 1, 1, 1, 2), "expression is nested too deeply")]) from None
+    _check_depth(tree, source)
     try:
         stmts = _ToAst(source).transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, PplError):
             raise e.orig_exc from None
+        if isinstance(e.orig_exc, RecursionError):
+            raise PplError([Diagnostic(Span(source, 1, 1, 1, 2), "expression is nested too deeply")]) from None
         raise
     except RecursionError:
         raise PplError([Diagnostic(Span(source, 1, 1, 1, 2), "expression is nested too deeply")]) from None
     return A.Program(tuple(stmts), source.path, Span(source, 1, 1, 1, 2))
+
+
+# Parse-tree depth allowed (real models stay under 30).  Later stages recurse
+# over expressions; deeper input is a located error, never a RecursionError.
+MAX_DEPTH = 200
+
+
+def _check_depth(tree: Tree, source: Source) -> None:
+    stack = [(tree, 0)]
+    while stack:
+        t, d = stack.pop()
+        kids = [c for c in t.children if isinstance(c, Tree)]
+        if kids and d >= MAX_DEPTH:
+            m = t.meta
+            line, col = getattr(m, "line", 1), getattr(m, "column", 1)
+            raise PplError([Diagnostic(Span(source, line, col, line, col + 1),
+                                       "expression is nested too deeply; "
+                                       "split it into several statements")])
+        stack.extend((c, d + 1) for c in kids)
 
 
 def _describe(tok: Token) -> str:
@@ -107,6 +145,9 @@ def _expected(names) -> str:
     parser = _parser()
     words = set()
     names = set(names or ())
+    if not getattr(parser.options.postlex, "opened", None):
+        # LALR merges states: outside brackets, closers and ',' are offered but never valid
+        names = (names - {"RPAR", "RSQB", "COMMA", "MORETHAN"}) or names
     if len(names) > 1:
         names.discard("_NL")   # always accepted by the post-lexer, rarely what was meant
     ops = names & _OPERATORS
@@ -125,7 +166,7 @@ def _expected(names) -> str:
         except KeyError:
             words.add(n.lower())
     words = sorted(words)
-    if len(words) > 8:
+    if not words or len(words) > 8:
         return ""
     return "; expected " + (words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1])
 
@@ -138,6 +179,9 @@ def _syntax_diagnostic(e: UnexpectedInput, source: Source) -> Diagnostic:
         msg = f"unexpected {what}"
         if ch == '"':
             msg = "unterminated or misplaced string"
+        elif ch == "." and (source.text[e.pos_in_stream + 1: e.pos_in_stream + 2].isalpha()
+                            or source.text[e.pos_in_stream + 1: e.pos_in_stream + 2] == "_"):
+            msg = "unexpected '.': ppl has no attribute access or methods"
         elif e.allowed:
             msg += _expected(e.allowed)
         return Diagnostic(Span(source, e.line, e.column, e.line, e.column + 1), msg)
@@ -159,6 +203,10 @@ def _syntax_diagnostic(e: UnexpectedInput, source: Source) -> Diagnostic:
                               "unexpected end of line" + _expected(e.expected))
         end = tok.end_column if tok.end_line == tok.line and tok.end_column else col + 1
         msg = f"unexpected {_describe(tok)}" + _expected(e.expected)
+        if tok.type == "COMPOP" and "PLUS" in (e.expected or ()):
+            msg = f"unexpected {_describe(tok)}: comparisons do not chain (a < b < c is not allowed)"
+        elif tok.type == "STRING":
+            msg = f"unexpected string {tok}: a string is allowed only in `from \"pattern\"` of a data declaration"
         return Diagnostic(Span(source, line, col, line, end), msg)
     if isinstance(e, UnexpectedEOF):
         line = nlines

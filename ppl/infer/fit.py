@@ -34,6 +34,7 @@ from .psis import psis, verdict
 
 METHODS = ("auto",) + tuple(FAMILIES)
 AUTO_FULLRANK_MAX = 200
+DISCRETE_LR_SCALE = 4.0
 
 
 @dataclass
@@ -118,22 +119,26 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
 
     # ---- start: Laplace at the mode (needs every discrete latent summed out) ----
     t0 = time.perf_counter()
-    full = method in ("fullrank", "flow") and lj.dim <= FULL_HESSIAN_MAX
-    if init == "laplace" and not lj.score and lj.dim > 0:
-        lap = laplace(lj, dtype, full=full)
+    full = method in ("fullrank", "flow")
+    # score-path discrete latents: start from the Laplace fit of the model with them summed out, where possible
+    lj_init = lj if not lj.score else LogJoint(model, make_plan(model, "auto"), dtype)
+    if init == "laplace" and not lj_init.score and lj.dim > 0:
+        lap = laplace(lj_init, dtype, full=lj.dim <= FULL_HESSIAN_MAX)
     else:
         from .laplace import Laplace
         lap = Laplace(torch.zeros(lj.dim, dtype=dtype),
                       torch.eye(lj.dim, dtype=dtype) if full else torch.ones(lj.dim, dtype=dtype),
                       False, "cold start" + (" (score-function latents)" if lj.score else ""))
-    if not full and lap.A.dim() == 2:
-        lap.A = torch.sqrt((lap.A * lap.A).sum(1))           # diagonal preconditioner: marginal sds
+    if not full or lap.A.dim() == 1:
+        lap.A = lap.diagonal()                                 # diagonal preconditioner
+        if full:
+            lap.A = torch.diag(lap.A)
     timings["init"] = time.perf_counter() - t0
 
     pre = Preconditioner(lap.mu0, lap.A)
     fam = FAMILIES[method](pre, gen, rank=rank)
     dq = discrete_families(model, lj, p, dtype, gen)
-    cont = "score" if estimator == "score" else "reparam"
+    cont = "score" if estimator == "score-all" else "reparam"
     est = Estimator(model, lj, fam, p, cont, objective, alpha, dq)
 
     S = mc_samples or (16 if cont == "reparam" and not dq else 64)
@@ -188,8 +193,14 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
               progress):
     params = est.parameters()
     if not params or max_steps == 0:
-        return [], max_steps == 0 and tol > 0 and False, 0
-    opt = torch.optim.Adam(params, lr=lr0)
+        return [], False, 0
+    # discrete q's logits take larger steps: their score gradients are small and they start far off
+    n_cont = len(est.family.parameters())
+    scales = [1.0] * n_cont + [DISCRETE_LR_SCALE] * (len(params) - n_cont)
+
+    def make_opt(lr):
+        return torch.optim.Adam([{"params": [p], "lr": lr * s} for p, s in zip(params, scales)])
+    opt = make_opt(lr0)
     window = 100
     trace: List[float] = []
     rel_changes: List[float] = []
@@ -203,8 +214,8 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
     t = 0
     while t < max_steps:
         lr_t = lr0 * lr_scale / math.sqrt(1.0 + t / 100.0)
-        for g in opt.param_groups:
-            g["lr"] = lr_t
+        for g, sc in zip(opt.param_groups, scales):
+            g["lr"] = lr_t * sc
         opt.zero_grad(set_to_none=True)
         ok = True
         try:
@@ -221,7 +232,7 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
                 for p, g in zip(params, good):
                     p.copy_(g)
             lr_scale *= 0.5
-            opt = torch.optim.Adam(params, lr=lr0 * lr_scale)
+            opt = make_opt(lr0 * lr_scale)
             if failures >= 8:
                 _numeric_failure(est, lj, S)
             continue

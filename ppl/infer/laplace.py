@@ -24,6 +24,13 @@ class Laplace:
     ok: bool
     note: str
     evals: int = 0
+    cond_sd: torch.Tensor = None      # 1/sqrt(diag(-H)): the mean-field optimum for a Gaussian
+
+    def diagonal(self) -> torch.Tensor:
+        """Scale vector for diagonal families (mean-field, low-rank)."""
+        if self.cond_sd is not None:
+            return self.cond_sd
+        return self.A if self.A.dim() == 1 else torch.sqrt((self.A * self.A).sum(1))
 
 
 def _negative_log_density(lj, discrete=None):
@@ -59,6 +66,7 @@ def find_mode(lj, dtype=torch.float64, max_iter: int = 400):
 
 
 def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
+    """`full`: compute the exact Hessian when D <= FULL_HESSIAN_MAX (else a diagonal estimate)."""
     D = lj.dim
     cold = Laplace(torch.zeros(D, dtype=dtype), torch.eye(D, dtype=dtype) if full else torch.ones(D, dtype=dtype),
                    False, "cold start (no usable mode)")
@@ -90,7 +98,9 @@ def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
     # stationarity: the Newton decrement in the (clamped) metric
     th = mode.clone().requires_grad_(True)
     grad = torch.autograd.grad(f(th), th)[0]
+    cond_sd = None
     if V is not None:
+        cond_sd = 1.0 / torch.sqrt(torch.clamp(torch.diagonal(P), min=floor))
         gw = (V.T @ grad) / torch.sqrt(lam_c)
         cov = (V / lam_c) @ V.T
         cov = 0.5 * (cov + cov.T)
@@ -104,7 +114,7 @@ def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
                        f"cold start (mode search did not settle: Newton decrement {decrement:.2g})", evals)
     note = "Laplace at the mode" + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
                                     if bad else "")
-    return Laplace(mode, A, bad == 0, note, evals)
+    return Laplace(mode, A, bad == 0, note, evals, cond_sd)
 
 
 def _diag_hessian(f, mode, dtype, probes: int = 32):

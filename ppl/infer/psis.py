@@ -92,7 +92,7 @@ def verdict(khat: float, ess: float, method: str, converged: bool):
         text = "good: the approximation agrees with the model " + (
             f"(k-hat {khat:.2f}, ESS {100 * ess:.0f}%)" if khat < 0.7 else
             f"(k-hat {khat:.2f} is high, but the importance weights are nearly uniform: ESS {100 * ess:.0f}%)")
-    elif khat >= 0.7 and ess < 0.6:
+    elif (khat >= 0.7 and ess < 0.6) or ess < 0.1:
         label = "unreliable"
         text = (f"unreliable: the approximation misses the posterior (k-hat {khat:.2f}, ESS {100 * ess:.0f}%); "
                 f"means may be off and sds are likely too small")
