@@ -24,7 +24,7 @@ from ..frontend.check import Model, Node
 from ..plan import NodePlan
 from . import dists as D
 from .ops import TorchOps
-from .transforms import bijection, sum_event
+from .transforms import bijection, sum_event, unconstrained_shape
 
 
 @dataclass
@@ -189,7 +189,7 @@ class LogJoint:
         else:
             lo, hi = (f({})[0] if f else None for f in fns)
             t0 = bijection(kind, lo, hi)
-        ushape = tuple(t0.inverse_shape(torch.Size(shape)))
+        ushape = unconstrained_shape(kind, shape)
         size = int(np.prod(ushape)) if ushape else 1
         return Block(node.name, offset, size, ushape, shape, None if varying else t0, varying, kind)
 

@@ -774,7 +774,7 @@ class _Checker:
             kind = "interval" if lo is not None and hi is not None else "lower" if lo is not None else \
                 "upper" if hi is not None else "real"
             if kind == "interval":
-                a, b = self.const_value(lo), self.const_value(hi)
+                a, b = _scalar_or_none(self.const_value(lo)), _scalar_or_none(self.const_value(hi))
                 if a is not None and b is not None and not float(a) < float(b):
                     self.err.add(t.span, f"the lower bound {float(a):g} must be below the upper bound {float(b):g}")
             return Constraint(kind, lo, hi, t.span)
@@ -805,13 +805,18 @@ class _Checker:
             self.err.add(s.type.span, f"'{s.name}' is declared {c.text()}, but {spec.name}'s support is "
                          f"{DS.SUPPORT_TEXT[sup]}; declare a set inside the support, or drop the type")
             return
-        lo = self.const_value(c.lower) if c.lower is not None else None
-        hi = self.const_value(c.upper) if c.upper is not None else None
+        lo = _scalar_or_none(self.const_value(c.lower)) if c.lower is not None else None
+        hi = _scalar_or_none(self.const_value(c.upper)) if c.upper is not None else None
         if sup == "positive" and c.kind in ("lower", "interval") and lo is not None and float(lo) < 0:
             self.err.add(s.type.span, f"'{s.name}' may be negative, but {spec.name}'s support is (0, inf)")
         if sup == "unit_interval" and ((lo is not None and float(lo) < 0) or (hi is not None and float(hi) > 1)
                                        or c.kind != "interval"):
             self.err.add(s.type.span, f"'{s.name}' must lie in (0, 1) for {spec.name}; declare real<lower=0, upper=1>")
+
+
+def _scalar_or_none(v) -> Optional[float]:
+    """A constant bound as a float; None when unknown or not a scalar (reported elsewhere)."""
+    return None if v is None or np.size(v) != 1 else float(np.asarray(v, dtype=float).reshape(-1)[0])
 
 
 def _arity_msg(name: str, params: Sequence[str], got: int) -> str:

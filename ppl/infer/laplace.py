@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .optim import lbfgs
+
 FULL_HESSIAN_MAX = 400
 MAX_SD = 1e3          # clamp on any direction's sd from the Hessian
 
@@ -39,30 +41,8 @@ def _negative_log_density(lj, discrete=None):
     return f
 
 
-def find_mode(lj, dtype=torch.float64, max_iter: int = 400):
-    D = lj.dim
-    f = _negative_log_density(lj)
-    theta = torch.zeros(D, dtype=dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-    evals = [0]
-
-    def closure():
-        opt.zero_grad()
-        v = f(theta)
-        evals[0] += 1
-        if not torch.isfinite(v):
-            theta.grad = torch.zeros_like(theta)
-            return torch.tensor(1e10, dtype=dtype)
-        v.backward()
-        if not torch.isfinite(theta.grad).all():
-            theta.grad.zero_()
-        return v
-    try:
-        opt.step(closure)
-    except (RuntimeError, ValueError):
-        pass
-    return theta.detach(), evals[0]
+def find_mode(lj, dtype=torch.float64, max_iter: int = 500):
+    return lbfgs(_negative_log_density(lj), torch.zeros(lj.dim, dtype=dtype), max_iter=max_iter)
 
 
 def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:

@@ -1,0 +1,113 @@
+"""Optimisers: Adam (for the variational fit) and L-BFGS with a backtracking
+Armijo line search (for the mode search).
+
+Written here rather than taken from torch.optim because torch.optim's first
+step imports torch._dynamo, which costs about a second per process: more than
+a whole small fit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+
+
+class Adam:
+    def __init__(self, params: Sequence[torch.Tensor], lrs: Sequence[float], betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        self.lrs = list(lrs)
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, scale: float = 1.0):
+        self.t += 1
+        c1 = 1 - self.b1 ** self.t
+        c2 = 1 - self.b2 ** self.t
+        for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs):
+            g = p.grad
+            if g is None:
+                continue
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            denom = (v / c2).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-lr * scale / c1)
+
+
+def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter: int = 500, history: int = 10,
+          gtol: float = 1e-7, ftol: float = 1e-12) -> Tuple[torch.Tensor, int]:
+    """Minimise f from x0; returns (x, evaluations).  Non-finite values count as +inf."""
+    evals = 0
+
+    def value_grad(x):
+        nonlocal evals
+        evals += 1
+        x = x.detach().requires_grad_(True)
+        v = f(x)
+        if not torch.isfinite(v):
+            return math.inf, None
+        g, = torch.autograd.grad(v, x)
+        if not torch.isfinite(g).all():
+            return math.inf, None
+        return float(v.detach()), g
+
+    x = x0.detach().clone()
+    fx, g = value_grad(x)
+    if g is None:
+        return x, evals
+    S: List[torch.Tensor] = []
+    Y: List[torch.Tensor] = []
+    for it in range(max_iter):
+        if float(g.abs().max()) < gtol:
+            break
+        # two-loop recursion
+        q = g.clone()
+        alphas = []
+        for s, y in zip(reversed(S), reversed(Y)):
+            rho = 1.0 / float(y @ s)
+            a = rho * float(s @ q)
+            alphas.append((a, rho, s, y))
+            q -= a * y
+        if S:
+            q *= float(S[-1] @ Y[-1]) / float(Y[-1] @ Y[-1])
+        else:
+            q /= max(1.0, float(g.abs().max()))
+        for a, rho, s, y in reversed(alphas):
+            b = rho * float(y @ q)
+            q += (a - b) * s
+        d = -q
+        gd = float(g @ d)
+        if gd >= 0:                       # not a descent direction: restart from steepest descent
+            S.clear()
+            Y.clear()
+            d = -g / max(1.0, float(g.abs().max()))
+            gd = float(g @ d)
+        step = 1.0
+        for _ in range(40):
+            x_new = x + step * d
+            f_new, g_new = value_grad(x_new)
+            if g_new is not None and f_new <= fx + 1e-4 * step * gd:
+                break
+            step *= 0.5 if g_new is not None else 0.1
+        else:
+            break
+        s, y = x_new - x, g_new - g
+        if float(s @ y) > 1e-12 * float(y @ y):
+            S.append(s)
+            Y.append(y)
+            if len(S) > history:
+                S.pop(0)
+                Y.pop(0)
+        converged = abs(fx - f_new) <= ftol * max(1.0, abs(fx))
+        x, fx, g = x_new, f_new, g_new
+        if converged:
+            break
+    return x, evals
