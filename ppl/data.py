@@ -54,6 +54,7 @@ class _Csv:
     columns: Dict[str, int]
     rows: List[List[str]]
     lines: List[int]              # file line of each row
+    numeric: Optional[np.ndarray] = None   # fast path: every cell parsed as a number (rows/lines unread)
 
     def cell_span(self, row: int, col: int) -> Span:
         line = self.lines[row]
@@ -168,7 +169,40 @@ def _read_json(path: str, src: Source) -> _Json:
     return _Json(path, src, obj)
 
 
+FAST_CSV_BYTES = 1 << 20
+
+
+def _read_csv_fast(path: str) -> Optional[_Csv]:
+    """Large all-numeric CSVs: numpy's C parser, no per-cell Python strings.
+    Returns None (and the careful reader takes over) at the first surprise."""
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader([f.readline()]))
+        header = [h.strip() for h in header]
+        if not all(header) or len(set(header)) != len(header):
+            return None
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            arr = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8",
+                             quotechar='"')
+    except Exception:   # any parse problem: the careful reader reports it with its position
+        return None
+    if arr.shape[0] == 0 or arr.shape[1] != len(header) or not np.isfinite(arr).all():
+        return None
+    return _Csv(path, Source(path, ""), header, {h: j for j, h in enumerate(header)}, [], [], arr)
+
+
 def _read(path: str):
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        big = ext != ".json" and os.path.getsize(path) > FAST_CSV_BYTES
+    except OSError:
+        big = False
+    if big:
+        fast = _read_csv_fast(path)
+        if fast is not None:
+            return fast
     src = _read_text(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".json" or (ext != ".csv" and src.text.lstrip().startswith("{")):
@@ -224,7 +258,7 @@ class _Binder:
                 self._bind_scalar(k, v, f"--set {k}", "--set")
 
     def _bind_scalar(self, k, v, origin, path, span=None):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v < 0:
             _fail(span, f"the size {k} must be a non-negative whole number, got {json.dumps(v)}", path)
         self.bind(k, int(v), origin, None, path)
 
@@ -263,8 +297,34 @@ class _Binder:
             msg = f"no column or key named '{d.name}'{hint}" + ((" (" + "; ".join(where) + ")") if where else "")
         _fail(d.name_span, msg)
 
+    def _fast(self, d: A.DataDecl, c: _Csv, cols) -> Optional[np.ndarray]:
+        """Values from a fast-parsed table, or None when the careful path must look (and report)."""
+        if c.numeric is None or d.type.base not in _NUMERIC_BASES:
+            return None
+        arr = c.numeric[:, cols]
+        if d.type.base == "int" and np.any(arr != np.round(arr)):
+            return None
+        for b in d.type.bounds:
+            lim = _literal(b.value)
+            if lim is not None and np.any(arr < lim if b.key == "lower" else arr > lim):
+                return None
+        return arr
+
+    def _careful(self, c: _Csv) -> _Csv:
+        """Swap a fast-parsed table for the careful reader's (which locates every fault)."""
+        if c.numeric is None:
+            return c
+        slow = _read_csv(c.path, _read_text(c.path))
+        self.csvs[self.csvs.index(c)] = slow
+        return slow
+
     def _load_column(self, d: A.DataDecl, c: _Csv):
         j = c.columns[d.name]
+        arr = self._fast(d, c, j)
+        if arr is not None:
+            self._bind_dims(d, arr.shape, f"column '{d.name}' in {c.path}", c.path, None)
+            return self._finish(d, arr, None, c.path, None)
+        c = self._careful(c)
         cells = [r[j] for r in c.rows]
         arr, labels = self._convert(d, cells, lambda i: (c.cell_span(i, j), f"row {i + 1}, column '{d.name}'"))
         self._bind_dims(d, arr.shape, f"column '{d.name}' in {c.path}", c.path, c.header_span(j))
@@ -279,6 +339,11 @@ class _Binder:
             cols = [j for j, h in enumerate(c.header) if fnmatchcase(h, d.pattern)]
             if not cols:
                 continue
+            arr = self._fast(d, c, cols)
+            if arr is not None:
+                self._bind_dims(d, arr.shape, f"columns matching \"{d.pattern}\" in {c.path}", c.path, None)
+                return self._finish(d, arr, None, c.path, None)
+            c = self._careful(c)
             cells = [[r[j] for j in cols] for r in c.rows]
             flat = [x for row in cells for x in row]
             ncol = len(cols)

@@ -4,7 +4,7 @@ without importing torch).
 One `DistSpec` per distribution, in Stan's names and parameterisations:
 parameter names and their constraints, the support, whether it is discrete,
 how its value shape follows from its parameters' shapes, and `build`, the
-torch constructor.  `build` receives the namespace `ppl.backend.dists`
+torch constructor (and optionally `lpdf`, a fused log density: a fast path).  `build` receives the namespace `ppl.backend.dists`
 (torch.distributions plus the few distributions written here), so this module
 never imports torch.  Adding a distribution is one entry.
 """
@@ -38,6 +38,7 @@ class DistSpec:
     param_event_ranks: Tuple[int, ...] = ()      # per parameter; default all 0
     event_rank: int = 0                          # rank of one draw (0 scalar, 1 vector, 2 matrix)
     event_shape: Optional[Callable] = None       # (param shapes) -> event shape; None: from the declaration
+    lpdf: Optional[Callable] = None              # D -> fused elementwise log density (value, *args); optional
 
     @property
     def arity(self) -> int:
@@ -70,19 +71,26 @@ def _mvn_event(shapes):
 
 _C = [
     # ---- continuous -----------------------------------------------------
-    DistSpec("normal", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Normal(m, s)),
+    DistSpec("normal", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Normal(m, s),
+             lpdf=lambda D: D.normal_lpdf),
     DistSpec("student_t", (("nu", "positive"), ("mu", "real"), ("sigma", "positive")), "real",
-             lambda D, nu, m, s: D.StudentT(nu, m, s)),
-    DistSpec("cauchy", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Cauchy(m, s)),
-    DistSpec("half_normal", (("sigma", "positive"),), "positive", lambda D, s: D.HalfNormal(s)),
-    DistSpec("half_cauchy", (("sigma", "positive"),), "positive", lambda D, s: D.HalfCauchy(s)),
+             lambda D, nu, m, s: D.StudentT(nu, m, s), lpdf=lambda D: D.student_t_lpdf),
+    DistSpec("cauchy", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Cauchy(m, s),
+             lpdf=lambda D: D.cauchy_lpdf),
+    DistSpec("half_normal", (("sigma", "positive"),), "positive", lambda D, s: D.HalfNormal(s),
+             lpdf=lambda D: D.half_normal_lpdf),
+    DistSpec("half_cauchy", (("sigma", "positive"),), "positive", lambda D, s: D.HalfCauchy(s),
+             lpdf=lambda D: D.half_cauchy_lpdf),
     DistSpec("half_student_t", (("nu", "positive"), ("sigma", "positive")), "positive",
              lambda D, nu, s: D.HalfStudentT(nu, s)),
-    DistSpec("exponential", (("rate", "positive"),), "positive", lambda D, r: D.Exponential(r)),
-    DistSpec("gamma", (("alpha", "positive"), ("beta", "positive")), "positive", lambda D, a, b: D.Gamma(a, b)),
+    DistSpec("exponential", (("rate", "positive"),), "positive", lambda D, r: D.Exponential(r),
+             lpdf=lambda D: D.exponential_lpdf),
+    DistSpec("gamma", (("alpha", "positive"), ("beta", "positive")), "positive", lambda D, a, b: D.Gamma(a, b),
+             lpdf=lambda D: D.gamma_lpdf),
     DistSpec("inv_gamma", (("alpha", "positive"), ("beta", "positive")), "positive",
              lambda D, a, b: D.InverseGamma(a, b)),
-    DistSpec("lognormal", (("mu", "real"), ("sigma", "positive")), "positive", lambda D, m, s: D.LogNormal(m, s)),
+    DistSpec("lognormal", (("mu", "real"), ("sigma", "positive")), "positive", lambda D, m, s: D.LogNormal(m, s),
+             lpdf=lambda D: D.lognormal_lpdf),
     DistSpec("beta", (("a", "positive"), ("b", "positive")), "unit_interval", lambda D, a, b: D.Beta(a, b)),
     DistSpec("uniform", (("lo", "real"), ("hi", "real")), "interval", lambda D, lo, hi: D.Uniform(lo, hi)),
     DistSpec("laplace", (("mu", "real"), ("b", "positive")), "real", lambda D, m, b: D.Laplace(m, b)),
@@ -101,13 +109,15 @@ _C = [
              lambda D, eta, *, event: D.LKJCholesky(event[-1], eta), event_rank=2),
     # ---- discrete -----------------------------------------------------
     DistSpec("bernoulli", (("p", "unit"),), "boolean", lambda D, p: D.Bernoulli(probs=p), discrete=True),
-    DistSpec("bernoulli_logit", (("a", "real"),), "boolean", lambda D, a: D.Bernoulli(logits=a), discrete=True),
+    DistSpec("bernoulli_logit", (("a", "real"),), "boolean", lambda D, a: D.Bernoulli(logits=a), discrete=True,
+             lpdf=lambda D: D.bernoulli_logit_lpmf),
     DistSpec("binomial", (("n", "nonneg_int"), ("p", "unit")), "binomial",
              lambda D, n, p: D.Binomial(n, probs=p), discrete=True),
     DistSpec("binomial_logit", (("n", "nonneg_int"), ("a", "real")), "binomial",
              lambda D, n, a: D.Binomial(n, logits=a), discrete=True),
     DistSpec("poisson", (("lambda", "positive"),), "nonneg_int", lambda D, lam: D.Poisson(lam), discrete=True),
-    DistSpec("poisson_log", (("a", "real"),), "nonneg_int", lambda D, a: D.PoissonLog(a), discrete=True),
+    DistSpec("poisson_log", (("a", "real"),), "nonneg_int", lambda D, a: D.PoissonLog(a), discrete=True,
+             lpdf=lambda D: D.poisson_log_lpmf),
     DistSpec("neg_binomial_2", (("mu", "positive"), ("phi", "positive")), "nonneg_int",
              lambda D, mu, phi: D.NegBinomial2(mu, phi), discrete=True),
     DistSpec("categorical", (("p", "simplex"),), "categorical", lambda D, p: D.Categorical1(probs=p),

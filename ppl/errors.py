@@ -44,6 +44,11 @@ class Span:
         return f"{self.line}:{self.col}"
 
 
+def _printable(text: str) -> str:
+    """A message on one line: control characters and line separators (from user text) escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 _SHOW = 100     # longest source line quoted in full under a message
 
 
@@ -55,9 +60,9 @@ class Diagnostic:
 
     def render(self) -> str:
         if self.span is None:
-            return f"{self.path or 'ppl'}: error: {self.message}"
+            return f"{self.path or 'ppl'}: error: {_printable(self.message)}"
         s = self.span
-        head = f"{s.path}:{s.line}:{s.col}: error: {self.message}"
+        head = f"{s.path}:{s.line}:{s.col}: error: {_printable(self.message)}"
         if s.source is None:
             return head
         # one character per column; control characters (NUL, ...) would garble the terminal

@@ -46,7 +46,7 @@ class Block:
 class Factor:
     name: str
     value: Callable                             # env -> value tensor
-    dist: Callable                              # env -> torch distribution
+    log_prob: Callable                          # (env, value) -> elementwise log density
 
 
 @dataclass
@@ -101,14 +101,24 @@ class LogJoint:
             out.append(fn)
         return out
 
-    def _dist_fn(self, node: Node) -> Callable:
+    def _logp_fn(self, node: Node) -> Callable:
+        """(env, value) -> elementwise log density of `node`'s distribution."""
         spec = DS.REGISTRY[node.dist.spec]
         args = self._aligned_args(node)
+        if spec.lpdf is not None:
+            lpdf = spec.lpdf(D)
+            if len(args) == 1:
+                a0 = args[0]
+                return lambda env, x: lpdf(x, a0(env))
+            if len(args) == 2:
+                a0, a1 = args
+                return lambda env, x: lpdf(x, a0(env), a1(env))
+            return lambda env, x: lpdf(x, *[f(env) for f in args])
         build = spec.build
         if spec.event_shape is None and spec.event_rank > 0:
             event = tuple(node.shape[-spec.event_rank:])
-            return lambda env: build(D, *[f(env) for f in args], event=event)
-        return lambda env: build(D, *[f(env) for f in args])
+            return lambda env, x: build(D, *[f(env) for f in args], event=event).log_prob(x)
+        return lambda env, x: build(D, *[f(env) for f in args]).log_prob(x)
 
     def _compile(self):
         m = self.model
@@ -134,7 +144,7 @@ class LogJoint:
                     self.steps.append(("deterministic", name, fn))
                 continue
             if node.kind == "latent" and node.discrete:
-                prior = Factor(name, None, self._dist_fn(node))
+                prior = Factor(name, None, self._logp_fn(node))
                 if self.plan[name].estimator == "enumerate":
                     spec = DS.REGISTRY[node.dist.spec]
                     size = self.plan[name].size
@@ -155,7 +165,7 @@ class LogJoint:
             if node.dist is not None:
                 value = (lambda n: lambda env: env[n])(name) if node.kind == "latent" else \
                     (lambda v: lambda env: v)(self.known[name])
-                fac = Factor(name, value, self._dist_fn(node))
+                fac = Factor(name, value, self._logp_fn(node))
                 if name in factor_owner:
                     enum_groups[factor_owner[name]].factors.append(fac)
                 else:
@@ -213,12 +223,12 @@ class LogJoint:
             elif kind == "score":
                 z = discrete[name]
                 env[name] = z
-                lp = payload.dist(env).log_prob(z)
+                lp = payload.log_prob(env, z)
                 if keep_factors:
                     factors[name] = lp
                 total = total + sum_event(lp)
             else:   # factor
-                lp = payload.dist(env).log_prob(payload.value(env))
+                lp = payload.log_prob(env, payload.value(env))
                 if keep_factors:
                     factors[name] = lp
                 total = total + sum_event(lp)
@@ -239,9 +249,9 @@ class LogJoint:
             e[g.name] = zk
             for name, fn in g.deterministics:
                 e[name] = fn(e)
-            Lk = g.prior.dist(e).log_prob(zk)
+            Lk = g.prior.log_prob(e, zk)
             for f in g.factors:
-                lp = f.dist(e).log_prob(f.value(e))
+                lp = f.log_prob(e, f.value(e))
                 Lk = Lk + (sum_event(lp) if g.shape == () else lp)
             out.append(Lk.expand((S,) + g.shape) if Lk.shape[0] == 1 else Lk)
         return torch.stack(out, 0)
@@ -257,10 +267,13 @@ class LogJoint:
             outs.append(self.log_prob(theta[i:i + chunk], z))
         return torch.cat(outs) if outs else torch.zeros(0, dtype=theta.dtype)
 
+    def largest_node(self) -> int:
+        """Elements of the largest variable: the size of one sample's intermediates."""
+        return max([int(np.prod(n.shape)) for n in self.model.nodes.values()] + [1])
+
     def chunk_size(self) -> int:
-        """Samples per pass so one pass touches at most ~4M elements per data column."""
-        n = max([int(np.prod(v.shape)) for v in self.model.values.values()] + [1])
-        return int(max(1, min(4096, 4_000_000 // n)))
+        """Samples per pass so one pass makes intermediates of at most ~4M elements."""
+        return int(max(1, min(4096, 4_000_000 // self.largest_node())))
 
     # ---- values in constrained space -----------------------------------------
     def constrain(self, theta: torch.Tensor, discrete=None, generator: Optional[torch.Generator] = None

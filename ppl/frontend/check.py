@@ -24,6 +24,7 @@ from . import ast as A
 KINDS = ("data", "constant", "latent", "observed", "deterministic")
 
 # declared constraint types for latents -> the set they denote
+MAX_SIZE = 10_000_000             # largest size a constant may give (ones(n), rep(x, n))
 LATENT_TYPES = {"real", "positive", "ordered", "simplex", "cholesky_factor_corr"}
 DATA_TYPES = {"real", "int", "level"}
 
@@ -368,7 +369,7 @@ class _Checker:
         v = self.values.get(d.value)
         if v is not None and v.size == 1:
             f = float(v.reshape(-1)[0])
-            if f != int(f) or f < 0:
+            if not np.isfinite(f) or f != int(f) or f < 0:
                 self.err.add(d.span, f"the size {d.value} must be a non-negative whole number, got {f:g}")
                 return None
             return int(f)
@@ -525,8 +526,11 @@ class _Checker:
             self.err.add(e.span, "a size must be known when the data are loaded (a number, a size name or a constant)")
             return None
         v = np.asarray(v).reshape(-1)
-        if v.size != 1 or v[0] != int(v[0]) or v[0] < 0:
+        if v.size != 1 or not np.isfinite(v[0]) or v[0] != int(v[0]) or v[0] < 0:
             self.err.add(e.span, "a size must be a non-negative whole number")
+            return None
+        if v[0] > MAX_SIZE:
+            self.err.add(e.span, f"a size of {v[0]:g} is too large (at most {MAX_SIZE:,})")
             return None
         return int(v[0])
 

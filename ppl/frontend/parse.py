@@ -9,6 +9,8 @@ all collected by the checker.
 """
 from __future__ import annotations
 
+import os
+import sys
 from functools import lru_cache
 from importlib import resources
 from typing import List
@@ -59,11 +61,28 @@ class _BracketNewlines:
             yield tok
 
 
+def _cache_file():
+    """Where Lark caches the parse tables: a directory only this user can write.
+
+    (Lark's `cache=True` unpickles a file with a predictable name in the shared
+    temp directory, which another local user could plant: that would run code.)"""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = os.path.join(base, "ppl")
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.stat(d)
+        if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+            return False
+    except OSError:
+        return False
+    return os.path.join(d, "grammar-py%d%d.lark-cache" % sys.version_info[:2])
+
+
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
     text = resources.files("ppl.grammar").joinpath("ppl.lark").read_text()
     return Lark(text, parser="lalr", lexer="contextual", postlex=_BracketNewlines(),
-                propagate_positions=True, maybe_placeholders=True, cache=True)
+                propagate_positions=True, maybe_placeholders=True, cache=_cache_file())
 
 
 def decode(raw: bytes, path: str) -> Source:
@@ -203,7 +222,9 @@ def _syntax_diagnostic(e: UnexpectedInput, source: Source) -> Diagnostic:
                               "unexpected end of line" + _expected(e.expected))
         end = tok.end_column if tok.end_line == tok.line and tok.end_column else col + 1
         msg = f"unexpected {_describe(tok)}" + _expected(e.expected)
-        if tok.type == "COMPOP" and "PLUS" in (e.expected or ()):
+        if tok.type == "STAR" and tok.start_pos and source.text[tok.start_pos - 1: tok.start_pos] == "*":
+            msg = "unexpected '*': '**' is not an operator; write powers with '^'"
+        elif tok.type == "COMPOP" and "PLUS" in (e.expected or ()):
             msg = f"unexpected {_describe(tok)}: comparisons do not chain (a < b < c is not allowed)"
         elif tok.type == "STRING":
             msg = f"unexpected string {tok}: a string is allowed only in `from \"pattern\"` of a data declaration"

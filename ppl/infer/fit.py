@@ -37,6 +37,7 @@ from .psis import psis, verdict
 METHODS = ("auto",) + tuple(FAMILIES)
 AUTO_FULLRANK_MAX = 200
 DISCRETE_LR_SCALE = 4.0
+MC_BUDGET = 200_000      # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
 
 
 @dataclass
@@ -155,7 +156,8 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     cont = "score" if estimator == "score-all" else "reparam"
     est = Estimator(model, lj, fam, p, cont, objective, alpha, dq)
 
-    S = mc_samples or (16 if cont == "reparam" and not dq else 64)
+    # MC samples: 16 for small models; fewer for large data (per-step cost grows with S x N, the noise does not)
+    S = mc_samples or max(1, min(16 if cont == "reparam" and not dq else 64, MC_BUDGET // lj.largest_node()))
     max_steps = 10000 if steps is None else steps
     if lr is None:
         lr = 0.05 if lap.ok or lap.note.startswith("Laplace") else 0.1
