@@ -268,8 +268,9 @@ class LogJoint:
         return torch.cat(outs) if outs else torch.zeros(0, dtype=theta.dtype)
 
     def largest_node(self) -> int:
-        """Elements of the largest variable: the size of one sample's intermediates."""
-        return max([int(np.prod(n.shape)) for n in self.model.nodes.values()] + [1])
+        """Elements of the largest modelled variable: the size of one sample's intermediates."""
+        return max([int(np.prod(n.shape)) for n in self.model.nodes.values()
+                    if n.kind not in ("data", "constant")] + [1])
 
     def chunk_size(self) -> int:
         """Samples per pass so one pass makes intermediates of at most ~4M elements."""
@@ -298,6 +299,11 @@ class LogJoint:
                 out[name] = v.expand((S,) + tuple(v.shape[1:])) if v.shape[0] == 1 else v
         return out
 
+    def _latent_ancestors(self, name: str) -> List[str]:
+        node = self.model.nodes[name]
+        own = [name] if node.kind == "latent" else []
+        return own + [a for a in _ancestors(self.model, name) if self.model.nodes[a].kind == "latent"]
+
     def nonfinite_latents(self, theta: torch.Tensor, discrete=None) -> List[str]:
         """Names of the latents whose value or density is not finite (for messages)."""
         bad = []
@@ -311,9 +317,22 @@ class LogJoint:
                 if not torch.isfinite(u).all() or not torch.isfinite(ev.env[b.name]).all():
                     bad.append(b.name)
             for name, lp in ev.factors.items():
-                if not torch.isfinite(lp).all() and name not in bad:
-                    bad.append(name)
+                if not torch.isfinite(lp).all():
+                    for a in self._latent_ancestors(name):
+                        if a not in bad:
+                            bad.append(a)
         return bad
+
+
+def _ancestors(model: Model, name: str) -> List[str]:
+    seen, stack = [], list(model.nodes[name].deps)
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in model.nodes:
+            continue
+        seen.append(n)
+        stack.extend(model.nodes[n].deps)
+    return seen
 
 
 def _names(e):

@@ -37,6 +37,7 @@ from .psis import psis, verdict
 METHODS = ("auto",) + tuple(FAMILIES)
 AUTO_FULLRANK_MAX = 200
 DISCRETE_LR_SCALE = 4.0
+MAX_WINDOWS = 50         # window averages kept for the final iterate average
 MC_BUDGET = 200_000      # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
 
 
@@ -160,7 +161,8 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     S = mc_samples or max(1, min(16 if cont == "reparam" and not dq else 64, MC_BUDGET // lj.largest_node()))
     max_steps = 10000 if steps is None else steps
     if lr is None:
-        lr = 0.05 if lap.ok or lap.note.startswith("Laplace") else 0.1
+        # in whitened units; smaller with few MC samples (noisier gradients), larger from a cold start
+        lr = (0.05 if lap.note.startswith("Laplace") else 0.1) * min(1.0, math.sqrt(S / 16))
         if cont == "score" or dq:
             lr = lr * 0.5
     t0 = time.perf_counter()
@@ -196,7 +198,7 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     log_w = (log_p - log_q - log_q_z).numpy()
     ps = psis(log_w)
     timings["khat"] = time.perf_counter() - t0
-    label, text = verdict(ps.khat, ps.ess, method, converged)
+    label, text = verdict(ps.khat, ps.ess, method, converged, ps.ess_raw)
     draws_np = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
     tail = trace[-100:] if trace else [float("nan")]
     fit_ = Fit(model, method, describe(p), draws_np, trace, float(np.mean(tail)), n_steps, converged,
@@ -224,6 +226,7 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
     good = [p.detach().clone() for p in params]
     avg = [torch.zeros_like(p) for p in params]
     n_avg = 0
+    window_means: List[List[torch.Tensor]] = []
     failures = 0
     lr_scale = 1.0
     converged = False
@@ -275,13 +278,17 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
                 if np.mean(recent) < tol or np.median(recent) < tol:
                     converged = True
                     break
+            window_means.append([a.clone() for a in avg])
+            del window_means[:-MAX_WINDOWS]
             n_avg = 0
-    if n_avg == 0 and t > 0:
-        n_avg = 1
-    if t >= 2 and n_avg > 0:
+    # the result: the average iterate over the second half of the run (whole windows, plus the open one)
+    if t >= 2:
+        keep = window_means[-max(1, len(window_means) // 2):] if window_means else []
+        parts = [(w, window) for w in keep] + ([(avg, n_avg)] if n_avg else [])
+        total = sum(n for _, n in parts)
         with torch.no_grad():
-            for p, a in zip(params, avg):
-                p.copy_(a)
+            for i, p in enumerate(params):
+                p.copy_(sum(w[i] * (n / total) for w, n in parts))
     return trace, converged, t
 
 

@@ -18,6 +18,7 @@ class PsisResult:
     weights: np.ndarray          # normalised, smoothed
     ess: float                   # relative effective sample size, 0..1
     sd_log_w: float
+    ess_raw: float = 1.0         # the same for the raw (unsmoothed) weights
 
 
 def gpd_fit(x: np.ndarray):
@@ -31,8 +32,9 @@ def gpd_fit(x: np.ndarray):
     bs /= prior_bs * x[int(n / 4 + 0.5) - 1]
     bs += 1 / x[-1]
     ks = np.log1p(-bs[:, None] * x).mean(axis=1)
-    L = n * (np.log(-bs / ks) - ks - 1)
-    w = 1 / np.exp(L - L[:, None]).sum(axis=1)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        L = n * (np.log(-bs / ks) - ks - 1)
+        w = 1 / np.exp(L - L[:, None]).sum(axis=1)
     keep = w >= 10 * np.finfo(float).eps
     w, bs = w[keep], bs[keep]
     w /= w.sum()
@@ -57,6 +59,7 @@ def psis(log_ratios: np.ndarray) -> PsisResult:
         return PsisResult(float("inf"), np.full(S, 1.0 / S), 0.0, float("inf"))
     sd = float(np.std(lw[np.isfinite(lw)]))
     lw = lw - lw.max()
+    raw = lw.copy()
     M = int(min(0.2 * S, 3 * np.sqrt(S)))
     order = np.argsort(lw)
     khat = float("inf")
@@ -65,8 +68,11 @@ def psis(log_ratios: np.ndarray) -> PsisResult:
         cutoff = lw[order[-M - 1]]
         tail = lw[tail_idx]
         exceed = np.exp(tail) - np.exp(cutoff)
-        if np.all(exceed <= 0) or not np.isfinite(cutoff):
-            khat = 0.0 if np.all(exceed <= 0) else float("inf")
+        positive = exceed[exceed > 0]
+        if np.all(exceed <= 0) and np.isfinite(cutoff):
+            khat = 0.0                     # the tail ties with the bulk: no tail at all
+        elif positive.size < 5 or not np.isfinite(cutoff):
+            khat = float("inf")            # a handful of draws carry the weight: no tail to fit
         else:
             k, sigma = gpd_fit(exceed)
             khat = float(k)
@@ -77,17 +83,26 @@ def psis(log_ratios: np.ndarray) -> PsisResult:
     w = np.exp(lw - lw.max())
     w /= w.sum()
     ess = float(1.0 / np.sum(w * w) / S)
-    return PsisResult(khat, w, ess, sd)
+    return PsisResult(khat, w, ess, sd, _ess(raw))
 
 
-def verdict(khat: float, ess: float, method: str, converged: bool):
+def _ess(lw: np.ndarray) -> float:
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    return float(1.0 / np.sum(w * w) / lw.size)
+
+
+def verdict(khat: float, ess: float, method: str, converged: bool, ess_raw: float = None):
     """(label, plain-words verdict with what to try next).
 
     k-hat alone misleads on nearly exact fits (it swings between 0.2 and 0.9
     when the weights are almost uniform), so the verdict weighs it with the
     relative ESS of the importance weights."""
     notes = []
-    if khat < 0.7 and ess >= 0.3 or ess >= 0.9:
+    # the "nearly uniform weights" override must hold for the raw weights too: smoothing can hide
+    # one draw that carries all the weight; and it never overrides a k-hat of 1 or more
+    uniform = min(ess, ess if ess_raw is None else ess_raw) >= 0.9 and khat < 1.0
+    if khat < 0.7 and ess >= 0.3 or uniform:
         label = "good"
         text = "good: the approximation agrees with the model " + (
             f"(k-hat {khat:.2f}, ESS {100 * ess:.0f}%)" if khat < 0.7 else

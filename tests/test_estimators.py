@@ -1,0 +1,211 @@
+"""Gradient estimators (ppl.infer.estimators.Estimator): the reparameterised and
+the score-function ELBO gradients agree in expectation (with each other, and
+with the exact gradient where it is known in closed form); on a discrete latent,
+the score path's gradients (Rao-Blackwellised score function for z, pathwise
+for the continuous block) agree in expectation with the exact gradient of the
+same ELBO, computed by summing over z."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ppl
+from ppl.backend.log_joint import LogJoint
+from ppl.infer.estimators import Estimator, discrete_families
+from ppl.infer.families import FAMILIES, Preconditioner
+from ppl.plan import plan
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread (as the engine itself uses for small data); two threads are 10x slower here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _setup(src, data, estimator="auto", family="meanfield", seed=0):
+    model = ppl.loads(src, "m.ppl").check(data)
+    p = plan(model, estimator)
+    lj = LogJoint(model, p, DT)
+    gen = torch.Generator().manual_seed(seed)
+    D = lj.dim
+    A = torch.ones(D, dtype=DT) if family == "meanfield" else torch.eye(D, dtype=DT)
+    fam = FAMILIES[family](Preconditioner(torch.zeros(D, dtype=DT), A), gen)
+    dq = discrete_families(model, lj, p, DT, gen)
+    return model, p, lj, fam, dq
+
+
+def _estimator(model, p, lj, fam, dq, continuous):
+    return Estimator(model, lj, fam, p, continuous, "elbo", 0.5, dq)
+
+
+def _grads(est, S, R):
+    """R independent gradient estimates of minus the ELBO -> (R, n_params) and the objective values."""
+    params = est.parameters()
+    out, objs = [], []
+    for _ in range(R):
+        for q in params:
+            q.grad = None
+        terms = est(S)
+        terms.loss.backward()
+        out.append(torch.cat([q.grad.reshape(-1) for q in params]).detach().clone())
+        objs.append(terms.objective)
+    return torch.stack(out).numpy(), np.array(objs)
+
+
+def _agree(a, b, z=4.5):
+    """Means of two samples of gradient vectors agree within z combined standard errors, per component."""
+    ma, mb = a.mean(0), b.mean(0)
+    se = np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
+    return np.abs(ma - mb) <= z * se + 1e-9, ma, mb, se
+
+
+NORMAL_MEAN = """
+data y: real[N]
+mu ~ normal(0, 1)
+y ~ normal(mu, 1)
+"""
+Y = [0.8, 1.9, 1.1, 2.4, 0.3]
+
+
+def _set(fam, **vals):
+    with torch.no_grad():
+        for k, v in vals.items():
+            fam._params[k].copy_(torch.as_tensor(v, dtype=DT))
+
+
+@pytest.mark.parametrize("continuous,S,R", [("reparam", 8, 200), ("score", 64, 400)])
+def test_gradient_matches_closed_form(continuous, S, R):
+    """Normal mean, known noise, q = N(m, s^2): ELBO = -(1+N)(m^2 + s^2)/2 + sum(y) m + log s + const, so
+    dELBO/dm = sum(y) - (1+N) m and dELBO/dlog s = 1 - (1+N) s^2."""
+    est_plan = "score-all" if continuous == "score" else "auto"
+    model, p, lj, fam, dq = _setup(NORMAL_MEAN, {"y": Y}, est_plan)
+    assert all(v.estimator == ("score" if continuous == "score" else "reparam") for v in p.values())
+    m, log_s = -0.5, 0.0
+    _set(fam, m=[m], log_s=[log_s])
+    est = _estimator(model, p, lj, fam, dq, continuous)
+    g, objs = _grads(est, S, R)
+    N, s = len(Y), math.exp(log_s)
+    exact = -np.array([sum(Y) - (1 + N) * m, 1 - (1 + N) * s * s])          # gradient of the loss = -ELBO
+    se = g.std(0, ddof=1) / math.sqrt(R)
+    assert np.all(se < 0.1 * np.abs(exact)), (se, exact)                      # the test has power
+    assert np.all(np.abs(g.mean(0) - exact) < 4.5 * se + 1e-9), (g.mean(0), exact, se)
+    # and the objective is an unbiased ELBO estimate
+    elbo = (-(1 + N) * (m * m + s * s) / 2 + sum(Y) * m - 0.5 * sum(v * v for v in Y)
+            - 0.5 * (N + 1) * math.log(2 * math.pi) + log_s + 0.5 * (1 + math.log(2 * math.pi)))
+    assert abs(objs.mean() - elbo) < 4.5 * objs.std(ddof=1) / math.sqrt(R) + 1e-9
+
+
+NONCONJ = """
+data y: real[N]
+mu ~ normal(0, 2)
+sigma ~ lognormal(0, 0.5)
+y ~ normal(mu, sigma)
+"""
+
+
+@pytest.mark.parametrize("family", ["meanfield", "fullrank"])
+def test_reparam_and_score_agree(family):
+    yv = [0.5, -1.2, 2.2, 1.4, 0.1, -0.3]
+    model, p, lj, fam, dq = _setup(NONCONJ, {"y": yv}, "auto", family)
+    _, p_s, lj_s, fam_s, dq_s = _setup(NONCONJ, {"y": yv}, "score-all", family, seed=1)
+    if family == "meanfield":
+        vals = dict(m=[0.9, 0.4], log_s=[math.log(0.5), math.log(0.3)])
+    else:
+        vals = dict(m=[0.9, 0.4], L=[[math.log(0.5), 0.0], [0.2, math.log(0.3)]])
+    _set(fam, **vals)
+    _set(fam_s, **vals)
+    g_r, o_r = _grads(_estimator(model, p, lj, fam, dq, "reparam"), 16, 300)
+    g_s, o_s = _grads(_estimator(model, p_s, lj_s, fam_s, dq_s, "score"), 128, 300)
+    ok, ma, mb, se = _agree(g_r, g_s)
+    # only the components the ELBO depends on (fullrank's L above the diagonal is unused)
+    used = np.abs(ma) > 1e-12
+    assert used.sum() >= 4
+    assert ok[used].all(), (ma, mb, se)
+    assert (se[used] < 0.25 * np.abs(ma[used])).sum() >= 3, (se, ma)         # power: estimates are informative
+    # the two ELBO estimates agree too
+    assert abs(o_r.mean() - o_s.mean()) < 4.5 * math.sqrt(o_r.var(ddof=1) / len(o_r) + o_s.var(ddof=1) / len(o_s))
+
+
+MIXTURE = """
+data y: real[N]
+K = 2
+w ~ dirichlet(ones(K))
+mu: ordered[K] ~ normal(0, 3)
+sigma[K] ~ half_normal(2)
+z[N] ~ categorical(w)
+y ~ normal(mu[z], sigma[z])
+"""
+YMIX = [-2.1, -1.7, 0.2, 2.5, 3.1, -1.0]
+
+
+def _exact_score_path_objective(lj, fam, q, M=20000):
+    """The score path's ELBO, E_q(theta) q(z)[log p(theta, z, y) - log q(z)] + H[q(theta)], with the sum
+    over z done exactly (q(z) factorises over rows and each factor touches one row's z) and a large
+    fixed set of theta draws; differentiable in the family parameters and q's logits."""
+    theta = fam.rsample(M)
+    N = q.shape[0]
+    per_k = []
+    prior = None
+    for k in (1.0, 2.0):
+        ev = lj.evaluate(theta, {"z": torch.full((M, N), k, dtype=DT)}, keep_factors=True)
+        local = ev.factors["z"] + ev.factors["y"]                    # (M, N): log p(z_n = k | w) + log p(y_n | k)
+        if prior is None:
+            prior = ev.total - local.sum(-1)                          # the continuous latents' part
+        per_k.append(local.mean(0))
+    F = torch.stack(per_k, -1)                                        # (N, 2)
+    logq = torch.log_softmax(q.param, -1)
+    return prior.mean() + (logq.exp() * (F - logq)).sum() + fam.entropy()
+
+
+def test_discrete_score_path_gradients_match_exact_sum_over_z():
+    model, p, lj, fam, dq = _setup(MIXTURE, {"y": YMIX}, "score", "meanfield", seed=3)
+    assert p["z"].estimator == "score" and set(dq) == {"z"}
+    q = dq["z"]
+    g0 = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        q.param.copy_(torch.randn(q.param.shape, generator=g0, dtype=DT))
+    _set(fam, m=[0.3, -1.0, 0.5, 0.2, -0.1], log_s=[-1.0, -1.5, -1.2, -1.3, -1.4])
+    est = _estimator(model, p, lj, fam, dq, "reparam")
+    params = est.parameters()
+    # exact gradient of the same objective
+    for t in params:
+        t.grad = None
+    (-_exact_score_path_objective(lj, fam, q)).backward()
+    exact = torch.cat([t.grad.reshape(-1) for t in params]).numpy()
+    g, objs = _grads(est, 64, 300)
+    mean = g.mean(0)
+    se = g.std(0, ddof=1) / math.sqrt(len(g))
+    n_cont = sum(t.numel() for t in fam.parameters())
+    # the exact reference has its own Monte Carlo error (M theta draws): allow for it
+    tol = 4.5 * se + 0.02 * np.abs(exact) + 1e-3
+    bad = np.abs(mean - exact) > tol
+    assert not bad[:n_cont].any(), ("continuous", mean[:n_cont], exact[:n_cont], se[:n_cont])
+    assert not bad[n_cont:].any(), ("discrete logits", mean[n_cont:], exact[n_cont:], se[n_cont:])
+    # power: the logits' gradients are clearly non-zero and resolved
+    big = np.abs(exact[n_cont:]) > 0.2
+    assert big.sum() >= 4 and np.all(se[n_cont:][big] < 0.3 * np.abs(exact[n_cont:][big]))
+    # the reported objective estimates the same ELBO
+    with torch.no_grad():
+        ref = float(_exact_score_path_objective(lj, fam, q))
+    assert abs(objs.mean() - ref) < 4.5 * objs.std(ddof=1) / math.sqrt(len(objs)) + 0.02 * abs(ref)
+
+
+def test_score_and_enumerate_fits_agree():
+    """Fitted posterior means of the same mixture, with z summed out or on the score path, agree."""
+    rng = np.random.default_rng(0)
+    yv = np.concatenate([rng.normal(-2.5, 0.7, 60), rng.normal(2.0, 0.7, 40)])
+    m = ppl.loads(MIXTURE, "mix.ppl")
+    a = m.fit({"y": yv.tolist()}, estimator="auto", seed=1, steps=400, draws=500).summary()
+    b = m.fit({"y": yv.tolist()}, estimator="score", seed=1, steps=1500, draws=500).summary()
+    for k in ("mu[1]", "mu[2]", "w[1]", "sigma[1]", "sigma[2]"):
+        sd = max(a[k]["sd"], 1e-3)
+        assert abs(a[k]["mean"] - b[k]["mean"]) < 1.0 * sd + 0.05 * abs(a[k]["mean"]), (k, a[k], b[k])
+    assert abs(a["mu[1]"]["mean"] + 2.5) < 0.4 and abs(a["mu[2]"]["mean"] - 2.0) < 0.4
