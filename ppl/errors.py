@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Optional, Sequence
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_NUMERIC = 0, 1, 2, 3
@@ -20,8 +21,12 @@ class Source:
     path: str
     text: str
 
+    @cached_property
+    def _lines(self):
+        return self.text.split("\n")     # as the lexer counts lines (not str.splitlines: \f, \x85 ...)
+
     def line(self, lineno: int) -> str:
-        lines = self.text.split("\n")     # as the lexer counts lines (not str.splitlines: \f, \x85 ...)
+        lines = self._lines
         return lines[lineno - 1].rstrip("\r") if 1 <= lineno <= len(lines) else ""
 
 

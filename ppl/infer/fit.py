@@ -7,8 +7,9 @@ last window) -> draws in constrained space -> PSIS k-hat / ESS -> verdict.
 Optimiser: Adam in whitened coordinates (see families.py) with
 lr_t = lr / sqrt(1 + t / 100); convergence as Stan's (relative ELBO change
 checked every 100 steps, mean or median of the recent changes below `tol`),
-here on window means of the per-step ELBO estimates and never before
-`min_steps`.  A non-finite ELBO or gradient restores the last good parameters
+here on window means of the per-step ELBO estimates, never before
+`min_steps`, and only once the last change is within 3 standard errors of
+the per-step noise (no trend left).  A non-finite ELBO or gradient restores the last good parameters
 and halves the step; after repeated failures the fit stops with exit 3,
 naming the latents that went non-finite.
 """
@@ -162,7 +163,7 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     max_steps = 10000 if steps is None else steps
     if lr is None:
         # in whitened units; smaller with few MC samples (noisier gradients), larger from a cold start
-        lr = (0.05 if lap.note.startswith("Laplace") else 0.1) * min(1.0, math.sqrt(S / 16))
+        lr = (0.1 if lap.note.startswith("Laplace") else 0.2) * min(1.0, math.sqrt(S / 16))
         if cont == "score" or dq:
             lr = lr * 0.5
     t0 = time.perf_counter()
@@ -270,10 +271,14 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
             progress(t, max_steps, terms.objective)
         if t % window == 0:
             cur = float(np.mean(trace[-window:]))
+            settled = False
             if prev_mean is not None:
                 rel_changes.append(abs(cur - prev_mean) / max(abs(cur), 1e-8))
+                # and no trend beyond the noise: the change between window means is within 3 standard errors
+                se = math.sqrt((np.var(trace[-window:]) + np.var(trace[-2 * window:-window])) / window)
+                settled = abs(cur - prev_mean) <= 3 * se
             prev_mean = cur
-            if tol > 0 and t >= min_steps and rel_changes:
+            if tol > 0 and t >= min_steps and rel_changes and settled:
                 recent = rel_changes[-max(2, int(0.1 * max_steps / window)):]
                 if np.mean(recent) < tol or np.median(recent) < tol:
                     converged = True
