@@ -281,9 +281,12 @@ class LogJoint:
                   ) -> Dict[str, torch.Tensor]:
         """Values of every latent and deterministic (enumerated latents drawn from
         their exact conditional given the rest)."""
-        ev = self.evaluate(theta, discrete, keep_enum=True)
-        env = ev.env
-        S = theta.shape[0]
+        return self.values(self.evaluate(theta, discrete, keep_enum=True), generator)
+
+    def values(self, ev: Evaluation, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Constrained values from an evaluation made with `keep_enum=True`."""
+        env = dict(ev.env)
+        S = ev.total.shape[0]
         for g in self.enum:
             L = ev.enum_logits[g.name]                           # (K, S, *shape)
             probs = torch.softmax(L, 0).movedim(0, -1).reshape(-1, len(g.values))

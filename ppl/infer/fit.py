@@ -39,7 +39,8 @@ METHODS = ("auto",) + tuple(FAMILIES)
 AUTO_FULLRANK_MAX = 200
 DISCRETE_LR_SCALE = 4.0
 MAX_WINDOWS = 50         # window averages kept for the final iterate average
-MC_BUDGET = 200_000      # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
+MC_BUDGET = 200_000
+PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations      # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
 
 
 @dataclass
@@ -173,7 +174,8 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     # ---- draws and diagnostics ---------------------------------------------------------
     t0 = time.perf_counter()
     with torch.no_grad():
-        M = max(draws, 1000)
+        # PSIS needs log p at each draw: 1000 of them, fewer when one pass over the data is large
+        M = max(draws, min(1000, max(200, PSIS_BUDGET // lj.largest_node())))
         if hasattr(fam, "rsample_with_log_q"):
             theta, log_q = fam.rsample_with_log_q(M)
         else:
@@ -185,14 +187,11 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
         values: Dict[str, List[np.ndarray]] = {}
         log_p = []
         for i in range(0, M, chunk):
-            th = theta[i:i + chunk]
-            zz = {k: v[i:i + chunk] for k, v in z.items()}
-            log_p.append(lj.log_prob(th, zz))
+            ev = lj.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()}, keep_enum=i < draws)
+            log_p.append(ev.total)
             if i < draws:
-                for k, v in lj.constrain(th[: max(0, draws - i)], zz and {kk: vv[: max(0, draws - i)]
-                                                                          for kk, vv in zz.items()},
-                                         gen).items():
-                    values.setdefault(k, []).append(v.numpy())
+                for k, v in lj.values(ev, gen).items():
+                    values.setdefault(k, []).append(v[: draws - i].numpy())
         log_p = torch.cat(log_p)
     timings["draws"] = time.perf_counter() - t0
     t0 = time.perf_counter()
