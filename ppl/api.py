@@ -12,10 +12,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import networkx as nx
 
 from .data import DataSet, load_data
-from .errors import PplError, Source
+from .errors import PplError, Source, read_source
 from .frontend import ast as A
 from .frontend.check import Model, check
-from .frontend.parse import decode, parse
+from .frontend.parse import parse
 
 DataArg = Union[None, str, Sequence[str], Mapping[str, Any]]
 
@@ -54,13 +54,7 @@ class PplModel:
 
 def load(path: str) -> PplModel:
     """Parse a model file (raises PplError with a located message on bad input)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        from .errors import Diagnostic
-        raise PplError([Diagnostic(None, f"cannot read model file: {e.strerror}", path)])
-    return PplModel(decode(raw, path))
+    return PplModel(read_source(path, "model"))
 
 
 def loads(text: str, path: str = "<string>") -> PplModel:

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import Diagnostic, PplError, Source, Span, did_you_mean
+from .errors import Diagnostic, PplError, Source, Span, did_you_mean, read_source
 from .frontend import ast as A
 
 _NUMERIC_BASES = {"real", "int"}
@@ -96,18 +96,8 @@ def _fail(span: Optional[Span], msg: str, path: Optional[str] = None):
 
 
 def _read_text(path: str) -> Source:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        _fail(None, f"cannot read data file: {e.strerror}", path)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        before = raw[: e.start].decode("utf-8", "replace")
-        line = before.count("\n") + 1
-        col = len(before) - (before.rfind("\n") + 1) + 1
-        _fail(Span(Source(path, before), line, col, line, col + 1), f"byte 0x{raw[e.start]:02x} is not UTF-8 text")
+    src = read_source(path, "data")
+    text = src.text
     if "\0" in text:
         before = text[: text.index("\0")]
         line = before.count("\n") + 1

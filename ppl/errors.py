@@ -124,3 +124,26 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
 
 def one_of(options: Iterable[str]) -> str:
     return ", ".join(sorted(options))
+
+
+def decode_source(raw: bytes, path: str) -> Source:
+    """Bytes of a text file -> Source (a UTF-8 BOM dropped); invalid UTF-8 is a located error."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = raw[: e.start].decode("utf-8", "replace")
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        raise PplError([Diagnostic(Span(Source(path, before), line, col, line, col + 1),
+                                   f"byte 0x{raw[e.start]:02x} is not UTF-8 text")])
+    return Source(path, text[1:] if text.startswith("\ufeff") else text)
+
+
+def read_source(path: str, what: str) -> Source:
+    """Read a model or data file; unreadable or not UTF-8 -> a PplError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PplError([Diagnostic(None, f"cannot read {what} file: {e.strerror}", path)])
+    return decode_source(raw, path)

@@ -18,7 +18,7 @@ from typing import List
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from ..errors import Diagnostic, PplError, Source, Span
+from ..errors import Diagnostic, PplError, Source, Span, decode_source, read_source
 from . import ast as A
 
 _BRACKETS_OPEN = {"LPAR", "LSQB", "LESSTHAN"}
@@ -85,20 +85,7 @@ def _parser() -> Lark:
                 propagate_positions=True, maybe_placeholders=True, cache=_cache_file())
 
 
-def decode(raw: bytes, path: str) -> Source:
-    """Bytes of a model file -> Source; invalid UTF-8 is a located error."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        before = raw[: e.start].decode("utf-8", "replace")
-        line = before.count("\n") + 1
-        col = len(before) - (before.rfind("\n") + 1) + 1
-        src = Source(path, before)
-        raise PplError([Diagnostic(Span(src, line, col, line, col + 1),
-                                   f"byte 0x{raw[e.start]:02x} is not UTF-8 text")])
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return Source(path, text)
+decode = decode_source   # bytes of a model file -> Source
 
 
 def parse(source: Source) -> A.Program:
@@ -340,9 +327,4 @@ class _ToAst(Transformer):
 
 
 def parse_file(path: str) -> A.Program:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise PplError([Diagnostic(None, f"cannot read model file: {e.strerror}", path)])
-    return parse(decode(raw, path))
+    return parse(read_source(path, "model"))
