@@ -155,7 +155,7 @@ def run_fit_command(args) -> int:
     bar = Progress() if show else None
     t0 = time.perf_counter()
     from .fit import fit as run          # imports torch
-    timings["import torch"] = time.perf_counter() - t0
+    timings["imports"] = time.perf_counter() - t0
     try:
         f = run(model, method=args.method, estimator=args.estimator, steps=args.steps, tol=args.tol, lr=args.lr,
                 mc_samples=args.mc_samples, draws=args.draws, seed=args.seed, rank=args.rank,
@@ -170,7 +170,7 @@ def run_fit_command(args) -> int:
     if args.profile:
         total = f.seconds
         sys.stderr.write("profile (seconds):\n")
-        for k in ("parse", "data+check", "import torch", "compile", "init", "optimise", "draws", "khat"):
+        for k in ("parse", "data+check", "imports", "compile", "init", "optimise", "draws", "khat"):
             if k in f.timings:
                 sys.stderr.write(f"  {k:<12} {f.timings[k]:8.3f}\n")
         sys.stderr.write(f"  {'total':<12} {total:8.3f}  (from the start of `fit`; Python start-up and ppl's own imports come before)\n")
