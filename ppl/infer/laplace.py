@@ -74,13 +74,15 @@ def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
         return cold
     floor = 1.0 / MAX_SD ** 2
     bad = int((lam <= floor).sum())
-    lam_c = torch.clamp(lam, min=floor)
+    # flat or non-convex directions (a kink like laplace's, a ridge): unit scale, not the widest allowed
+    lam_c = torch.where(lam > floor, lam, torch.ones_like(lam))
     # stationarity: the Newton decrement in the (clamped) metric
     th = mode.clone().requires_grad_(True)
     grad = torch.autograd.grad(f(th), th)[0]
     cond_sd = None
     if V is not None:
-        cond_sd = 1.0 / torch.sqrt(torch.clamp(torch.diagonal(P), min=floor))
+        dP = torch.diagonal(P)
+        cond_sd = 1.0 / torch.sqrt(torch.where(dP > floor, dP, torch.ones_like(dP)))
         gw = (V.T @ grad) / torch.sqrt(lam_c)
         cov = (V / lam_c) @ V.T
         cov = 0.5 * (cov + cov.T)
@@ -88,6 +90,7 @@ def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
     else:
         gw = grad / torch.sqrt(lam_c)
         A = 1.0 / torch.sqrt(lam_c)
+        cond_sd = A
     decrement = float((gw * gw).sum())
     if decrement > 1.0:
         return Laplace(torch.zeros(D, dtype=dtype), cold.A, False,
