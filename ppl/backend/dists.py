@@ -100,46 +100,54 @@ _LOG_PI = math.log(math.pi)
 _LOG2 = math.log(2.0)
 
 
+def _log(v):
+    """log of a tensor, or of a Python float (constant parameters arrive as floats)."""
+    return torch.log(v) if torch.is_tensor(v) else math.log(v)
+
+
+def _lgamma(v):
+    return torch.lgamma(v) if torch.is_tensor(v) else math.lgamma(v)
+
+
 def normal_lpdf(x, mu, sigma):
     z = (x - mu) / sigma
-    return -0.5 * z * z - torch.log(sigma) - _HALF_LOG_2PI if torch.is_tensor(sigma) else \
-        -0.5 * z * z - (math.log(sigma) + _HALF_LOG_2PI)
+    return -0.5 * z * z - (_log(sigma) + _HALF_LOG_2PI)
 
 
 def half_normal_lpdf(x, sigma):
     z = x / sigma
-    return -0.5 * z * z - torch.log(sigma) + (_LOG2 - _HALF_LOG_2PI)
+    return -0.5 * z * z - _log(sigma) + (_LOG2 - _HALF_LOG_2PI)
 
 
 def cauchy_lpdf(x, mu, sigma):
     z = (x - mu) / sigma
-    return -torch.log1p(z * z) - torch.log(sigma) - _LOG_PI
+    return -torch.log1p(z * z) - _log(sigma) - _LOG_PI
 
 
 def half_cauchy_lpdf(x, sigma):
     z = x / sigma
-    return -torch.log1p(z * z) - torch.log(sigma) + (_LOG2 - _LOG_PI)
+    return -torch.log1p(z * z) - _log(sigma) + (_LOG2 - _LOG_PI)
 
 
 def exponential_lpdf(x, rate):
-    return torch.log(rate) - rate * x
+    return _log(rate) - rate * x
 
 
 def lognormal_lpdf(x, mu, sigma):
     lx = torch.log(x)
     z = (lx - mu) / sigma
-    return -0.5 * z * z - torch.log(sigma) - _HALF_LOG_2PI - lx
+    return -0.5 * z * z - _log(sigma) - _HALF_LOG_2PI - lx
 
 
 def student_t_lpdf(x, nu, mu, sigma):
     z = (x - mu) / sigma
     half = 0.5 * (nu + 1.0)
-    return (torch.lgamma(half) - torch.lgamma(0.5 * nu) - 0.5 * torch.log(nu) - 0.5 * _LOG_PI
-            - torch.log(sigma) - half * torch.log1p(z * z / nu))
+    return (_lgamma(half) - _lgamma(0.5 * nu) - 0.5 * _log(nu) - 0.5 * _LOG_PI
+            - _log(sigma) - half * torch.log1p(z * z / nu))
 
 
 def gamma_lpdf(x, alpha, beta):
-    return alpha * torch.log(beta) - torch.lgamma(alpha) + (alpha - 1.0) * torch.log(x) - beta * x
+    return alpha * _log(beta) - _lgamma(alpha) + (alpha - 1.0) * torch.log(x) - beta * x
 
 
 def bernoulli_logit_lpmf(y, a):

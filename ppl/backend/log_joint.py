@@ -87,14 +87,21 @@ class LogJoint:
     def expr(self, e):
         return compile_expr(e, self.model.rank, self.known, self.ops).fn
 
-    def _aligned_args(self, node: Node) -> List[Callable]:
+    def _aligned_args(self, node: Node, floats: bool = False) -> List[Callable]:
+        """Argument closures aligned to the node's rank; with `floats`, constant scalars
+        become Python floats (no tensor op, no autograd node: the fused densities take them)."""
         spec = DS.REGISTRY[node.dist.spec]
         ranks = spec.param_event_ranks or (0,) * spec.arity
         target_batch = len(node.shape) - spec.event_rank
         out = []
         for a, er in zip(node.dist.args, ranks):
-            fn = self.expr(a)
+            c = compile_expr(a, self.model.rank, self.known, self.ops)
+            fn = c.fn
             ra = self.model.rank(a)
+            if floats and c.const and ra == 0:
+                v = float(fn({}).reshape(-1)[0])
+                out.append((lambda v: lambda env: v)(v))
+                continue
             pad = target_batch - (ra - er)
             if pad > 0:
                 fn = (lambda f, ra, pad: lambda env: TorchOps.align(f(env), ra, ra + pad))(fn, ra, pad)
@@ -104,7 +111,7 @@ class LogJoint:
     def _logp_fn(self, node: Node) -> Callable:
         """(env, value) -> elementwise log density of `node`'s distribution."""
         spec = DS.REGISTRY[node.dist.spec]
-        args = self._aligned_args(node)
+        args = self._aligned_args(node, floats=spec.lpdf is not None)
         if spec.lpdf is not None:
             lpdf = spec.lpdf(D)
             if len(args) == 1:
@@ -214,6 +221,9 @@ class LogJoint:
             if kind == "block":
                 b: Block = payload
                 u = theta[:, b.offset:b.offset + b.size].reshape((S,) + b.ushape)
+                if b.kind == "real":
+                    env[name] = u                    # identity: no transform, no Jacobian
+                    continue
                 t = b.transform if b.transform is not None else bijection(b.kind, *b.bounds(env))
                 x = t(u)
                 env[name] = x
@@ -241,11 +251,13 @@ class LogJoint:
         return Evaluation(total, env, factors, enum_logits)
 
     def _enumerate(self, g: EnumGroup, env, S) -> torch.Tensor:
-        """(K, S, *shape): log p(z = k, blanket | rest), elementwise over z's elements."""
+        """(K, S, *shape): log p(z = k, blanket | rest), elementwise over z's elements.
+        One vectorised pass per value k (a loop over K, never over rows or samples)."""
         out = []
         for k in g.values:
             e = dict(env)
-            zk = torch.full((1,) + g.shape, float(k), dtype=self.dtype)
+            # z = k everywhere, as a broadcastable (1, 1, ..) tensor: x[z] is then a slice, not a gather
+            zk = torch.full((1,) * (1 + len(g.shape)), float(k), dtype=self.dtype)
             e[g.name] = zk
             for name, fn in g.deterministics:
                 e[name] = fn(e)
@@ -253,7 +265,7 @@ class LogJoint:
             for f in g.factors:
                 lp = f.log_prob(e, f.value(e))
                 Lk = Lk + (sum_event(lp) if g.shape == () else lp)
-            out.append(Lk.expand((S,) + g.shape) if Lk.shape[0] == 1 else Lk)
+            out.append(Lk.expand((S,) + g.shape))
         return torch.stack(out, 0)
 
     def log_prob(self, theta: torch.Tensor, discrete=None) -> torch.Tensor:
