@@ -326,8 +326,6 @@ class _Checker:
             if s.pattern is not None and len(t.dims) != 2:
                 self.err.add(t.span, f"`from \"{s.pattern}\"` gathers columns into a matrix; declare two dimensions, "
                              "like real[N, D]")
-        elif isinstance(s, A.Sample) and s.dims and t is not None and s.type is not None and False:
-            pass
 
     # ---- phase 3: dependencies and cycles -------------------------------------
     def dependencies(self) -> nx.DiGraph:
@@ -655,8 +653,6 @@ class _Checker:
             decl = s.type
             dims = s.dims if s.dims else (s.type.dims if s.type is not None else ())
             declared_shape = self.resolve_dims(dims) if dims else None
-            if s.type is not None and s.dims and s.type.dims != s.dims:
-                pass
             dist, shape, discrete = self.check_sample(s, declared_shape, bool(dims))
             is_int = discrete
             if s.type is not None:

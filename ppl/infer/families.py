@@ -163,10 +163,6 @@ class LowRank(Family):
         return 0.5 * logdet + 0.5 * self.D * (1 + _LOG2PI)
 
 
-class _Coupling(torch.nn.Module):
-    pass
-
-
 class Flow(Family):
     """A Gaussian (full-rank, or diagonal above 200 dims) base followed by affine
     coupling layers (RealNVP) with small tanh networks; initialised at the identity."""
