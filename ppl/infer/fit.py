@@ -272,7 +272,7 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
             cur = float(np.mean(trace[-window:]))
             settled = False
             if prev_mean is not None:
-                rel_changes.append(abs(cur - prev_mean) / max(abs(cur), 1e-8))
+                rel_changes.append(abs(cur - prev_mean) / max(abs(cur), 1.0))   # absolute when |ELBO| < 1
                 # and no trend beyond the noise: the change between window means is within 3 standard errors
                 se = math.sqrt((np.var(trace[-window:]) + np.var(trace[-2 * window:-window])) / window)
                 settled = abs(cur - prev_mean) <= 3 * se
