@@ -291,7 +291,7 @@ class _Binder:
         """Values from a fast-parsed table, or None when the careful path must look (and report)."""
         if c.numeric is None or d.type.base not in _NUMERIC_BASES:
             return None
-        arr = c.numeric[:, cols]
+        arr = np.ascontiguousarray(c.numeric[:, cols])    # a copy: the whole table can then be freed
         if d.type.base == "int" and np.any(arr != np.round(arr)):
             return None
         for b in d.type.bounds:

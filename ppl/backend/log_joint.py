@@ -212,7 +212,9 @@ class LogJoint:
 
     # ---- evaluation -------------------------------------------------------------
     def evaluate(self, theta: torch.Tensor, discrete: Optional[Mapping[str, torch.Tensor]] = None,
-                 keep_factors: bool = False, keep_enum: bool = False) -> Evaluation:
+                 keep_factors: bool = False, keep_enum: bool = False, densities: bool = True) -> Evaluation:
+        """`densities=False`: values only (no factor densities, no enumeration): `total` is then
+        meaningless, and enumerated latents cannot be drawn."""
         S = theta.shape[0]
         env: Dict[str, torch.Tensor] = dict(self.known)
         total = torch.zeros(S, dtype=theta.dtype)
@@ -237,13 +239,13 @@ class LogJoint:
                 if keep_factors:
                     factors[name] = lp
                 total = total + sum_event(lp)
-            else:   # factor
+            elif densities:   # factor
                 lp = payload.log_prob(env, payload.value(env))
                 if keep_factors:
                     factors[name] = lp
                 total = total + sum_event(lp)
         enum_logits = {}
-        for g in self.enum:
+        for g in (self.enum if densities else ()):
             L = self._enumerate(g, env, S)
             if keep_enum:
                 enum_logits[g.name] = L

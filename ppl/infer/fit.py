@@ -93,10 +93,22 @@ class Fit:
 SMALL_DATA = 200_000     # elements: below this, one thread beats two (thread wake-ups dominate)
 
 
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold after big frees, so tensors of tens of MB are then
+    carved from the heap and never returned: peak RSS on large data doubled.  Pin it at 1 MB."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def set_threads(model: Model) -> None:
     """Tiny tensors run fastest on one thread; large data sets use every core."""
     n = max([int(np.prod(np.shape(v))) for v in model.values.values()] + [1])
     want = 1 if n < SMALL_DATA else (os.cpu_count() or 1)
+    if n >= SMALL_DATA:
+        _return_freed_memory()
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
 
@@ -174,28 +186,33 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     # ---- draws and diagnostics ---------------------------------------------------------
     t0 = time.perf_counter()
     with torch.no_grad():
-        # PSIS needs log p at each draw: 1000 of them, fewer when one pass over the data is large
-        M = max(draws, min(1000, max(200, PSIS_BUDGET // lj.largest_node())))
+        # PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is
+        # large; the reported draws need only values (no densities), except to draw enumerated latents
+        M = min(1000, max(200, PSIS_BUDGET // lj.largest_node()))
+        n = max(M, draws)
         if hasattr(fam, "rsample_with_log_q"):
-            theta, log_q = fam.rsample_with_log_q(M)
+            theta, log_q = fam.rsample_with_log_q(n)
         else:
-            theta = fam.rsample(M)
+            theta = fam.rsample(n)
             log_q = fam.log_q(theta)
-        z = {n: q.sample(M) for n, q in dq.items()}
-        log_q_z = sum((q.log_q(z[n]).reshape(M, -1).sum(-1) for n, q in dq.items()), torch.zeros(M, dtype=dtype))
+        z = {k: q.sample(n) for k, q in dq.items()}
+        log_q_z = sum((q.log_q(z[k]).reshape(n, -1).sum(-1) for k, q in dq.items()), torch.zeros(n, dtype=dtype))
         chunk = lj.chunk_size()
         values: Dict[str, List[np.ndarray]] = {}
         log_p = []
-        for i in range(0, M, chunk):
-            ev = lj.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()}, keep_enum=i < draws)
-            log_p.append(ev.total)
-            if i < draws:
+        for i in range(0, n, chunk):
+            need_p, need_v = i < M, i < draws
+            ev = lj.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()},
+                             keep_enum=need_v, densities=need_p or bool(lj.enum))
+            if need_p:
+                log_p.append(ev.total[: M - i])
+            if need_v:
                 for k, v in lj.values(ev, gen).items():
-                    values.setdefault(k, []).append(v[: draws - i].numpy())
+                    values.setdefault(k, []).append(v[: draws - i].numpy().copy())
         log_p = torch.cat(log_p)
     timings["draws"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    log_w = (log_p - log_q - log_q_z).numpy()
+    log_w = (log_p - log_q[:M] - log_q_z[:M]).numpy()
     ps = psis(log_w)
     timings["khat"] = time.perf_counter() - t0
     label, text = verdict(ps.khat, ps.ess, method, converged, ps.ess_raw)
