@@ -1,0 +1,1044 @@
+#!/usr/bin/env python3
+"""The benchmark driver: ppl against a hand-written torch ADVI loop, Pyro, NumPyro and PyMC.
+
+    bash bench/setup.sh                    # once: bench/.venv-peers (the peers' environment)
+    python3 bench/run.py --quick           # the quick suite (~30 min here), then bench/RESULTS.md
+    python3 bench/run.py                   # the full suite (more seeds, reps, lr grid)
+    python3 bench/run.py --report          # only regenerate RESULTS.md from bench/results/*.json
+    python3 bench/run.py --models logistic,radon --systems ppl,pyro --metrics fit
+
+Metrics (--metrics, default all):
+  fit      time to an accurate fit: whole-process wall time of each system at the
+           fewest steps whose posterior means are within 0.1 sd and sds within 10%
+           of a long reference run of the same family, on every search seed
+           (the step count and the learning rate are searched per system and
+           model; ppl runs with its defaults, as a user runs it); PyMC cold
+           (fresh empty compile dir) and warm
+  perstep  ppl's time per step over the hand-written torch loop's, same family and
+           MC samples: (wall(N2 steps) - wall(N1 steps)) / (N2 - N1), whole processes
+  scaling  linear regression at N=1e4, 1e5, 1e6 (D=20): per-step time and peak RSS
+           vs N, and peak RSS of a default `ppl fit` at N=1e6 against the target
+  latency  `ppl check` and `ppl graph` whole-process wall time
+
+Every timed run is a whole process (subprocess, wall clock; peak RSS from
+wait4's rusage), repeated in interleaved rounds (A B C A B C ..., the order
+rotated each round) and summarised by medians.  Only the driver's standard
+library is needed: it runs ppl from the project's .venv, the torch loop with
+the project's python, and the peers with bench/.venv-peers/bin/python.
+Results go to bench/results/*.json; the step searches and the reference runs
+are cached there (keyed by their settings and the peers' versions), since
+they do not depend on ppl.  --fresh ignores the caches.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+RESULTS = os.path.join(BENCH, "results")
+SYSTEMS_DIR = os.path.join(BENCH, "systems")
+PPL = os.environ.get("PPL", os.path.join(ROOT, ".venv", "bin", "ppl"))
+PROJECT_PY = os.environ.get("PROJECT_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
+PEERS_PY = os.environ.get("PEERS_PYTHON", os.path.join(BENCH, ".venv-peers", "bin", "python"))
+WARM_DIR = os.path.join(BENCH, ".cache", "pytensor-warm")
+sys.path.insert(0, SYSTEMS_DIR)
+from common import MEAN_TOL, SD_TOL, accuracy  # noqa: E402
+
+FIT_MODELS = ["eight_schools", "logistic", "radon", "mixture", "linreg_1e4"]
+SCALING_MODELS = ["linreg_1e4", "linreg_1e5", "linreg_1e6"]
+ALL_MODELS = FIT_MODELS + ["linreg_1e5", "linreg_1e6"]
+ALL_SYSTEMS = ["ppl", "torch_loop", "pyro", "numpyro", "pymc"]
+
+# long reference runs (torch_loop): init, lr, MC samples, steps; iterate average over the last half, 100k draws
+REF_SETTINGS = {
+    "eight_schools": dict(init="laplace", lr=0.02, S=64, steps=4000),
+    "logistic": dict(init="laplace", lr=0.02, S=32, steps=3000),
+    "radon": dict(init="cold", lr=0.05, S=32, steps=6000),      # centred hierarchy: no finite mode to start at
+    "mixture": dict(init="laplace", lr=0.02, S=32, steps=3000),
+    "linreg_1e4": dict(init="laplace", lr=0.02, S=32, steps=3000),
+}
+
+# the searched systems: name -> (interpreter, script, families searched, lr grid (full), lr grid (quick), cap)
+PEERS = {
+    "torch_loop": dict(py=PROJECT_PY, script="torch_loop.py", families=["fullrank", "meanfield"],
+                       quick_families=["fullrank"], lrs=[0.05, 0.1, 0.02], quick_lrs=[0.05], cap=20000,
+                       quick_cap=20000),
+    "pyro": dict(py=PEERS_PY, script="pyro_svi.py", families=["meanfield", "fullrank"],
+                 quick_families=["meanfield"], lrs=[0.003, 0.001, 0.0003, 0.01, 0.0001], quick_lrs=[0.003, 0.001, 0.0003],
+                 cap=40000, quick_cap=30000),
+    "numpyro": dict(py=PEERS_PY, script="numpyro_svi.py", families=["meanfield", "fullrank"],
+                    quick_families=["meanfield"], lrs=[0.003, 0.001, 0.0003, 0.01, 0.0001],
+                    quick_lrs=[0.003, 0.001, 0.0003], cap=40000, quick_cap=30000),
+    # PyMC's default optimiser is adagrad_window(learning_rate=0.001); None = that default, "adam:X" = pm.adam
+    "pymc": dict(py=PEERS_PY, script="pymc_advi.py", families=["meanfield", "fullrank"],
+                 quick_families=["meanfield", "fullrank"], lrs=["adam:0.003", None, "adam:0.001", 0.01, "adam:0.0003"],
+                 quick_lrs=["adam:0.003", None, "adam:0.001"],
+                 cap=60000, quick_cap=30000),
+}
+FAMILY_LABEL = {
+    "torch_loop": {"fullrank": "torch loop, full-rank", "meanfield": "torch loop, mean-field"},
+    "pyro": {"meanfield": "Pyro AutoNormal", "fullrank": "Pyro AutoMultivariateNormal"},
+    "numpyro": {"meanfield": "NumPyro AutoNormal", "fullrank": "NumPyro AutoMultivariateNormal"},
+    "pymc": {"meanfield": "PyMC ADVI", "fullrank": "PyMC full-rank ADVI"},
+}
+SEARCH_DRAWS = 10000        # draws behind every accuracy judgement (MC error ~0.01 sd)
+TARGETS = {"pymc": 0.5, "numpyro": 0.5, "pyro": 0.2}
+
+
+# ---- processes --------------------------------------------------------------------------------------------------
+def thread_env(threads):
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if threads:
+        n = str(threads)
+        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
+                   XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}")
+    return env
+
+
+LIVE = set()          # process groups of the running children (each run is its own session)
+
+
+def _stop_children(signum, frame):
+    for pgid in list(LIVE):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
+def run_proc(argv, env, timeout=3600):
+    """Run one whole process: wall seconds, peak RSS (MB, from wait4), exit code, stdout, tail of stderr."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
+        LIVE.add(p.pid)
+        killed = []
+
+        def kill():
+            killed.append(1)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, ru = os.wait4(p.pid, 0)
+        finally:
+            timer.cancel()
+            LIVE.discard(p.pid)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    return {"wall": wall, "rss_mb": ru.ru_maxrss / 1024.0, "rc": p.returncode, "stdout": stdout,
+            "stderr": stderr[-2000:], "timeout": bool(killed)}
+
+
+def last_json(text):
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                return None
+    return None
+
+
+def data_version():
+    import re
+    with open(os.path.join(BENCH, "data.py")) as f:
+        return int(re.search(r"^VERSION = (\d+)", f.read(), re.M).group(1))
+
+
+def ensure_data(models):
+    """bench/data/MODEL/ for each model (the generator runs with the project's python: it needs numpy)."""
+    r = run_proc([PROJECT_PY, os.path.join(BENCH, "data.py"), "--only", ",".join(sorted(models))],
+                 thread_env(1), timeout=3600)
+    if r["rc"] != 0:
+        raise RuntimeError("data generation failed: " + r["stderr"])
+
+
+def data_dir(model):
+    return os.path.join(BENCH, "data", model)
+
+
+def ppl_argv(model, seed, extra=()):
+    """`ppl fit bench/data/MODEL/model.ppl .../data.csv --format json --seed S` (systems/ppl_cli.py builds it)."""
+    import ppl_cli
+    ppl_cli.PPL = PPL
+    return ppl_cli.command(data_dir(model), seed=seed, extra=extra)
+
+
+def system_argv(system, model, steps, seed, family, lr=None, S=None, draws=None, extra=()):
+    cfg = PEERS[system]
+    argv = [cfg["py"], os.path.join(SYSTEMS_DIR, cfg["script"]), model, data_dir(model), str(steps), str(seed),
+            family]
+    if isinstance(lr, str) and ":" in lr:          # "optimiser:lr" (PyMC)
+        opt, val = lr.split(":")
+        argv += ["--optim", opt, "--lr", val]
+    elif lr is not None:
+        argv += ["--lr", repr(lr)]
+    if S is not None:
+        argv += ["--mc-samples", str(S)]
+    if draws is not None:
+        argv += ["--draws", str(draws)]
+    return argv + list(extra)
+
+
+def pymc_env(env, cold):
+    env = dict(env)
+    if cold:
+        d = tempfile.mkdtemp(prefix="pytensor-cold-")
+        env["PYTENSOR_FLAGS"] = f"compiledir={d}"
+        return env, d
+    os.makedirs(WARM_DIR, exist_ok=True)
+    env["PYTENSOR_FLAGS"] = f"compiledir={WARM_DIR}"
+    return env, None
+
+
+def log(msg):
+    sys.stderr.write(time.strftime("%H:%M:%S ") + msg + "\n")
+    sys.stderr.flush()
+
+
+# ---- results files ------------------------------------------------------------------------------------------------
+def rpath(name):
+    return os.path.join(RESULTS, name)
+
+
+def load_json(name, default=None):
+    try:
+        with open(rpath(name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def save_json(name, obj):
+    os.makedirs(os.path.dirname(rpath(name)), exist_ok=True)
+    tmp = rpath(name) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, rpath(name))
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# ---- machine and versions --------------------------------------------------------------------------------------
+def machine_info():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
+
+
+def versions():
+    v = {}
+    code = ("import json,importlib;out={}\n"
+            "for m in ['torch','pyro','numpyro','jax','jaxlib','pymc','pytensor','numpy']:\n"
+            "  try: out[m]=importlib.import_module(m).__version__\n"
+            "  except Exception as e: out[m]='not installed'\n"
+            "print(json.dumps(out))")
+    r = run_proc([PEERS_PY, "-c", code], thread_env(1), timeout=300) if os.path.exists(PEERS_PY) else None
+    if r and r["rc"] == 0:
+        v["peers"] = json.loads(r["stdout"])
+    r = run_proc([PROJECT_PY, "-c", "import json,torch,numpy;print(json.dumps({'torch':torch.__version__,"
+                  "'numpy':numpy.__version__}))"], thread_env(1), timeout=300)
+    if r["rc"] == 0:
+        v["project"] = json.loads(r["stdout"])
+    r = run_proc([PPL, "--version"], thread_env(1), timeout=60)
+    v["ppl"] = r["stdout"].strip() or r["stderr"].strip()
+    try:
+        rev = subprocess.run(["git", "--no-optional-locks", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "diff", "--stat", "HEAD", "--", "ppl", "grammar"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        v["ppl_git"] = rev + (" + uncommitted changes in ppl/" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        v["ppl_git"] = "?"
+    return v
+
+
+# ---- references ---------------------------------------------------------------------------------------------------
+def reference_path(model, family):
+    return rpath(f"reference/{model}_{family}.json")
+
+
+def ensure_references(pairs, jobs, fresh, threads):
+    todo = []
+    for model, family in pairs:
+        s = REF_SETTINGS[model]
+        key = {"settings": s, "data_version": data_version(), "family": family}
+        ref = None if fresh else load_json(f"reference/{model}_{family}.json")
+        if ref and ref.get("_key") == key:
+            continue
+        todo.append((model, family, s, key))
+
+    def one(item):
+        model, family, s, key = item
+        argv = system_argv("torch_loop", model, s["steps"], 12345, family, lr=s["lr"], S=s["S"], draws=100000,
+                           extra=["--init", s["init"], "--average", "0.5"])
+        log(f"reference {model} {family} ({s['steps']} steps, S={s['S']}, init {s['init']})")
+        r = run_proc(argv, thread_env(threads), timeout=3600)
+        rec = last_json(r["stdout"])
+        if r["rc"] != 0 or rec is None:
+            raise RuntimeError(f"reference run failed for {model}/{family}: {r['stderr']}")
+        rec["_key"] = key
+        rec["_wall"] = r["wall"]
+        save_json(f"reference/{model}_{family}.json", rec)
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        list(ex.map(one, todo))
+    return {(m, f): load_json(f"reference/{m}_{f}.json")["params"] for m, f in pairs}
+
+
+# ---- the step search ------------------------------------------------------------------------------------------------
+def grid(cap, start=50):
+    """Step counts 50 * 2^(k/4) (about 19% apart) up to cap, with cap itself."""
+    pts = sorted({int(round(start * 2 ** (k / 4))) for k in range(0, 200) if start * 2 ** (k / 4) <= cap} | {cap})
+    return pts
+
+
+def search_run(system, model, family, lr, seed, cap, env, jobs_note=""):
+    pts = grid(cap)
+    ref = reference_path(model, family)
+    argv = system_argv(system, model, cap, seed, family, lr=lr, draws=SEARCH_DRAWS,
+                       extra=["--checkpoints", ",".join(map(str, pts)), "--ref", ref, "--stop-after", "2"])
+    tmp = None
+    if system == "pymc":
+        env, tmp = pymc_env(env, cold=False)
+    r = run_proc(argv, env, timeout=3600)
+    rec = last_json(r["stdout"])
+    trace = []
+    if rec and rec.get("checkpoints"):
+        refp = load_json(os.path.relpath(ref, RESULTS))["params"]
+        for n in sorted(rec["checkpoints"], key=int):
+            dm, ds, ok = accuracy(rec["checkpoints"][n], refp)
+            trace.append([int(n), round(dm, 4) if math.isfinite(dm) else None,
+                          round(ds, 4) if math.isfinite(ds) else None, ok])
+    first = None
+    if rec and rec.get("stopped_at") is not None:
+        # the first checkpoint of the final accurate streak
+        for n, _, _, ok in reversed(trace):
+            if not ok:
+                break
+            first = n
+    out = {"lr": lr, "seed": seed, "cap": cap, "rc": r["rc"], "first_accurate": first, "trace": trace,
+           "wall": round(r["wall"], 2)}
+    if r["rc"] != 0:
+        out["error"] = r["stderr"][-600:]
+    log(f"  search {system}/{family} {model} lr={lr} seed={seed}: "
+        + (f"accurate from {first} steps" if first else f"not accurate within {trace[-1][0] if trace else cap}"
+           + (f" (exit {r['rc']})" if r["rc"] else "")) + f"  [{r['wall']:.0f} s]{jobs_note}")
+    return out
+
+
+def search(system, model, family, seeds, lrs, cap, threads, jobs):
+    """Fewest steps (and the lr giving them) at which every seed is accurate.
+
+    A seed counts as accurate from the first checkpoint of its final accurate streak on (its run stops
+    after two accurate checkpoints in a row), so the system's count is the largest of the seeds' counts."""
+    env = thread_env(threads)
+    tried = {}
+    best = None
+    # learning rate, on the first seed: `jobs` lrs at a time, never running past the best count so far
+    for i in range(0, len(lrs), max(1, jobs)):
+        batch = lrs[i:i + max(1, jobs)]
+        c = cap if best is None else min(cap, best[1])
+        with ThreadPoolExecutor(len(batch)) as ex:
+            runs = list(ex.map(lambda lr: search_run(system, model, family, lr, seeds[0], c, env), batch))
+        for lr, run in zip(batch, runs):
+            tried[repr(lr)] = [run]
+            if run["first_accurate"] is not None and (best is None or run["first_accurate"] < best[1]):
+                best = (lr, run["first_accurate"])
+    result = {"system": system, "model": model, "family": family, "seeds": seeds, "lrs": lrs, "cap": cap,
+              "runs": tried, "steps": None, "lr": lrs[0] if best is None else best[0]}
+    if best is None:
+        return result
+    order = sorted((r[0]["first_accurate"], k) for k, r in tried.items() if r[0]["first_accurate"] is not None)
+    for _, lr_key in order:
+        runs = tried[lr_key]
+        lr = runs[0]["lr"]
+        c = min(cap, 8 * runs[0]["first_accurate"])
+        with ThreadPoolExecutor(max(1, jobs)) as ex:
+            runs += list(ex.map(lambda s: search_run(system, model, family, lr, s, c, env), seeds[1:]))
+        if all(r["first_accurate"] is not None for r in runs):
+            result["steps"], result["lr"] = max(r["first_accurate"] for r in runs), lr
+            return result
+    return result
+
+
+def search_key(system, family, model, seeds, lrs, cap, vers):
+    peer_v = vers.get("peers", {}) if system != "torch_loop" else vers.get("project", {})
+    h = hashlib.sha1(open(os.path.join(SYSTEMS_DIR, PEERS[system]["script"]), "rb").read()).hexdigest()[:12]
+    return json.dumps([system, family, model, seeds, [repr(x) for x in lrs], cap, data_version(),
+                       peer_v, h, REF_SETTINGS.get(model)], sort_keys=True)
+
+
+# ---- metric (a): time to an accurate fit -------------------------------------------------------------------------
+def metric_fit(opts, vers):
+    models = [m for m in opts.models if m in FIT_MODELS]
+    systems = opts.systems
+    fams = {s: (PEERS[s]["quick_families"] if opts.quick else PEERS[s]["families"]) for s in PEERS}
+    pairs = sorted({(m, f) for m in models for f in ("fullrank", "meanfield")})
+    log(f"references for {len(pairs)} (model, family) pairs")
+    refs = ensure_references(pairs, opts.jobs, opts.fresh, opts.threads)
+
+    cache = {} if opts.fresh else load_json("search_cache.json", {})
+    searches = {}
+    # 1. ppl's accuracy at its defaults (same seed as the timed runs, more draws for a precise summary)
+    ppl_acc = {}
+    if "ppl" in systems:
+        for m in models:
+            rows = []
+            for s in opts.seeds:
+                r = run_proc(ppl_argv(m, s, ["--draws", str(SEARCH_DRAWS)]), thread_env(opts.threads))
+                rec = last_json(r["stdout"])
+                if r["rc"] != 0 or rec is None:
+                    rows.append({"seed": s, "rc": r["rc"], "ok": False, "error": r["stderr"][-600:]})
+                    continue
+                fam = rec.get("method") if rec.get("method") in ("fullrank", "meanfield") else "fullrank"
+                dm, ds, ok = accuracy(rec["params"], refs[(m, fam)])
+                rows.append({"seed": s, "rc": 0, "ok": ok, "dmean": dm, "dsd": ds, "steps": rec["steps"],
+                             "converged": rec["converged"], "method": rec["method"], "khat": rec.get("khat"),
+                             "verdict": rec.get("verdict"), "elbo": rec.get("elbo"), "family_ref": fam,
+                             "worst": worst_params(rec["params"], refs[(m, fam)])})
+                log(f"ppl {m} seed {s}: {'accurate' if ok else 'NOT accurate'} (mean {dm:.3f} sd, "
+                    f"sd {100 * ds:.1f}%), {rec['steps']} steps, {rec['method']}")
+            ppl_acc[m] = rows
+    # 2. the step search for every other system
+    for sysname in [s for s in systems if s in PEERS]:
+        cfg = PEERS[sysname]
+        lrs = cfg["quick_lrs"] if opts.quick else cfg["lrs"]
+        cap = opts.cap or (cfg["quick_cap"] if opts.quick else cfg["cap"])
+        for m in models:
+            for fam in fams[sysname]:
+                key = search_key(sysname, fam, m, opts.seeds, lrs, cap, vers)
+                if key in cache:
+                    res = cache[key]
+                    log(f"search {sysname}/{fam} {m}: cached ({res['steps']} steps, lr {res['lr']})")
+                else:
+                    log(f"search {sysname}/{fam} {m}")
+                    res = search(sysname, m, fam, opts.seeds, lrs, cap, opts.threads, opts.jobs)
+                    cache[key] = res
+                    save_json("search_cache.json", cache)
+                searches[f"{sysname}|{fam}|{m}"] = res
+
+    # 3. the timed runs, interleaved
+    timing = {}
+    for m in models:
+        configs = []
+        if "ppl" in systems:
+            configs.append({"id": "ppl", "system": "ppl", "family": "auto", "cold": False})
+        for sysname in [s for s in systems if s in PEERS]:
+            for fam in fams[sysname]:
+                res = searches[f"{sysname}|{fam}|{m}"]
+                steps = res["steps"] or res["cap"]
+                base = {"system": sysname, "family": fam, "steps": steps, "lr": res["lr"],
+                        "reached": res["steps"] is not None}
+                if sysname == "pymc":
+                    configs.append(dict(base, id=f"pymc|{fam}|warm", cold=False))
+                    if opts.cold_reps > 0:
+                        configs.append(dict(base, id=f"pymc|{fam}|cold", cold=True))
+                else:
+                    configs.append(dict(base, id=f"{sysname}|{fam}", cold=False))
+        if not configs:
+            continue
+        # warm PyMC's compile dir for this model (untimed) when a search did not just do it
+        for c in configs:
+            if c["system"] == "pymc" and not c["cold"]:
+                env, _ = pymc_env(thread_env(opts.threads), cold=False)
+                run_proc(system_argv("pymc", m, 10, opts.seeds[0], c["family"], lr=c["lr"]), env)
+        runs = {c["id"]: [] for c in configs}
+        for rnd in range(opts.reps):
+            seed = opts.seeds[rnd % len(opts.seeds)]
+            order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
+            for c in order:
+                if c["cold"] and rnd >= opts.cold_reps:
+                    continue
+                if not c.get("reached", True) and rnd >= 1:
+                    continue            # never accurate: one round at the cap gives its lower bound
+                env = thread_env(opts.threads)
+                tmp = None
+                if c["system"] == "ppl":
+                    argv = ppl_argv(m, seed)
+                else:
+                    argv = system_argv(c["system"], m, c["steps"], seed, c["family"], lr=c["lr"])
+                    if c["system"] == "pymc":
+                        env, tmp = pymc_env(env, c["cold"])
+                r = run_proc(argv, env, timeout=opts.timeout)
+                if tmp:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                rec = last_json(r["stdout"]) or {}
+                runs[c["id"]].append({"seed": seed, "wall": r["wall"], "rss_mb": r["rss_mb"], "rc": r["rc"],
+                                      "phases": rec.get("phases"), "steps": rec.get("steps"),
+                                      "error": r["stderr"][-400:] if r["rc"] else None})
+                log(f"time {m} {c['id']} seed {seed}: {r['wall']:.2f} s, {r['rss_mb']:.0f} MB"
+                    + (f" (exit {r['rc']})" if r["rc"] else ""))
+        timing[m] = {"configs": configs, "runs": runs,
+                     "median": {k: median([x["wall"] for x in v if x["rc"] == 0]) for k, v in runs.items()},
+                     "median_rss": {k: median([x["rss_mb"] for x in v if x["rc"] == 0]) for k, v in runs.items()}}
+    out = {"ppl_accuracy": ppl_acc, "searches": searches, "timing": timing, "seeds": opts.seeds,
+           "reps": opts.reps, "cold_reps": opts.cold_reps}
+    merge_save("fit.json", out, models)
+    return out
+
+
+def worst_params(params, ref, k=3):
+    rows = []
+    for name, r in ref.items():
+        p = params.get(name)
+        if not p or p["mean"] is None or p["sd"] is None:
+            rows.append((float("inf"), name, None, None))
+            continue
+        rows.append((max(abs(p["mean"] - r["mean"]) / r["sd"] / MEAN_TOL, abs(p["sd"] / r["sd"] - 1) / SD_TOL),
+                     name, (p["mean"] - r["mean"]) / r["sd"], p["sd"] / r["sd"] - 1))
+    rows.sort(reverse=True)
+    return [{"name": n, "dmean_sd": dm, "dsd_rel": ds} for _, n, dm, ds in rows[:k]]
+
+
+def merge_save(name, new, models):
+    """Keep earlier results for models not run this time (per-model selection), replace the rest."""
+    old = load_json(name, {}) or {}
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict) and k not in ("searches",):
+            merged = {mk: mv for mk, mv in old[k].items() if mk not in models}
+            merged.update(v)
+            old[k] = merged
+        elif k == "searches" and isinstance(old.get(k), dict):
+            old[k].update(v)
+        else:
+            old[k] = v
+    save_json(name, old)
+
+
+# ---- metric (b)/(d): per-step cost -------------------------------------------------------------------------------
+def loop_probe(model, S, threads, family):
+    """Torch loop's in-process seconds per step (from its own 'fit' phase), to size the step counts."""
+    r = run_proc(system_argv("torch_loop", model, 30, 1, family, S=S), thread_env(threads), timeout=3600)
+    rec = last_json(r["stdout"])
+    if r["rc"] != 0 or rec is None:
+        raise RuntimeError(f"torch loop probe failed on {model}: {r['stderr']}")
+    return rec["phases"]["fit"] / 30
+
+
+def metric_perstep(opts, models, name):
+    out = {}
+    S, family = opts.mc_samples, "fullrank"
+    for m in models:
+        big = m == "linreg_1e6"
+        t_step = loop_probe(m, S, opts.threads, family)
+        target = opts.perstep_seconds * (0.5 if big else 1.0)
+        n1 = 3 if big else 20
+        dn = int(min(5000, max(10, math.ceil(target / max(t_step, 1e-5)))))
+        n2 = n1 + dn
+        reps = 1 if big and opts.quick else opts.reps
+        # the torch loop at the thread count ppl would pick is measured as well when data are large
+        # ppl uses every core for large data (its own choice); the loop then runs with as many threads
+        loop_threads = [os.cpu_count() or 1] if m in ("linreg_1e5", "linreg_1e6") and opts.threads else \
+            [opts.threads]
+        configs = [("ppl", None)] + [("torch_loop", t) for t in loop_threads]
+        runs = {f"{s}|{t}|{n}": [] for s, t in configs for n in (n1, n2)}
+        log(f"per-step {m}: S={S}, {family}, steps {n1} and {n2} (loop ~{1000 * t_step:.2f} ms/step), {reps} rounds")
+        jobs = [(s, t, n) for s, t in configs for n in (n1, n2)]
+        for rnd in range(reps):
+            order = jobs[rnd % len(jobs):] + jobs[:rnd % len(jobs)]
+            for s, t, n in order:
+                if s == "ppl":
+                    argv = ppl_argv(m, 1, ["--tol", "0", "--steps", str(n), "--mc-samples", str(S),
+                                           "--method", family])
+                    env = thread_env(opts.threads)
+                else:
+                    argv = system_argv("torch_loop", m, n, 1, family, S=S)
+                    env = thread_env(t)
+                r = run_proc(argv, env, timeout=opts.timeout)
+                rec = last_json(r["stdout"]) or {}
+                runs[f"{s}|{t}|{n}"].append({"wall": r["wall"], "rss_mb": r["rss_mb"], "rc": r["rc"],
+                                              "phases": rec.get("phases"), "steps": rec.get("steps"),
+                                              "error": r["stderr"][-400:] if r["rc"] else None})
+                log(f"  {m} {s}{'' if t is None else f' ({t} thr)'} {n} steps: {r['wall']:.2f} s, "
+                    f"{r['rss_mb']:.0f} MB" + (f" (exit {r['rc']})" if r["rc"] else ""))
+        res = {"S": S, "family": family, "n1": n1, "n2": n2, "reps": reps, "runs": runs}
+        per = {}
+        for s, t in configs:
+            a = median([x["wall"] for x in runs[f"{s}|{t}|{n1}"] if x["rc"] == 0])
+            b = median([x["wall"] for x in runs[f"{s}|{t}|{n2}"] if x["rc"] == 0])
+            rss = max([x["rss_mb"] for n in (n1, n2) for x in runs[f"{s}|{t}|{n}"]] or [None])
+            per[f"{s}|{t}"] = {"per_step_ms": None if a is None or b is None else 1000 * (b - a) / (n2 - n1),
+                               "wall_n1": a, "wall_n2": b, "rss_mb": rss}
+        loops = {k: v for k, v in per.items() if k.startswith("torch_loop") and v["per_step_ms"] is not None}
+        best = min(loops.items(), key=lambda kv: kv[1]["per_step_ms"]) if loops else (None, None)
+        res["per"] = per
+        res["loop_best"] = best[0]
+        p = per.get("ppl|None", {}).get("per_step_ms")
+        res["ratio"] = None if p is None or best[1] is None else p / best[1]["per_step_ms"]
+        out[m] = res
+        log(f"  {m}: ppl {p if p is None else round(p, 3)} ms/step, loop "
+            f"{None if best[1] is None else round(best[1]['per_step_ms'], 3)} ms/step, ratio {res['ratio']}")
+    merge_save(name, {"models": out}, models)
+    return out
+
+
+# ---- metric (c)/(d): memory of a default fit at N=1e6 ---------------------------------------------------------------
+def metric_memory(opts):
+    out = {}
+    meta = json.load(open(os.path.join(data_dir("linreg_1e6"), "data.json")))
+    n, d = meta["N"], meta["D"]
+    data_mb = n * (d + 1) * 8 / 2 ** 20
+    env = thread_env(opts.threads)
+    # the interpreter + torch (+ ppl's modules) without data
+    base = run_proc([PROJECT_PY, "-c", "import numpy, torch, ppl.api, ppl.infer.fit, ppl.data"], env)
+    loop_base = run_proc([PROJECT_PY, "-c", "import numpy, torch"], env)
+    log(f"memory: baseline (python + torch + ppl imports) {base['rss_mb']:.0f} MB; data {data_mb:.0f} MB as float64")
+    r = run_proc(ppl_argv("linreg_1e6", 1), env, timeout=opts.timeout)
+    rec = last_json(r["stdout"]) or {}
+    log(f"memory: default ppl fit at N=1e6: {r['wall']:.1f} s, peak {r['rss_mb']:.0f} MB"
+        + (f" (exit {r['rc']})" if r["rc"] else ""))
+    out = {"N": n, "D": d, "data_float64_mb": data_mb, "baseline_mb": base["rss_mb"],
+           "torch_only_mb": loop_base["rss_mb"], "budget_mb": 2 * data_mb + base["rss_mb"],
+           "ppl_default": {"wall": r["wall"], "rss_mb": r["rss_mb"], "rc": r["rc"], "steps": rec.get("steps"),
+                           "converged": rec.get("converged"), "method": rec.get("method"),
+                           "seconds": rec.get("seconds"), "error": r["stderr"][-400:] if r["rc"] else None}}
+    # the torch loop at 300 steps (its floor for the same data)
+    r = run_proc(system_argv("torch_loop", "linreg_1e6", 300, 1, "fullrank", S=1), env, timeout=opts.timeout)
+    out["torch_loop_S1_300"] = {"wall": r["wall"], "rss_mb": r["rss_mb"], "rc": r["rc"]}
+    log(f"memory: torch loop (S=1, 300 steps) at N=1e6: {r['wall']:.1f} s, peak {r['rss_mb']:.0f} MB")
+    save_json("memory.json", out)
+    return out
+
+
+# ---- metric: check / graph latency ---------------------------------------------------------------------------------
+def metric_latency(opts, models):
+    out = {}
+    env = thread_env(opts.threads)
+    for m in models:
+        d = data_dir(m)
+        jobs = [(cmd, with_data) for cmd in ("check", "graph") for with_data in (True, False)]
+        runs = {f"{c}|{w}": [] for c, w in jobs}
+        for rnd in range(max(3, opts.reps)):
+            order = jobs[rnd % len(jobs):] + jobs[:rnd % len(jobs)]
+            for c, w in order:
+                argv = [PPL, c, os.path.join(d, "model.ppl")] + ([os.path.join(d, "data.csv")] if w else [])
+                r = run_proc(argv, env, timeout=600)
+                runs[f"{c}|{w}"].append({"wall": r["wall"], "rc": r["rc"], "rss_mb": r["rss_mb"]})
+        out[m] = {k: {"median": median([x["wall"] for x in v if x["rc"] == 0]),
+                      "max": max(x["wall"] for x in v), "rc": [x["rc"] for x in v]} for k, v in runs.items()}
+        log(f"latency {m}: " + ", ".join(f"{k} {v['median']:.3f} s" if v["median"] is not None else f"{k} failed"
+                                         for k, v in out[m].items()))
+    merge_save("latency.json", {"models": out}, models)
+    return out
+
+
+# ---- the report ----------------------------------------------------------------------------------------------------
+def fmt_s(x, nd=2):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def yes(ok):
+    return "**yes**" if ok else "**no**"
+
+
+def report(command):
+    meta = load_json("meta.json", {})
+    fit = load_json("fit.json")
+    per = load_json("perstep.json")
+    scal = load_json("scaling.json")
+    mem = load_json("memory.json")
+    lat = load_json("latency.json")
+    L = []
+    w = L.append
+    w("# ppl benchmarks\n")
+    w("Generated by `bench/run.py` from `bench/results/*.json`; do not edit by hand. Regenerate with:\n")
+    w("```\nbash bench/setup.sh            # once: bench/.venv-peers\n" + (meta.get("command") or command)
+      + "\n```\n")
+    w("(`python3 bench/run.py --report` rewrites this page from the stored results without running anything; "
+      "the full suite is `python3 bench/run.py`, without `--quick`.)\n")
+    mi = meta.get("machine", {})
+    v = meta.get("versions", {})
+    pv = v.get("peers", {})
+    w("## Machine and versions\n")
+    w(f"- run: {meta.get('started', '?')} .. {meta.get('finished', '?')}, mode `{meta.get('mode', '?')}`, "
+      f"{meta.get('threads_note', '')}")
+    w(f"- machine: {mi.get('nproc', '?')} cores, {mi.get('cpu', '?')}, {mi.get('ram', '?')} RAM, "
+      f"Linux {mi.get('kernel', '?')}, Python {mi.get('python', '?')}; load average at start "
+      f"{', '.join(f'{x:.1f}' for x in mi.get('loadavg_start', []))} and at the end "
+      f"{', '.join(f'{x:.1f}' for x in meta.get('loadavg_end', []))} (the machine is shared: other work was "
+      "running, which is why every comparison is interleaved and summarised by medians)")
+    w(f"- ppl: {v.get('ppl', '?')} at git {v.get('ppl_git', '?')}; torch {v.get('project', {}).get('torch', '?')}, "
+      f"numpy {v.get('project', {}).get('numpy', '?')} (project .venv)")
+    w(f"- peers (bench/.venv-peers): torch {pv.get('torch', '?')}, pyro-ppl {pv.get('pyro', '?')}, "
+      f"numpyro {pv.get('numpyro', '?')}, jax {pv.get('jax', '?')}, jaxlib {pv.get('jaxlib', '?')}, "
+      f"pymc {pv.get('pymc', '?')}, pytensor {pv.get('pytensor', '?')}, numpy {pv.get('numpy', '?')}")
+    w("")
+    if meta.get("notes"):
+        w("## How it is measured\n")
+        for n in meta["notes"]:
+            w(f"- {n}")
+        w("")
+    summary = []
+    if fit:
+        report_fit(fit, w, summary)
+    if per:
+        report_perstep(per, w, summary)
+    if scal or mem:
+        report_scaling(scal, mem, w, summary)
+    if lat:
+        report_latency(lat, w, summary)
+    text = "\n".join(L) + "\n"
+    # the summary of targets goes first, after the header block
+    head, _, rest = text.partition("## Machine and versions")
+    s = ["## Targets at a glance\n", "| target | measured | met? |", "|---|---|---|"]
+    s += [f"| {a} | {b} | {c} |" for a, b, c in summary]
+    text = head + "\n".join(s) + "\n\n## Machine and versions" + rest
+    with open(os.path.join(BENCH, "RESULTS.md"), "w") as f:
+        f.write(text)
+    log("wrote bench/RESULTS.md")
+
+
+def config_label(c):
+    if c["system"] == "ppl":
+        return "ppl fit (defaults)"
+    lab = FAMILY_LABEL[c["system"]][c["family"]]
+    if c["system"] == "pymc":
+        lab += " (cold)" if c["cold"] else " (warm)"
+    return lab
+
+
+def report_fit(fit, w, summary):
+    w("## (a) Time to an accurate fit\n")
+    w(f"Whole-process wall time (median over the timed rounds) of each system at the fewest steps at which "
+      f"its posterior means are within {MEAN_TOL} reference sd and its sds within {100 * SD_TOL:.0f}% of a long "
+      f"reference run of the same family, on every search seed ({', '.join(map(str, fit.get('seeds', [])))}). "
+      "The step count (grid 50·2^(k/4)) and the learning rate (small grid, best kept) are searched per system "
+      "and model; ppl runs `ppl fit MODEL DATA --format json --seed S` with its defaults, and its accuracy is "
+      "judged on the same seeds. `ratio` is ppl's time over the system's (below 1: ppl is faster). "
+      "Pyro and NumPyro use their default float32, PyMC and the torch loop float64, ppl float64.\n")
+    ppl_acc = fit.get("ppl_accuracy", {})
+    worst = {}
+    for m, t in fit.get("timing", {}).items():
+        configs = t["configs"]
+        med = t["median"]
+        acc = ppl_acc.get(m, [])
+        ppl_ok = bool(acc) and all(r.get("ok") for r in acc)
+        ppl_t = med.get("ppl")
+        w(f"### {m}\n")
+        if acc:
+            parts = []
+            for r in acc:
+                if r.get("rc"):
+                    parts.append(f"seed {r['seed']}: failed (exit {r['rc']})")
+                else:
+                    parts.append(f"seed {r['seed']}: {'accurate' if r['ok'] else 'NOT accurate'} "
+                                 f"(worst mean {r['dmean']:.2f} sd, worst sd {100 * r['dsd']:.0f}%; "
+                                 f"{r['steps']} steps, {r['method']}, k-hat {r.get('khat')}, {r.get('verdict')})")
+            w("ppl defaults: " + "; ".join(parts) + ".\n")
+            if not ppl_ok:
+                ws = [r for r in acc if not r.get("ok") and r.get("worst")]
+                if ws:
+                    def pct(x):
+                        return "—" if x is None else f"{100 * x:+.0f}%"
+                    w("Worst ppl parameters (seed %s): " % ws[0]["seed"] + ", ".join(
+                        f"`{x['name']}` mean {fmt_s(x['dmean_sd'])} sd off, sd {pct(x['dsd_rel'])}"
+                        for x in ws[0]["worst"]) + ".\n")
+        w("| system | steps (lr) | accurate on all seeds | wall s (median) | peak RSS MB | ppl / system | target |")
+        w("|---|---|---|---|---|---|---|")
+        for c in configs:
+            k = c["id"]
+            runs = t["runs"][k]
+            n_ok = sum(1 for r in runs if r["rc"] == 0)
+            tm = med.get(k)
+            rss = t.get("median_rss", {}).get(k)
+            if c["system"] == "ppl":
+                steps = "/".join(sorted({str(r["steps"]) for r in runs if r.get("steps") is not None})) or "?"
+                w(f"| ppl fit (defaults) | {steps} (own) | {'yes' if ppl_ok else '**no**'} | {fmt_s(tm)} | "
+                  f"{fmt_s(rss, 0)} | 1 | |")
+                continue
+            reached = c.get("reached")
+            lr = c.get("lr")
+            if c["system"] == "pymc":
+                lr = "adagrad_window 0.001 (default)" if lr is None else (
+                    lr.replace(":", " ") if isinstance(lr, str) else f"adagrad_window {lr}")
+            else:
+                lr = f"Adam {lr}" if c["system"] != "torch_loop" else f"Adam {lr}, decaying"
+            steps = f"{c['steps']} ({lr})" if reached else f"not within {c['steps']} ({lr})"
+            ratio = None if (tm is None or ppl_t is None) else ppl_t / tm
+            tgt = TARGETS.get(c["system"])
+            if c["system"] == "pymc":
+                tgt_txt = f"≤ {tgt}" if tgt else ""
+            elif c["system"] in ("pyro", "numpyro") and c["family"] == "meanfield":
+                tgt_txt = f"≤ {tgt}"
+            else:
+                tgt_txt = ""
+            if tgt_txt and ratio is not None:
+                met = ratio <= tgt and ppl_ok and reached
+                tgt_txt += " " + ("met" if met else "**not met**")
+                if not reached:
+                    tgt_txt += " (peer never accurate: its time is a lower bound)"
+                worst.setdefault(c["system"], []).append((m, c, ratio, met))
+            rs = fmt_s(ratio) if reached or ratio is None else f"≤ {ratio:.2f}"
+            w(f"| {config_label(c)} | {steps} | {'yes' if reached else 'no'} | {fmt_s(tm)}"
+              f"{'' if n_ok == len(runs) else f' ({len(runs) - n_ok} failed)'} | {fmt_s(rss, 0)} | {rs} | "
+              f"{tgt_txt} |")
+        w("")
+        sr = [r for kk, r in fit.get("searches", {}).items() if kk.endswith("|" + m)]
+        notes = []
+        for r in sr:
+            for lr, runs in r["runs"].items():
+                bad = [x for x in runs if x.get("rc")]
+                if bad:
+                    err = (bad[0].get("error") or "").strip().splitlines()
+                    notes.append(f"{FAMILY_LABEL[r['system']][r['family']]} lr {lr}: exit {bad[0]['rc']} "
+                                 f"({err[-1][:160] if err else ''})")
+        if notes:
+            w("Search failures: " + "; ".join(notes) + ".\n")
+    # target summary: PyMC (family ppl runs, warm and cold), NumPyro, Pyro
+    for sysname, label in (("pymc", "PyMC"), ("numpyro", "NumPyro"), ("pyro", "Pyro")):
+        rows = worst.get(sysname, [])
+        if not rows:
+            continue
+        tgt = TARGETS[sysname]
+        ok = sum(1 for *_, met in rows if met)
+        meas = "; ".join(f"{m} {r:.2f} ({'cold' if c.get('cold') else 'warm'} {c['family']})" if sysname == "pymc"
+                         else f"{m} {r:.2f}" for m, c, r, _ in rows)
+        summary.append((f"time to accurate fit ≤ {tgt}× {label}", meas, f"{ok}/{len(rows)} comparisons"))
+
+
+def report_perstep(per, w, summary):
+    w("## (b) Per-gradient cost: ppl vs the hand-written torch loop\n")
+    w("Whole processes at two step counts (`ppl fit --tol 0 --steps N --mc-samples S --method fullrank` and "
+      "`torch_loop.py ... N`); per-step time = (median wall(N2) - median wall(N1)) / (N2 - N1), which cancels "
+      "start-up, data loading, initialisation and the final draws. Same family (full-rank, ppl's choice for every "
+      "model here), same S, float64 both. Target: ratio ≤ 1.2.\n")
+    w("| model | S | N1, N2 | ppl ms/step | loop ms/step | ppl / loop | ≤ 1.2? |")
+    w("|---|---|---|---|---|---|---|")
+    rows = []
+    for m, r in per.get("models", {}).items():
+        p = r["per"].get("ppl|None", {}).get("per_step_ms")
+        lb = r["per"].get(r.get("loop_best") or "", {}).get("per_step_ms")
+        ratio = r.get("ratio")
+        rows.append((m, ratio))
+        w(f"| {m} | {r['S']} | {r['n1']}, {r['n2']} | {fmt_s(p, 3)} | {fmt_s(lb, 3)} | {fmt_s(ratio)} | "
+          f"{'—' if ratio is None else yes(ratio <= 1.2)} |")
+    w("")
+    ok = sum(1 for _, r in rows if r is not None and r <= 1.2)
+    summary.append(("per-step ≤ 1.2× the hand-written loop", "; ".join(f"{m} {fmt_s(r)}" for m, r in rows),
+                    f"{ok}/{len(rows)} models"))
+
+
+def report_scaling(scal, mem, w, summary):
+    w("## (c, d) Memory and growth with N (linear regression, D=20)\n")
+    if scal:
+        w("Per-step time as in (b) (S and family as stated), and the peak RSS of those processes. "
+          "ppl switches itself to all cores above 200k data elements, so at N=1e5 and 1e6 the torch loop runs "
+          "with all cores too (the threads column).\n")
+        w("| N | S | ppl ms/step | loop ms/step (threads) | ppl / loop | ppl peak RSS MB | loop peak RSS MB |")
+        w("|---|---|---|---|---|---|---|")
+        pts = []
+        for m, r in sorted(scal.get("models", {}).items(), key=lambda kv: int(float(kv[0].split("_")[1]))):
+            n = int(float(m.split("_")[1]))
+            p = r["per"].get("ppl|None", {})
+            lb = r["per"].get(r.get("loop_best") or "", {})
+            thr = (r.get("loop_best") or "|?").split("|")[1]
+            w(f"| {n:.0e} | {r['S']} | {fmt_s(p.get('per_step_ms'), 2)} | {fmt_s(lb.get('per_step_ms'), 2)} ({thr}) | "
+              f"{fmt_s(r.get('ratio'))} | {fmt_s(p.get('rss_mb'), 0)} | {fmt_s(lb.get('rss_mb'), 0)} |")
+            pts.append((n, p.get("per_step_ms"), lb.get("per_step_ms")))
+        w("")
+        good = [(n, a) for n, a, _ in pts if a]
+        if len(good) >= 2:
+            (n0, a0), (n1, a1) = good[0], good[-1]
+            slope = math.log(a1 / a0) / math.log(n1 / n0)
+            w(f"Growth of ppl's per-step time from N={n0:.0e} to N={n1:.0e}: ×{a1 / a0:.1f} for ×{n1 / n0:.0f} data, "
+              f"a log-log slope of {slope:.2f} (1 = linear; below 1 means fixed per-step costs still matter at "
+              "the small end).\n")
+            if len(good) >= 3:
+                (na, aa), (nb, ab) = good[-2], good[-1]
+                s2 = math.log(ab / aa) / math.log(nb / na)
+                w(f"Between the two largest sizes the slope is {s2:.2f}.\n")
+                summary.append(("per-step time linear in N", f"log-log slope {slope:.2f} overall, {s2:.2f} between "
+                                f"{na:.0e} and {nb:.0e}", yes(s2 <= 1.15)))
+    if mem:
+        p = mem["ppl_default"]
+        w(f"Peak memory of a default `ppl fit` at N={mem['N']:.0e}, D={mem['D']} (max RSS from wait4): data "
+          f"{mem['data_float64_mb']:.0f} MB as float64 (N×(D+1)×8 bytes); interpreter + torch + ppl's modules "
+          f"{mem['baseline_mb']:.0f} MB (python + torch alone {mem['torch_only_mb']:.0f} MB); budget = 2 × data + "
+          f"that = {mem['budget_mb']:.0f} MB.\n")
+        w("| run | wall s | peak RSS MB | budget MB | within? |")
+        w("|---|---|---|---|---|")
+        ok = p["rc"] == 0 and p["rss_mb"] <= mem["budget_mb"]
+        exit_txt = "" if p["rc"] == 0 else ", exit %d" % p["rc"]
+        w(f"| `ppl fit` defaults ({p.get('method')}, {p.get('steps')} steps"
+          f"{', converged' if p.get('converged') else ''}{exit_txt}) | "
+          f"{p['wall']:.1f} | {p['rss_mb']:.0f} | {mem['budget_mb']:.0f} | {yes(ok)} "
+          f"({p['rss_mb'] / mem['budget_mb']:.2f}× budget) |")
+        t = mem.get("torch_loop_S1_300")
+        if t:
+            w(f"| torch loop, S=1, 300 steps | {t['wall']:.1f} | {t['rss_mb']:.0f} | {mem['budget_mb']:.0f} | "
+              f"{yes(t['rss_mb'] <= mem['budget_mb'])} |")
+        w("")
+        summary.append((f"peak memory at N=1e6 ≤ 2× data + interpreter/torch ({mem['budget_mb']:.0f} MB)",
+                        f"{p['rss_mb']:.0f} MB", yes(ok)))
+
+
+def report_latency(lat, w, summary):
+    w("## `ppl check` and `ppl graph` latency\n")
+    w("Whole-process wall time, median of the rounds, with the data file and without (the model alone). "
+      "Target: under 0.5 s.\n")
+    w("| model | check + data | check (model only) | graph + data | graph (model only) |")
+    w("|---|---|---|---|---|")
+    worst = 0.0
+    for m, r in lat.get("models", {}).items():
+        cells = []
+        for k in ("check|True", "check|False", "graph|True", "graph|False"):
+            x = r.get(k, {}).get("median")
+            if x is not None:
+                worst = max(worst, x)
+            cells.append("—" if x is None else (f"{x:.3f}" if x < 0.5 else f"**{x:.3f}**"))
+        w(f"| {m} | " + " | ".join(cells) + " |")
+    w("")
+    summary.append(("`ppl check` / `ppl graph` < 0.5 s", f"slowest median {worst:.3f} s", yes(worst < 0.5)))
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer seeds, rounds and learning rates")
+    ap.add_argument("--models", help=f"comma-separated (default: all of {','.join(ALL_MODELS)})")
+    ap.add_argument("--systems", help=f"comma-separated (default: {','.join(ALL_SYSTEMS)})")
+    ap.add_argument("--metrics", default="fit,perstep,scaling,latency",
+                    help="comma-separated of fit, perstep, scaling, latency")
+    ap.add_argument("--seeds", type=int, help="search seeds (default 3, quick 2)")
+    ap.add_argument("--reps", type=int, help="timed rounds (default 5, quick 3)")
+    ap.add_argument("--cold-reps", type=int, help="PyMC cold-cache rounds (default 3, quick 1)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads per process via OMP/MKL/OpenBLAS/XLA env (default 1; 0 = libraries' defaults)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel untimed runs (references, searches)")
+    ap.add_argument("--mc-samples", type=int, default=16, help="S for the per-step comparison (default 16)")
+    ap.add_argument("--perstep-seconds", type=float, help="wall seconds the step difference should cost")
+    ap.add_argument("--cap", type=int, help="override the step cap of the search")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds before a timed run is killed")
+    ap.add_argument("--fresh", action="store_true", help="ignore cached references and searches")
+    ap.add_argument("--report", action="store_true", help="only regenerate RESULTS.md")
+    opts = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_children)
+    signal.signal(signal.SIGINT, _stop_children)
+    command = "python3 bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if opts.report:
+        report(command)
+        return 0
+    opts.models = opts.models.split(",") if opts.models else ALL_MODELS
+    opts.systems = opts.systems.split(",") if opts.systems else ALL_SYSTEMS
+    for m in opts.models:
+        if m not in ALL_MODELS:
+            ap.error(f"unknown model {m}")
+    for s in opts.systems:
+        if s not in ALL_SYSTEMS:
+            ap.error(f"unknown system {s}")
+    metrics = opts.metrics.split(",")
+    opts.seeds = list(range(1, 1 + (opts.seeds or (2 if opts.quick else 3))))
+    opts.reps = opts.reps or (3 if opts.quick else 5)
+    opts.cold_reps = opts.cold_reps if opts.cold_reps is not None else (1 if opts.quick else 3)
+    opts.perstep_seconds = opts.perstep_seconds or (3.0 if opts.quick else 6.0)
+    if any(s in opts.systems for s in ("pyro", "numpyro", "pymc")) and not os.path.exists(PEERS_PY):
+        ap.error("bench/.venv-peers is missing: run `bash bench/setup.sh` first")
+
+    ensure_data(opts.models)
+
+    t_start = time.time()
+    meta = load_json("meta.json", {}) or {}
+    meta.pop("failures", None)
+    meta.update({"started": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), "command": command,
+                 "mode": "quick" if opts.quick else "full"})
+    meta["threads_note"] = ("every process limited to 1 thread (OMP/MKL/OpenBLAS/XLA env), so a shared, noisy "
+                            "2-core machine gives stable numbers; ppl raises its own torch thread count for large "
+                            "data, as it does for users" if opts.threads == 1 else
+                            f"threads per process: {opts.threads or 'library defaults'}")
+    log("versions ...")
+    vers = versions()
+    meta["versions"] = vers
+    meta["notes"] = [
+        "Each timed number is one whole process started by the driver (wall clock, `subprocess` + `os.wait4`); "
+        "peak RSS is that process's ru_maxrss.",
+        "Rounds are interleaved (A B C .. A B C .., the order rotated each round) and summarised by medians.",
+        f"Accuracy: every reference parameter's mean within {MEAN_TOL} sd and sd within {100 * SD_TOL:.0f}%, "
+        f"judged from {SEARCH_DRAWS} draws; references are torch-loop runs of the same family (Laplace start except "
+        "radon, whose centred hierarchy has no finite mode; Adam with decay, 32-64 MC samples, iterate average over "
+        "the last half, 100k draws), cached in bench/results/reference/.",
+        "Step search: one run per seed and learning rate with checkpoints on a grid 50·2^(k/4); a run stops once "
+        "two consecutive checkpoints are accurate; the learning rate is chosen on the first seed (others never run "
+        "past the best count so far), then every seed must be accurate at the chosen count.",
+        "The mixture's per-row assignment is summed out: by ppl's enumeration, by the likelihood in the other "
+        "systems (MixtureSameFamily / NormalMixture / logsumexp).",
+        "ppl's accuracy is judged on a run with the timed run's seed and `--draws 10000` (the fit is the same; "
+        "only the summary is more precise); its timed runs use the defaults (1000 draws).",
+    ]
+    save_json("meta.json", meta)
+
+    def attempt(name, fn, *a):
+        try:
+            fn(*a)
+        except Exception as e:          # keep the other metrics' results; say what failed
+            import traceback
+            traceback.print_exc()
+            log(f"metric {name} FAILED: {type(e).__name__}: {e}")
+            meta.setdefault("failures", []).append(f"{name}: {type(e).__name__}: {e}")
+
+    fit_models = [m for m in opts.models if m in FIT_MODELS]
+    if "fit" in metrics:
+        attempt("fit", metric_fit, opts, vers)
+    if "perstep" in metrics and "ppl" in opts.systems and fit_models:
+        attempt("perstep", metric_perstep, opts, fit_models, "perstep.json")
+    if "latency" in metrics and "ppl" in opts.systems and fit_models:
+        attempt("latency", metric_latency, opts, fit_models)
+    if "scaling" in metrics and "ppl" in opts.systems:
+        models = [m for m in SCALING_MODELS if m in opts.models]
+        if models:
+            attempt("scaling", metric_perstep, opts, models, "scaling.json")
+        if "linreg_1e6" in opts.models:
+            attempt("memory", metric_memory, opts)
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M")
+    meta["loadavg_end"] = os.getloadavg()
+    meta["wall_minutes"] = round((time.time() - t_start) / 60, 1)
+    save_json("meta.json", meta)
+    report(command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
