@@ -31,7 +31,7 @@ from ..plan import describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from .estimators import Estimator, discrete_families
 from .families import FAMILIES, Preconditioner
-from .laplace import FULL_HESSIAN_MAX, laplace
+from .laplace import COLD_SCALE, FULL_HESSIAN_MAX, laplace
 from .optim import Adam
 from .psis import psis, verdict
 
@@ -157,7 +157,7 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     else:
         from .laplace import Laplace
         lap = Laplace(torch.zeros(lj.dim, dtype=dtype),
-                      torch.eye(lj.dim, dtype=dtype) if full else torch.ones(lj.dim, dtype=dtype),
+                      COLD_SCALE * (torch.eye(lj.dim, dtype=dtype) if full else torch.ones(lj.dim, dtype=dtype)),
                       False, "cold start" + (" (score-function latents)" if lj.score else ""))
     if not full or lap.A.dim() == 1:
         lap.A = lap.diagonal()                                 # diagonal preconditioner

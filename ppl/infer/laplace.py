@@ -17,6 +17,7 @@ from .optim import lbfgs
 
 FULL_HESSIAN_MAX = 400
 MAX_SD = 1e3          # clamp on any direction's sd from the Hessian
+COLD_SCALE = 0.1     # cold start: q = N(0, 0.1^2 I) in unconstrained space (sd 1 blew up centred hierarchies)
 
 
 @dataclass
@@ -48,7 +49,7 @@ def find_mode(lj, dtype=torch.float64, max_iter: int = 500):
 def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
     """`full`: compute the exact Hessian when D <= FULL_HESSIAN_MAX (else a diagonal estimate)."""
     D = lj.dim
-    cold = Laplace(torch.zeros(D, dtype=dtype), torch.eye(D, dtype=dtype) if full else torch.ones(D, dtype=dtype),
+    cold = Laplace(torch.zeros(D, dtype=dtype), COLD_SCALE * (torch.eye(D, dtype=dtype) if full else torch.ones(D, dtype=dtype)),
                    False, "cold start (no usable mode)")
     if D == 0:
         return cold
