@@ -36,8 +36,8 @@ class TorchOps:
     @staticmethod
     def matmul(a, b, ra, rb):
         if ra == 2 and rb == 1:
-            if a.shape[0] == 1:                       # data matrix: ((N, D) @ (D, S))^T, BLAS-friendly
-                return (a[0] @ b.transpose(0, 1)).transpose(0, 1)
+            if a.shape[0] == 1:                       # data matrix: (S, D) @ (D, N), no batch copy of X
+                return b @ a[0].transpose(0, 1)
             return (a @ b.unsqueeze(-1)).squeeze(-1)
         if ra == 1 and rb == 1:
             return (a * b).sum(-1)

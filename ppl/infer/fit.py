@@ -90,7 +90,7 @@ class Fit:
         return names, (np.stack(cols, 1) if cols else np.zeros((0, 0)))
 
 
-SMALL_DATA = 200_000     # elements: below this, one thread beats two (thread wake-ups dominate)
+SMALL_DATA = 1_000_000   # elements: below this, one thread beats two (thread wake-ups dominate)
 
 
 def _return_freed_memory() -> None:
