@@ -6,13 +6,12 @@ Torch is imported only by `.fit()`.
 """
 from __future__ import annotations
 
-import json
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import networkx as nx
 
-from .data import DataSet, load_data
-from .errors import PplError, Source, read_source
+from .data import load_data
+from .errors import Source, read_source
 from .frontend import ast as A
 from .frontend.check import Model, check
 from .frontend.parse import parse

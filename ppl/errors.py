@@ -8,7 +8,7 @@ and the exit code.  `render` turns a diagnostic into the
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable, Optional, Sequence
 

@@ -12,9 +12,8 @@ Output: `Compiled(fn, const)`, where `fn(env) -> batched array`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import numpy as np
 

@@ -9,7 +9,7 @@ plus, if it needs a primitive the ops objects lack, one method on each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Tuple, Union
 
 Dim = Union[int, str]
 Shape = Tuple[Dim, ...]

@@ -4,7 +4,7 @@ Stage: parse tree (Lark, inside parse.py only) -> these nodes -> checker.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 from ..errors import Span

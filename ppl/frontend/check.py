@@ -9,7 +9,7 @@ together, in source order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import networkx as nx
 import numpy as np
@@ -470,8 +470,8 @@ class _Checker:
                     self.err.add(ie.span, f"too many indexes: '{A_text(e.base)}' has shape {fmt(base[0])}")
                     return None
                 if not iint:
-                    self.err.add(ie.span, f"an index must be an integer (int or level data, an integer literal "
-                                 f"or a discrete latent), not a real value")
+                    self.err.add(ie.span, "an index must be an integer (int or level data, an integer literal "
+                                 "or a discrete latent), not a real value")
                     return None
                 n = shape[pos]
                 self.check_index_range(ie, n, e.base)
@@ -576,7 +576,6 @@ class _Checker:
         kinds: Dict[str, str] = {}
         for name in topo:
             s = self.defs[name]
-            parents = list(g.predecessors(name))
             if isinstance(s, A.DataDecl):
                 kinds[name] = "observed" if name in self.obs else "data"
             elif isinstance(s, A.Assign):

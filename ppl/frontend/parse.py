@@ -13,7 +13,6 @@ import os
 import sys
 from functools import lru_cache
 from importlib import resources
-from typing import List
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError

@@ -14,7 +14,7 @@ Objectives (registry `OBJECTIVES`): elbo, iwae, renyi (alpha).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -50,7 +50,6 @@ class DiscreteQ:
         return D.Poisson(torch.exp(self.param))
 
     def sample(self, S: int) -> torch.Tensor:
-        d = self.dist()
         with torch.no_grad():
             if self.support == "categorical":
                 p = torch.softmax(self.param, -1).reshape(-1, self.param.shape[-1])

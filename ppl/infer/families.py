@@ -16,7 +16,6 @@ import math
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as Fnn
 
 _LOG2PI = math.log(2 * math.pi)
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from ..errors import Diagnostic, PplError, UsageError
+from ..errors import Diagnostic, PplError
 
 
 def _fmt(x: float) -> str:
