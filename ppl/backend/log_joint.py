@@ -38,9 +38,6 @@ class Block:
     bounds: Optional[Callable] = None           # env -> (lo, hi) for a varying bijection
     kind: str = "real"
 
-    def names(self) -> List[str]:
-        return [f"{self.name}(unconstrained)[{i + 1}]" for i in range(self.size)]
-
 
 @dataclass
 class Factor:
@@ -272,14 +269,6 @@ class LogJoint:
 
     def log_prob(self, theta: torch.Tensor, discrete=None) -> torch.Tensor:
         return self.evaluate(theta, discrete).total
-
-    def log_prob_chunked(self, theta: torch.Tensor, discrete=None, chunk: Optional[int] = None) -> torch.Tensor:
-        chunk = chunk or self.chunk_size()
-        outs = []
-        for i in range(0, theta.shape[0], chunk):
-            z = {k: v[i:i + chunk] for k, v in discrete.items()} if discrete else None
-            outs.append(self.log_prob(theta[i:i + chunk], z))
-        return torch.cat(outs) if outs else torch.zeros(0, dtype=theta.dtype)
 
     def largest_node(self) -> int:
         """Elements of the largest modelled variable: the size of one sample's intermediates."""

@@ -69,12 +69,6 @@ class Family:
         h = self.entropy_u()
         return None if h is None else h + self.pre.logdet
 
-    def mean_sd(self):
-        """Mean and sd of theta under q (for reports)."""
-        u = self.rsample_u(4000).detach()
-        th = self.pre.to_theta(u)
-        return th.mean(0), th.std(0)
-
 
 class MeanField(Family):
     name = "meanfield"
