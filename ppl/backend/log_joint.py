@@ -164,8 +164,8 @@ class LogJoint:
             if node.kind == "latent":
                 block = self._block(node, offset)
                 offset += block.size
+                self.steps.append(("block", name, (len(self.blocks), block)))
                 self.blocks.append(block)
-                self.steps.append(("block", name, block))
             if node.dist is not None:
                 value = (lambda n: lambda env: env[n])(name) if node.kind == "latent" else \
                     (lambda v: lambda env: v)(self.known[name])
@@ -208,25 +208,41 @@ class LogJoint:
         return Block(node.name, offset, size, ushape, shape, None if varying else t0, varying, kind)
 
     # ---- evaluation -------------------------------------------------------------
-    def evaluate(self, theta: torch.Tensor, discrete: Optional[Mapping[str, torch.Tensor]] = None,
-                 keep_factors: bool = False, keep_enum: bool = False, densities: bool = True) -> Evaluation:
-        """`densities=False`: values only (no factor densities, no enumeration): `total` is then
-        meaningless, and enumerated latents cannot be drawn."""
+    def split(self, theta: torch.Tensor) -> List[torch.Tensor]:
+        """(S, dim) -> one (S, *ushape) tensor per block (views where the shapes allow)."""
         S = theta.shape[0]
+        out = []
+        for b in self.blocks:
+            if not b.ushape:
+                out.append(theta[:, b.offset])
+            elif len(b.ushape) == 1:
+                out.append(theta[:, b.offset:b.offset + b.size])
+            else:
+                out.append(theta[:, b.offset:b.offset + b.size].reshape((S,) + b.ushape))
+        return out
+
+    def evaluate(self, theta: Optional[torch.Tensor], discrete: Optional[Mapping[str, torch.Tensor]] = None,
+                 keep_factors: bool = False, keep_enum: bool = False, densities: bool = True,
+                 blocks: Optional[List[torch.Tensor]] = None) -> Evaluation:
+        """`densities=False`: values only (no factor densities, no enumeration): `total` is then
+        meaningless, and enumerated latents cannot be drawn.  `blocks`: `split(theta)` given
+        directly (e.g. as autograd leaves), instead of `theta`."""
+        us = self.split(theta) if blocks is None else blocks
+        S = theta.shape[0] if blocks is None else (us[0].shape[0] if us else 1)
         env: Dict[str, torch.Tensor] = dict(self.known)
-        total = torch.zeros(S, dtype=theta.dtype)
+        total = None
         factors: Dict[str, torch.Tensor] = {}
         for kind, name, payload in self.steps:
             if kind == "block":
-                b: Block = payload
-                u = theta[:, b.offset:b.offset + b.size].reshape((S,) + b.ushape)
+                i, b = payload
+                u = us[i]
                 if b.kind == "real":
                     env[name] = u                    # identity: no transform, no Jacobian
                     continue
                 t = b.transform if b.transform is not None else bijection(b.kind, *b.bounds(env))
                 x = t(u)
                 env[name] = x
-                total = total + sum_event(t.log_abs_det_jacobian(u, x))
+                total = _add(total, sum_event(t.log_abs_det_jacobian(u, x)))
             elif kind == "deterministic":
                 env[name] = payload(env)
             elif kind == "score":
@@ -235,18 +251,22 @@ class LogJoint:
                 lp = payload.log_prob(env, z)
                 if keep_factors:
                     factors[name] = lp
-                total = total + sum_event(lp)
+                total = _add(total, sum_event(lp))
             elif densities:   # factor
                 lp = payload.log_prob(env, payload.value(env))
                 if keep_factors:
                     factors[name] = lp
-                total = total + sum_event(lp)
+                total = _add(total, sum_event(lp))
         enum_logits = {}
         for g in (self.enum if densities else ()):
             L = self._enumerate(g, env, S)
             if keep_enum:
                 enum_logits[g.name] = L
-            total = total + sum_event(torch.logsumexp(L, 0))
+            total = _add(total, sum_event(torch.logsumexp(L, 0)))
+        if total is None:
+            total = torch.zeros(S, dtype=self.dtype)
+        elif total.shape != (S,):
+            total = total.expand(S)
         return Evaluation(total, env, factors, enum_logits)
 
     def _enumerate(self, g: EnumGroup, env, S) -> torch.Tensor:
@@ -328,6 +348,10 @@ class LogJoint:
                         if a not in bad:
                             bad.append(a)
         return bad
+
+
+def _add(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
+    return term if total is None else total + term
 
 
 def _ancestors(model: Model, name: str) -> List[str]:

@@ -12,7 +12,7 @@ from typing import Callable, Dict
 
 import torch
 from torch.distributions import biject_to, constraints
-from torch.distributions.transforms import Transform
+from torch.distributions.transforms import AffineTransform, ComposeTransform, Transform
 
 
 class _Ordered(constraints.Constraint):
@@ -70,7 +70,22 @@ CONSTRAINTS: Dict[str, Callable] = {
 
 def bijection(kind: str, lo=None, hi=None) -> Transform:
     """The map from unconstrained space onto the set `kind` (with bounds)."""
-    return biject_to(CONSTRAINTS[kind](lo, hi))
+    return _simplify(biject_to(CONSTRAINTS[kind](lo, hi)))
+
+
+def _is_zero(v) -> bool:
+    return bool((v == 0).all()) if torch.is_tensor(v) else v == 0
+
+
+def _simplify(t: Transform) -> Transform:
+    """biject_to(positive) is exp followed by the identity affine map x + 0 (torch registers `positive`
+    as greater_than(0)); that costs six tensor ops per evaluation instead of one.  Drop the identity."""
+    if isinstance(t, ComposeTransform) and len(t.parts) == 2 and isinstance(t.parts[1], AffineTransform):
+        aff = t.parts[1]
+        if not torch.is_tensor(aff.scale) and aff.scale == 1 and _is_zero(aff.loc) and \
+                (not torch.is_tensor(aff.loc) or not aff.loc.requires_grad):
+            return t.parts[0]
+    return t
 
 
 def unconstrained_shape(kind: str, shape) -> tuple:
@@ -87,4 +102,6 @@ def unconstrained_shape(kind: str, shape) -> tuple:
 
 def sum_event(x: torch.Tensor) -> torch.Tensor:
     """Sum every dimension but the leading (sample) one."""
+    if x.dim() == 2:
+        return x.sum(-1)
     return x.reshape(x.shape[0], -1).sum(-1) if x.dim() > 1 else x

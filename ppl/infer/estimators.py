@@ -13,6 +13,7 @@ Objectives (registry `OBJECTIVES`): elbo, iwae, renyi (alpha).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -105,6 +106,44 @@ class Estimator:
 
     def parameters(self) -> List[torch.Tensor]:
         return self.family.parameters() + [q.param for q in self.dq.values()]
+
+    @property
+    def closed_form(self) -> bool:
+        """The default path (Gaussian family, ELBO, pathwise, no discrete q): autograd runs through
+        the log joint only, and the family's part of the chain rule is done in closed form."""
+        return self.family.closed_form and self.objective == "elbo" and self.continuous == "reparam" \
+            and not self.dq
+
+    def gradient(self, S: int) -> float:
+        """Set `.grad` of every parameter to an estimate of minus the objective's gradient;
+        return the objective's value (not finite: the gradients are not to be used)."""
+        if not self.closed_form:
+            terms = self(S)
+            if not (math.isfinite(terms.objective) and bool(torch.isfinite(terms.loss))):
+                return math.nan
+            terms.loss.backward()
+            return terms.objective
+        fam, lj = self.family, self.lj
+        eps, theta = fam.draw(S)
+        with torch.no_grad():
+            us = [u.requires_grad_(True) for u in lj.split(theta)]
+        total = lj.evaluate(None, blocks=us).total
+        with torch.no_grad():
+            value = float(total.sum()) / S + fam.entropy_value()
+        if not math.isfinite(value):
+            return math.nan
+        gs = torch.autograd.grad(total, us, grad_outputs=self._weights(S), allow_unused=True)
+        with torch.no_grad():
+            g = torch.cat([torch.zeros_like(u).view(S, -1) if gi is None else gi.view(S, -1)
+                           for u, gi in zip(us, gs)], 1) if len(us) > 1 else gs[0].view(S, -1)
+        fam.flat.grad = fam.loss_grad(eps, g)
+        return value
+
+    def _weights(self, S: int) -> torch.Tensor:
+        w = getattr(self, "_w", None)
+        if w is None or w.shape[0] != S:
+            self._w = w = torch.full((S,), 1.0 / S, dtype=self.lj.dtype)
+        return w
 
     def __call__(self, S: int) -> Terms:
         fam = self.family

@@ -25,9 +25,11 @@ class Preconditioner:
         self.mu0, self.A = mu0, A
         self.diag = A.dim() == 1
         self.logdet = torch.log(A.abs()).sum() if self.diag else torch.log(torch.diagonal(A).abs()).sum()
+        self.logdet_value = float(self.logdet)
+        self.A_T = None if self.diag else A.T.contiguous()
 
     def to_theta(self, u: torch.Tensor) -> torch.Tensor:
-        return self.mu0 + (u * self.A if self.diag else u @ self.A.T)
+        return torch.addcmul(self.mu0, u, self.A) if self.diag else torch.addmm(self.mu0, u, self.A_T)
 
     def to_u(self, theta: torch.Tensor) -> torch.Tensor:
         d = theta - self.mu0
@@ -37,6 +39,8 @@ class Preconditioner:
 
 
 class Family:
+    """Parameters live in one flat leaf tensor `flat` (one Adam update, one finiteness check per step);
+    `_params` gives named autograd views of it, `_raw` detached views (for the closed-form gradients)."""
     name = "family"
     gaussian = True
 
@@ -45,19 +49,32 @@ class Family:
         self.D = pre.mu0.shape[0]
         self.dtype = pre.mu0.dtype
 
+    def _allocate(self, init: Dict[str, torch.Tensor]) -> None:
+        self._layout, n = {}, 0
+        for k, v in init.items():
+            self._layout[k] = (n, n + v.numel(), tuple(v.shape))
+            n += v.numel()
+        self.flat = torch.cat([v.reshape(-1) for v in init.values()] + [torch.zeros(0, dtype=self.dtype)]
+                              ).detach().requires_grad_(True)
+        raw = self.flat.detach()
+        self._raw = {k: raw[a:b].view(shape) for k, (a, b, shape) in self._layout.items()}
+
+    @property
+    def _params(self) -> Dict[str, torch.Tensor]:
+        return {k: self.flat[a:b].view(shape) for k, (a, b, shape) in self._layout.items()}
+
     def _eps(self, S: int, d: Optional[int] = None) -> torch.Tensor:
         return torch.randn((S, d or self.D), generator=self.gen, dtype=self.dtype)
 
     def parameters(self) -> List[torch.Tensor]:
-        return list(self._params.values())
+        return [self.flat]
 
     def state(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self._params.items()}
+        return {"flat": self.flat.detach().clone()}
 
     def load(self, state: Dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for k, v in state.items():
-                self._params[k].copy_(v)
+            self.flat.copy_(state["flat"])
 
     def rsample(self, S: int) -> torch.Tensor:
         return self.pre.to_theta(self.rsample_u(S))
@@ -69,14 +86,39 @@ class Family:
         h = self.entropy_u()
         return None if h is None else h + self.pre.logdet
 
+    # closed-form pathwise gradient (families that define `draw_u` and `u_grad` only)
+    closed_form = False
+
+    def draw(self, S: int):
+        """-> (eps, theta): S reparameterised draws, without autograd."""
+        with torch.no_grad():
+            eps, u = self.draw_u(S)
+            return eps, self.pre.to_theta(u)
+
+    def loss_grad(self, eps: torch.Tensor, g_theta: torch.Tensor) -> torch.Tensor:
+        """Gradient in `flat` of -(mean_s log p(theta_s) + entropy), given g_theta = d/dtheta of
+        mean_s log p(theta_s) at theta = draw(eps): the chain rule through theta = mu0 + A u(eps)."""
+        with torch.no_grad():
+            g_u = g_theta * self.pre.A if self.pre.diag else g_theta @ self.pre.A
+            return self.u_grad(eps, g_u)
+
 
 class MeanField(Family):
     name = "meanfield"
 
     def __init__(self, pre, generator, **_):
         super().__init__(pre, generator)
-        self._params = {"m": torch.zeros(self.D, dtype=self.dtype, requires_grad=True),
-                        "log_s": torch.zeros(self.D, dtype=self.dtype, requires_grad=True)}
+        self._allocate({"m": torch.zeros(self.D, dtype=self.dtype), "log_s": torch.zeros(self.D, dtype=self.dtype)})
+
+    closed_form = True
+
+    def draw_u(self, S):
+        eps = self._eps(S)
+        return eps, torch.addcmul(self._raw["m"], eps, torch.exp(self._raw["log_s"]))
+
+    def u_grad(self, eps, g_u):
+        s = torch.exp(self._raw["log_s"])
+        return -torch.cat([g_u.sum(0), torch.addcmul(torch.ones_like(s), (g_u * eps).sum(0), s)])
 
     def rsample_u(self, S):
         p = self._params
@@ -90,18 +132,41 @@ class MeanField(Family):
     def entropy_u(self):
         return self._params["log_s"].sum() + 0.5 * self.D * (1 + _LOG2PI)
 
+    def entropy_value(self):
+        return float(self._raw["log_s"].sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value
+
 
 class FullRank(Family):
     name = "fullrank"
 
     def __init__(self, pre, generator, **_):
         super().__init__(pre, generator)
-        self._params = {"m": torch.zeros(self.D, dtype=self.dtype, requires_grad=True),
-                        "L": torch.zeros(self.D, self.D, dtype=self.dtype, requires_grad=True)}
+        self._allocate({"m": torch.zeros(self.D, dtype=self.dtype), "L": torch.zeros(self.D, self.D, dtype=self.dtype)})
 
     def scale_tril(self):
         L = self._params["L"]
         return torch.tril(L, -1) + torch.diag_embed(torch.exp(torch.diagonal(L)))
+
+    closed_form = True
+
+    def draw_u(self, S):
+        L = self._raw["L"]
+        C = torch.tril(L, -1)
+        C.diagonal().copy_(torch.exp(L.diagonal()))
+        eps = self._eps(S)
+        return eps, torch.addmm(self._raw["m"], eps, C.T)
+
+    def u_grad(self, eps, g_u):
+        # u = m + C eps, C = tril(L, -1) + diag(exp(diag L)); entropy = sum(diag L) + const
+        g = torch.empty_like(self.flat)
+        D = self.D
+        torch.sum(g_u, 0, out=g[:D])
+        gC = g[D:].view(D, D)
+        torch.mm(g_u.T, eps, out=gC)
+        gC.tril_()
+        d = gC.diagonal()
+        d.mul_(torch.exp(self._raw["L"].diagonal())).add_(1.0)
+        return g.neg_()
 
     def rsample_u(self, S):
         return self._params["m"] + self._eps(S) @ self.scale_tril().T
@@ -114,6 +179,9 @@ class FullRank(Family):
     def entropy_u(self):
         return torch.diagonal(self._params["L"]).sum() + 0.5 * self.D * (1 + _LOG2PI)
 
+    def entropy_value(self):
+        return float(self._raw["L"].diagonal().sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value
+
 
 class LowRank(Family):
     """Diagonal plus rank r: cov = W W^T + diag(d^2)."""
@@ -124,9 +192,8 @@ class LowRank(Family):
         r = rank or max(1, min(10, self.D // 4))
         self.r = min(r, self.D)
         W0 = 1e-2 * torch.randn((self.D, self.r), generator=generator, dtype=self.dtype)
-        self._params = {"m": torch.zeros(self.D, dtype=self.dtype, requires_grad=True),
-                        "log_d": torch.zeros(self.D, dtype=self.dtype, requires_grad=True),
-                        "W": W0.requires_grad_(True)}
+        self._allocate({"m": torch.zeros(self.D, dtype=self.dtype), "log_d": torch.zeros(self.D, dtype=self.dtype),
+                        "W": W0})
 
     def rsample_u(self, S):
         p = self._params
@@ -168,20 +235,29 @@ class Flow(Family):
         self.base = FullRank(pre, generator) if D <= 200 else MeanField(pre, generator)
         h = hidden or max(8, min(64, 2 * D))
         self.masks = []
-        self._params = dict(("base_" + k, v) for k, v in self.base._params.items())
+        init = {}
         for i in range(layers if D > 1 else 0):
             mask = torch.zeros(D, dtype=self.dtype)
             mask[(torch.arange(D) + i) % 2 == 0] = 1.0
             self.masks.append(mask)
-            W1 = (torch.randn((D, h), generator=generator, dtype=self.dtype) / math.sqrt(D)).requires_grad_(True)
-            b1 = torch.zeros(h, dtype=self.dtype, requires_grad=True)
-            W2 = torch.zeros((h, 2 * D), dtype=self.dtype, requires_grad=True)     # identity at start
-            b2 = torch.zeros(2 * D, dtype=self.dtype, requires_grad=True)
-            for k, v in (("W1", W1), ("b1", b1), ("W2", W2), ("b2", b2)):
-                self._params[f"{k}_{i}"] = v
+            init[f"W1_{i}"] = torch.randn((D, h), generator=generator, dtype=self.dtype) / math.sqrt(D)
+            init[f"b1_{i}"] = torch.zeros(h, dtype=self.dtype)
+            init[f"W2_{i}"] = torch.zeros((h, 2 * D), dtype=self.dtype)     # identity at start
+            init[f"b2_{i}"] = torch.zeros(2 * D, dtype=self.dtype)
+        self._allocate(init)
 
-    def _layer(self, i, x):
-        p, mask = self._params, self.masks[i]
+    def parameters(self):
+        return self.base.parameters() + [self.flat]
+
+    def state(self):
+        return {"base": self.base.state(), "flat": self.flat.detach().clone()}
+
+    def load(self, state):
+        self.base.load(state["base"])
+        super().load(state)
+
+    def _layer(self, p, i, x):
+        mask = self.masks[i]
         hdn = torch.tanh((x * mask) @ p[f"W1_{i}"] + p[f"b1_{i}"])
         out = hdn @ p[f"W2_{i}"] + p[f"b2_{i}"]
         s, t = out[..., :self.D], out[..., self.D:]
@@ -189,8 +265,8 @@ class Flow(Family):
         t = t * (1 - mask)
         return x * torch.exp(s) + t, s.sum(-1)
 
-    def _inverse_layer(self, i, y):
-        p, mask = self._params, self.masks[i]
+    def _inverse_layer(self, p, i, y):
+        mask = self.masks[i]
         x_masked = y * mask
         hdn = torch.tanh(x_masked @ p[f"W1_{i}"] + p[f"b1_{i}"])
         out = hdn @ p[f"W2_{i}"] + p[f"b2_{i}"]
@@ -202,8 +278,9 @@ class Flow(Family):
 
     def _forward(self, x):
         logdet = torch.zeros(x.shape[0], dtype=self.dtype)
+        p = self._params
         for i in range(len(self.masks)):
-            x, ld = self._layer(i, x)
+            x, ld = self._layer(p, i, x)
             logdet = logdet + ld
         return x, logdet
 
@@ -215,8 +292,9 @@ class Flow(Family):
     def log_q_u(self, u):
         logdet = torch.zeros(u.shape[0], dtype=self.dtype)
         x = u
+        p = self._params
         for i in reversed(range(len(self.masks))):
-            x, ld = self._inverse_layer(i, x)
+            x, ld = self._inverse_layer(p, i, x)
             logdet = logdet + ld
         return self.base.log_q_u(x) - logdet
 

@@ -246,6 +246,7 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
     prev_mean = None
     good = [p.detach().clone() for p in params]
     avg = [torch.zeros_like(p) for p in params]
+    values = [p.detach() for p in params]        # aliases (no autograd), for the running average
     n_avg = 0
     window_means: List[List[torch.Tensor]] = []
     failures = 0
@@ -255,13 +256,10 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
     while t < max_steps:
         decay = lr_scale / math.sqrt(1.0 + t / 100.0)
         opt.zero_grad()
-        ok = True
         try:
-            terms = est(S)
-            ok = math.isfinite(terms.objective) and bool(torch.isfinite(terms.loss))
-            if ok:
-                terms.loss.backward()
-                ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+            objective = est.gradient(S)
+            ok = math.isfinite(objective) and all(math.isfinite(float(p.grad.sum()))
+                                                  for p in params if p.grad is not None)
         except (ValueError, RuntimeError, torch.linalg.LinAlgError):
             ok = False
         if not ok:
@@ -277,7 +275,7 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
         opt.step(decay)
         t += 1
         failures = max(0, failures - 1) if t % 50 == 0 else failures
-        trace.append(terms.objective)
+        trace.append(objective)
         if t % 10 == 0:
             with torch.no_grad():
                 for p, g in zip(params, good):
@@ -285,10 +283,10 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
         # iterate averaging over the current window
         with torch.no_grad():
             n_avg += 1
-            for a, p in zip(avg, params):
-                a.add_(p.detach() - a, alpha=1.0 / n_avg)
+            for a, p in zip(avg, values):
+                a.lerp_(p, 1.0 / n_avg)
         if progress is not None:
-            progress(t, max_steps, terms.objective)
+            progress(t, max_steps, objective)
         if t % window == 0:
             cur = float(np.mean(trace[-window:]))
             settled = False

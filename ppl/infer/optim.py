@@ -31,15 +31,15 @@ class Adam:
     def step(self, scale: float = 1.0):
         self.t += 1
         c1 = 1 - self.b1 ** self.t
-        c2 = 1 - self.b2 ** self.t
+        rc2 = math.sqrt(1 - self.b2 ** self.t)
         for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs):
             g = p.grad
             if g is None:
                 continue
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            m.lerp_(g, 1 - self.b1)
             v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            denom = (v / c2).sqrt_().add_(self.eps)
-            p.addcdiv_(m, denom, value=-lr * scale / c1)
+            # p -= lr/c1 * m / (sqrt(v/c2) + eps), with sqrt(c2) moved out of the denominator
+            p.addcdiv_(m, v.sqrt().add_(self.eps * rc2), value=-lr * scale * rc2 / c1)
 
 
 def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter: int = 500, history: int = 10,
