@@ -42,6 +42,15 @@ def test_exact_weights():
     assert np.allclose(r.weights, 1.0 / S)
 
 
+def test_exact_weights_up_to_rounding():
+    """An exact q (a Gaussian posterior fitted exactly) gives log ratios equal up to rounding: k-hat 0,
+    not the inf or nan of a GPD fitted to exceedances of 1e-14."""
+    rng = np.random.default_rng(3)
+    r = psis(-1234.5 + 1e-12 * rng.normal(size=1000))
+    assert r.khat == 0.0
+    assert r.ess == pytest.approx(1.0, abs=1e-9)
+
+
 def test_nearly_exact_weights():
     rng = np.random.default_rng(2)
     r = psis(1e-6 * rng.normal(size=4000))
@@ -127,6 +136,14 @@ def test_verdict_rules(khat, ess, label):
     assert got == label
     assert text.startswith(label)
     assert f"{khat:.2f}" in text
+
+
+def test_verdict_high_khat_with_tight_log_weights():
+    """k-hat >= 1 is overridden only when the log weights barely vary (sd < 0.1) and the ESS is high."""
+    assert verdict(2.2, 0.995, "fullrank", True, 0.995, 0.046)[0] == "good"
+    assert verdict(2.2, 0.995, "fullrank", True, 0.995, 0.3)[0] != "good"
+    assert verdict(2.2, 0.995, "fullrank", True, 0.995)[0] != "good"
+    assert verdict(2.2, 0.95, "fullrank", True, 0.5, 0.05)[0] != "good"
 
 
 def test_verdict_advice():

@@ -123,8 +123,16 @@ class Estimator:
                 return math.nan
             terms.loss.backward()
             return terms.objective
+        eps, theta = self.family.draw(S)
+        return self._closed_form_gradient(eps, theta)
+
+    def gradient_at(self, eps: torch.Tensor) -> float:
+        """`gradient` on given standard-normal draws (fixed draws: a deterministic objective)."""
+        return self._closed_form_gradient(eps, self.family.theta_of(eps))
+
+    def _closed_form_gradient(self, eps: torch.Tensor, theta: torch.Tensor) -> float:
         fam, lj = self.family, self.lj
-        eps, theta = fam.draw(S)
+        S = eps.shape[0]
         with torch.no_grad():
             us = [u.requires_grad_(True) for u in lj.split(theta)]
         total = lj.evaluate(None, blocks=us).total

@@ -86,14 +86,27 @@ class Family:
         h = self.entropy_u()
         return None if h is None else h + self.pre.logdet
 
-    # closed-form pathwise gradient (families that define `draw_u` and `u_grad` only)
+    # closed-form pathwise gradient (families that define `u_of` and `u_grad` only)
     closed_form = False
 
     def draw(self, S: int):
         """-> (eps, theta): S reparameterised draws, without autograd."""
+        eps = self._eps(S)
+        return eps, self.theta_of(eps)
+
+    def theta_of(self, eps: torch.Tensor):
         with torch.no_grad():
-            eps, u = self.draw_u(S)
-            return eps, self.pre.to_theta(u)
+            return self.pre.to_theta(self.u_of(eps))
+
+    def rewhiten(self, flat: torch.Tensor) -> None:
+        """Move the preconditioner to the q given by parameters `flat` (mean and scale, in theta) and
+        restart at the standard normal in the new coordinates: the same q, with unit scale again."""
+        with torch.no_grad():
+            m, scale = self.mean_scale_u(flat)
+            mu0 = self.pre.to_theta(m.unsqueeze(0))[0]
+            A = self.pre.A * scale if self.pre.diag else self.pre.A @ scale
+            self.pre = Preconditioner(mu0, A)
+            self.flat.zero_()
 
     def loss_grad(self, eps: torch.Tensor, g_theta: torch.Tensor) -> torch.Tensor:
         """Gradient in `flat` of -(mean_s log p(theta_s) + entropy), given g_theta = d/dtheta of
@@ -112,9 +125,8 @@ class MeanField(Family):
 
     closed_form = True
 
-    def draw_u(self, S):
-        eps = self._eps(S)
-        return eps, torch.addcmul(self._raw["m"], eps, torch.exp(self._raw["log_s"]))
+    def u_of(self, eps):
+        return torch.addcmul(self._raw["m"], eps, torch.exp(self._raw["log_s"]))
 
     def u_grad(self, eps, g_u):
         s = torch.exp(self._raw["log_s"])
@@ -131,6 +143,10 @@ class MeanField(Family):
 
     def entropy_u(self):
         return self._params["log_s"].sum() + 0.5 * self.D * (1 + _LOG2PI)
+
+    def mean_scale_u(self, flat):
+        D = self.D
+        return flat[:D], torch.exp(flat[D:])
 
     def entropy_value(self):
         return float(self._raw["log_s"].sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value
@@ -149,12 +165,11 @@ class FullRank(Family):
 
     closed_form = True
 
-    def draw_u(self, S):
+    def u_of(self, eps):
         L = self._raw["L"]
         C = torch.tril(L, -1)
         C.diagonal().copy_(torch.exp(L.diagonal()))
-        eps = self._eps(S)
-        return eps, torch.addmm(self._raw["m"], eps, C.T)
+        return torch.addmm(self._raw["m"], eps, C.T)
 
     def u_grad(self, eps, g_u):
         # u = m + C eps, C = tril(L, -1) + diag(exp(diag L)); entropy = sum(diag L) + const
@@ -178,6 +193,11 @@ class FullRank(Family):
 
     def entropy_u(self):
         return torch.diagonal(self._params["L"]).sum() + 0.5 * self.D * (1 + _LOG2PI)
+
+    def mean_scale_u(self, flat):
+        D = self.D
+        L = flat[D:].view(D, D)
+        return flat[:D], torch.tril(L, -1) + torch.diag(torch.exp(L.diagonal()))
 
     def entropy_value(self):
         return float(self._raw["L"].diagonal().sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value

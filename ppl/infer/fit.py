@@ -31,13 +31,19 @@ from ..backend.log_joint import LogJoint
 from .estimators import Estimator, discrete_families
 from .families import FAMILIES, Preconditioner
 from .laplace import COLD_SCALE, FULL_HESSIAN_MAX, laplace
-from .optim import Adam
+from .optim import Adam, lbfgs_vg
 from .psis import psis, verdict
 
 METHODS = ("auto",) + tuple(FAMILIES)
 AUTO_FULLRANK_MAX = 200
 DISCRETE_LR_SCALE = 4.0
 COLD_MIN_STEPS = 1500    # no convergence check before this many steps after a cold start
+WARMUP_STEPS = 300       # Adam steps before the fixed-draw finish after a cold start (none after Laplace)
+FIXED_DRAW_MAX = 16384
+FIXED_DRAW_BUDGET = 1_000_000   # elements per evaluation of the fixed-draw objective
+FIXED_DRAW_CHUNK = 1_000_000       # elements per chunk of draws (bounds the memory of one evaluation)
+OPTIMIZERS = ("auto", "adam", "dadvi")
+FIXED_DRAW_ITERS = 1000
 MAX_WINDOWS = 50         # window averages kept for the final iterate average
 MC_BUDGET = 200_000
 PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations      # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
@@ -63,6 +69,9 @@ class Fit:
     timings: Dict[str, float] = field(default_factory=dict)
     lr: float = 0.0
     mc_samples: int = 0
+    optimizer: str = "adam"
+    evals: int = 0                  # L-BFGS evaluations of the fixed-draw objective (dadvi)
+    fixed_draws: int = 0
 
     def summary(self) -> Dict[str, Dict[str, float]]:
         """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95."""
@@ -125,7 +134,7 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
         tol: float = 0.01, lr: Optional[float] = None, mc_samples: Optional[int] = None, draws: int = 1000,
         seed: int = 0, rank: Optional[int] = None, objective: str = "elbo", alpha: float = 0.5,
         init: str = "laplace", progress=None, timings: Optional[Dict[str, float]] = None,
-        min_steps: int = 300) -> Fit:
+        min_steps: int = 300, optimizer: str = "auto") -> Fit:
     t_start = time.perf_counter()
     timings = dict(timings or {})
     if draws < 1:
@@ -136,6 +145,8 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
         raise UsageError("--mc-samples must be at least 1")
     if tol < 0:
         raise UsageError("--tol must be non-negative")
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer '{optimizer}' (optimizers: {', '.join(OPTIMIZERS)})")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     set_threads(model)
@@ -174,17 +185,30 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     # MC samples: 16 for small models; fewer for large data (per-step cost grows with S x N, the noise does not)
     S = mc_samples or max(1, min(16 if cont == "reparam" and not dq else 64, MC_BUDGET // lj.largest_node()))
     max_steps = 10000 if steps is None else steps
+    optimizer = choose_optimizer(optimizer, est, steps, lr, mc_samples, S)
+    cold = not lap.note.startswith("Laplace")
     if lr is None:
         # in whitened units; smaller with few MC samples (noisier gradients), larger from a cold start
-        lr = (0.1 if lap.note.startswith("Laplace") else 0.2) * min(1.0, math.sqrt(S / 16))
+        lr = (0.2 if cold else 0.1) * min(1.0, math.sqrt(S / 16))
         if cont == "score" or dq:
             lr = lr * 0.5
     t0 = time.perf_counter()
-    if not lap.note.startswith("Laplace"):
+    if cold:
         # a cold start begins far from the optimum, where Stan's relative tolerance stops too early
         # (radon-like K=85: 600 steps left sigma_a 0.23 sd off the long run; 1600 steps: 0.03)
         min_steps = max(min_steps, COLD_MIN_STEPS)
-    trace, converged, n_steps = _optimise(est, lj, S, max_steps, tol, lr, min_steps, progress)
+    evals = n_fixed = 0
+    if optimizer == "dadvi":
+        # Adam only to get near (a Laplace start already is); fixed draws and L-BFGS do the rest
+        warm = min(max_steps, WARMUP_STEPS if cold else 0)
+        trace, converged, n_steps = _optimise(est, lj, S, warm, tol, lr, warm, progress)
+        n_fixed = _fixed_draw_count(fam.D, lj.largest_node(), method)
+        evals, converged, values = _fixed_draw_finish(est, n_fixed, gen, lj.largest_node())
+        trace = trace + values
+        if not values:   # the fixed-draw objective was not finite at the start: stochastic steps after all
+            optimizer, evals, n_fixed = "adam", 0, 0
+    if optimizer == "adam":
+        trace, converged, n_steps = _optimise(est, lj, S, max_steps, tol, lr, min_steps, progress)
     timings["optimise"] = time.perf_counter() - t0
 
     # ---- draws and diagnostics ---------------------------------------------------------
@@ -219,12 +243,13 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     log_w = (log_p - log_q[:M] - log_q_z[:M]).numpy()
     ps = psis(log_w)
     timings["khat"] = time.perf_counter() - t0
-    label, text = verdict(ps.khat, ps.ess, method, converged, ps.ess_raw)
+    label, text = verdict(ps.khat, ps.ess, method, converged, ps.ess_raw, ps.sd_log_w)
     draws_np = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
-    tail = trace[-100:] if trace else [float("nan")]
+    # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
+    tail = trace[-1:] if evals else trace[-100:] if trace else [float("nan")]
     fit_ = Fit(model, method, describe(p), draws_np, trace, float(np.mean(tail)), n_steps, converged,
                float(ps.khat), float(ps.ess), float(ps.sd_log_w), text, label, lap.note,
-               time.perf_counter() - t_start, timings, lr, S)
+               time.perf_counter() - t_start, timings, lr, S, optimizer, evals, n_fixed)
     return fit_
 
 
@@ -313,6 +338,79 @@ def _optimise(est: Estimator, lj: LogJoint, S: int, max_steps: int, tol: float, 
             for i, p in enumerate(params):
                 p.copy_(sum(w[i] * (n / total) for w, n in parts))
     return trace, converged, t
+
+
+def choose_optimizer(optimizer: str, est: Estimator, steps: Optional[int], lr: Optional[float],
+                     mc_samples: Optional[int], S: int) -> str:
+    """auto: the fixed-draw finish (dadvi) where it applies and the data are small enough for 16 MC
+    samples per step; Adam when the user tunes the stochastic steps (`--steps N` runs N Adam steps;
+    `--lr`, `--mc-samples`) and for large data (per-step noise is small there, and each pass over
+    the data is dear)."""
+    fits = est.closed_form and hasattr(est.family, "mean_scale_u")
+    if optimizer == "dadvi" and not fits:
+        raise UsageError("--optimizer dadvi needs --method meanfield or fullrank, the ELBO, and no "
+                         "discrete latents on the score path")
+    if optimizer == "auto":
+        tuned = steps is not None or lr is not None or mc_samples is not None
+        return "dadvi" if fits and not tuned and S >= 16 else "adam"
+    return optimizer
+
+
+def _fixed_draw_count(D: int, largest: int, method: str) -> int:
+    """Draws for the fixed-draw objective: as many as FIXED_DRAW_BUDGET elements per evaluation allow
+    (up to 16384: a heavy-tailed direction, eight schools' tau, needs thousands), never
+    fewer than 2D + 2 for a full-rank q (with M <= D its covariance can grow without bound in
+    directions no draw sees)."""
+    least = 2 * D + 2 if method == "fullrank" else 32
+    return int(max(least, min(FIXED_DRAW_MAX, FIXED_DRAW_BUDGET // max(1, largest))))
+
+
+def _fixed_draw_finish(est: Estimator, M: int, gen: torch.Generator, largest: int):
+    """DADVI-style finish (Giordano, Ingram & Broderick 2024): fix M standard-normal draws and
+    minimise the resulting deterministic negative ELBO with L-BFGS, in coordinates whitened by the
+    warm-up's q.  The draws are moment-matched (mean 0, covariance I exactly), so for a Gaussian
+    posterior the fixed-draw optimum is the exact one.  -> (evaluations, converged)."""
+    fam = est.family
+    fam.rewhiten(fam.flat.detach().clone())
+    D = fam.D
+    eps = torch.randn((M, D), generator=gen, dtype=fam.dtype)
+    eps = eps - eps.mean(0)
+    if M > D:
+        C = torch.linalg.cholesky(eps.T @ eps / M)
+        eps = torch.linalg.solve_triangular(C, eps.T, upper=False).T
+    else:
+        eps = eps / eps.std(0, correction=0)
+
+    values = []
+    chunk = max(1, FIXED_DRAW_CHUNK // max(1, largest))     # memory: like one step of 16 MC samples
+
+    def value_grad(x):
+        with torch.no_grad():
+            fam.flat.copy_(x)
+        v, g = 0.0, None
+        try:
+            for i in range(0, M, chunk):
+                part = eps[i:i + chunk]
+                w = part.shape[0] / M
+                vc = est.gradient_at(part)
+                if not math.isfinite(vc):
+                    return math.inf, None
+                v += w * vc
+                g = fam.flat.grad * w if g is None else g.add_(fam.flat.grad, alpha=w)
+        except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+            return math.inf, None
+        values.append(v)
+        return -v, g
+
+    x0 = fam.flat.detach().clone()
+    if not math.isfinite(value_grad(x0)[0]):
+        return 1, False, []
+    values.clear()
+    x, evals = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20, gtol=1e-6, ftol=1e-10)
+    with torch.no_grad():
+        fam.flat.copy_(x)
+    fam.flat.grad = None
+    return evals, evals < FIXED_DRAW_ITERS, values
 
 
 def _numeric_failure(est: Estimator, lj: LogJoint, S: int):

@@ -8,7 +8,7 @@ a whole small fit.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,21 +43,33 @@ class Adam:
 
 
 def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter: int = 500, history: int = 10,
-          gtol: float = 1e-7, ftol: float = 1e-12) -> Tuple[torch.Tensor, int]:
-    """Minimise f from x0; returns (x, evaluations).  Non-finite values count as +inf."""
-    evals = 0
-
+          gtol: float = 1e-7, ftol: float = 1e-12, max_evals: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+    """Minimise f (differentiated by autograd) from x0; returns (x, evaluations)."""
     def value_grad(x):
-        nonlocal evals
-        evals += 1
         x = x.detach().requires_grad_(True)
         v = f(x)
         if not torch.isfinite(v):
             return math.inf, None
         g, = torch.autograd.grad(v, x)
-        if not torch.isfinite(g).all():
-            return math.inf, None
         return float(v.detach()), g
+    return lbfgs_vg(value_grad, x0, max_iter, history, gtol, ftol, max_evals)
+
+
+def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Tensor]]], x0: torch.Tensor,
+             max_iter: int = 500, history: int = 10, gtol: float = 1e-7, ftol: float = 1e-12,
+             max_evals: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+    """Minimise from x0, given x -> (value, gradient); returns (x, evaluations).  A non-finite value
+    or gradient counts as +inf (the line search backs off)."""
+    evals = 0
+    vg = value_grad
+
+    def value_grad(x):
+        nonlocal evals
+        evals += 1
+        v, g = vg(x)
+        if g is None or not math.isfinite(v) or not torch.isfinite(g).all():
+            return math.inf, None
+        return v, g
 
     x = x0.detach().clone()
     fx, g = value_grad(x)
@@ -66,7 +78,7 @@ def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter:
     S: List[torch.Tensor] = []
     Y: List[torch.Tensor] = []
     for it in range(max_iter):
-        if float(g.abs().max()) < gtol:
+        if float(g.abs().max()) < gtol or (max_evals is not None and evals >= max_evals):
             break
         # two-loop recursion
         q = g.clone()

@@ -24,6 +24,14 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.4e}"
 
 
+def _steps(fit) -> str:
+    state = "converged" if fit.converged else "not converged"
+    if fit.optimizer == "dadvi":
+        warm = f" after {fit.steps} Adam steps ({fit.mc_samples} MC samples/step)" if fit.steps else ""
+        return f"{fit.evals} L-BFGS evaluations on {fit.fixed_draws} fixed draws{warm} ({state}; dadvi)"
+    return f"{fit.steps} ({state}; {fit.mc_samples} MC samples/step, lr {fit.lr:g})"
+
+
 def table(fit) -> str:
     s = fit.summary()
     w = max([len(k) for k in s] + [6])
@@ -31,8 +39,7 @@ def table(fit) -> str:
         f"model      {fit.model.source.path}",
         f"method     {fit.method} (ADVI, start: {fit.init})",
         f"estimator  {fit.estimator}",
-        f"steps      {fit.steps} ({'converged' if fit.converged else 'not converged'}; "
-        f"{fit.mc_samples} MC samples/step, lr {fit.lr:g})",
+        f"steps      {_steps(fit)}",
         f"ELBO       {fit.elbo:.4f}",
         f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
         f"time       {fit.seconds:.2f} s",
@@ -54,6 +61,7 @@ def to_json(fit) -> str:
         "estimator": fit.estimator, "khat": num(round(fit.khat, 4)), "ess": num(round(fit.ess, 4)),
         "sd_log_w": num(fit.sd_log_w), "verdict": fit.verdict_label, "verdict_text": fit.verdict,
         "init": fit.init, "seconds": round(fit.seconds, 3),
+        "optimizer": fit.optimizer, "evaluations": fit.evals, "fixed_draws": fit.fixed_draws,
     })
 
 
@@ -159,7 +167,8 @@ def run_fit_command(args) -> int:
     try:
         f = run(model, method=args.method, estimator=args.estimator, steps=args.steps, tol=args.tol, lr=args.lr,
                 mc_samples=args.mc_samples, draws=args.draws, seed=args.seed, rank=args.rank,
-                objective=args.objective, alpha=args.alpha, init=args.init, progress=bar, timings=timings)
+                objective=args.objective, alpha=args.alpha, init=args.init, progress=bar, timings=timings,
+                optimizer=args.optimizer)
     finally:
         if bar is not None:
             bar.close()
