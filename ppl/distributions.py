@@ -39,6 +39,7 @@ class DistSpec:
     event_rank: int = 0                          # rank of one draw (0 scalar, 1 vector, 2 matrix)
     event_shape: Optional[Callable] = None       # (param shapes) -> event shape; None: from the declaration
     lpdf: Optional[Callable] = None              # D -> fused elementwise log density (value, *args); optional
+    lpdf_sum: Optional[Callable] = None          # D -> the same summed per sample, (value, *args) -> (S,); optional
 
     @property
     def arity(self) -> int:
@@ -72,7 +73,7 @@ def _mvn_event(shapes):
 _C = [
     # ---- continuous -----------------------------------------------------
     DistSpec("normal", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Normal(m, s),
-             lpdf=lambda D: D.normal_lpdf),
+             lpdf=lambda D: D.normal_lpdf, lpdf_sum=lambda D: D.normal_lpdf_sum),
     DistSpec("student_t", (("nu", "positive"), ("mu", "real"), ("sigma", "positive")), "real",
              lambda D, nu, m, s: D.StudentT(nu, m, s), lpdf=lambda D: D.student_t_lpdf),
     DistSpec("cauchy", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Cauchy(m, s),

@@ -98,7 +98,8 @@ class Radon:
         lp = normal_lp(mu_a, 0.0, 10.0) + half_normal_lp(sa, 5.0) + lsa + half_normal_lp(sy, 5.0) + lsy
         lp = lp + normal_lp(b, 0.0, 10.0)
         lp = lp + normal_lp(a, mu_a[:, None], sa[:, None]).sum(-1)
-        m = a[:, self.county] + b[:, None] * self.floor
+        # gather with an expanded (copy-free) index: a[:, county] is several times slower, both ways
+        m = torch.gather(a, 1, self.county.expand(a.shape[0], -1)) + b[:, None] * self.floor
         return lp + normal_lp(self.y, m, sy[:, None]).sum(-1)
 
     def constrain(self, th):

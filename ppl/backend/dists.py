@@ -134,6 +134,19 @@ def normal_lpdf(x, mu, sigma):
     return torch.addcmul(-_HALF_LOG_2PI - torch.log(sigma), z, z, value=-0.5)
 
 
+def normal_lpdf_sum(x, mu, sigma):
+    """normal_lpdf summed over every dimension but the sample one.  With one scale per sample (a
+    latent sigma) the division moves after the sum: two passes over the data instead of four, both
+    ways; otherwise the elementwise form is one fused pass already."""
+    d = _centre(x, mu)
+    if d.dim() < 2 or not torch.is_tensor(sigma) or sigma[0].numel() != 1:
+        lp = normal_lpdf(x, mu, sigma)
+        return lp if lp.dim() == 1 else lp.reshape(lp.shape[0], -1).sum(-1)
+    ss = (d * d).reshape(d.shape[0], -1).sum(-1)
+    s = sigma.reshape(sigma.shape[0])
+    return ss.div(s * s).mul_(-0.5) - d[0].numel() * (torch.log(s) + _HALF_LOG_2PI)
+
+
 def half_normal_lpdf(x, sigma):
     if isinstance(sigma, float):
         return torch.addcmul(_c(_LOG2 - math.log(sigma) - _HALF_LOG_2PI), x, x, value=-0.5 / (sigma * sigma))

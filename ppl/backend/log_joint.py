@@ -44,6 +44,7 @@ class Factor:
     name: str
     value: Callable                             # env -> value tensor
     log_prob: Callable                          # (env, value) -> elementwise log density
+    log_prob_sum: Optional[Callable] = None     # (env, value) -> (S,): the same summed, where fused
 
 
 @dataclass
@@ -105,12 +106,15 @@ class LogJoint:
             out.append(fn)
         return out
 
-    def _logp_fn(self, node: Node) -> Callable:
-        """(env, value) -> elementwise log density of `node`'s distribution."""
+    def _logp_fn(self, node: Node, summed: bool = False) -> Optional[Callable]:
+        """(env, value) -> elementwise log density of `node`'s distribution; with `summed`, the
+        registry's per-sample sum (None where the distribution has none)."""
         spec = DS.REGISTRY[node.dist.spec]
+        if summed and spec.lpdf_sum is None:
+            return None
         args = self._aligned_args(node, floats=spec.lpdf is not None)
         if spec.lpdf is not None:
-            lpdf = spec.lpdf(D)
+            lpdf = (spec.lpdf_sum if summed else spec.lpdf)(D)
             if len(args) == 1:
                 a0 = args[0]
                 return lambda env, x: lpdf(x, a0(env))
@@ -169,7 +173,7 @@ class LogJoint:
             if node.dist is not None:
                 value = (lambda n: lambda env: env[n])(name) if node.kind == "latent" else \
                     (lambda v: lambda env: v)(self.known[name])
-                fac = Factor(name, value, self._logp_fn(node))
+                fac = Factor(name, value, self._logp_fn(node), self._logp_fn(node, summed=True))
                 if name in factor_owner:
                     enum_groups[factor_owner[name]].factors.append(fac)
                 else:
@@ -253,6 +257,9 @@ class LogJoint:
                     factors[name] = lp
                 total = _add(total, sum_event(lp))
             elif densities:   # factor
+                if payload.log_prob_sum is not None and not keep_factors:
+                    total = _add(total, payload.log_prob_sum(env, payload.value(env)))
+                    continue
                 lp = payload.log_prob(env, payload.value(env))
                 if keep_factors:
                     factors[name] = lp
