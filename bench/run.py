@@ -193,6 +193,14 @@ def ppl_argv(model, seed, extra=()):
     return ppl_cli.command(data_dir(model), seed=seed, extra=extra)
 
 
+def ppl_steps(rec):
+    """What ppl's optimiser did, from its JSON: Adam steps, and the fixed-draw L-BFGS evaluations."""
+    if rec.get("optimizer") == "dadvi":
+        adam = f"{rec.get('steps')} Adam + " if rec.get("steps") else ""
+        return f"{adam}{rec.get('evaluations')} L-BFGS evals on {rec.get('fixed_draws')} fixed draws"
+    return f"{rec.get('steps')} Adam steps"
+
+
 def system_argv(system, model, steps, seed, family, lr=None, S=None, draws=None, extra=()):
     cfg = PEERS[system]
     argv = [cfg["py"], os.path.join(SYSTEMS_DIR, cfg["script"]), model, data_dir(model), str(steps), str(seed),
@@ -445,12 +453,12 @@ def metric_fit(opts, vers):
                     continue
                 fam = rec.get("method") if rec.get("method") in ("fullrank", "meanfield") else "fullrank"
                 dm, ds, ok = accuracy(rec["params"], refs[(m, fam)])
-                rows.append({"seed": s, "rc": 0, "ok": ok, "dmean": dm, "dsd": ds, "steps": rec["steps"],
+                rows.append({"seed": s, "rc": 0, "ok": ok, "dmean": dm, "dsd": ds, "steps": ppl_steps(rec),
                              "converged": rec["converged"], "method": rec["method"], "khat": rec.get("khat"),
                              "verdict": rec.get("verdict"), "elbo": rec.get("elbo"), "family_ref": fam,
                              "worst": worst_params(rec["params"], refs[(m, fam)])})
                 log(f"ppl {m} seed {s}: {'accurate' if ok else 'NOT accurate'} (mean {dm:.3f} sd, "
-                    f"sd {100 * ds:.1f}%), {rec['steps']} steps, {rec['method']}")
+                    f"sd {100 * ds:.1f}%), {ppl_steps(rec)}, {rec['method']}")
             ppl_acc[m] = rows
     # 2. the step search for every other system
     for sysname in [s for s in systems if s in PEERS]:
@@ -517,7 +525,8 @@ def metric_fit(opts, vers):
                     shutil.rmtree(tmp, ignore_errors=True)
                 rec = last_json(r["stdout"]) or {}
                 runs[c["id"]].append({"seed": seed, "wall": r["wall"], "rss_mb": r["rss_mb"], "rc": r["rc"],
-                                      "phases": rec.get("phases"), "steps": rec.get("steps"),
+                                      "phases": rec.get("phases"),
+                                      "steps": ppl_steps(rec) if c["system"] == "ppl" else rec.get("steps"),
                                       "error": r["stderr"][-400:] if r["rc"] else None})
                 log(f"time {m} {c['id']} seed {seed}: {r['wall']:.2f} s, {r['rss_mb']:.0f} MB"
                     + (f" (exit {r['rc']})" if r["rc"] else ""))
@@ -642,7 +651,7 @@ def metric_memory(opts):
         + (f" (exit {r['rc']})" if r["rc"] else ""))
     out = {"N": n, "D": d, "data_float64_mb": data_mb, "baseline_mb": base["rss_mb"],
            "torch_only_mb": loop_base["rss_mb"], "budget_mb": 2 * data_mb + base["rss_mb"],
-           "ppl_default": {"wall": r["wall"], "rss_mb": r["rss_mb"], "rc": r["rc"], "steps": rec.get("steps"),
+           "ppl_default": {"wall": r["wall"], "rss_mb": r["rss_mb"], "rc": r["rc"], "steps": ppl_steps(rec),
                            "converged": rec.get("converged"), "method": rec.get("method"),
                            "seconds": rec.get("seconds"), "error": r["stderr"][-400:] if r["rc"] else None}}
     # the torch loop at 300 steps (its floor for the same data)
@@ -784,7 +793,7 @@ def report_fit(fit, w, summary):
                 else:
                     parts.append(f"seed {r['seed']}: {'accurate' if r['ok'] else 'NOT accurate'} "
                                  f"(worst mean {r['dmean']:.3g} sd off, worst sd {100 * r['dsd']:.3g}% off; "
-                                 f"{r['steps']} steps, {r['method']}, k-hat {r.get('khat')}, {r.get('verdict')})")
+                                 f"{r['steps']}, {r['method']}, k-hat {r.get('khat')}, {r.get('verdict')})")
             w("ppl defaults: " + "; ".join(parts) + ".\n")
             if not ppl_ok:
                 ws = [r for r in acc if not r.get("ok") and r.get("worst")]
@@ -807,7 +816,7 @@ def report_fit(fit, w, summary):
             rss = t.get("median_rss", {}).get(k)
             if c["system"] == "ppl":
                 steps = "/".join(sorted({str(r["steps"]) for r in runs if r.get("steps") is not None})) or "?"
-                w(f"| ppl fit (defaults) | {steps} (own) | {'yes' if ppl_ok else '**no**'} | {fmt_s(tm)} | "
+                w(f"| ppl fit (defaults) | {steps} | {'yes' if ppl_ok else '**no**'} | {fmt_s(tm)} | "
                   f"{fmt_s(rss, 0)} | 1 | |")
                 continue
             reached = c.get("reached")
@@ -951,7 +960,7 @@ def report_scaling(scal, mem, w, summary):
         w("|---|---|---|---|---|")
         ok = p["rc"] == 0 and p["rss_mb"] <= mem["budget_mb"]
         exit_txt = "" if p["rc"] == 0 else ", exit %d" % p["rc"]
-        w(f"| `ppl fit` defaults ({p.get('method')}, {p.get('steps')} steps"
+        w(f"| `ppl fit` defaults ({p.get('method')}, {p.get('steps')}"
           f"{', converged' if p.get('converged') else ''}{exit_txt}) | "
           f"{p['wall']:.1f} | {p['rss_mb']:.0f} | {mem['budget_mb']:.0f} | {yes(ok)} "
           f"({p['rss_mb'] / mem['budget_mb']:.2f}× budget) |")

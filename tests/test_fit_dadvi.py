@@ -110,3 +110,16 @@ def test_cli_reports_the_optimizer():
     assert out["optimizer"] == "adam" and out["steps"] == 100 and out["evaluations"] == 0
     r = subprocess.run(args + ["--optimizer", "dadvi", "--method", "flow"], capture_output=True, text=True)
     assert r.returncode == 2 and "--optimizer dadvi needs" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--steps", "50"], ["--method", "flow", "--steps", "20"]])
+def test_a_fit_imports_neither_sympy_nor_dynamo(extra):
+    """Start-up cost is part of speed: torch imports sympy (0.3 s) for autograd.grad's grad_outputs and
+    in Transform.inverse_shape, and torch._dynamo (1 s) in torch.optim; a fit must touch none of them."""
+    code = ("import sys, ppl.cli; rc = ppl.cli.main(sys.argv[1:]); "
+            "print('LOADED', [m for m in ('sympy', 'torch._dynamo') if m in sys.modules]); sys.exit(rc)")
+    args = [sys.executable, "-c", code, "fit", os.path.join(MODELS, "eight_schools.ppl"),
+            os.path.join(MODELS, "eight_schools.csv"), "--draws", "100"] + extra
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED []" in r.stdout, r.stdout[-300:]

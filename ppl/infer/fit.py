@@ -41,9 +41,10 @@ COLD_MIN_STEPS = 1500    # no convergence check before this many steps after a c
 WARMUP_STEPS = 300       # Adam steps before the fixed-draw finish after a cold start (none after Laplace)
 FIXED_DRAW_MAX = 16384
 FIXED_DRAW_BUDGET = 1_000_000   # elements per evaluation of the fixed-draw objective
-FIXED_DRAW_CHUNK = 1_000_000       # elements per chunk of draws (bounds the memory of one evaluation)
+FIXED_DRAW_CHUNK = 250_000       # elements per chunk of draws (bounds the memory of one evaluation)
 OPTIMIZERS = ("auto", "adam", "dadvi")
 FIXED_DRAW_ITERS = 1000
+FIXED_DRAW_GTOL = 1e-3   # largest |gradient| in whitened units: the optimum is then ~0.001 sd away
 MAX_WINDOWS = 50         # window averages kept for the final iterate average
 MC_BUDGET = 200_000
 PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations      # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
@@ -406,7 +407,7 @@ def _fixed_draw_finish(est: Estimator, M: int, gen: torch.Generator, largest: in
     if not math.isfinite(value_grad(x0)[0]):
         return 1, False, []
     values.clear()
-    x, evals = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20, gtol=1e-6, ftol=1e-10)
+    x, evals = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20, gtol=FIXED_DRAW_GTOL, ftol=1e-10)
     with torch.no_grad():
         fam.flat.copy_(x)
     fam.flat.grad = None
