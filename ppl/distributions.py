@@ -116,9 +116,10 @@ _C = [
              lambda D, n, p: D.Binomial(n, probs=p), discrete=True),
     DistSpec("binomial_logit", (("n", "nonneg_int"), ("a", "real")), "binomial",
              lambda D, n, a: D.Binomial(n, logits=a), discrete=True),
-    DistSpec("poisson", (("lambda", "positive"),), "nonneg_int", lambda D, lam: D.Poisson(lam), discrete=True),
+    DistSpec("poisson", (("lambda", "positive"),), "nonneg_int", lambda D, lam: D.Poisson(lam), discrete=True,
+             lpdf=lambda D: D.poisson_lpmf),
     DistSpec("poisson_log", (("a", "real"),), "nonneg_int", lambda D, a: D.PoissonLog(a), discrete=True,
-             lpdf=lambda D: D.poisson_log_lpmf),
+             lpdf=lambda D: D.poisson_log_lpmf, lpdf_sum=lambda D: D.poisson_log_lpmf_sum),
     DistSpec("neg_binomial_2", (("mu", "positive"), ("phi", "positive")), "nonneg_int",
              lambda D, mu, phi: D.NegBinomial2(mu, phi), discrete=True),
     DistSpec("categorical", (("p", "simplex"),), "categorical", lambda D, p: D.Categorical1(probs=p),
@@ -130,6 +131,25 @@ _C = [
 REGISTRY: Dict[str, DistSpec] = {d.name: d for d in _C}
 
 # supports whose values are finite sets that can be summed out
+# A link function applied to a parameter, folded into the distribution that takes the linear predictor:
+# (distribution, parameter index, function) -> distribution.  The same density, evaluated without the
+# round trip (log(exp(a)) = a): fewer tensor ops per step, and no overflow for large a.
+LINK_FOLDS: Dict[Tuple[str, int, str], str] = {
+    ("poisson", 0, "exp"): "poisson_log",
+    ("bernoulli", 0, "inv_logit"): "bernoulli_logit",
+    ("binomial", 1, "inv_logit"): "binomial_logit",
+}
+
+
+def fold_link(spec: str, args: tuple) -> Tuple[str, tuple]:
+    """`poisson(exp(e))` -> ("poisson_log", (e,)); anything else unchanged."""
+    for i, a in enumerate(args):
+        target = LINK_FOLDS.get((spec, i, getattr(a, "func", None)))
+        if target is not None and len(a.args) == 1:
+            return target, args[:i] + (a.args[0],) + args[i + 1:]
+    return spec, args
+
+
 FINITE_SUPPORTS = {"boolean", "categorical", "binomial"}
 # supports -> a readable set, for `ppl graph` and messages
 SUPPORT_TEXT = {

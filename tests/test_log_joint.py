@@ -380,3 +380,35 @@ def test_enumerated_draws_follow_the_exact_conditional():
     want = torch.tensor([1 if v < 0.25 else 2 for v in YMIX], dtype=DT)
     frac = (z == want).to(DT).mean(0)
     assert (frac[torch.tensor([abs(v - 0.25) > 1.5 for v in YMIX])] > 0.97).all()
+
+
+# ---- link functions folded into the distribution (poisson(exp(e)) -> poisson_log(e), ...) ---------------------------
+@pytest.mark.parametrize("linked,folded", [
+    ("y ~ poisson(exp(a + b * x))", "y ~ poisson_log(a + b * x)"),
+    ("y ~ bernoulli(inv_logit(a + b * x))", "y ~ bernoulli_logit(a + b * x)"),
+    ("y ~ binomial(n, inv_logit(a + b * x))", "y ~ binomial_logit(n, a + b * x)"),
+])
+def test_link_folding_keeps_the_density(linked, folded):
+    from ppl import distributions as DS
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=12)
+    n = rng.integers(1, 6, 12)
+    y = np.minimum(rng.poisson(2, 12), n) if "binomial" in linked else \
+        (rng.random(12) < 0.5).astype(int) if "bernoulli" in linked else rng.poisson(2, 12)
+    head = "data x: real[N]\ndata n: int<lower=0>[N]\ndata y: int<lower=0>[N]\na ~ normal(0, 1)\nb ~ normal(0, 1)\n"
+    data = {"x": x.tolist(), "y": y.tolist(), "n": n.tolist()}
+    _, lj1 = compile_model(head + linked + "\n", data)
+    model2, lj2 = compile_model(head + folded + "\n", data)
+    node = lj1.model.nodes["y"]
+    assert DS.fold_link(node.dist.spec, node.dist.args)[0] == model2.nodes["y"].dist.spec
+    theta = random_theta(lj1, S=5, seed=1, scale=1.0)
+    torch.testing.assert_close(lj1.log_prob(theta), lj2.log_prob(theta), rtol=1e-12, atol=1e-10)
+    # and the unfolded density (torch.distributions on the linked parameter) agrees too
+    eta = theta[:, :1] + theta[:, 1:2] * torch.tensor(x, dtype=DT)
+    prior = normal_lp(theta[:, 0], 0, 1) + normal_lp(theta[:, 1], 0, 1)
+    yt = torch.tensor(y, dtype=DT)
+    D = torch.distributions
+    lik = (D.Poisson(torch.exp(eta)).log_prob(yt) if "poisson" in linked else
+           D.Bernoulli(probs=torch.sigmoid(eta)).log_prob(yt) if "bernoulli" in linked else
+           D.Binomial(torch.tensor(n, dtype=DT), probs=torch.sigmoid(eta)).log_prob(yt))
+    torch.testing.assert_close(lj1.log_prob(theta), prior + S_(lik), rtol=1e-9, atol=1e-8)

@@ -70,25 +70,29 @@ SUMMED = sorted(name for name, spec in DS.REGISTRY.items() if spec.lpdf_sum is n
 @pytest.mark.parametrize("name", SUMMED)
 @pytest.mark.parametrize("scale", ["float", "per_sample", "per_element"])
 def test_summed_lpdf_equals_summed_torch_with_gradients(name, scale):
-    """DistSpec.lpdf_sum: the per-sample sum of torch's log_prob, and the same gradients."""
+    """DistSpec.lpdf_sum: the per-sample sum of torch's log_prob, and the same gradients.  The first
+    parameter varies in shape with the value; the others are floats, one per sample, or per element."""
     spec = DS.REGISTRY[name]
+    kinds = [k for _, k in spec.params]
     gen = torch.Generator().manual_seed(1)
     S, N = 4, 7
-    for x_shape, mu_shape in (((1, N), (S, N)), ((S, N), (1, 1)), ((S,), (S,)), ((S, 2, 3), (S, 2, 3))):
+    for x_shape, p_shape in (((1, N), (S, N)), ((S, N), (1, 1)), ((S,), (S,)), ((S, 2, 3), (S, 2, 3))):
         x = _support_values(spec.support, gen, x_shape)
-        mu = torch.randn(mu_shape, generator=gen, dtype=DT).requires_grad_(True)
         ev = x_shape[1:]
-        if scale == "float":
-            sigma = 1.7
-        elif scale == "per_sample":
-            sigma = (0.5 + torch.rand((S,) + (1,) * len(ev), generator=gen, dtype=DT)).requires_grad_(True)
-        else:
-            sigma = (0.5 + torch.rand((S,) + ev, generator=gen, dtype=DT)).requires_grad_(True)
-        got = spec.lpdf_sum(D)(x, mu, sigma)
-        lp = spec.build(D, mu, torch.as_tensor(sigma, dtype=DT)).log_prob(x)
+        first = PARAM_VALUES[kinds[0]][0] * (1 + 0.2 * torch.rand(p_shape, generator=gen, dtype=DT))
+        args = [first.requires_grad_(True)]
+        for k in kinds[1:]:
+            v = PARAM_VALUES[k][1]
+            if scale == "float":
+                args.append(float(v))
+            else:
+                shape = (S,) + ((1,) * len(ev) if scale == "per_sample" else ev)
+                args.append((v * (0.5 + torch.rand(shape, generator=gen, dtype=DT))).requires_grad_(True))
+        got = spec.lpdf_sum(D)(x, *args)
+        lp = spec.build(D, *[torch.as_tensor(a, dtype=DT) for a in args]).log_prob(x)
         want = lp.reshape(lp.shape[0], -1).sum(-1) if lp.dim() > 1 else lp
         torch.testing.assert_close(got.expand(S), want.expand(S), rtol=1e-10, atol=1e-10)
-        leaves = [mu] + ([sigma] if torch.is_tensor(sigma) else [])
+        leaves = [a for a in args if torch.is_tensor(a)]
         g1 = torch.autograd.grad(got.sum(), leaves)
         g2 = torch.autograd.grad(want.sum(), leaves)
         for a, b in zip(g1, g2):

@@ -140,8 +140,7 @@ def normal_lpdf_sum(x, mu, sigma):
     ways; otherwise the elementwise form is one fused pass already."""
     d = _centre(x, mu)
     if d.dim() < 2 or not torch.is_tensor(sigma) or sigma[0].numel() != 1:
-        lp = normal_lpdf(x, mu, sigma)
-        return lp if lp.dim() == 1 else lp.reshape(lp.shape[0], -1).sum(-1)
+        return _sum_per_sample(normal_lpdf(x, mu, sigma))
     ss = (d * d).reshape(d.shape[0], -1).sum(-1)
     s = sigma.reshape(sigma.shape[0])
     return ss.div(s * s).mul_(-0.5) - d[0].numel() * (torch.log(s) + _HALF_LOG_2PI)
@@ -205,3 +204,19 @@ def bernoulli_logit_lpmf(y, a):
 
 def poisson_log_lpmf(k, a):
     return k * a - _exp(a) - torch.lgamma(k + 1.0)
+
+
+def poisson_log_lpmf_sum(k, a):
+    # the counts' log k! summed apart: with data counts it is N values, not S x N
+    lp = k * a - _exp(a)
+    lgk = torch.lgamma(k + 1.0)
+    return _sum_per_sample(lp) - _sum_per_sample(lgk)
+
+
+def poisson_lpmf(k, lam):
+    return torch.xlogy(k, lam) - lam - torch.lgamma(k + 1.0) if torch.is_tensor(lam) else \
+        k * math.log(lam) - lam - torch.lgamma(k + 1.0)
+
+
+def _sum_per_sample(x):
+    return x if x.dim() < 2 else x.reshape(x.shape[0], -1).sum(-1)

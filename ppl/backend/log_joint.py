@@ -85,14 +85,13 @@ class LogJoint:
     def expr(self, e):
         return compile_expr(e, self.model.rank, self.known, self.ops).fn
 
-    def _aligned_args(self, node: Node, floats: bool = False) -> List[Callable]:
+    def _aligned_args(self, node: Node, spec: DS.DistSpec, args, floats: bool = False) -> List[Callable]:
         """Argument closures aligned to the node's rank; with `floats`, constant scalars
         become Python floats (no tensor op, no autograd node: the fused densities take them)."""
-        spec = DS.REGISTRY[node.dist.spec]
         ranks = spec.param_event_ranks or (0,) * spec.arity
         target_batch = len(node.shape) - spec.event_rank
         out = []
-        for a, er in zip(node.dist.args, ranks):
+        for a, er in zip(args, ranks):
             c = compile_expr(a, self.model.rank, self.known, self.ops)
             fn = c.fn
             ra = self.model.rank(a)
@@ -109,10 +108,11 @@ class LogJoint:
     def _logp_fn(self, node: Node, summed: bool = False) -> Optional[Callable]:
         """(env, value) -> elementwise log density of `node`'s distribution; with `summed`, the
         registry's per-sample sum (None where the distribution has none)."""
-        spec = DS.REGISTRY[node.dist.spec]
+        name, dist_args = DS.fold_link(node.dist.spec, node.dist.args)
+        spec = DS.REGISTRY[name]
         if summed and spec.lpdf_sum is None:
             return None
-        args = self._aligned_args(node, floats=spec.lpdf is not None)
+        args = self._aligned_args(node, spec, dist_args, floats=spec.lpdf is not None)
         if spec.lpdf is not None:
             lpdf = (spec.lpdf_sum if summed else spec.lpdf)(D)
             if len(args) == 1:
