@@ -370,7 +370,8 @@ def _fixed_draw_finish(est: Estimator, M: int, gen: torch.Generator, largest: in
     """DADVI-style finish (Giordano, Ingram & Broderick 2024): fix M standard-normal draws and
     minimise the resulting deterministic negative ELBO with L-BFGS, in coordinates whitened by the
     warm-up's q.  The draws are moment-matched (mean 0, covariance I exactly), so for a Gaussian
-    posterior the fixed-draw optimum is the exact one.  -> (evaluations, converged)."""
+    posterior the fixed-draw optimum is the exact one.  -> (evaluations, converged, objective values;
+    none when the objective is not finite at the start)."""
     fam = est.family
     fam.rewhiten(fam.flat.detach().clone())
     D = fam.D
@@ -404,14 +405,12 @@ def _fixed_draw_finish(est: Estimator, M: int, gen: torch.Generator, largest: in
         return -v, g
 
     x0 = fam.flat.detach().clone()
-    if not math.isfinite(value_grad(x0)[0]):
-        return 1, False, []
-    values.clear()
-    x, evals = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20, gtol=FIXED_DRAW_GTOL, ftol=1e-10)
+    x, evals, converged = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20, gtol=FIXED_DRAW_GTOL,
+                                   ftol=1e-10)
     with torch.no_grad():
         fam.flat.copy_(x)
     fam.flat.grad = None
-    return evals, evals < FIXED_DRAW_ITERS, values
+    return evals, converged, values
 
 
 def _numeric_failure(est: Estimator, lj: LogJoint, S: int):

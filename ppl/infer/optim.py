@@ -52,14 +52,15 @@ def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter:
             return math.inf, None
         g, = torch.autograd.grad(v, x)
         return float(v.detach()), g
-    return lbfgs_vg(value_grad, x0, max_iter, history, gtol, ftol, max_evals)
+    return lbfgs_vg(value_grad, x0, max_iter, history, gtol, ftol, max_evals)[:2]
 
 
 def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Tensor]]], x0: torch.Tensor,
              max_iter: int = 500, history: int = 10, gtol: float = 1e-7, ftol: float = 1e-12,
-             max_evals: Optional[int] = None) -> Tuple[torch.Tensor, int]:
-    """Minimise from x0, given x -> (value, gradient); returns (x, evaluations).  A non-finite value
-    or gradient counts as +inf (the line search backs off)."""
+             max_evals: Optional[int] = None) -> Tuple[torch.Tensor, int, bool]:
+    """Minimise from x0, given x -> (value, gradient); returns (x, evaluations, converged: the
+    gradient or the change of the value fell below its tolerance).  A non-finite value or gradient
+    counts as +inf (the line search backs off)."""
     evals = 0
     vg = value_grad
 
@@ -74,11 +75,15 @@ def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Te
     x = x0.detach().clone()
     fx, g = value_grad(x)
     if g is None:
-        return x, evals
+        return x, evals, False
     S: List[torch.Tensor] = []
     Y: List[torch.Tensor] = []
+    converged = False
     for it in range(max_iter):
-        if float(g.abs().max()) < gtol or (max_evals is not None and evals >= max_evals):
+        if float(g.abs().max()) < gtol:
+            converged = True
+            break
+        if max_evals is not None and evals >= max_evals:
             break
         # two-loop recursion
         q = g.clone()
@@ -122,4 +127,4 @@ def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Te
         x, fx, g = x_new, f_new, g_new
         if converged:
             break
-    return x, evals
+    return x, evals, converged
