@@ -52,9 +52,11 @@ class TorchOps:
     @staticmethod
     def index(x, idx, axis, ri):
         """x: (B, ..., n_axis, ...); idx: (Bi, *ishape), 0-based.  Always a gather (with an expanded,
-        copy-free index) unless the index is one scalar: advanced indexing x[:, idx] is 4-15x slower
-        forward and backward (radon-like a[county], 85 -> 919, 1088 samples: 37 ms against 2.4)."""
-        if idx.shape[0] == 1 and idx.dim() == 1:
+        copy-free index) unless the index is one element (a literal, or an enumerated value k as a
+        (1, 1, ..) tensor): advanced indexing x[:, idx] is 4-15x slower forward and backward with many
+        indices (radon-like a[county], 85 -> 919, 1088 samples: 37 ms against 2.4), but with one it is
+        a cheap slice that then broadcasts."""
+        if idx.shape[0] == 1 and idx[0].numel() == 1:
             return x[(slice(None),) * axis + (idx[0],)]
         B = max(x.shape[0], idx.shape[0])
         x = x.expand((B,) + x.shape[1:])
