@@ -278,21 +278,21 @@ class LogJoint:
 
     def _enumerate(self, g: EnumGroup, env, S) -> torch.Tensor:
         """(K, S, *shape): log p(z = k, blanket | rest), elementwise over z's elements.
-        One vectorised pass per value k (a loop over K, never over rows or samples)."""
-        out = []
-        for k in g.values:
-            e = dict(env)
-            # z = k everywhere, as a broadcastable (1, 1, ..) tensor: x[z] is then a slice, not a gather
-            zk = torch.full((1,) * (1 + len(g.shape)), float(k), dtype=self.dtype)
-            e[g.name] = zk
-            for name, fn in g.deterministics:
-                e[name] = fn(e)
-            Lk = g.prior.log_prob(e, zk)
-            for f in g.factors:
-                lp = f.log_prob(e, f.value(e))
-                Lk = Lk + (sum_event(lp) if g.shape == () else lp)
-            out.append(Lk.expand((S,) + g.shape))
-        return torch.stack(out, 0)
+        One pass for all K values: the sample dimension is stacked K times (value-major), z = k
+        is a (K*S, 1, ..) tensor that broadcasts over z's elements, so x[z] is a one-element
+        index per sample and the densities broadcast; never a loop over rows or samples."""
+        K = g.values.shape[0]
+        e = {n: (v.repeat((K,) + (1,) * (v.dim() - 1)) if S > 1 and torch.is_tensor(v) and v.dim() > 0
+                 and v.shape[0] == S and n not in self.known else v) for n, v in env.items()}
+        z = g.values.repeat_interleave(S).reshape((K * S,) + (1,) * len(g.shape))
+        e[g.name] = z
+        for name, fn in g.deterministics:
+            e[name] = fn(e)
+        L = g.prior.log_prob(e, z)
+        for f in g.factors:
+            lp = f.log_prob(e, f.value(e))
+            L = L + (sum_event(lp) if g.shape == () else lp)
+        return L.expand((K * S,) + g.shape).reshape((K, S) + g.shape)
 
     def log_prob(self, theta: torch.Tensor, discrete=None) -> torch.Tensor:
         return self.evaluate(theta, discrete).total
