@@ -712,7 +712,13 @@ def report(command):
     v = meta.get("versions", {})
     pv = v.get("peers", {})
     w("## Machine and versions\n")
-    w(f"- run: {meta.get('started', '?')} .. {meta.get('finished', '?')}, mode `{meta.get('mode', '?')}`, "
+    for h in meta.get("history") or []:
+        w(f"- earlier run, whose results this page still shows wherever the runs below did not re-measure them: "
+          f"{h.get('started')} .. {h.get('finished')}, `{h.get('command')}`, ppl at git {h.get('ppl_git')}"
+          f"{'' if h.get('ppl_git_end') in (None, h.get('ppl_git')) else ' .. ' + h['ppl_git_end']}")
+    w(f"- {'latest ' if meta.get('history') else ''}run: {meta.get('started', '?')} .. {meta.get('finished', '?')}"
+      f"{', `' + meta['command'] + '`' if meta.get('history') and meta.get('command') else ''}, "
+      f"mode `{meta.get('mode', '?')}`, "
       f"{meta.get('threads_note', '')}")
     w(f"- machine: {mi.get('nproc', '?')} cores, {mi.get('cpu', '?')}, {mi.get('ram', '?')} RAM, "
       f"Linux {mi.get('kernel', '?')}, Python {mi.get('python', '?')}; load average at start "
@@ -1059,6 +1065,11 @@ def main(argv=None):
     t_start = time.time()
     meta = load_json("meta.json", {}) or {}
     meta.pop("failures", None)
+    if meta.get("started"):
+        # a run may re-measure only some models or metrics: the page keeps saying which runs it shows
+        prev = {k: meta.get(k) for k in ("started", "finished", "command", "ppl_git_end")}
+        prev["ppl_git"] = meta.get("versions", {}).get("ppl_git")
+        meta["history"] = (meta.get("history") or [])[-4:] + [prev]
     meta.update({"started": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), "command": command,
                  "mode": "quick" if opts.quick else "full"})
     meta["threads_note"] = ("every process limited to 1 thread (OMP/MKL/OpenBLAS/XLA env), so a shared, noisy "
