@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--init", default="laplace", choices=["laplace", "zero"], help="starting point of the fit")
     f.add_argument("--optimizer", default="auto", choices=["auto", "adam", "dadvi"],
                    help="adam: stochastic steps only; dadvi: Adam warm-up, then L-BFGS on fixed draws; "
-                        "auto: dadvi after a cold start, else adam")
+                        "auto: dadvi for meanfield/fullrank on small and medium data unless --steps, --lr or "
+                        "--mc-samples tune Adam")
     f.add_argument("--out", metavar="DIR", help="write draws.csv, summary.csv, elbo.csv to DIR")
     f.add_argument("--force", action="store_true", help="replace an existing --out DIR")
     f.add_argument("--format", default="table", choices=["table", "json"])

@@ -130,7 +130,6 @@ _C = [
 
 REGISTRY: Dict[str, DistSpec] = {d.name: d for d in _C}
 
-# supports whose values are finite sets that can be summed out
 # A link function applied to a parameter, folded into the distribution that takes the linear predictor:
 # (distribution, parameter index, function) -> distribution.  The same density, evaluated without the
 # round trip (log(exp(a)) = a): fewer tensor ops per step, and no overflow for large a.
@@ -150,6 +149,7 @@ def fold_link(spec: str, args: tuple) -> Tuple[str, tuple]:
     return spec, args
 
 
+# supports whose values are finite sets that can be summed out
 FINITE_SUPPORTS = {"boolean", "categorical", "binomial"}
 # supports -> a readable set, for `ppl graph` and messages
 SUPPORT_TEXT = {

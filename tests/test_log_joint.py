@@ -9,6 +9,7 @@ components per row)."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ppl.backend.log_joint import LogJoint
 from ppl.plan import plan
 
 DT = torch.float64
+MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models")
 LOG2PI = math.log(2 * math.pi)
 F = torch.nn.functional
 
@@ -124,17 +126,7 @@ def test_eight_schools():
 
 
 # ---- radon-like varying intercepts ----------------------------------------------------------------------------
-RADON = """
-data log_radon: real[N]
-data floor: real[N]
-data county: level[N] of K
-mu_a ~ normal(0, 10)
-sigma_a ~ half_normal(5)
-a[K] ~ normal(mu_a, sigma_a)
-b ~ normal(0, 10)
-sigma_y ~ half_normal(5)
-log_radon ~ normal(a[county] + b * floor, sigma_y)
-"""
+RADON = open(os.path.join(MODELS, "radon.ppl")).read()        # the shipped example
 
 
 def test_radon_like():
@@ -266,15 +258,7 @@ def test_flat_prior_latents():
 
 
 # ---- enumeration: 2-component mixtures ---------------------------------------------------------------------------
-MIXTURE = """
-data y: real[N]
-K = 2
-w ~ dirichlet(ones(K))
-mu: ordered[K] ~ normal(0, 10)
-sigma[K] ~ half_normal(2)
-z[N] ~ categorical(w)
-y ~ normal(mu[z], sigma[z])
-"""
+MIXTURE = open(os.path.join(MODELS, "mixture.ppl")).read()    # the shipped example
 YMIX = [-2.1, -1.7, 0.2, 2.5, 3.1, 2.2, -2.5, 2.9, 3.3, -1.0]
 
 
@@ -293,6 +277,7 @@ MIXTURE_DET = MIXTURE.replace("y ~ normal(mu[z], sigma[z])", "m = mu[z]\ns = sig
 # and with a vector literal of latents as the categorical's probabilities (the reference model's form)
 MIXTURE_VEC = MIXTURE.replace("w ~ dirichlet(ones(K))", "w: simplex[K] ~ dirichlet(ones(K))").replace(
     "z[N] ~ categorical(w)", "z[N] ~ categorical([w[1], w[2]])")
+assert "m = mu[z]" in MIXTURE_DET and "simplex[K]" in MIXTURE_VEC and "[w[1], w[2]]" in MIXTURE_VEC
 
 
 @pytest.mark.parametrize("src", [MIXTURE, MIXTURE_DET, MIXTURE_VEC], ids=["plain", "deterministics", "vector"])

@@ -115,11 +115,16 @@ x ~ normal(a[g], s)
 """
 
 
-def test_python_in_csv_cells_is_just_text(tmp_path, capsys):
+def _data_attack(tmp_path):
+    """(canary file, model file, a Python string that would create the canary if it were ever run)."""
     canary = tmp_path / "pwned"
     model = tmp_path / "m.ppl"
     model.write_text(DATA_MODEL)
-    attack = f"__import__('os').system('touch {canary}')"
+    return canary, model, f"__import__('os').system('touch {canary}')"
+
+
+def test_python_in_csv_cells_is_just_text(tmp_path, capsys):
+    canary, model, attack = _data_attack(tmp_path)
     # as a level label it is a label like any other
     ok = tmp_path / "ok.csv"
     ok.write_text(f'x,g\n1.0,"{attack}"\n2.0,b\n')
@@ -134,10 +139,7 @@ def test_python_in_csv_cells_is_just_text(tmp_path, capsys):
 
 
 def test_python_in_json_and_set_is_just_text(tmp_path, capsys):
-    canary = tmp_path / "pwned"
-    model = tmp_path / "m.ppl"
-    model.write_text(DATA_MODEL)
-    attack = f"__import__('os').system('touch {canary}')"
+    canary, model, attack = _data_attack(tmp_path)
     js = tmp_path / "d.json"
     js.write_text('{"x": ["%s", 1.0], "g": [1, 2]}' % attack.replace('"', '\\"'))
     assert main(["check", str(model), str(js)]) == 1

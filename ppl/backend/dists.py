@@ -13,6 +13,8 @@ from torch.distributions import (Bernoulli, Beta, Binomial, Cauchy, Dirichlet, E
                                  MultivariateNormal, Normal, Poisson, StudentT, Uniform, Weibull, constraints)
 from torch.distributions import Distribution
 
+from .transforms import sum_event
+
 Distribution.set_default_validate_args(False)   # data are checked at load; latents live in the support
 
 
@@ -127,7 +129,10 @@ def _centre(x, mu):
 # With a constant (Python float) scale these take one or two tensor ops instead of five or six:
 # -0.5 ((x - mu) / sigma)^2 - log(sigma) - c  ==  addcmul(-log(sigma) - c, d, d, -0.5 / sigma^2).
 def normal_lpdf(x, mu, sigma):
-    d = _centre(x, mu)
+    return _normal_centred(_centre(x, mu), sigma)
+
+
+def _normal_centred(d, sigma):
     if isinstance(sigma, float):
         return torch.addcmul(_c(-math.log(sigma) - _HALF_LOG_2PI), d, d, value=-0.5 / (sigma * sigma))
     z = d / sigma
@@ -140,7 +145,7 @@ def normal_lpdf_sum(x, mu, sigma):
     ways; otherwise the elementwise form is one fused pass already."""
     d = _centre(x, mu)
     if d.dim() < 2 or not torch.is_tensor(sigma) or sigma[0].numel() != 1:
-        return _sum_per_sample(normal_lpdf(x, mu, sigma))
+        return sum_event(_normal_centred(d, sigma))
     ss = (d * d).reshape(d.shape[0], -1).sum(-1)
     s = sigma.reshape(sigma.shape[0])
     return ss.div(s * s).mul_(-0.5) - d[0].numel() * (torch.log(s) + _HALF_LOG_2PI)
@@ -208,15 +213,9 @@ def poisson_log_lpmf(k, a):
 
 def poisson_log_lpmf_sum(k, a):
     # the counts' log k! summed apart: with data counts it is N values, not S x N
-    lp = k * a - _exp(a)
-    lgk = torch.lgamma(k + 1.0)
-    return _sum_per_sample(lp) - _sum_per_sample(lgk)
+    return sum_event(k * a - _exp(a)) - sum_event(torch.lgamma(k + 1.0))
 
 
 def poisson_lpmf(k, lam):
-    return torch.xlogy(k, lam) - lam - torch.lgamma(k + 1.0) if torch.is_tensor(lam) else \
-        k * math.log(lam) - lam - torch.lgamma(k + 1.0)
-
-
-def _sum_per_sample(x):
-    return x if x.dim() < 2 else x.reshape(x.shape[0], -1).sum(-1)
+    k_log_lam = torch.xlogy(k, lam) if torch.is_tensor(lam) else k * math.log(lam)
+    return k_log_lam - lam - torch.lgamma(k + 1.0)

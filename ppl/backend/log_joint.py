@@ -105,28 +105,19 @@ class LogJoint:
             out.append(fn)
         return out
 
-    def _logp_fn(self, node: Node, summed: bool = False) -> Optional[Callable]:
-        """(env, value) -> elementwise log density of `node`'s distribution; with `summed`, the
-        registry's per-sample sum (None where the distribution has none)."""
+    def _logp_fns(self, node: Node) -> Tuple[Callable, Optional[Callable]]:
+        """(env, value) -> elementwise log density of `node`'s distribution, and the registry's
+        per-sample sum of it (None where the distribution has no fused sum)."""
         name, dist_args = DS.fold_link(node.dist.spec, node.dist.args)
         spec = DS.REGISTRY[name]
-        if summed and spec.lpdf_sum is None:
-            return None
         args = self._aligned_args(node, spec, dist_args, floats=spec.lpdf is not None)
         if spec.lpdf is not None:
-            lpdf = (spec.lpdf_sum if summed else spec.lpdf)(D)
-            if len(args) == 1:
-                a0 = args[0]
-                return lambda env, x: lpdf(x, a0(env))
-            if len(args) == 2:
-                a0, a1 = args
-                return lambda env, x: lpdf(x, a0(env), a1(env))
-            return lambda env, x: lpdf(x, *[f(env) for f in args])
+            return _bind(spec.lpdf(D), args), None if spec.lpdf_sum is None else _bind(spec.lpdf_sum(D), args)
         build = spec.build
         if spec.event_shape is None and spec.event_rank > 0:
             event = tuple(node.shape[-spec.event_rank:])
-            return lambda env, x: build(D, *[f(env) for f in args], event=event).log_prob(x)
-        return lambda env, x: build(D, *[f(env) for f in args]).log_prob(x)
+            return (lambda env, x: build(D, *[f(env) for f in args], event=event).log_prob(x)), None
+        return (lambda env, x: build(D, *[f(env) for f in args]).log_prob(x)), None
 
     def _compile(self):
         m = self.model
@@ -152,7 +143,7 @@ class LogJoint:
                     self.steps.append(("deterministic", name, fn))
                 continue
             if node.kind == "latent" and node.discrete:
-                prior = Factor(name, None, self._logp_fn(node))
+                prior = Factor(name, None, self._logp_fns(node)[0])
                 if self.plan[name].estimator == "enumerate":
                     spec = DS.REGISTRY[node.dist.spec]
                     size = self.plan[name].size
@@ -173,7 +164,7 @@ class LogJoint:
             if node.dist is not None:
                 value = (lambda n: lambda env: env[n])(name) if node.kind == "latent" else \
                     (lambda v: lambda env: v)(self.known[name])
-                fac = Factor(name, value, self._logp_fn(node), self._logp_fn(node, summed=True))
+                fac = Factor(name, value, *self._logp_fns(node))
                 if name in factor_owner:
                     enum_groups[factor_owner[name]].factors.append(fac)
                 else:
@@ -355,6 +346,17 @@ class LogJoint:
                         if a not in bad:
                             bad.append(a)
         return bad
+
+
+def _bind(lpdf: Callable, args: List[Callable]) -> Callable:
+    """(env, x) -> lpdf(x, *args(env)), unrolled for one and two arguments (the per-step path)."""
+    if len(args) == 1:
+        a0 = args[0]
+        return lambda env, x: lpdf(x, a0(env))
+    if len(args) == 2:
+        a0, a1 = args
+        return lambda env, x: lpdf(x, a0(env), a1(env))
+    return lambda env, x: lpdf(x, *[f(env) for f in args])
 
 
 def _add(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:

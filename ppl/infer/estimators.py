@@ -135,13 +135,12 @@ class Estimator:
         S = eps.shape[0]
         with torch.no_grad():
             us = [u.requires_grad_(True) for u in lj.split(theta)]
-        total = lj.evaluate(None, blocks=us).total
-        with torch.no_grad():
-            value = float(total.sum()) / S + fam.entropy_value()
+        mean_lp = lj.evaluate(None, blocks=us).total.sum() * (1.0 / S)
+        value = float(mean_lp.detach()) + fam.entropy_value()
         if not math.isfinite(value):
             return math.nan
-        # (not grad_outputs=: torch then imports sympy, 0.3 s, for a shape check)
-        gs = torch.autograd.grad(total.sum() * (1.0 / S), us, allow_unused=True)
+        # (a scalar, not grad_outputs=: torch then imports sympy, 0.3 s, for a shape check)
+        gs = torch.autograd.grad(mean_lp, us, allow_unused=True)
         with torch.no_grad():
             g = torch.cat([torch.zeros_like(u).view(S, -1) if gi is None else gi.view(S, -1)
                            for u, gi in zip(us, gs)], 1) if len(us) > 1 else gs[0].view(S, -1)

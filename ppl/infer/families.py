@@ -20,6 +20,11 @@ import torch
 _LOG2PI = math.log(2 * math.pi)
 
 
+def _tril_exp(L: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factor a full-rank family is parameterised by: L's strict lower triangle, exp of its diagonal."""
+    return torch.tril(L, -1) + torch.diag_embed(torch.exp(torch.diagonal(L)))
+
+
 class Preconditioner:
     def __init__(self, mu0: torch.Tensor, A: torch.Tensor):
         self.mu0, self.A = mu0, A
@@ -98,11 +103,11 @@ class Family:
         with torch.no_grad():
             return self.pre.to_theta(self.u_of(eps))
 
-    def rewhiten(self, flat: torch.Tensor) -> None:
-        """Move the preconditioner to the q given by parameters `flat` (mean and scale, in theta) and
-        restart at the standard normal in the new coordinates: the same q, with unit scale again."""
+    def rewhiten(self) -> None:
+        """Move the preconditioner to the current q (its mean and scale, in theta) and restart at the
+        standard normal in the new coordinates: the same q, with unit scale again."""
         with torch.no_grad():
-            m, scale = self.mean_scale_u(flat)
+            m, scale = self.mean_scale_u()
             mu0 = self.pre.to_theta(m.unsqueeze(0))[0]
             A = self.pre.A * scale if self.pre.diag else self.pre.A @ scale
             self.pre = Preconditioner(mu0, A)
@@ -126,7 +131,8 @@ class MeanField(Family):
     closed_form = True
 
     def u_of(self, eps):
-        return torch.addcmul(self._raw["m"], eps, torch.exp(self._raw["log_s"]))
+        m, s = self.mean_scale_u()
+        return torch.addcmul(m, eps, s)
 
     def u_grad(self, eps, g_u):
         s = torch.exp(self._raw["log_s"])
@@ -144,9 +150,8 @@ class MeanField(Family):
     def entropy_u(self):
         return self._params["log_s"].sum() + 0.5 * self.D * (1 + _LOG2PI)
 
-    def mean_scale_u(self, flat):
-        D = self.D
-        return flat[:D], torch.exp(flat[D:])
+    def mean_scale_u(self):
+        return self._raw["m"], torch.exp(self._raw["log_s"])
 
     def entropy_value(self):
         return float(self._raw["log_s"].sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value
@@ -160,16 +165,13 @@ class FullRank(Family):
         self._allocate({"m": torch.zeros(self.D, dtype=self.dtype), "L": torch.zeros(self.D, self.D, dtype=self.dtype)})
 
     def scale_tril(self):
-        L = self._params["L"]
-        return torch.tril(L, -1) + torch.diag_embed(torch.exp(torch.diagonal(L)))
+        return _tril_exp(self._params["L"])
 
     closed_form = True
 
     def u_of(self, eps):
-        L = self._raw["L"]
-        C = torch.tril(L, -1)
-        C.diagonal().copy_(torch.exp(L.diagonal()))
-        return torch.addmm(self._raw["m"], eps, C.T)
+        m, C = self.mean_scale_u()
+        return torch.addmm(m, eps, C.T)
 
     def u_grad(self, eps, g_u):
         # u = m + C eps, C = tril(L, -1) + diag(exp(diag L)); entropy = sum(diag L) + const
@@ -194,10 +196,8 @@ class FullRank(Family):
     def entropy_u(self):
         return torch.diagonal(self._params["L"]).sum() + 0.5 * self.D * (1 + _LOG2PI)
 
-    def mean_scale_u(self, flat):
-        D = self.D
-        L = flat[D:].view(D, D)
-        return flat[:D], torch.tril(L, -1) + torch.diag(torch.exp(L.diagonal()))
+    def mean_scale_u(self):
+        return self._raw["m"], _tril_exp(self._raw["L"])
 
     def entropy_value(self):
         return float(self._raw["L"].diagonal().sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value

@@ -30,7 +30,7 @@ from ..plan import describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from .estimators import Estimator, discrete_families
 from .families import FAMILIES, Preconditioner
-from .laplace import COLD_SCALE, FULL_HESSIAN_MAX, laplace
+from .laplace import FULL_HESSIAN_MAX, cold_start, laplace
 from .optim import Adam, lbfgs_vg
 from .psis import psis, verdict
 
@@ -46,8 +46,8 @@ OPTIMIZERS = ("auto", "adam", "dadvi")
 FIXED_DRAW_ITERS = 1000
 FIXED_DRAW_GTOL = 1e-3   # largest |gradient| in whitened units: the optimum is then ~0.001 sd away
 MAX_WINDOWS = 50         # window averages kept for the final iterate average
-MC_BUDGET = 200_000
-PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations      # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
+MC_BUDGET = 200_000        # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
+PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations
 
 
 @dataclass
@@ -167,10 +167,7 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     if init == "laplace" and not lj_init.score and lj.dim > 0:
         lap = laplace(lj_init, dtype, full=lj.dim <= FULL_HESSIAN_MAX)
     else:
-        from .laplace import Laplace
-        lap = Laplace(torch.zeros(lj.dim, dtype=dtype),
-                      COLD_SCALE * (torch.eye(lj.dim, dtype=dtype) if full else torch.ones(lj.dim, dtype=dtype)),
-                      False, "cold start" + (" (score-function latents)" if lj.score else ""))
+        lap = cold_start(lj.dim, dtype, full, "cold start" + (" (score-function latents)" if lj.score else ""))
     if not full or lap.A.dim() == 1:
         lap.A = lap.diagonal()                                 # diagonal preconditioner
         if full:
@@ -347,7 +344,7 @@ def choose_optimizer(optimizer: str, est: Estimator, steps: Optional[int], lr: O
     samples per step; Adam when the user tunes the stochastic steps (`--steps N` runs N Adam steps;
     `--lr`, `--mc-samples`) and for large data (per-step noise is small there, and each pass over
     the data is dear)."""
-    fits = est.closed_form and hasattr(est.family, "mean_scale_u")
+    fits = est.closed_form
     if optimizer == "dadvi" and not fits:
         raise UsageError("--optimizer dadvi needs --method meanfield or fullrank, the ELBO, and no "
                          "discrete latents on the score path")
@@ -373,7 +370,7 @@ def _fixed_draw_finish(est: Estimator, M: int, gen: torch.Generator, largest: in
     posterior the fixed-draw optimum is the exact one.  -> (evaluations, converged, objective values;
     none when the objective is not finite at the start)."""
     fam = est.family
-    fam.rewhiten(fam.flat.detach().clone())
+    fam.rewhiten()
     D = fam.D
     eps = torch.randn((M, D), generator=gen, dtype=fam.dtype)
     eps = eps - eps.mean(0)

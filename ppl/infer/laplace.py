@@ -37,6 +37,12 @@ class Laplace:
         return self.A if self.A.dim() == 1 else torch.sqrt((self.A * self.A).sum(1))
 
 
+def cold_start(D: int, dtype, full: bool, note: str) -> Laplace:
+    """No mode to start from: q = N(0, COLD_SCALE^2 I), a full or diagonal preconditioner."""
+    return Laplace(torch.zeros(D, dtype=dtype),
+                   COLD_SCALE * (torch.eye(D, dtype=dtype) if full else torch.ones(D, dtype=dtype)), False, note)
+
+
 def _negative_log_density(lj, discrete=None):
     def f(theta):
         return -lj.log_prob(theta.unsqueeze(0), discrete)[0]
@@ -54,8 +60,7 @@ def find_mode(lj, dtype=torch.float64, max_iter: int = 500):
 def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
     """`full`: compute the exact Hessian when D <= FULL_HESSIAN_MAX (else a diagonal estimate)."""
     D = lj.dim
-    cold = Laplace(torch.zeros(D, dtype=dtype), COLD_SCALE * (torch.eye(D, dtype=dtype) if full else torch.ones(D, dtype=dtype)),
-                   False, "cold start (no usable mode)")
+    cold = cold_start(D, dtype, full, "cold start (no usable mode)")
     if D == 0:
         return cold
     mode, evals = find_mode(lj, dtype)
@@ -99,8 +104,8 @@ def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
         cond_sd = A
     decrement = float((gw * gw).sum())
     if decrement > 1.0:
-        return Laplace(torch.zeros(D, dtype=dtype), cold.A, False,
-                       f"cold start (mode search did not settle: Newton decrement {decrement:.2g})", evals)
+        cold.note = f"cold start (mode search did not settle: Newton decrement {decrement:.2g})"
+        return cold
     note = "Laplace at the mode" + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
                                     if bad else "")
     return Laplace(mode, A, bad == 0, note, evals, cond_sd)

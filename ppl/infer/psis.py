@@ -84,16 +84,15 @@ def psis(log_ratios: np.ndarray) -> PsisResult:
                 p = (np.arange(1, M + 1) - 0.5) / M
                 smoothed = np.log(_gpd_quantile(p, k, sigma) + np.exp(cutoff))
                 lw[tail_idx] = np.minimum(smoothed, 0.0)       # cap at the largest raw weight
-    w = np.exp(lw - lw.max())
-    w /= w.sum()
-    ess = float(1.0 / np.sum(w * w) / S)
-    return PsisResult(khat, w, ess, sd, _ess(raw))
+    w, ess = _weights_ess(lw)
+    return PsisResult(khat, w, ess, sd, _weights_ess(raw)[1])
 
 
-def _ess(lw: np.ndarray) -> float:
+def _weights_ess(lw: np.ndarray):
+    """Log weights -> (normalised weights, relative effective sample size)."""
     w = np.exp(lw - lw.max())
     w /= w.sum()
-    return float(1.0 / np.sum(w * w) / lw.size)
+    return w, float(1.0 / np.sum(w * w) / lw.size)
 
 
 def verdict(khat: float, ess: float, method: str, converged: bool, ess_raw: float = None,
