@@ -91,15 +91,7 @@ def check_against(lj, hand, theta, discrete=None):
 
 
 # ---- eight schools ------------------------------------------------------------------------------------------
-EIGHT = """
-data y: real[J]
-data sigma: real<lower=0>[J]
-mu ~ normal(0, 5)
-tau ~ half_cauchy(5)
-theta_raw[J] ~ normal(0, 1)
-theta = mu + tau * theta_raw
-y ~ normal(theta, sigma)
-"""
+EIGHT = open(os.path.join(MODELS, "eight_schools.ppl")).read()    # the shipped example
 Y8 = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
 SIG8 = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
 
