@@ -1,5 +1,6 @@
 """Python API: `ppl.load(path)` -> `PplModel`, whose `.check()`, `.graph()` and
-`.fit()` run the pipeline stages; the CLI is a thin layer over this.
+`.fit()` run the pipeline stages.  The CLI calls the same functions: it
+parses its flags into a `FitConfig` and hands it to `PplModel.fit`.
 
 Stage: model path (+ data) -> checked `Model` -> DAG / `Fit`.
 Torch is imported only by `.fit()`.
@@ -11,7 +12,7 @@ from typing import Any, Mapping, Sequence, Union
 import networkx as nx
 
 from .data import load_data
-from .errors import Source, read_source
+from .errors import Source, UsageError, read_source
 from .frontend import ast as A
 from .frontend.check import Model, check
 from .frontend.parse import parse
@@ -42,13 +43,18 @@ class PplModel:
         from .graph import build_graph
         return build_graph(self.check(data, sets), estimator)
 
-    def fit(self, data: DataArg = (), sets: Sequence[str] = (), **options):
-        """Fit the model; options as `ppl fit` (method, estimator, steps, tol, lr, mc_samples, draws, seed ...)."""
-        from .infer.fit import fit as run_fit
-        import time
-        t0 = time.perf_counter()
+    def fit(self, data: DataArg = (), sets: Sequence[str] = (), config=None, progress=None, **options):
+        """Fit the model.  Options as `ppl fit`'s, spelled as keywords (method, estimator, objective,
+        alpha, rank, steps, tol, lr, mc_samples, draws, seed, init, optimizer, device, dtype), or a
+        ready `ppl.config.FitConfig` as `config`.  Options are checked before the data are read."""
+        from .config import FitConfig
+        if config is None:
+            config = FitConfig.from_python(**options)
+        elif options:
+            raise UsageError("give either config= or options, not both")
         model = self.check(data if data is not None else (), sets)
-        return run_fit(model, timings={"check": time.perf_counter() - t0}, **options)
+        from .infer.fit import fit as run_fit
+        return run_fit(model, config, progress)
 
 
 def load(path: str) -> PplModel:

@@ -40,24 +40,26 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit the model by variational inference")
     common(f)
-    f.add_argument("--method", default="auto", help="auto|meanfield|fullrank|lowrank|flow")
-    f.add_argument("--estimator", default="auto", choices=["auto", "reparam", "score", "enumerate"])
+    f.add_argument("--method", default="auto", help="a variational family: auto|meanfield|fullrank|lowrank|flow")
+    f.add_argument("--estimator", default="auto", help="auto|reparam|score|enumerate (for discrete latents)")
     f.add_argument("--objective", default="elbo", help="elbo|iwae|renyi")
-    f.add_argument("--alpha", type=float, default=0.5, help="Renyi alpha (with --objective renyi)")
-    f.add_argument("--rank", type=int, default=None, help="rank of the lowrank family")
-    f.add_argument("--steps", type=int, default=None, help="step cap (default 10000)")
+    f.add_argument("--alpha", type=float, default=None, help="Renyi alpha (with --objective renyi; default 0.5)")
+    f.add_argument("--rank", type=int, default=None, help="rank of the lowrank family (with --method lowrank)")
+    f.add_argument("--steps", type=int, default=None, help="Adam step cap (default 10000)")
     f.add_argument("--tol", type=float, default=0.01, help="relative ELBO change for convergence; 0 turns it off")
     f.add_argument("--lr", type=float, default=None, help="step size (default: adaptive)")
     f.add_argument("--mc-samples", type=int, default=None, help="Monte Carlo samples per gradient")
     f.add_argument("--draws", type=int, default=1000, help="posterior draws to report")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--init", default="laplace", choices=["laplace", "zero"], help="starting point of the fit")
-    f.add_argument("--optimizer", default="auto", choices=["auto", "adam", "dadvi"],
+    f.add_argument("--init", default="laplace", help="laplace|zero: the starting point of the fit")
+    f.add_argument("--optimizer", default="auto",
                    help="adam: stochastic steps only; dadvi: Adam warm-up, then L-BFGS on fixed draws; "
                         "auto: dadvi for meanfield/fullrank on small and medium data unless --steps, --lr or "
                         "--mc-samples tune Adam")
+    f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
+    f.add_argument("--dtype", default="float64", help="float64|float32")
     f.add_argument("--out", metavar="DIR", help="write draws.csv, summary.csv, elbo.csv to DIR")
-    f.add_argument("--force", action="store_true", help="replace an existing --out DIR")
+    f.add_argument("--force", action="store_true", help="replace an existing --out DIR that ppl wrote")
     f.add_argument("--format", default="table", choices=["table", "json"])
     f.add_argument("--profile", action="store_true", help="print where the time went")
     f.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
@@ -144,8 +146,37 @@ def cmd_graph(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from .infer.report import run_fit_command
-    return run_fit_command(args)
+    """parse the flags -> FitConfig -> the API (load, check, fit) -> report."""
+    import time
+    t_start = time.perf_counter()
+    timings = {}
+    from .config import FitConfig                 # checking the options imports the registries (torch)
+    config = FitConfig.from_cli(args)
+    timings["imports+config"] = time.perf_counter() - t_start
+    from .api import load
+    from .infer import report
+    t0 = time.perf_counter()
+    m = load(args.model)
+    timings["parse"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = m.check(_data_arg(args) or [], args.set)
+    timings["data+check"] = time.perf_counter() - t0
+    if args.out:
+        report.check_out_dir(args.out, args.force)
+    from .infer.fit import fit
+    bar = report.Progress() if report.show_progress(args.progress, args.format) else None
+    try:
+        f = fit(model, config, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    process = time.perf_counter() - t_start
+    if args.out:
+        report.write_outputs(f, args.out, args.force)
+    sys.stdout.write(report.to_json(f, process) + "\n" if args.format == "json" else report.table(f, process))
+    if args.profile:
+        sys.stderr.write(report.profile(timings, f, process))
+    return 0
 
 
 def write_atomic(path: str, data: bytes) -> None:

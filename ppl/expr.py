@@ -5,15 +5,20 @@ backend (the log joint).  Every value carries one leading batch dimension
 (size 1 for data and constants, S for Monte Carlo samples); the static shapes
 the checker inferred give each operand's rank, so operands of different rank
 are aligned explicitly after the batch dimension.  Sub-expressions that use
-only known values are folded to constants when compiled.
+only known values are folded to constants when compiled.  Names in `batch`
+are data that arrive with each data batch (per-row data): a sub-expression
+of batch data and constants only is computed once per batch and kept in the
+batch's cache (`env[CACHE]`), so a full-data fit computes `log(exposure)`
+once, as if it were folded, and a minibatch computes it once per batch.
 
-Input: an `ast.Expr`, a rank function, the known values and an ops object.
-Output: `Compiled(fn, const)`, where `fn(env) -> batched array`.
+Input: an `ast.Expr`, a rank function, the known values, the batch names and
+an ops object.  Output: `Compiled(fn, const, data)`, where
+`fn(env) -> batched array`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
@@ -21,21 +26,42 @@ from . import functions as F
 from .frontend import ast as A
 
 
+CACHE = ("ppl", "batch cache")     # env key of the data batch's cache (not a name a model can use)
+
+
 @dataclass
 class Compiled:
     fn: Callable[[Mapping[str, Any]], Any]
     const: bool
+    data: bool = False      # uses batch data and constants only (no latent): cached per batch
 
 
-def compile_expr(e: A.Expr, rank: Callable[[A.Expr], int], known: Mapping[str, Any], ops) -> Compiled:
-    """Compile `e`; names in `known` are constants (already batched arrays)."""
+def _cached(key, fn):
+    def get(env):
+        cache = env[CACHE]
+        v = cache.get(key)
+        if v is None:
+            v = cache[key] = fn(env)
+        return v
+    return get
+
+
+def compile_expr(e: A.Expr, rank: Callable[[A.Expr], int], known: Mapping[str, Any], ops,
+                 batch: Collection[str] = ()) -> Compiled:
+    """Compile `e`; names in `known` are constants (already batched arrays), names in `batch`
+    come with the data batch."""
 
     def c(e: A.Expr) -> Compiled:
         out = _compile(e)
         if out.const and not isinstance(e, (A.Name, A.Num)):
             value = out.fn({})
             return Compiled(lambda env, v=value: v, True)
+        if out.data and not isinstance(e, A.Name):
+            return Compiled(_cached(id(e), out.fn), False, True)
         return out
+
+    def data_of(*parts: Compiled) -> bool:
+        return all(p.const or p.data for p in parts) and not all(p.const for p in parts)
 
     def _compile(e: A.Expr) -> Compiled:
         if isinstance(e, A.Num):
@@ -46,52 +72,59 @@ def compile_expr(e: A.Expr, rank: Callable[[A.Expr], int], known: Mapping[str, A
                 v = known[e.id]
                 return Compiled(lambda env: v, True)
             name = e.id
-            return Compiled(lambda env: env[name], False)
+            return Compiled(lambda env: env[name], False, name in batch)
         if isinstance(e, A.Neg):
             x = c(e.operand)
-            return Compiled(lambda env: ops.neg(x.fn(env)), x.const)
+            return Compiled(lambda env: ops.neg(x.fn(env)), x.const, x.data)
         if isinstance(e, A.BinOp):
             a, b = c(e.left), c(e.right)
             ra, rb = rank(e.left), rank(e.right)
-            const = a.const and b.const
+            const, data = a.const and b.const, data_of(a, b)
             if e.op == "@":
-                return Compiled(lambda env: ops.matmul(a.fn(env), b.fn(env), ra, rb), const)
+                return Compiled(lambda env: ops.matmul(a.fn(env), b.fn(env), ra, rb), const, data)
             r = max(ra, rb)
             op = ops.binary(e.op)
             fa, fb = a.fn, b.fn
             if ra == rb:
-                return Compiled(lambda env: op(fa(env), fb(env)), const)
-            return Compiled(lambda env: op(ops.align(fa(env), ra, r), ops.align(fb(env), rb, r)), const)
+                return Compiled(lambda env: op(fa(env), fb(env)), const, data)
+            return Compiled(lambda env: op(ops.align(fa(env), ra, r), ops.align(fb(env), rb, r)), const, data)
         if isinstance(e, A.Call):
             fun = F.REGISTRY[e.func]
             args = [c(x) for x in e.args]
             impl = fun.impl
             fns = [x.fn for x in args]
-            return Compiled(lambda env: impl(ops, *[f(env) for f in fns]), all(x.const for x in args))
+            return Compiled(lambda env: impl(ops, *[f(env) for f in fns]), all(x.const for x in args),
+                            data_of(*args))
         if isinstance(e, A.Index):
             base = c(e.base)
             fn, const = base.fn, base.const
+            parts = [base]
             axis = 1
             for ix in e.indices:
                 ci = c(ix)
+                parts.append(ci)
                 ri = rank(ix)
                 if ci.const:
                     idx = ops.as_index(ci.fn({}))
                     fn = (lambda f, idx, axis, ri: lambda env: ops.index(f(env), idx, axis, ri))(fn, idx, axis, ri)
                 else:
                     fi = ci.fn
-                    fn = (lambda f, fi, axis, ri: lambda env: ops.index(f(env), ops.as_index(fi(env)), axis, ri))(
+                    if ci.data:      # a data index (a[county]): made 0-based once per batch
+                        fi = _cached((id(ix), "index"), (lambda fi: lambda env: ops.as_index(fi(env)))(fi))
+                    else:
+                        fi = (lambda fi: lambda env: ops.as_index(fi(env)))(fi)
+                    fn = (lambda f, fi, axis, ri: lambda env: ops.index(f(env), fi(env), axis, ri))(
                         fn, fi, axis, ri)
                 const = const and ci.const
                 axis += ri
-            return Compiled(fn, const)
+            return Compiled(fn, const, data_of(*parts))
         if isinstance(e, A.Vector):
             items = [c(x) for x in e.items]
             ranks = [rank(x) for x in e.items]
             r = max(ranks)
             fns = [(x.fn, rk) for x, rk in zip(items, ranks)]
             return Compiled(lambda env: ops.stack([ops.align(f(env), rk, r) for f, rk in fns]),
-                            all(x.const for x in items))
+                            all(x.const for x in items), data_of(*items))
         raise TypeError(f"not an expression: {e!r}")
 
     return c(e)

@@ -26,6 +26,9 @@ class Function:
     shape: Callable[..., Shape]           # (arg shapes..., values=...) -> result shape
     impl: Callable                        # (ops, *args) -> value
     int_result: bool = False              # result is integer-valued when its inputs are
+    axes: str = "reduce"                  # what it does to its argument's axes: "elementwise" (keeps every
+                                          # axis, element by element), "last" (works along the last axis
+                                          # only) or "reduce" (mixes elements across every axis)
 
 
 def _same(x: Shape, **_) -> Shape:
@@ -67,24 +70,24 @@ def fmt(shape: Shape) -> str:
 
 
 REGISTRY: Dict[str, Function] = {f.name: f for f in [
-    Function("exp", ("x",), _same, lambda o, x: o.exp(x)),
-    Function("log", ("x",), _same, lambda o, x: o.log(x)),
-    Function("log1p", ("x",), _same, lambda o, x: o.log1p(x)),
-    Function("expm1", ("x",), _same, lambda o, x: o.expm1(x)),
-    Function("sqrt", ("x",), _same, lambda o, x: o.sqrt(x)),
-    Function("square", ("x",), _same, lambda o, x: o.mul(x, x), int_result=True),
-    Function("abs", ("x",), _same, lambda o, x: o.abs(x), int_result=True),
-    Function("inv_logit", ("x",), _same, lambda o, x: o.sigmoid(x)),
-    Function("logit", ("p",), _same, lambda o, x: o.logit(x)),
-    Function("softplus", ("x",), _same, lambda o, x: o.softplus(x)),
-    Function("tanh", ("x",), _same, lambda o, x: o.tanh(x)),
+    Function("exp", ("x",), _same, lambda o, x: o.exp(x), axes="elementwise"),
+    Function("log", ("x",), _same, lambda o, x: o.log(x), axes="elementwise"),
+    Function("log1p", ("x",), _same, lambda o, x: o.log1p(x), axes="elementwise"),
+    Function("expm1", ("x",), _same, lambda o, x: o.expm1(x), axes="elementwise"),
+    Function("sqrt", ("x",), _same, lambda o, x: o.sqrt(x), axes="elementwise"),
+    Function("square", ("x",), _same, lambda o, x: o.mul(x, x), int_result=True, axes="elementwise"),
+    Function("abs", ("x",), _same, lambda o, x: o.abs(x), int_result=True, axes="elementwise"),
+    Function("inv_logit", ("x",), _same, lambda o, x: o.sigmoid(x), axes="elementwise"),
+    Function("logit", ("p",), _same, lambda o, x: o.logit(x), axes="elementwise"),
+    Function("softplus", ("x",), _same, lambda o, x: o.softplus(x), axes="elementwise"),
+    Function("tanh", ("x",), _same, lambda o, x: o.tanh(x), axes="elementwise"),
     Function("sum", ("x",), _scalar, lambda o, x: o.sum(x), int_result=True),
     Function("mean", ("x",), _scalar, lambda o, x: o.mean(x)),
     Function("sd", ("x",), _scalar, lambda o, x: o.sd(x)),
     Function("log_sum_exp", ("x",), _scalar, lambda o, x: o.log_sum_exp(x)),
     Function("dot", ("a", "b"), _dot, lambda o, a, b: o.sum(o.mul(a, b))),
-    Function("cumsum", ("x",), _vector_op, lambda o, x: o.cumsum(x), int_result=True),
-    Function("softmax", ("x",), _vector_op, lambda o, x: o.softmax(x)),
+    Function("cumsum", ("x",), _vector_op, lambda o, x: o.cumsum(x), int_result=True, axes="last"),
+    Function("softmax", ("x",), _vector_op, lambda o, x: o.softmax(x), axes="last"),
     Function("ones", ("n",), _fill, lambda o, n: o.full(n, 1.0)),
     Function("zeros", ("n",), _fill, lambda o, n: o.full(n, 0.0)),
     Function("rep", ("x", "n"), _rep, lambda o, x, n: o.rep(x, n)),

@@ -12,9 +12,10 @@ names, for each discrete latent, the factors in its Markov blanket.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from . import distributions as DS
+from . import functions as FN
 from .errors import UsageError
 from .frontend import ast as A
 from .frontend.check import Model, Node
@@ -22,7 +23,6 @@ from .frontend.check import Model, Node
 ESTIMATORS = ("auto", "reparam", "score", "enumerate")
 # "score-all" (API only): the score-function estimator for continuous latents too (for tests and study)
 MAX_ENUM = 64
-_ELEMENTWISE = {"exp", "log", "log1p", "expm1", "sqrt", "square", "abs", "inv_logit", "logit", "softplus", "tanh"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _elementwise(e: A.Expr, tainted: Set[str]) -> bool:
     def has(x):
         return any(n.id in tainted for n in A.names_in(x))
     for x in A.walk(e):
-        if isinstance(x, A.Call) and x.func not in _ELEMENTWISE and any(has(a) for a in x.args):
+        if isinstance(x, A.Call) and FN.REGISTRY[x.func].axes != "elementwise" and any(has(a) for a in x.args):
             return False
         if isinstance(x, A.BinOp) and x.op == "@" and has(x):
             return False
@@ -92,9 +92,17 @@ def enum_size(model: Model, node: Node) -> Optional[int]:
     return None
 
 
-def plan(model: Model, requested: str = "auto") -> Dict[str, NodePlan]:
+def _flag(name: str, value=None) -> str:
+    return f"--{name}" if value is None else f"--{name} {value}"
+
+
+def plan(model: Model, requested: str = "auto", opt: Callable = _flag) -> Dict[str, NodePlan]:
+    """`opt(name[, value])` spells an option as the caller does (`--estimator` / `estimator=`)."""
     if requested not in ESTIMATORS + ("score-all",):
-        raise UsageError(f"unknown estimator '{requested}' (estimators: {', '.join(ESTIMATORS)})")
+        raise UsageError(f"unknown estimator '{requested}' for {opt('estimator')} (valid: {', '.join(ESTIMATORS)})")
+    if requested in ("score", "enumerate") and not any(n.discrete for n in model.latents()):
+        raise UsageError(f"{opt('estimator', requested)} applies to discrete latents, and the model has none "
+                         f"(continuous latents use reparameterised gradients)")
     out: Dict[str, NodePlan] = {}
     enumerated: Dict[str, Set[str]] = {}
     for node in model.latents():
@@ -112,10 +120,10 @@ def plan(model: Model, requested: str = "auto") -> Dict[str, NodePlan]:
         if requested == "enumerate" and not can_enum:
             why = ("its support is not a small finite set" if size is None or size > MAX_ENUM else
                    "its factors do not line up with it element by element")
-            raise UsageError(f"cannot enumerate '{node.name}': {why}; use --estimator auto or score")
+            raise UsageError(f"cannot enumerate '{node.name}': {why}; use {opt('estimator', 'auto')} or score")
         if requested == "reparam":
             raise UsageError(f"'{node.name}' is discrete, so it has no reparameterised gradient; "
-                             f"use --estimator auto, enumerate or score")
+                             f"use {opt('estimator', 'auto')}, enumerate or score")
         if can_enum and requested in ("auto", "enumerate"):
             enumerated[node.name] = set(factors)
             out[node.name] = NodePlan("enumerate", tuple(factors), True, size)

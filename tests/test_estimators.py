@@ -1,4 +1,4 @@
-"""Gradient estimators (ppl.infer.estimators.Estimator): the reparameterised and
+"""Gradient estimators (ppl.infer.estimators, through ppl.infer.engine.VI): the reparameterised and
 the score-function ELBO gradients agree in expectation (with each other, and
 with the exact gradient where it is known in closed form); on a discrete latent,
 the score path's gradients (Rao-Blackwellised score function for z, pathwise
@@ -14,7 +14,10 @@ import torch
 
 import ppl
 from ppl.backend.log_joint import LogJoint
-from ppl.infer.estimators import Estimator, discrete_families
+from ppl.config import FitConfig
+from ppl.infer.engine import VI
+from ppl.infer.estimators import discrete_families
+from ppl.infer.objectives import OBJECTIVES
 from ppl.infer.families import FAMILIES, Preconditioner
 from ppl.plan import plan
 
@@ -38,12 +41,13 @@ def _setup(src, data, estimator="auto", family="meanfield", seed=0):
     D = lj.dim
     A = torch.ones(D, dtype=DT) if family == "meanfield" else torch.eye(D, dtype=DT)
     fam = FAMILIES[family](Preconditioner(torch.zeros(D, dtype=DT), A), gen)
-    dq = discrete_families(model, lj, p, DT, gen)
+    dq = discrete_families(model, lj, p, gen)
     return model, p, lj, fam, dq
 
 
 def _estimator(model, p, lj, fam, dq, continuous):
-    return Estimator(model, lj, fam, p, continuous, "elbo", 0.5, dq)
+    config = FitConfig()
+    return VI(lj, fam, OBJECTIVES["elbo"](config), dq, p, config, continuous)
 
 
 def _grads(est, S, R):
@@ -53,10 +57,10 @@ def _grads(est, S, R):
     for _ in range(R):
         for q in params:
             q.grad = None
-        terms = est(S)
+        terms = est.surrogate_loss(S)
         terms.loss.backward()
         out.append(torch.cat([q.grad.reshape(-1) for q in params]).detach().clone())
-        objs.append(terms.objective)
+        objs.append(terms.value)
     return torch.stack(out).numpy(), np.array(objs)
 
 
@@ -213,7 +217,7 @@ def test_score_and_enumerate_fits_agree():
 
 @pytest.mark.parametrize("family,precond", [("meanfield", "diag"), ("fullrank", "diag"), ("fullrank", "full")])
 def test_closed_form_gradient_equals_autograd(family, precond):
-    """The default path (Estimator.gradient: autograd through the log joint only, the family's chain rule
+    """The default path (the closed-form estimator: autograd through the log joint only, the family's chain rule
     in closed form) gives exactly the gradient of the autograd surrogate on the same draws."""
     model = ppl.loads(NONCONJ + "z[3] ~ normal(mu, sigma)\n", "m.ppl").check({"y": [0.5, -1.2, 2.2, 1.4]})
     p = plan(model, "auto")
@@ -230,7 +234,7 @@ def test_closed_form_gradient_equals_autograd(family, precond):
     with torch.no_grad():
         fam.flat.copy_(0.3 * torch.randn(fam.flat.shape, generator=g0, dtype=DT))
     est = _estimator(model, p, lj, fam, {}, "reparam")
-    assert est.closed_form
+    assert est.estimator.name == "closed-form"
     for S in (1, 7):
         fam.gen.manual_seed(S)
         fam.flat.grad = None
@@ -238,9 +242,9 @@ def test_closed_form_gradient_equals_autograd(family, precond):
         closed = fam.flat.grad.clone()
         fam.gen.manual_seed(S)
         fam.flat.grad = None
-        terms = est(S)
+        terms = est.surrogate_loss(S)
         terms.loss.backward()
         if family == "fullrank":              # L above the diagonal is not used: autograd gives zeros there too
             assert torch.all(closed[D:].view(D, D).triu(1) == 0)
         torch.testing.assert_close(closed, fam.flat.grad, rtol=1e-9, atol=1e-10)
-        assert value == pytest.approx(terms.objective, rel=1e-12, abs=1e-10)
+        assert value == pytest.approx(terms.value, rel=1e-12, abs=1e-10)

@@ -1,14 +1,19 @@
-"""log_joint: checked IR + estimator plan -> a log density on one flat
-unconstrained vector, vectorised over a leading Monte Carlo sample dimension.
+"""log_joint: checked IR + estimator plan + runtime -> the compiled model: a
+log density on one flat unconstrained vector, vectorised over a leading Monte
+Carlo sample dimension, called with a data batch.
 
 Compiled once per fit.  Each continuous latent owns a block of the vector,
-mapped onto its set by `biject_to` (log|det J| added); data and data-only
-constants are tensors made once; expressions are closures from
+mapped onto its set by `biject_to` (log|det J| added); global data and
+constants are tensors made once and folded; per-row data (the model's row
+axis, `ppl.frontend.rows`) come with each call in a `Batch`, which also
+carries the scale of per-row density terms (N/B under a minibatch) and a
+cache of data-only sub-expressions; expressions are closures from
 `ppl.expr.compile_expr`.  Enumerated discrete latents are summed out exactly
-(one vectorised pass per value, elementwise per row); discrete latents on the
-score path take their values from the caller.
+(one vectorised pass for all values, elementwise per row); discrete latents on
+the score path take their values from the caller.
 
-Input: `Model`, plan.  Output: `LogJoint`, with `log_prob(theta[, z]) -> (S,)`.
+Input: `Model`, plan, `Runtime`.  Output: `LogJoint`, with
+`log_prob(theta[, z], batch=None) -> (S,)` (None: the full data).
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ import numpy as np
 import torch
 
 from .. import distributions as DS
-from ..expr import compile_expr
+from ..expr import CACHE, compile_expr
 from ..frontend.check import Model, Node
 from ..plan import NodePlan
 from . import dists as D
 from .ops import TorchOps
+from .runtime import Batch, Runtime, as_runtime
 from .transforms import bijection, sum_event, unconstrained_shape
 
 
@@ -45,6 +51,7 @@ class Factor:
     value: Callable                             # env -> value tensor
     log_prob: Callable                          # (env, value) -> elementwise log density
     log_prob_sum: Optional[Callable] = None     # (env, value) -> (S,): the same summed, where fused
+    per_row: bool = False                       # a term per data row: scaled by the batch's scale
 
 
 @dataclass
@@ -66,15 +73,19 @@ class Evaluation:
 
 
 class LogJoint:
-    def __init__(self, model: Model, plan: Mapping[str, NodePlan], dtype=torch.float64):
-        self.model, self.plan, self.dtype = model, dict(plan), dtype
-        self.ops = TorchOps(dtype)
-        known = {}
+    def __init__(self, model: Model, plan: Mapping[str, NodePlan], runtime=torch.float64):
+        self.rt = rt = as_runtime(runtime)
+        self.model, self.plan, self.dtype, self.device = model, dict(plan), rt.dtype, rt.device
+        self.ops = TorchOps(rt.dtype, rt.device)
+        known, rows = {}, {}
         for k, v in model.values.items():
-            known[k] = torch.as_tensor(np.asarray(v, dtype=np.float64), dtype=dtype).unsqueeze(0)
+            t = rt.tensor(np.asarray(v, dtype=np.float64)).unsqueeze(0)
+            (rows if model.rows.is_row(k) else known)[k] = t
         for k, v in model.dims.items():
-            known.setdefault(k, torch.tensor([float(v)], dtype=dtype))
-        self.known = known
+            known.setdefault(k, rt.tensor([float(v)]))
+        self.known = known                       # folded into the compiled model
+        self.row_data = rows                     # per-row data: passed in each `Batch`
+        self.batch = Batch.full(rows, model.rows.size)   # the full data
         self.blocks: List[Block] = []
         self.score: List[str] = []
         self.enum: List[EnumGroup] = []
@@ -83,7 +94,10 @@ class LogJoint:
 
     # ---- compilation ----------------------------------------------------------
     def expr(self, e):
-        return compile_expr(e, self.model.rank, self.known, self.ops).fn
+        return self._compiled(e).fn
+
+    def _compiled(self, e):
+        return compile_expr(e, self.model.rank, self.known, self.ops, self.row_data)
 
     def _aligned_args(self, node: Node, spec: DS.DistSpec, args, floats: bool = False) -> List[Callable]:
         """Argument closures aligned to the node's rank; with `floats`, constant scalars
@@ -92,7 +106,7 @@ class LogJoint:
         target_batch = len(node.shape) - spec.event_rank
         out = []
         for a, er in zip(args, ranks):
-            c = compile_expr(a, self.model.rank, self.known, self.ops)
+            c = self._compiled(a)
             fn = c.fn
             ra = self.model.rank(a)
             if floats and c.const and ra == 0:
@@ -142,12 +156,14 @@ class LogJoint:
                 else:
                     self.steps.append(("deterministic", name, fn))
                 continue
+            per_row = m.rows.is_row(name)
             if node.kind == "latent" and node.discrete:
-                prior = Factor(name, None, self._logp_fns(node)[0])
+                prior = Factor(name, None, self._logp_fns(node)[0], per_row=per_row)
                 if self.plan[name].estimator == "enumerate":
                     spec = DS.REGISTRY[node.dist.spec]
                     size = self.plan[name].size
-                    vals = torch.arange(size, dtype=self.dtype) + (1 if spec.support == "categorical" else 0)
+                    vals = torch.arange(size, dtype=self.dtype, device=self.device) + \
+                        (1 if spec.support == "categorical" else 0)
                     g = EnumGroup(name, vals, tuple(node.shape), prior, [], [])
                     enum_groups[name] = g
                     self.enum.append(g)
@@ -162,9 +178,9 @@ class LogJoint:
                 self.steps.append(("block", name, (len(self.blocks), block)))
                 self.blocks.append(block)
             if node.dist is not None:
-                value = (lambda n: lambda env: env[n])(name) if node.kind == "latent" else \
-                    (lambda v: lambda env: v)(self.known[name])
-                fac = Factor(name, value, *self._logp_fns(node))
+                value = (lambda v: lambda env: v)(self.known[name]) if name in self.known else \
+                    (lambda n: lambda env: env[n])(name)
+                fac = Factor(name, value, *self._logp_fns(node), per_row=per_row)
                 if name in factor_owner:
                     enum_groups[factor_owner[name]].factors.append(fac)
                 else:
@@ -194,7 +210,7 @@ class LogJoint:
         names = {n.id for b in (lo_e, hi_e) if b is not None for n in _names(b)}
         if names - set(self.known):
             varying = lambda env: tuple(f(env) if f else None for f in fns)  # noqa: E731
-            t0 = bijection(kind, *(torch.zeros(1, dtype=self.dtype) if f else None for f in fns))
+            t0 = bijection(kind, *(self.rt.zeros(1) if f else None for f in fns))
         else:
             lo, hi = (f({})[0] if f else None for f in fns)
             t0 = bijection(kind, lo, hi)
@@ -218,13 +234,18 @@ class LogJoint:
 
     def evaluate(self, theta: Optional[torch.Tensor], discrete: Optional[Mapping[str, torch.Tensor]] = None,
                  keep_factors: bool = False, keep_enum: bool = False, densities: bool = True,
-                 blocks: Optional[List[torch.Tensor]] = None) -> Evaluation:
+                 blocks: Optional[List[torch.Tensor]] = None, batch: Optional[Batch] = None) -> Evaluation:
         """`densities=False`: values only (no factor densities, no enumeration): `total` is then
         meaningless, and enumerated latents cannot be drawn.  `blocks`: `split(theta)` given
-        directly (e.g. as autograd leaves), instead of `theta`."""
+        directly (e.g. as autograd leaves), instead of `theta`.  `batch`: the data batch (None:
+        the full data); per-row terms are multiplied by its scale (`factors` stay unscaled)."""
+        batch = self.batch if batch is None else batch
+        scale = batch.scale
         us = self.split(theta) if blocks is None else blocks
         S = theta.shape[0] if blocks is None else (us[0].shape[0] if us else 1)
-        env: Dict[str, torch.Tensor] = dict(self.known)
+        env: Dict = dict(self.known)
+        env.update(batch.data)
+        env[CACHE] = batch.cache
         total = None
         factors: Dict[str, torch.Tensor] = {}
         for kind, name, payload in self.steps:
@@ -246,23 +267,23 @@ class LogJoint:
                 lp = payload.log_prob(env, z)
                 if keep_factors:
                     factors[name] = lp
-                total = _add(total, sum_event(lp))
+                total = _add(total, _scaled(sum_event(lp), payload.per_row, scale))
             elif densities:   # factor
                 if payload.log_prob_sum is not None and not keep_factors:
-                    total = _add(total, payload.log_prob_sum(env, payload.value(env)))
+                    total = _add(total, _scaled(payload.log_prob_sum(env, payload.value(env)), payload.per_row, scale))
                     continue
                 lp = payload.log_prob(env, payload.value(env))
                 if keep_factors:
                     factors[name] = lp
-                total = _add(total, sum_event(lp))
+                total = _add(total, _scaled(sum_event(lp), payload.per_row, scale))
         enum_logits = {}
         for g in (self.enum if densities else ()):
             L = self._enumerate(g, env, S)
             if keep_enum:
                 enum_logits[g.name] = L
-            total = _add(total, sum_event(torch.logsumexp(L, 0)))
+            total = _add(total, _scaled(sum_event(torch.logsumexp(L, 0)), g.prior.per_row, scale))
         if total is None:
-            total = torch.zeros(S, dtype=self.dtype)
+            total = torch.zeros(S, dtype=self.dtype, device=self.device)
         elif total.shape != (S,):
             total = total.expand(S)
         return Evaluation(total, env, factors, enum_logits)
@@ -274,7 +295,8 @@ class LogJoint:
         index per sample and the densities broadcast; never a loop over rows or samples."""
         K = g.values.shape[0]
         e = {n: (v.repeat((K,) + (1,) * (v.dim() - 1)) if S > 1 and torch.is_tensor(v) and v.dim() > 0
-                 and v.shape[0] == S and n not in self.known else v) for n, v in env.items()}
+                 and v.shape[0] == S and n not in self.known and n not in self.row_data else v)
+             for n, v in env.items()}
         z = g.values.repeat_interleave(S).reshape((K * S,) + (1,) * len(g.shape))
         e[g.name] = z
         for name, fn in g.deterministics:
@@ -285,8 +307,8 @@ class LogJoint:
             L = L + (sum_event(lp) if g.shape == () else lp)
         return L.expand((K * S,) + g.shape).reshape((K, S) + g.shape)
 
-    def log_prob(self, theta: torch.Tensor, discrete=None) -> torch.Tensor:
-        return self.evaluate(theta, discrete).total
+    def log_prob(self, theta: torch.Tensor, discrete=None, batch: Optional[Batch] = None) -> torch.Tensor:
+        return self.evaluate(theta, discrete, batch=batch).total
 
     def largest_node(self) -> int:
         """Elements of the largest modelled variable: the size of one sample's intermediates."""
@@ -357,6 +379,10 @@ def _bind(lpdf: Callable, args: List[Callable]) -> Callable:
         a0, a1 = args
         return lambda env, x: lpdf(x, a0(env), a1(env))
     return lambda env, x: lpdf(x, *[f(env) for f in args])
+
+
+def _scaled(term: torch.Tensor, per_row: bool, scale: float) -> torch.Tensor:
+    return term * scale if per_row and scale != 1.0 else term
 
 
 def _add(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:

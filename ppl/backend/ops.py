@@ -7,11 +7,11 @@ import torch.nn.functional as Fnn
 
 
 class TorchOps:
-    def __init__(self, dtype=torch.float64):
-        self.dtype = dtype
+    def __init__(self, dtype=torch.float64, device=None):
+        self.dtype, self.device = dtype, device
 
     def const(self, value, is_int=False):
-        return torch.tensor([value], dtype=self.dtype)
+        return torch.tensor([value], dtype=self.dtype, device=self.device)
 
     @staticmethod
     def align(x, r_from, r_to):
@@ -112,7 +112,7 @@ class TorchOps:
         return torch.softmax(x, -1)
 
     def full(self, n, v):
-        return torch.full((1, int(n.reshape(-1)[0])), v, dtype=self.dtype)
+        return torch.full((1, int(n.reshape(-1)[0])), v, dtype=self.dtype, device=self.device)
 
     @staticmethod
     def rep(x, n):

@@ -20,6 +20,7 @@ from ..errors import Diagnostic, PplError, Source, Span, did_you_mean, one_of
 from ..expr import NumpyOps, compile_expr
 from ..functions import Shape, ShapeError, fmt
 from . import ast as A
+from .rows import NO_ROWS, RowAxis, row_axis
 
 KINDS = ("data", "constant", "latent", "observed", "deterministic")
 
@@ -98,6 +99,7 @@ class Model:
     ints: Dict[int, bool]                      # id(expr) -> integer-valued
     has_data: bool
     levels: Dict[str, List[str]] = field(default_factory=dict)
+    rows: RowAxis = NO_ROWS                    # the row axis (plate): which nodes are per data row
 
     def rank(self, e: A.Expr) -> int:
         return len(self.shapes[id(e)])
@@ -608,8 +610,10 @@ class _Checker:
         # source order of the defining statements (self.defs lists `~` statements last)
         ordered = {n: nodes[n] for n in sorted(self.defs, key=lambda n: (self.defs[n].span.line,
                                                                          self.defs[n].span.col))}
-        return Model(self.src, self.p, ordered, tuple(topo), dict(self.dims),
-                     {k: v for k, v in self.values.items()}, self.shapes, self.ints, self.has_data, levels)
+        model = Model(self.src, self.p, ordered, tuple(topo), dict(self.dims),
+                      {k: v for k, v in self.values.items()}, self.shapes, self.ints, self.has_data, levels)
+        model.rows = row_axis(model)
+        return model
 
     def check_node(self, name: str, kind: str, deps: Tuple[str, ...]) -> Optional[Node]:
         s = self.defs[name]

@@ -1,21 +1,34 @@
-"""Gradient estimators: (family, log joint, discrete q) -> a surrogate loss
-whose gradient is an unbiased estimate of minus the objective's gradient, and
-the objective's value.
+"""Gradient estimators: (the VI problem: compiled model, family, objective,
+discrete q) -> an estimate of minus the objective's gradient in every
+variational parameter, and the objective's value.
 
-- `reparam` (pathwise) for the continuous block;
-- `score` (BBVI) for the continuous block when asked, and always for discrete
-  latents on the score path: each is Rao-Blackwellised with its Markov blanket
-  (its own density and the factors that use it, elementwise when they line up
-  with it) and uses a leave-one-out baseline over the S samples;
-- enumerated latents need no estimator: the log joint sums them out.
+Registry `GRADIENTS` (name -> class), tried in registration order; the first
+that serves the requested kind (`reparam` or `score`, from the estimator
+plan) and `applies` to the problem is used, unless the config names one
+(`gradient=` from Python):
+- `closed-form`: pathwise, Gaussian family and ELBO, no discrete q: autograd
+  runs through the log joint only, the family's part of the chain rule is
+  closed form (and `gradient_at(eps)` serves the fixed-draw optimiser);
+- `pathwise`: reparameterised draws and autograd through a surrogate loss
+  (analytic entropy for a Gaussian family and the ELBO, the objective of the
+  log weights otherwise);
+- `score`: the score-function estimator (BBVI) for the continuous block, with
+  a leave-one-out baseline.
+Discrete latents on the score path always add their own score-function term
+(`discrete_surrogate`): Rao-Blackwellised with the latent's Markov blanket
+(its own density and the factors that use it, elementwise when they line up
+with it) and a leave-one-out baseline over the S samples.  Enumerated latents
+need no estimator: the log joint sums them out.
 
-Objectives (registry `OBJECTIVES`): elbo, iwae, renyi (alpha).
+A new estimator is one class with `surrogate_loss` (or `gradient`) and one
+`register_gradient`.  Minibatches reach every estimator as the `batch`
+argument (the log joint scales per-row terms by it).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Dict, Type
 
 import torch
 
@@ -72,10 +85,9 @@ class DiscreteQ:
 
 
 @dataclass
-class Terms:
-    loss: torch.Tensor               # surrogate; its gradient estimates minus the objective's
-    objective: float                 # value of the objective (an ELBO estimate for 'elbo')
-    log_w: Optional[torch.Tensor]    # log p - log q per sample, when computed
+class Surrogate:
+    loss: torch.Tensor               # its gradient estimates minus the objective's gradient
+    value: float                     # the objective's value (an ELBO estimate for 'elbo')
 
 
 def _loo_baseline(f: torch.Tensor) -> torch.Tensor:
@@ -93,49 +105,109 @@ def _reduce_to(lp: torch.Tensor, shape, local: bool) -> torch.Tensor:
     return s.reshape((s.shape[0],) + (1,) * len(shape)) if local else s
 
 
-class Estimator:
-    def __init__(self, model: Model, lj, family, plan, continuous: str, objective: str, alpha: float,
-                 dq: Dict[str, DiscreteQ]):
-        self.model, self.lj, self.family, self.plan = model, lj, family, plan
-        self.continuous, self.objective, self.alpha, self.dq = continuous, objective, alpha, dq
-        if objective != "elbo" and (continuous == "score" or dq):
-            raise UsageError(f"--objective {objective} needs reparameterised gradients for every latent; "
-                             f"use --objective elbo with score-function estimators")
-        if objective not in OBJECTIVES:
-            raise UsageError(f"unknown objective '{objective}' (objectives: {', '.join(OBJECTIVES)})")
+class GradientEstimator:
+    name = "estimator"
+    serves = "reparam"          # the plan's estimator for continuous latents that it implements
+    fixed_draws = False         # implements `gradient_at(eps, batch)` (a deterministic objective)
 
-    def parameters(self) -> List[torch.Tensor]:
-        return self.family.parameters() + [q.param for q in self.dq.values()]
+    def __init__(self, vi):
+        self.vi = vi
 
-    @property
-    def closed_form(self) -> bool:
-        """The default path (Gaussian family, ELBO, pathwise, no discrete q): autograd runs through
-        the log joint only, and the family's part of the chain rule is done in closed form."""
-        return self.family.closed_form and self.objective == "elbo" and self.continuous == "reparam" \
-            and not self.dq
+    @classmethod
+    def applies(cls, vi) -> bool:
+        return True
 
-    def gradient(self, S: int) -> float:
-        """Set `.grad` of every parameter to an estimate of minus the objective's gradient;
-        return the objective's value (not finite: the gradients are not to be used)."""
-        if not self.closed_form:
-            terms = self(S)
-            if not (math.isfinite(terms.objective) and bool(torch.isfinite(terms.loss))):
-                return math.nan
-            terms.loss.backward()
-            return terms.objective
-        eps, theta = self.family.draw(S)
-        return self._closed_form_gradient(eps, theta)
+    def surrogate_loss(self, S: int, batch=None) -> Surrogate:
+        raise NotImplementedError
 
-    def gradient_at(self, eps: torch.Tensor) -> float:
+    def gradient(self, S: int, batch=None) -> float:
+        """Set `.grad` of every parameter to an estimate of minus the objective's gradient; return the
+        objective's value (not finite: the gradients are not to be used)."""
+        sur = self.surrogate_loss(S, batch)
+        if not (math.isfinite(sur.value) and bool(torch.isfinite(sur.loss))):
+            return math.nan
+        sur.loss.backward()
+        return sur.value
+
+
+GRADIENTS: Dict[str, Type[GradientEstimator]] = {}
+
+
+def register_gradient(cls: Type[GradientEstimator]) -> Type[GradientEstimator]:
+    GRADIENTS[cls.name] = cls
+    return cls
+
+
+def choose_gradient(vi, serves: str, requested: str = "auto") -> GradientEstimator:
+    opt = vi.config.opt
+    if requested != "auto":
+        cls = GRADIENTS.get(requested)
+        if cls is None:
+            raise UsageError(f"unknown gradient estimator {requested!r} for {opt('gradient')} "
+                             f"(valid: auto, {', '.join(GRADIENTS)})")
+        if not cls.applies(vi):
+            raise UsageError(f"{opt('gradient', requested)} does not apply to this family, objective or model")
+        return cls(vi)
+    for cls in GRADIENTS.values():
+        if cls.serves == serves and cls.applies(vi):
+            return cls(vi)
+    raise UsageError(f"{opt('objective', vi.config.objective)} needs reparameterised gradients for every latent; "
+                     f"use {opt('objective', 'elbo')} with score-function estimators")
+
+
+def discrete_surrogate(vi, ev, z, S) -> torch.Tensor:
+    """Score-function surrogate for discrete latents on the score path, Rao-Blackwellised by Markov blanket."""
+    out = torch.zeros((), dtype=vi.program.dtype, device=vi.program.device)
+    for name, q in vi.discrete.items():
+        p = vi.plan[name]
+        lq = q.log_q(z[name])                                   # (S, *shape)
+        signal = _reduce_to(ev.factors[name].expand(lq.shape), q.shape, p.local)
+        for fac in p.factors:
+            if fac in ev.factors:
+                signal = signal + _reduce_to(ev.factors[fac], q.shape, p.local)
+        signal = signal - (lq if p.local else lq.reshape(S, -1).sum(-1))
+        signal = signal.detach()
+        adv = signal - _loo_baseline(signal)
+        if not p.local:
+            lq_s = lq.reshape(S, -1).sum(-1)
+            out = out - (adv * lq_s).mean()
+        else:
+            out = out - (adv * lq).reshape(S, -1).sum(-1).mean()
+    return out
+
+
+def discrete_log_q(vi, z) -> float:
+    return float(sum(q.log_q(z[n]).detach().reshape(next(iter(z.values())).shape[0], -1).sum(-1).mean()
+                     for n, q in vi.discrete.items())) if z else 0.0
+
+
+@register_gradient
+class ClosedForm(GradientEstimator):
+    """Pathwise with the Gaussian chain rule theta = mu0 + A u(eps) in closed form."""
+    name = "closed-form"
+    fixed_draws = True
+
+    @classmethod
+    def applies(cls, vi) -> bool:
+        return vi.family.closed_form and vi.objective.linear and not vi.discrete
+
+    def gradient(self, S: int, batch=None) -> float:
+        eps, theta = self.vi.family.draw(S)
+        return self._gradient(eps, theta, batch)
+
+    def gradient_at(self, eps: torch.Tensor, batch=None) -> float:
         """`gradient` on given standard-normal draws (fixed draws: a deterministic objective)."""
-        return self._closed_form_gradient(eps, self.family.theta_of(eps))
+        return self._gradient(eps, self.vi.family.theta_of(eps), batch)
 
-    def _closed_form_gradient(self, eps: torch.Tensor, theta: torch.Tensor) -> float:
-        fam, lj = self.family, self.lj
+    def surrogate_loss(self, S: int, batch=None) -> Surrogate:
+        return Pathwise(self.vi).surrogate_loss(S, batch)
+
+    def _gradient(self, eps: torch.Tensor, theta: torch.Tensor, batch) -> float:
+        fam, lj = self.vi.family, self.vi.program
         S = eps.shape[0]
         with torch.no_grad():
             us = [u.requires_grad_(True) for u in lj.split(theta)]
-        mean_lp = lj.evaluate(None, blocks=us).total.sum() * (1.0 / S)
+        mean_lp = lj.evaluate(None, blocks=us, batch=batch).total.sum() * (1.0 / S)
         value = float(mean_lp.detach()) + fam.entropy_value()
         if not math.isfinite(value):
             return math.nan
@@ -147,79 +219,54 @@ class Estimator:
         fam.flat.grad = fam.loss_grad(eps, g)
         return value
 
-    def __call__(self, S: int) -> Terms:
-        fam = self.family
-        z = {n: q.sample(S) for n, q in self.dq.items()}
-        if self.continuous == "score":
-            with torch.no_grad():
-                theta = fam.rsample(S)
-            log_q = fam.log_q(theta)
-            ev = self.lj.evaluate(theta, z, keep_factors=bool(z))
-            f = (ev.total - log_q).detach()
-            loss = -((f - _loo_baseline(f)) * log_q).mean()
-            loss = loss + self._discrete(ev, z, S)
-            return Terms(loss, float(f.mean()), f)
-        if fam.gaussian and self.objective == "elbo":
+
+@register_gradient
+class Pathwise(GradientEstimator):
+    """Reparameterised draws, autograd through the whole surrogate."""
+    name = "pathwise"
+
+    def surrogate_loss(self, S: int, batch=None) -> Surrogate:
+        vi = self.vi
+        fam = vi.family
+        z = {n: q.sample(S) for n, q in vi.discrete.items()}
+        if fam.gaussian and vi.objective.linear:
             theta = fam.rsample(S)
-            ev = self.lj.evaluate(theta, z, keep_factors=bool(z))
-            H = fam.entropy()
-            elbo = ev.total.mean() + H
-            loss = -elbo + self._discrete(ev, z, S)
-            return Terms(loss, float(elbo.detach()) - self._discrete_log_q(z), None)
-        if isinstance(getattr(fam, "rsample_with_log_q", None), Callable):
-            theta, log_q = fam.rsample_with_log_q(S)
-        else:
+            ev = vi.program.evaluate(theta, z, keep_factors=bool(z), batch=batch)
+            elbo = ev.total.mean() + fam.entropy()
+            loss = -elbo + discrete_surrogate(vi, ev, z, S)
+            return Surrogate(loss, float(elbo.detach()) - discrete_log_q(vi, z))
+        theta, log_q = fam.rsample_with_log_q(S)
+        ev = vi.program.evaluate(theta, z, keep_factors=bool(z), batch=batch)
+        obj = vi.objective(ev.total - log_q)
+        loss = -obj + discrete_surrogate(vi, ev, z, S)
+        return Surrogate(loss, float(obj.detach()) - discrete_log_q(vi, z))
+
+
+@register_gradient
+class ScoreFunction(GradientEstimator):
+    """The score-function (BBVI) estimator for the continuous block too, with a leave-one-out baseline."""
+    name = "score"
+    serves = "score"
+
+    @classmethod
+    def applies(cls, vi) -> bool:
+        return vi.objective.linear
+
+    def surrogate_loss(self, S: int, batch=None) -> Surrogate:
+        vi = self.vi
+        fam = vi.family
+        z = {n: q.sample(S) for n, q in vi.discrete.items()}
+        with torch.no_grad():
             theta = fam.rsample(S)
-            log_q = fam.log_q(theta)
-        ev = self.lj.evaluate(theta, z, keep_factors=bool(z))
-        log_w = ev.total - log_q
-        obj = OBJECTIVES[self.objective](log_w, self.alpha)
-        loss = -obj + self._discrete(ev, z, S)
-        return Terms(loss, float(obj.detach()) - self._discrete_log_q(z), log_w.detach())
-
-    def _discrete_log_q(self, z) -> float:
-        return float(sum(q.log_q(z[n]).detach().reshape(next(iter(z.values())).shape[0], -1).sum(-1).mean()
-                         for n, q in self.dq.items())) if z else 0.0
-
-    def _discrete(self, ev, z, S) -> torch.Tensor:
-        """Score-function surrogate for discrete latents, Rao-Blackwellised by Markov blanket."""
-        out = torch.zeros((), dtype=self.lj.dtype)
-        for name, q in self.dq.items():
-            p = self.plan[name]
-            lq = q.log_q(z[name])                                   # (S, *shape)
-            signal = _reduce_to(ev.factors[name].expand(lq.shape), q.shape, p.local)
-            for fac in p.factors:
-                if fac in ev.factors:
-                    signal = signal + _reduce_to(ev.factors[fac], q.shape, p.local)
-            signal = signal - (lq if p.local else lq.reshape(S, -1).sum(-1))
-            signal = signal.detach()
-            adv = signal - _loo_baseline(signal)
-            if not p.local:
-                lq_s = lq.reshape(S, -1).sum(-1)
-                out = out - (adv * lq_s).mean()
-            else:
-                out = out - (adv * lq).reshape(S, -1).sum(-1).mean()
-        return out
+        log_q = fam.log_q(theta)
+        ev = vi.program.evaluate(theta, z, keep_factors=bool(z), batch=batch)
+        f = (ev.total - log_q).detach()
+        loss = -((f - _loo_baseline(f)) * log_q).mean()
+        loss = loss + discrete_surrogate(vi, ev, z, S)
+        return Surrogate(loss, float(f.mean()))
 
 
-def _logmeanexp(x: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(x, 0) - torch.log(torch.tensor(float(x.shape[0]), dtype=x.dtype))
-
-
-def _renyi(log_w: torch.Tensor, alpha: float) -> torch.Tensor:
-    if abs(1 - alpha) < 1e-9:
-        return log_w.mean()
-    return _logmeanexp((1 - alpha) * log_w) / (1 - alpha)
-
-
-OBJECTIVES: Dict[str, Callable] = {
-    "elbo": lambda log_w, alpha: log_w.mean(),
-    "iwae": lambda log_w, alpha: _logmeanexp(log_w),
-    "renyi": _renyi,
-}
-
-
-def discrete_families(model: Model, lj, plan, dtype, gen) -> Dict[str, DiscreteQ]:
+def discrete_families(model: Model, lj, plan, gen) -> Dict[str, DiscreteQ]:
     out = {}
     for name in lj.score:
         node = model.nodes[name]
@@ -229,5 +276,5 @@ def discrete_families(model: Model, lj, plan, dtype, gen) -> Dict[str, DiscreteQ
         if spec.support == "binomial":
             v = lj.known.get(getattr(node.dist.args[0], "id", None))
             n = None if v is None else v[0]
-        out[name] = DiscreteQ(name, spec.support, node.shape, size, dtype, gen, n)
+        out[name] = DiscreteQ(name, spec.support, node.shape, size, lj.dtype, gen, n)
     return out

@@ -6,14 +6,28 @@ lower-triangular, or a vector for a diagonal map), so one step size suits every
 model: in u the posterior has roughly unit scale.  The preconditioner's
 log|det A| is added to entropies and log densities.
 
-Registry `FAMILIES`: meanfield, fullrank, lowrank, flow.  Each family gives
-`rsample(S)` (reparameterised), `log_q(theta)`, `entropy()` (None when not
-analytic), `parameters()` and a `state()`/`load()` pair for iterate averaging.
+Registry `FAMILIES` (name -> class): meanfield, fullrank, lowrank, flow.  Two
+declared protocols:
+- `Family` (every family): `parameters()`, `rsample(S)` (reparameterised),
+  `log_q(theta)`, `rsample_with_log_q(S)`, `entropy()` (None: not analytic),
+  and class facts the engine reads instead of names: `options` (config
+  options it takes, e.g. `rank`), `preconditioner` ("full" or "diagonal":
+  which Laplace whitening it starts from), `gaussian` (analytic entropy),
+  `closed_form` (it implements `GaussianFamily`'s closed-form chain rule).
+  The defaults are the safe ones: a new family that declares nothing is
+  fitted by autograd through `rsample_with_log_q`.
+- `GaussianFamily(Family)`: theta = mu0 + A u(eps) with u affine in standard
+  normal eps: `u_of(eps)`, `u_grad(eps, g_u)`, `mean_scale_u()`,
+  `entropy_value()`; the closed-form gradient and the fixed-draw optimiser
+  need exactly these.
+A new family is one class and one `register_family` (a test does it).  An
+amortised encoder will be a family whose parameters map a data batch to q's
+parameters: it reads the `Batch` the engine hands to `rsample`/`log_q`.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional, Type
 
 import torch
 
@@ -47,19 +61,26 @@ class Family:
     """Parameters live in one flat leaf tensor `flat` (one Adam update, one finiteness check per step);
     `_params` gives named autograd views of it, `_raw` detached views (for the closed-form gradients)."""
     name = "family"
-    gaussian = True
+    options: tuple = ()
+    preconditioner = "diagonal"
+    gaussian = False
+    closed_form = False
 
-    def __init__(self, pre: Preconditioner, generator: torch.Generator):
-        self.pre, self.gen = pre, generator
+    def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
+        self.pre, self.gen, self.config = pre, generator, config
         self.D = pre.mu0.shape[0]
         self.dtype = pre.mu0.dtype
+        self.device = pre.mu0.device
+
+    def _zeros(self, *shape) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=self.dtype, device=self.device)
 
     def _allocate(self, init: Dict[str, torch.Tensor]) -> None:
         self._layout, n = {}, 0
         for k, v in init.items():
             self._layout[k] = (n, n + v.numel(), tuple(v.shape))
             n += v.numel()
-        self.flat = torch.cat([v.reshape(-1) for v in init.values()] + [torch.zeros(0, dtype=self.dtype)]
+        self.flat = torch.cat([v.reshape(-1) for v in init.values()] + [self._zeros(0)]
                               ).detach().requires_grad_(True)
         raw = self.flat.detach()
         self._raw = {k: raw[a:b].view(shape) for k, (a, b, shape) in self._layout.items()}
@@ -69,17 +90,10 @@ class Family:
         return {k: self.flat[a:b].view(shape) for k, (a, b, shape) in self._layout.items()}
 
     def _eps(self, S: int, d: Optional[int] = None) -> torch.Tensor:
-        return torch.randn((S, d or self.D), generator=self.gen, dtype=self.dtype)
+        return torch.randn((S, d or self.D), generator=self.gen, dtype=self.dtype, device=self.device)
 
     def parameters(self) -> List[torch.Tensor]:
         return [self.flat]
-
-    def state(self) -> Dict[str, torch.Tensor]:
-        return {"flat": self.flat.detach().clone()}
-
-    def load(self, state: Dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.flat.copy_(state["flat"])
 
     def rsample(self, S: int) -> torch.Tensor:
         return self.pre.to_theta(self.rsample_u(S))
@@ -87,12 +101,20 @@ class Family:
     def log_q(self, theta: torch.Tensor) -> torch.Tensor:
         return self.log_q_u(self.pre.to_u(theta)) - self.pre.logdet
 
-    def entropy(self) -> Optional[torch.Tensor]:
-        h = self.entropy_u()
-        return None if h is None else h + self.pre.logdet
+    def rsample_with_log_q(self, S: int):
+        theta = self.rsample(S)
+        return theta, self.log_q(theta)
 
-    # closed-form pathwise gradient (families that define `u_of` and `u_grad` only)
-    closed_form = False
+    def entropy(self) -> Optional[torch.Tensor]:
+        return None
+
+
+class GaussianFamily(Family):
+    """A Gaussian q: analytic entropy; with `closed_form`, the closed-form pathwise gradient."""
+    gaussian = True
+
+    def entropy(self) -> Optional[torch.Tensor]:
+        return self.entropy_u() + self.pre.logdet
 
     def draw(self, S: int):
         """-> (eps, theta): S reparameterised draws, without autograd."""
@@ -121,14 +143,22 @@ class Family:
             return self.u_grad(eps, g_u)
 
 
-class MeanField(Family):
+FAMILIES: Dict[str, Type[Family]] = {}
+
+
+def register_family(cls: Type[Family]) -> Type[Family]:
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+@register_family
+class MeanField(GaussianFamily):
     name = "meanfield"
-
-    def __init__(self, pre, generator, **_):
-        super().__init__(pre, generator)
-        self._allocate({"m": torch.zeros(self.D, dtype=self.dtype), "log_s": torch.zeros(self.D, dtype=self.dtype)})
-
     closed_form = True
+
+    def __init__(self, pre, generator, config=None):
+        super().__init__(pre, generator, config)
+        self._allocate({"m": self._zeros(self.D), "log_s": self._zeros(self.D)})
 
     def u_of(self, eps):
         m, s = self.mean_scale_u()
@@ -157,17 +187,18 @@ class MeanField(Family):
         return float(self._raw["log_s"].sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value
 
 
-class FullRank(Family):
+@register_family
+class FullRank(GaussianFamily):
     name = "fullrank"
+    preconditioner = "full"
+    closed_form = True
 
-    def __init__(self, pre, generator, **_):
-        super().__init__(pre, generator)
-        self._allocate({"m": torch.zeros(self.D, dtype=self.dtype), "L": torch.zeros(self.D, self.D, dtype=self.dtype)})
+    def __init__(self, pre, generator, config=None):
+        super().__init__(pre, generator, config)
+        self._allocate({"m": self._zeros(self.D), "L": self._zeros(self.D, self.D)})
 
     def scale_tril(self):
         return _tril_exp(self._params["L"])
-
-    closed_form = True
 
     def u_of(self, eps):
         m, C = self.mean_scale_u()
@@ -203,17 +234,19 @@ class FullRank(Family):
         return float(self._raw["L"].diagonal().sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value
 
 
-class LowRank(Family):
+@register_family
+class LowRank(GaussianFamily):
     """Diagonal plus rank r: cov = W W^T + diag(d^2)."""
     name = "lowrank"
+    options = ("rank",)
 
-    def __init__(self, pre, generator, rank: Optional[int] = None, **_):
-        super().__init__(pre, generator)
+    def __init__(self, pre, generator, config=None):
+        super().__init__(pre, generator, config)
+        rank = getattr(config, "rank", None)
         r = rank or max(1, min(10, self.D // 4))
         self.r = min(r, self.D)
-        W0 = 1e-2 * torch.randn((self.D, self.r), generator=generator, dtype=self.dtype)
-        self._allocate({"m": torch.zeros(self.D, dtype=self.dtype), "log_d": torch.zeros(self.D, dtype=self.dtype),
-                        "W": W0})
+        W0 = 1e-2 * torch.randn((self.D, self.r), generator=generator, dtype=self.dtype, device=self.device)
+        self._allocate({"m": self._zeros(self.D), "log_d": self._zeros(self.D), "W": W0})
 
     def rsample_u(self, S):
         p = self._params
@@ -222,7 +255,7 @@ class LowRank(Family):
     def _capacitance(self):
         p = self._params
         Wd = p["W"] * torch.exp(-2 * p["log_d"])[:, None]
-        return torch.eye(self.r, dtype=self.dtype) + p["W"].T @ Wd
+        return torch.eye(self.r, dtype=self.dtype, device=self.device) + p["W"].T @ Wd
 
     def log_q_u(self, u):
         p = self._params
@@ -243,38 +276,34 @@ class LowRank(Family):
         return 0.5 * logdet + 0.5 * self.D * (1 + _LOG2PI)
 
 
+@register_family
 class Flow(Family):
     """A Gaussian (full-rank, or diagonal above 200 dims) base followed by affine
     coupling layers (RealNVP) with small tanh networks; initialised at the identity."""
     name = "flow"
-    gaussian = False
+    preconditioner = "full"
+    LAYERS = 4
 
-    def __init__(self, pre, generator, layers: int = 4, hidden: Optional[int] = None, **_):
-        super().__init__(pre, generator)
+    def __init__(self, pre, generator, config=None):
+        super().__init__(pre, generator, config)
         D = self.D
         self.base = FullRank(pre, generator) if D <= 200 else MeanField(pre, generator)
-        h = hidden or max(8, min(64, 2 * D))
+        h = max(8, min(64, 2 * D))
         self.masks = []
         init = {}
-        for i in range(layers if D > 1 else 0):
-            mask = torch.zeros(D, dtype=self.dtype)
-            mask[(torch.arange(D) + i) % 2 == 0] = 1.0
+        for i in range(self.LAYERS if D > 1 else 0):
+            mask = self._zeros(D)
+            mask[(torch.arange(D, device=self.device) + i) % 2 == 0] = 1.0
             self.masks.append(mask)
-            init[f"W1_{i}"] = torch.randn((D, h), generator=generator, dtype=self.dtype) / math.sqrt(D)
-            init[f"b1_{i}"] = torch.zeros(h, dtype=self.dtype)
-            init[f"W2_{i}"] = torch.zeros((h, 2 * D), dtype=self.dtype)     # identity at start
-            init[f"b2_{i}"] = torch.zeros(2 * D, dtype=self.dtype)
+            init[f"W1_{i}"] = torch.randn((D, h), generator=generator, dtype=self.dtype,
+                                          device=self.device) / math.sqrt(D)
+            init[f"b1_{i}"] = self._zeros(h)
+            init[f"W2_{i}"] = self._zeros(h, 2 * D)     # identity at start
+            init[f"b2_{i}"] = self._zeros(2 * D)
         self._allocate(init)
 
     def parameters(self):
         return self.base.parameters() + [self.flat]
-
-    def state(self):
-        return {"base": self.base.state(), "flat": self.flat.detach().clone()}
-
-    def load(self, state):
-        self.base.load(state["base"])
-        super().load(state)
 
     def _layer(self, p, i, x):
         mask = self.masks[i]
@@ -297,7 +326,7 @@ class Flow(Family):
         return self._forward(self.base.rsample_u(S))[0]
 
     def _forward(self, x):
-        logdet = torch.zeros(x.shape[0], dtype=self.dtype)
+        logdet = self._zeros(x.shape[0])
         p = self._params
         for i in range(len(self.masks)):
             x, ld = self._layer(p, i, x)
@@ -310,16 +339,10 @@ class Flow(Family):
         return self.pre.to_theta(x), self.base.log_q_u(x0) - ld - self.pre.logdet
 
     def log_q_u(self, u):
-        logdet = torch.zeros(u.shape[0], dtype=self.dtype)
+        logdet = self._zeros(u.shape[0])
         x = u
         p = self._params
         for i in reversed(range(len(self.masks))):
             x, ld = self._inverse_layer(p, i, x)
             logdet = logdet + ld
         return self.base.log_q_u(x) - logdet
-
-    def entropy_u(self):
-        return None
-
-
-FAMILIES: Dict[str, Callable] = {"meanfield": MeanField, "fullrank": FullRank, "lowrank": LowRank, "flow": Flow}

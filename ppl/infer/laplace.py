@@ -2,10 +2,10 @@
 Hessian -> the Laplace approximation N(mode, (-H)^-1), used as the starting
 point and preconditioner of the variational fit.
 
-Stage: `LogJoint` -> `Laplace(mu0, A, ok, note)` with A a Cholesky factor of
+Stage: `LogJoint` -> `Start(mu0, A, cold, note)` with A a Cholesky factor of
 the covariance (or a vector of sds above `FULL_HESSIAN_MAX` dims).  Models
 without a usable mode (funnels, improper directions) fall back to a cold
-start: mu0 = 0, A = I, `ok = False`.
+start: mu0 = 0, A = COLD_SCALE * I, `cold = True`.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ COLD_SCALE = 0.1     # cold start: q = N(0, 0.1^2 I) in unconstrained space (sd 
 
 
 @dataclass
-class Laplace:
+class Start:
     mu0: torch.Tensor
     A: torch.Tensor
-    ok: bool
-    note: str
+    cold: bool                        # no mode was used: q starts at N(0, COLD_SCALE^2 I)
+    note: str                         # for the fit header
     evals: int = 0
     cond_sd: torch.Tensor = None      # 1/sqrt(diag(-H)): the mean-field optimum for a Gaussian
 
@@ -36,11 +36,22 @@ class Laplace:
             return self.cond_sd
         return self.A if self.A.dim() == 1 else torch.sqrt((self.A * self.A).sum(1))
 
+    def preconditioner(self, kind: str) -> "Preconditioner":
+        """The whitening a family asks for: "full" (a Cholesky factor, diagonal when only a diagonal
+        is known) or "diagonal" (a vector of sds)."""
+        from .families import Preconditioner
+        A = self.A
+        if kind != "full" or A.dim() == 1:
+            A = self.diagonal()
+            if kind == "full":
+                A = torch.diag(A)
+        return Preconditioner(self.mu0, A)
 
-def cold_start(D: int, dtype, full: bool, note: str) -> Laplace:
+
+def cold_start(D: int, dtype, full: bool, note: str, device=None) -> Start:
     """No mode to start from: q = N(0, COLD_SCALE^2 I), a full or diagonal preconditioner."""
-    return Laplace(torch.zeros(D, dtype=dtype),
-                   COLD_SCALE * (torch.eye(D, dtype=dtype) if full else torch.ones(D, dtype=dtype)), False, note)
+    eye = torch.eye(D, dtype=dtype, device=device) if full else torch.ones(D, dtype=dtype, device=device)
+    return Start(torch.zeros(D, dtype=dtype, device=device), COLD_SCALE * eye, True, note)
 
 
 def _negative_log_density(lj, discrete=None):
@@ -49,21 +60,21 @@ def _negative_log_density(lj, discrete=None):
     return f
 
 
-def find_mode(lj, dtype=torch.float64, max_iter: int = 500):
+def find_mode(lj, max_iter: int = 500):
     # models with a mode get there in < 100 evaluations (the bench and reference models: 8-74); a centred
     # hierarchy's density is unbounded (scale -> 0), and the search would creep down the funnel for
     # thousands (radon-like K=85: 3935 evaluations, 1.7 s)
-    return lbfgs(_negative_log_density(lj), torch.zeros(lj.dim, dtype=dtype), max_iter=max_iter,
-                 max_evals=MODE_EVALS + 2 * lj.dim)
+    return lbfgs(_negative_log_density(lj), torch.zeros(lj.dim, dtype=lj.dtype, device=lj.device),
+                 max_iter=max_iter, max_evals=MODE_EVALS + 2 * lj.dim)
 
 
-def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
+def laplace(lj, full: bool = True) -> Start:
     """`full`: compute the exact Hessian when D <= FULL_HESSIAN_MAX (else a diagonal estimate)."""
-    D = lj.dim
-    cold = cold_start(D, dtype, full, "cold start (no usable mode)")
+    D, dtype, device = lj.dim, lj.dtype, lj.device
+    cold = cold_start(D, dtype, full, "cold start (no usable mode)", device)
     if D == 0:
         return cold
-    mode, evals = find_mode(lj, dtype)
+    mode, evals = find_mode(lj)
     cold.evals = evals
     if not torch.isfinite(mode).all():
         return cold
@@ -97,7 +108,7 @@ def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
         gw = (V.T @ grad) / torch.sqrt(lam_c)
         cov = (V / lam_c) @ V.T
         cov = 0.5 * (cov + cov.T)
-        A = torch.linalg.cholesky(cov + 1e-12 * torch.eye(D, dtype=dtype) * cov.diagonal().max())
+        A = torch.linalg.cholesky(cov + 1e-12 * torch.eye(D, dtype=dtype, device=device) * cov.diagonal().max())
     else:
         gw = grad / torch.sqrt(lam_c)
         A = 1.0 / torch.sqrt(lam_c)
@@ -108,17 +119,17 @@ def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
         return cold
     note = "Laplace at the mode" + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
                                     if bad else "")
-    return Laplace(mode, A, bad == 0, note, evals, cond_sd)
+    return Start(mode, A, False, note, evals, cond_sd)
 
 
 def _diag_hessian(f, mode, dtype, probes: int = 32):
     """Hutchinson estimate of diag(H) from Hessian-vector products."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=mode.device).manual_seed(0)
     th = mode.clone().requires_grad_(True)
     g = torch.autograd.grad(f(th), th, create_graph=True)[0]
     acc = torch.zeros_like(mode)
     for _ in range(probes):
-        v = (torch.randint(0, 2, mode.shape, generator=gen) * 2 - 1).to(dtype)
+        v = (torch.randint(0, 2, mode.shape, generator=gen, device=mode.device) * 2 - 1).to(dtype)
         hv = torch.autograd.grad(g, th, v, retain_graph=True)[0]
         acc += v * hv
     return (acc / probes).detach()

@@ -1,7 +1,8 @@
 """Outputs of a fit: the printed table, `--format json`, `--out DIR` files
 (written whole or not at all), the progress bar and `--profile`.
 
-Stage: `Fit` -> text / JSON / CSV files.
+Stage: `Fit` -> text / JSON / CSV files.  Nothing here runs a fit: the CLI
+calls the API and hands the `Fit` here.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import sys
 import tempfile
 import time
 
+from typing import Dict, Optional
+
 from ..errors import Diagnostic, PplError
+from .objectives import OBJECTIVES
 
 
 def _fmt(x: float) -> str:
@@ -32,17 +36,23 @@ def _steps(fit) -> str:
     return f"{fit.steps} ({state}; {fit.mc_samples} MC samples/step, lr {fit.lr:g})"
 
 
-def table(fit) -> str:
+def _objective(fit) -> str:
+    return OBJECTIVES[fit.objective].label if fit.objective in OBJECTIVES else fit.objective
+
+
+def table(fit, process_seconds: Optional[float] = None) -> str:
     s = fit.summary()
     w = max([len(k) for k in s] + [6])
+    total = f" (whole process {process_seconds:.2f} s)" if process_seconds is not None else ""
     lines = [
         f"model      {fit.model.source.path}",
         f"method     {fit.method} (ADVI, start: {fit.init})",
         f"estimator  {fit.estimator}",
+        f"objective  {fit.objective}",
         f"steps      {_steps(fit)}",
-        f"ELBO       {fit.elbo:.4f}",
+        f"{_objective(fit):<10} {fit.elbo:.4f}",
         f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
-        f"time       {fit.seconds:.2f} s",
+        f"time       {fit.seconds:.2f} s{total}",
         f"verdict    {fit.verdict}",
         "",
         f"{'':<{w}}  {'mean':>10} {'sd':>10} {'q5':>10} {'q50':>10} {'q95':>10}",
@@ -52,10 +62,12 @@ def table(fit) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(fit) -> str:
+def to_json(fit, process_seconds: Optional[float] = None) -> str:
     def num(x):
         return x if math.isfinite(x) else None
     return json.dumps({
+        "objective": fit.objective, "device": fit.device,
+        "process_seconds": None if process_seconds is None else round(process_seconds, 3),
         "params": {k: {c: num(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")} for k, v in fit.summary().items()},
         "elbo": num(fit.elbo), "steps": fit.steps, "converged": fit.converged, "method": fit.method,
         "estimator": fit.estimator, "khat": num(round(fit.khat, 4)), "ess": num(round(fit.ess, 4)),
@@ -126,6 +138,27 @@ def _plot(fit, d: str) -> None:
     plt.close(fig)
 
 
+def show_progress(mode: str, fmt: str) -> bool:
+    return mode == "on" or (mode == "auto" and fmt != "json" and sys.stderr.isatty())
+
+
+def profile(timings: Dict[str, float], fit, process_seconds: float) -> str:
+    """Where the time went: the command's own stages, then the fit's."""
+    lines = ["profile (seconds):"]
+    for k, v in list(timings.items()) + [(k, fit.timings[k]) for k in ("compile", "init", "optimise", "draws",
+                                                                         "khat") if k in fit.timings]:
+        lines.append(f"  {k:<15} {v:8.3f}")
+    lines.append(f"  {'total':<15} {process_seconds:8.3f}  (from the start of `fit`; Python start-up and ppl's "
+                 f"own imports come before)")
+    return "\n".join(lines) + "\n"
+
+
+def check_out_dir(out_dir: str, force: bool) -> None:
+    """Refuse before fitting what `write_outputs` would refuse after."""
+    if os.path.exists(out_dir) and not force:
+        raise PplError([Diagnostic(None, "the output directory exists; use --force to replace it", out_dir)])
+
+
 class Progress:
     """A one-line progress bar on a terminal (stderr), redrawn at most 10 times a second."""
 
@@ -147,40 +180,3 @@ class Progress:
         sys.stderr.flush()
 
 
-def run_fit_command(args) -> int:
-    t_start = time.perf_counter()
-    from ..api import load
-    timings = {}
-    t0 = time.perf_counter()
-    m = load(args.model)
-    timings["parse"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model = m.check(args.data if (args.data or args.set) else [], args.set)
-    timings["data+check"] = time.perf_counter() - t0
-    if args.out and os.path.exists(args.out) and not args.force:
-        raise PplError([Diagnostic(None, "the output directory exists; use --force to replace it", args.out)])
-    show = args.progress == "on" or (args.progress == "auto" and args.format != "json" and sys.stderr.isatty())
-    bar = Progress() if show else None
-    t0 = time.perf_counter()
-    from .fit import fit as run          # imports torch
-    timings["imports"] = time.perf_counter() - t0
-    try:
-        f = run(model, method=args.method, estimator=args.estimator, steps=args.steps, tol=args.tol, lr=args.lr,
-                mc_samples=args.mc_samples, draws=args.draws, seed=args.seed, rank=args.rank,
-                objective=args.objective, alpha=args.alpha, init=args.init, progress=bar, timings=timings,
-                optimizer=args.optimizer)
-    finally:
-        if bar is not None:
-            bar.close()
-    f.seconds = time.perf_counter() - t_start
-    if args.out:
-        write_outputs(f, args.out, args.force)
-    sys.stdout.write(to_json(f) + "\n" if args.format == "json" else table(f))
-    if args.profile:
-        total = f.seconds
-        sys.stderr.write("profile (seconds):\n")
-        for k in ("parse", "data+check", "imports", "compile", "init", "optimise", "draws", "khat"):
-            if k in f.timings:
-                sys.stderr.write(f"  {k:<12} {f.timings[k]:8.3f}\n")
-        sys.stderr.write(f"  {'total':<12} {total:8.3f}  (from the start of `fit`; Python start-up and ppl's own imports come before)\n")
-    return 0

@@ -1,0 +1,357 @@
+"""The steppable fit: (compiled model, family, objective, discrete q, gradient
+estimator) -> `VI`, with `init` -> state, `update(state, batch)` -> one step,
+and `run` -> loop, converge, average (NumPyro's SVI shape).
+
+Stage: the parts of a fit -> optimised variational parameters.
+
+Registry `OPTIMIZERS` (name -> class): `adam` (stochastic steps) and `dadvi`
+(fixed draws and L-BFGS).  An optimiser declares `check_config(config)` (the
+combinations it refuses, as usage errors) and `applies(vi)`, and `run(...)`
+returns an `OptimResult`.
+
+Adam: lr_t = lr / sqrt(1 + t / 100) in whitened coordinates (families.py);
+convergence as Stan's (relative ELBO change checked every 100 steps, mean
+or median of the recent changes below `tol`), on window means of the
+per-step estimates, never before `min_steps`, and only once the last change
+is within 3 standard errors of the per-step noise (no trend left).  The
+result is the average iterate over the second half of the run.  A
+non-finite value or gradient restores the last good parameters and halves
+the step; after 8 failures the fit stops with exit 3, naming the latents
+that went non-finite.
+
+dadvi (Giordano, Ingram & Broderick 2024): fix M moment-matched standard
+normal draws and minimise the deterministic negative ELBO with L-BFGS in
+coordinates whitened by the current q.
+
+How later features plug in (each a change in one place):
+- minibatches: `run(..., batches=iterator of Batch)` hands each step its
+  batch; the gradient estimators pass it to the log joint, which scales the
+  per-row terms;
+- several processes: wrap `VI.gradient` (all-reduce `.grad` of the flat
+  parameters and the value) — `update` and `run` do not change;
+- a device: the runtime of the compiled model; nothing here makes tensors
+  except through the parameters' own device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Type
+
+import numpy as np
+import torch
+
+from ..errors import EXIT_NUMERIC, Diagnostic, PplError, UsageError
+from .estimators import choose_gradient
+from .optim import Adam, lbfgs_vg
+
+DISCRETE_LR_SCALE = 4.0  # discrete q's logits take larger steps: small score gradients, far-off start
+MAX_FAILURES = 8
+WINDOW = 100             # steps per convergence window
+MAX_WINDOWS = 50         # window averages kept for the final iterate average
+
+
+class VI:
+    """The variational problem: `gradient(S, batch)` sets `.grad` of `parameters()`."""
+
+    def __init__(self, program, family, objective, discrete: Dict, plan, config, serves: str = "reparam"):
+        self.program, self.family, self.objective = program, family, objective
+        self.discrete, self.plan, self.config = discrete, plan, config
+        self.estimator = choose_gradient(self, serves, getattr(config, "gradient", "auto"))
+
+    def parameters(self) -> List[torch.Tensor]:
+        return self.family.parameters() + [q.param for q in self.discrete.values()]
+
+    def gradient(self, S: int, batch=None) -> float:
+        return self.estimator.gradient(S, batch)
+
+    def surrogate_loss(self, S: int, batch=None):
+        return self.estimator.surrogate_loss(S, batch)
+
+    # ---- the steppable fit -------------------------------------------------------------
+    def init(self, lr: float, S: int) -> "AdamState":
+        params = self.parameters()
+        n_cont = len(self.family.parameters())
+        scales = [1.0] * n_cont + [DISCRETE_LR_SCALE] * (len(params) - n_cont)
+        return AdamState(params, lr, scales, S)
+
+    def update(self, state: "AdamState", batch=None) -> Optional[float]:
+        """One Adam step on `batch` -> the objective's value, or None when the step failed (the last
+        good parameters are restored and the step size halved)."""
+        params = state.params
+        decay = state.lr_scale / math.sqrt(1.0 + state.t / 100.0)
+        state.opt.zero_grad()
+        try:
+            value = self.gradient(state.S, batch)
+            ok = math.isfinite(value) and all(math.isfinite(float(p.grad.sum()))
+                                              for p in params if p.grad is not None)
+        except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+            ok = False
+        if not ok:
+            state.failures += 1
+            with torch.no_grad():
+                for p, g in zip(params, state.good):
+                    p.copy_(g)
+            state.lr_scale *= 0.5
+            state.restart()
+            if state.failures >= MAX_FAILURES:
+                numeric_failure(self, state.S)
+            return None
+        state.opt.step(decay)
+        state.t += 1
+        if state.t % 50 == 0:
+            state.failures = max(0, state.failures - 1)
+        if state.t % 10 == 0:
+            with torch.no_grad():
+                for p, g in zip(params, state.good):
+                    g.copy_(p)
+        return value
+
+    def run(self, state: "AdamState", max_steps: int, tol: float, min_steps: int,
+            progress: Optional[Callable] = None, batches: Optional[Iterator] = None) -> "OptimResult":
+        """Adam steps until convergence or `max_steps`; the parameters end at the average iterate."""
+        if not state.params or max_steps == 0:
+            return OptimResult([], False, 0)
+        avg = Averager(state.params)
+        trace: List[float] = []
+        conv = Convergence(tol, min_steps, max_steps)
+        while state.t < max_steps:
+            value = self.update(state, None if batches is None else next(batches))
+            if value is None:
+                continue
+            trace.append(value)
+            avg.add()
+            if progress is not None:
+                progress(state.t, max_steps, value)
+            if state.t % WINDOW == 0:
+                if conv.check(trace, state.t):
+                    break
+                avg.close_window()
+        if state.t >= 2:
+            avg.assign()
+        return OptimResult(trace, conv.converged, state.t)
+
+
+@dataclass
+class AdamState:
+    params: List[torch.Tensor]
+    lr: float
+    scales: List[float]
+    S: int                                   # Monte Carlo samples per step
+    t: int = 0
+    failures: int = 0
+    lr_scale: float = 1.0
+    opt: Adam = None
+    good: List[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.good = [p.detach().clone() for p in self.params]
+        self.restart()
+
+    def restart(self):
+        self.opt = Adam(self.params, [self.lr * s for s in self.scales])
+
+
+@dataclass
+class OptimResult:
+    trace: List[float]            # objective values (Adam: per step; dadvi: per L-BFGS evaluation)
+    converged: bool
+    steps: int                    # Adam steps
+    evals: int = 0                # L-BFGS evaluations (dadvi)
+    fixed_draws: int = 0
+
+
+class Averager:
+    """The average of the iterates over the second half of the run (whole windows plus the open one)."""
+
+    def __init__(self, params: List[torch.Tensor]):
+        self.params = params
+        self.values = [p.detach() for p in params]        # aliases (no autograd)
+        self.avg = [torch.zeros_like(p) for p in params]
+        self.n = 0
+        self.windows: List[List[torch.Tensor]] = []
+
+    def add(self):
+        with torch.no_grad():
+            self.n += 1
+            for a, p in zip(self.avg, self.values):
+                a.lerp_(p, 1.0 / self.n)
+
+    def close_window(self):
+        self.windows.append([a.clone() for a in self.avg])
+        del self.windows[:-MAX_WINDOWS]
+        self.n = 0
+
+    def assign(self):
+        keep = self.windows[-max(1, len(self.windows) // 2):] if self.windows else []
+        parts = [(w, WINDOW) for w in keep] + ([(self.avg, self.n)] if self.n else [])
+        total = sum(n for _, n in parts)
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(sum(w[i] * (n / total) for w, n in parts))
+
+
+class Convergence:
+    """Stan's relative-ELBO test on window means, plus 'no trend beyond 3 standard errors'."""
+
+    def __init__(self, tol: float, min_steps: int, max_steps: int):
+        self.tol, self.min_steps, self.max_steps = tol, min_steps, max_steps
+        self.prev: Optional[float] = None
+        self.rel_changes: List[float] = []
+        self.converged = False
+
+    def check(self, trace: List[float], t: int) -> bool:
+        cur = float(np.mean(trace[-WINDOW:]))
+        settled = False
+        if self.prev is not None:
+            self.rel_changes.append(abs(cur - self.prev) / max(abs(cur), 1.0))   # absolute when |ELBO| < 1
+            se = math.sqrt((np.var(trace[-WINDOW:]) + np.var(trace[-2 * WINDOW:-WINDOW])) / WINDOW)
+            settled = abs(cur - self.prev) <= 3 * se
+        self.prev = cur
+        if self.tol > 0 and t >= self.min_steps and self.rel_changes and settled:
+            recent = self.rel_changes[-max(2, int(0.1 * self.max_steps / WINDOW)):]
+            if np.mean(recent) < self.tol or np.median(recent) < self.tol:
+                self.converged = True
+        return self.converged
+
+
+def numeric_failure(vi: VI, S: int):
+    with torch.no_grad():
+        try:
+            theta = vi.family.rsample(S)
+            z = {n: q.sample(S) for n, q in vi.discrete.items()}
+            bad = vi.program.nonfinite_latents(theta, z)
+        except (ValueError, RuntimeError):
+            bad = []
+    what = ", ".join(f"'{b}'" for b in bad) if bad else "the log density"
+    raise PplError([Diagnostic(None, f"inference failed: {what} became non-finite (NaN or inf) repeatedly, "
+                               f"even after reducing the step size; check the priors and the scale of the data, "
+                               f"or try {vi.config.opt('lr')} smaller", vi.program.model.source.path)], EXIT_NUMERIC)
+
+
+# ---- optimisers -----------------------------------------------------------------------------------
+class Optimizer:
+    name = "optimizer"
+
+    @staticmethod
+    def check_config(config) -> None:
+        """Refuse, as a usage error, the options this optimiser cannot serve."""
+
+    @staticmethod
+    def applies(vi: VI) -> bool:
+        return True
+
+
+OPTIMIZERS: Dict[str, Type[Optimizer]] = {}
+
+
+def register_optimizer(cls: Type[Optimizer]) -> Type[Optimizer]:
+    OPTIMIZERS[cls.name] = cls
+    return cls
+
+
+@register_optimizer
+class AdamOptimizer(Optimizer):
+    name = "adam"
+
+    @staticmethod
+    def run(vi: VI, S: int, lr: float, max_steps: int, tol: float, min_steps: int, progress=None, **_):
+        return vi.run(vi.init(lr, S), max_steps, tol, min_steps, progress)
+
+
+FIXED_DRAW_MAX = 16384
+FIXED_DRAW_BUDGET = 1_000_000   # elements per evaluation of the fixed-draw objective
+FIXED_DRAW_CHUNK = 250_000      # elements per chunk of draws (bounds the memory of one evaluation)
+FIXED_DRAW_ITERS = 1000
+FIXED_DRAW_GTOL = 1e-3          # largest |gradient| in whitened units: the optimum is then ~0.001 sd away
+WARMUP_STEPS = 300              # Adam steps before the fixed draws after a cold start (none after Laplace)
+
+
+@register_optimizer
+class FixedDraws(Optimizer):
+    name = "dadvi"
+
+    @staticmethod
+    def check_config(config) -> None:
+        from .families import FAMILIES
+        from .objectives import OBJECTIVES
+        fam = FAMILIES.get(config.method)
+        if (fam is not None and not fam.closed_form) or not OBJECTIVES[config.objective].linear \
+                or config.estimator in ("score", "score-all"):
+            FixedDraws.refuse(config)
+
+    @staticmethod
+    def refuse(config):
+        o = config.opt
+        raise UsageError(f"{o('optimizer', 'dadvi')} needs {o('method', 'meanfield')} or fullrank, "
+                         f"{o('objective', 'elbo')}, and no discrete latents on the score path")
+
+    @staticmethod
+    def applies(vi: VI) -> bool:
+        return vi.estimator.fixed_draws
+
+    @staticmethod
+    def draw_count(D: int, largest: int, full: bool) -> int:
+        """As many draws as FIXED_DRAW_BUDGET elements per evaluation allow (up to 16384: a heavy-tailed
+        direction, eight schools' tau, needs thousands), never fewer than 2D + 2 for a full-rank q
+        (with M <= D its covariance can grow without bound in directions no draw sees)."""
+        least = 2 * D + 2 if full else 32
+        return int(max(least, min(FIXED_DRAW_MAX, FIXED_DRAW_BUDGET // max(1, largest))))
+
+    @classmethod
+    def run(cls, vi: VI, S: int, lr: float, max_steps: int, tol: float, min_steps: int, progress=None,
+            cold: bool = False, gen: torch.Generator = None, **_):
+        # Adam only to get near (a Laplace start already is); fixed draws and L-BFGS do the rest
+        warm = min(max_steps, WARMUP_STEPS if cold else 0)
+        res = vi.run(vi.init(lr, S), warm, tol, warm, progress)
+        largest = vi.program.largest_node()
+        M = cls.draw_count(vi.family.D, largest, vi.family.preconditioner == "full")
+        evals, converged, values = cls.finish(vi, M, gen, largest)
+        if not values:   # the fixed-draw objective was not finite at the start: stochastic steps after all
+            return None
+        return OptimResult(res.trace + values, converged, res.steps, evals, M)
+
+    @staticmethod
+    def finish(vi: VI, M: int, gen: torch.Generator, largest: int):
+        """Whiten by the current q, fix M moment-matched draws (mean 0, covariance I exactly: for a
+        Gaussian posterior the fixed-draw optimum is the exact one), minimise with L-BFGS.
+        -> (evaluations, converged, objective values; none when not finite at the start)."""
+        fam = vi.family
+        fam.rewhiten()
+        D = fam.D
+        eps = torch.randn((M, D), generator=gen, dtype=fam.dtype, device=fam.device)
+        eps = eps - eps.mean(0)
+        if M > D:
+            C = torch.linalg.cholesky(eps.T @ eps / M)
+            eps = torch.linalg.solve_triangular(C, eps.T, upper=False).T
+        else:
+            eps = eps / eps.std(0, correction=0)
+
+        values = []
+        chunk = max(1, FIXED_DRAW_CHUNK // max(1, largest))     # memory: like one step of 16 MC samples
+
+        def value_grad(x):
+            with torch.no_grad():
+                fam.flat.copy_(x)
+            v, g = 0.0, None
+            try:
+                for i in range(0, M, chunk):
+                    part = eps[i:i + chunk]
+                    w = part.shape[0] / M
+                    vc = vi.estimator.gradient_at(part)
+                    if not math.isfinite(vc):
+                        return math.inf, None
+                    v += w * vc
+                    g = fam.flat.grad * w if g is None else g.add_(fam.flat.grad, alpha=w)
+            except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+                return math.inf, None
+            values.append(v)
+            return -v, g
+
+        x0 = fam.flat.detach().clone()
+        x, evals, converged = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20,
+                                       gtol=FIXED_DRAW_GTOL, ftol=1e-10)
+        with torch.no_grad():
+            fam.flat.copy_(x)
+        fam.flat.grad = None
+        return evals, converged, values
