@@ -129,8 +129,10 @@ class FitConfig:
         from .infer.families import FAMILIES
         from .infer.objectives import OBJECTIVES
         from .infer.engine import OPTIMIZERS
+        from .infer.estimators import GRADIENTS
         from .plan import ESTIMATORS
         one_of = {
+            "gradient": ("auto",) + tuple(GRADIENTS),
             "method": ("auto",) + tuple(FAMILIES),
             "objective": tuple(OBJECTIVES),
             "estimator": ESTIMATORS + (("score-all",) if self.caller == "python" else ()),

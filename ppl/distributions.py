@@ -147,13 +147,3 @@ def fold_link(spec: str, args: tuple) -> Tuple[str, tuple]:
         if target is not None and len(a.args) == 1:
             return target, args[:i] + (a.args[0],) + args[i + 1:]
     return spec, args
-
-
-# supports whose values are finite sets that can be summed out
-FINITE_SUPPORTS = {"boolean", "categorical", "binomial"}
-# supports -> a readable set, for `ppl graph` and messages
-SUPPORT_TEXT = {
-    "real": "real", "positive": "(0, inf)", "unit_interval": "(0, 1)", "simplex": "simplex",
-    "corr_cholesky": "Cholesky factor of a correlation matrix", "interval": "(lo, hi)",
-    "boolean": "{0, 1}", "nonneg_int": "{0, 1, 2, ...}", "categorical": "{1, ..., K}", "binomial": "{0, ..., n}",
-}

@@ -18,22 +18,16 @@ from . import distributions as DS
 from .errors import PplError, Diagnostic
 from .frontend.check import A_text, Model, Node
 from .plan import NodePlan, describe, plan
+from .supports import SUPPORTS
 
-# declared constraint or support -> the bijection used to unconstrain it
-TRANSFORM_NAMES = {
-    "real": "identity", "lower": "exp + lower", "upper": "upper - exp", "interval": "sigmoid (affine)",
-    "positive": "exp", "ordered": "ordered (cumulative exp)", "simplex": "stick-breaking",
-    "corr_cholesky": "corr-Cholesky", "unit_interval": "sigmoid",
-}
 
 
 def transform_name(node: Node) -> Optional[str]:
     if node.kind != "latent" or node.discrete:
         return None
-    if node.constraint is not None:
-        return TRANSFORM_NAMES[node.constraint.kind]
-    sup = DS.REGISTRY[node.dist.spec].support if node.dist else "real"
-    return TRANSFORM_NAMES.get(sup, "sigmoid (affine)" if sup == "interval" else "identity")
+    kind = node.constraint.kind if node.constraint is not None else \
+        DS.REGISTRY[node.dist.spec].support if node.dist else "real"
+    return SUPPORTS[kind].transform
 
 
 def build_graph(model: Model, estimator: str = "auto") -> nx.DiGraph:

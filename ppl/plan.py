@@ -19,6 +19,7 @@ from . import functions as FN
 from .errors import UsageError
 from .frontend import ast as A
 from .frontend.check import Model, Node
+from .supports import SUPPORTS
 
 ESTIMATORS = ("auto", "reparam", "score", "enumerate")
 # "score-all" (API only): the score-function estimator for continuous latents too (for tests and study)
@@ -83,13 +84,9 @@ def _elementwise(e: A.Expr, tainted: Set[str]) -> bool:
 
 
 def enum_size(model: Model, node: Node) -> Optional[int]:
-    spec = DS.REGISTRY[node.dist.spec]
-    if spec.support == "boolean":
-        return 2
-    if spec.support == "categorical":
-        k = model.shapes.get(id(node.dist.args[0]), (None,))[-1]
-        return k if isinstance(k, int) else None
-    return None
+    """How many values a discrete latent takes (None: unknown or unbounded); from the supports registry."""
+    count = SUPPORTS[DS.REGISTRY[node.dist.spec].support].count
+    return None if count is None else count(model, node.dist)
 
 
 def _flag(name: str, value=None) -> str:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ppl import distributions as DS
+from ppl.supports import SUPPORTS
 from ppl.backend import dists as D
 
 DT = torch.float64
@@ -99,11 +100,11 @@ def test_registry_is_covered():
     assert set(DS.REGISTRY) == set(SCALAR) | VECTOR
     for name, spec in DS.REGISTRY.items():
         assert spec.name == name
-        assert spec.discrete == (spec.support in DS.FINITE_SUPPORTS | {"nonneg_int"}), name
+        assert spec.discrete == SUPPORTS[spec.support].discrete, name
         assert len(spec.param_event_ranks) in (0, spec.arity)
         for _, kind in spec.params:
             assert kind in DS.PARAM_CHECKS
-        assert spec.support in DS.SUPPORT_TEXT
+        assert spec.support in SUPPORTS
 
 
 def test_design_names_are_registered():

@@ -16,7 +16,7 @@ import ppl
 from ppl.backend.log_joint import LogJoint
 from ppl.config import FitConfig
 from ppl.infer.engine import VI
-from ppl.infer.estimators import discrete_families
+from ppl.infer.discrete import discrete_families
 from ppl.infer.objectives import OBJECTIVES
 from ppl.infer.families import FAMILIES, Preconditioner
 from ppl.plan import plan

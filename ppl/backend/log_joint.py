@@ -27,6 +27,7 @@ from .. import distributions as DS
 from ..expr import CACHE, compile_expr
 from ..frontend.check import Model, Node
 from ..plan import NodePlan
+from ..supports import SUPPORTS
 from . import dists as D
 from .ops import TorchOps
 from .runtime import Batch, Runtime, as_runtime
@@ -162,8 +163,7 @@ class LogJoint:
                 if self.plan[name].estimator == "enumerate":
                     spec = DS.REGISTRY[node.dist.spec]
                     size = self.plan[name].size
-                    vals = torch.arange(size, dtype=self.dtype, device=self.device) + \
-                        (1 if spec.support == "categorical" else 0)
+                    vals = torch.arange(size, dtype=self.dtype, device=self.device) + SUPPORTS[spec.support].first
                     g = EnumGroup(name, vals, tuple(node.shape), prior, [], [])
                     enum_groups[name] = g
                     self.enum.append(g)
@@ -278,7 +278,7 @@ class LogJoint:
                 total = _add(total, _scaled(sum_event(lp), payload.per_row, scale))
         enum_logits = {}
         for g in (self.enum if densities else ()):
-            L = self._enumerate(g, env, S)
+            L = self._enumerate(g, env, S, batch)
             if keep_enum:
                 enum_logits[g.name] = L
             total = _add(total, _scaled(sum_event(torch.logsumexp(L, 0)), g.prior.per_row, scale))
@@ -288,7 +288,7 @@ class LogJoint:
             total = total.expand(S)
         return Evaluation(total, env, factors, enum_logits)
 
-    def _enumerate(self, g: EnumGroup, env, S) -> torch.Tensor:
+    def _enumerate(self, g: EnumGroup, env, S, batch: Batch) -> torch.Tensor:
         """(K, S, *shape): log p(z = k, blanket | rest), elementwise over z's elements.
         One pass for all K values: the sample dimension is stacked K times (value-major), z = k
         is a (K*S, 1, ..) tensor that broadcasts over z's elements, so x[z] is a one-element
@@ -305,7 +305,8 @@ class LogJoint:
         for f in g.factors:
             lp = f.log_prob(e, f.value(e))
             L = L + (sum_event(lp) if g.shape == () else lp)
-        return L.expand((K * S,) + g.shape).reshape((K, S) + g.shape)
+        shape = (batch.size,) + g.shape[1:] if g.prior.per_row and batch.size is not None else g.shape
+        return L.expand((K * S,) + shape).reshape((K, S) + shape)
 
     def log_prob(self, theta: torch.Tensor, discrete=None, batch: Optional[Batch] = None) -> torch.Tensor:
         return self.evaluate(theta, discrete, batch=batch).total

@@ -4,7 +4,7 @@ Every constraint maps to a `torch.distributions.constraints` object and goes
 through `biject_to`; the one set torch lacks, ordered vectors, is defined here
 with its transform and registered with `biject_to`.  The registry
 `CONSTRAINTS` is keyed by the constraint kind of the checked IR (declared
-types) and by the distributions' support names.
+types) and by the distributions' support names (both from `ppl.supports`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Callable, Dict
 import torch
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import AffineTransform, ComposeTransform, Transform
+
+from ..supports import SUPPORTS
 
 
 class _Ordered(constraints.Constraint):
@@ -50,22 +52,11 @@ def _biject_ordered(constraint):
     return OrderedTransform()
 
 
-def _t(x):
-    return x if torch.is_tensor(x) else torch.as_tensor(float(x), dtype=torch.get_default_dtype())
-
-
-# constraint kind -> (bounds -> torch constraint); bounds are (lower, upper) tensors or None
+# constraint kind -> (bounds -> torch constraint); bounds are (lower, upper) tensors or None.
+# Derived from the supports registry (ppl.supports), where each continuous support says its set.
 CONSTRAINTS: Dict[str, Callable] = {
-    "real": lambda lo, hi: constraints.real,
-    "lower": lambda lo, hi: constraints.greater_than(_t(lo)),
-    "upper": lambda lo, hi: constraints.less_than(_t(hi)),
-    "interval": lambda lo, hi: constraints.interval(_t(lo), _t(hi)),
-    "positive": lambda lo, hi: constraints.positive,
-    "unit_interval": lambda lo, hi: constraints.unit_interval,
-    "ordered": lambda lo, hi: ordered_vector,
-    "simplex": lambda lo, hi: constraints.simplex,
-    "corr_cholesky": lambda lo, hi: constraints.corr_cholesky,
-}
+    name: (lambda s: lambda lo, hi: s.constraint(constraints, lo, hi))(s)
+    for name, s in SUPPORTS.items() if s.constraint is not None}
 
 
 def bijection(kind: str, lo=None, hi=None) -> Transform:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import distributions as DS
 from .. import functions as FN
+from ..supports import SUPPORTS
 from ..errors import Diagnostic, PplError, Source, Span, did_you_mean, one_of
 from ..expr import NumpyOps, compile_expr
 from ..functions import Shape, ShapeError, fmt
@@ -83,7 +84,7 @@ class Node:
             spec = DS.REGISTRY[self.dist.spec]
             if spec.support == "interval":
                 return f"({A_text(self.dist.args[0])}, {A_text(self.dist.args[1])})"
-            return DS.SUPPORT_TEXT[spec.support]
+            return SUPPORTS[spec.support].text
         return "real"
 
 
@@ -748,15 +749,7 @@ class _Checker:
     def check_support(self, obs: A.Sample, name: str, spec: DS.DistSpec):
         """Observed values must lie in the distribution's support."""
         v = np.asarray(self.values[name], dtype=float)
-        tests = {
-            "positive": (lambda x: x > 0, "positive"),
-            "unit_interval": (lambda x: (x > 0) & (x < 1), "in (0, 1)"),
-            "boolean": (lambda x: (x == 0) | (x == 1), "0 or 1"),
-            "nonneg_int": (lambda x: x >= 0, "non-negative"),
-            "categorical": (lambda x: x >= 1, "1 or more (categories are numbered from 1)"),
-            "binomial": (lambda x: x >= 0, "non-negative"),
-        }
-        t = tests.get(spec.support)
+        t = SUPPORTS[spec.support].contains
         if t is None or v.size == 0:
             return
         bad = ~t[0](v)
@@ -796,17 +789,9 @@ class _Checker:
             return
         spec = DS.REGISTRY[s.dist.func]
         sup = spec.support
-        ok = {
-            "real": {"real", "lower", "upper", "interval", "positive", "ordered", "simplex"},
-            "positive": {"positive", "lower", "interval"},
-            "unit_interval": {"interval", "lower", "upper"},
-            "simplex": {"simplex"},
-            "corr_cholesky": {"corr_cholesky"},
-            "interval": {"interval", "lower", "upper", "real"},
-        }.get(sup, set())
-        if c.kind not in ok:
+        if c.kind not in SUPPORTS[sup].fits:
             self.err.add(s.type.span, f"'{s.name}' is declared {c.text()}, but {spec.name}'s support is "
-                         f"{DS.SUPPORT_TEXT[sup]}; declare a set inside the support, or drop the type")
+                         f"{SUPPORTS[sup].text}; declare a set inside the support, or drop the type")
             return
         lo = _scalar_or_none(self.const_value(c.lower)) if c.lower is not None else None
         hi = _scalar_or_none(self.const_value(c.upper)) if c.upper is not None else None

@@ -32,56 +32,7 @@ from typing import Dict, Type
 
 import torch
 
-from .. import distributions as DS
 from ..errors import UsageError
-from ..frontend.check import Model
-
-
-# ---- variational distributions for discrete latents on the score path --------------
-class DiscreteQ:
-    """Independent q per element: categorical (1..K), Bernoulli, or Poisson for counts."""
-
-    def __init__(self, name: str, support: str, shape, size: int, dtype, gen: torch.Generator, n=None):
-        self.name, self.support, self.shape, self.gen, self.dtype = name, support, tuple(shape), gen, dtype
-        if support == "categorical":
-            self.param = torch.zeros(self.shape + (size,), dtype=dtype, requires_grad=True)
-        elif support in ("boolean", "nonneg_int"):
-            self.param = torch.zeros(self.shape, dtype=dtype, requires_grad=True)
-        elif support == "binomial" and n is not None:
-            self.n = n
-            self.param = torch.zeros(self.shape, dtype=dtype, requires_grad=True)
-        else:
-            raise UsageError(f"no variational family for the discrete latent '{name}' (support {support})")
-
-    def dist(self):
-        D = torch.distributions
-        if self.support == "categorical":
-            return D.Categorical(logits=self.param)
-        if self.support == "boolean":
-            return D.Bernoulli(logits=self.param)
-        if self.support == "binomial":
-            return D.Binomial(self.n, logits=self.param)
-        return D.Poisson(torch.exp(self.param))
-
-    def sample(self, S: int) -> torch.Tensor:
-        with torch.no_grad():
-            if self.support == "categorical":
-                p = torch.softmax(self.param, -1).reshape(-1, self.param.shape[-1])
-                z = torch.multinomial(p, S, replacement=True, generator=self.gen).T.reshape((S,) + self.shape) + 1
-                return z.to(self.dtype)
-            if self.support in ("boolean", "binomial"):
-                probs = torch.sigmoid(self.param).expand((S,) + self.shape)
-                if self.support == "boolean":
-                    return (torch.rand(probs.shape, generator=self.gen, dtype=self.dtype) < probs).to(self.dtype)
-                u = torch.rand((S,) + self.shape + (int(self.n.max()),), generator=self.gen, dtype=self.dtype)
-                return (u < probs.unsqueeze(-1)).sum(-1).clamp(max=self.n).to(self.dtype)
-            return torch.poisson(torch.exp(self.param).expand((S,) + self.shape), generator=self.gen)
-
-    def log_q(self, z: torch.Tensor) -> torch.Tensor:
-        d = self.dist()
-        if self.support == "categorical":
-            return d.log_prob(z.long() - 1)
-        return d.log_prob(z)
 
 
 @dataclass
@@ -264,17 +215,3 @@ class ScoreFunction(GradientEstimator):
         loss = -((f - _loo_baseline(f)) * log_q).mean()
         loss = loss + discrete_surrogate(vi, ev, z, S)
         return Surrogate(loss, float(f.mean()))
-
-
-def discrete_families(model: Model, lj, plan, gen) -> Dict[str, DiscreteQ]:
-    out = {}
-    for name in lj.score:
-        node = model.nodes[name]
-        spec = DS.REGISTRY[node.dist.spec]
-        size = plan[name].size
-        n = None
-        if spec.support == "binomial":
-            v = lj.known.get(getattr(node.dist.args[0], "id", None))
-            n = None if v is None else v[0]
-        out[name] = DiscreteQ(name, spec.support, node.shape, size, lj.dtype, gen, n)
-    return out

@@ -33,7 +33,7 @@ from ..plan import describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from .estimators import discrete_families
+from .discrete import discrete_families
 from .families import FAMILIES
 from .laplace import FULL_HESSIAN_MAX, Start, cold_start, laplace
 from .objectives import OBJECTIVES
