@@ -9,13 +9,9 @@ import csv
 import io
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
-
-from ..errors import Diagnostic, PplError
+from typing import Optional, Sequence
 
 
 def _fmt(x: float) -> str:
@@ -73,57 +69,47 @@ def _csv_text(header, rows) -> str:
     return buf.getvalue()
 
 
-def write_outputs(fit, out_dir: str, force: bool) -> None:
-    """draws.csv, summary.csv, elbo.csv into out_dir, atomically (a temp dir renamed into place)."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not force:
-        raise PplError([Diagnostic(None, "the output directory exists; use --force to replace it", out_dir)])
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        raise PplError([Diagnostic(None, "the parent directory does not exist", out_dir)])
+def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), record=None) -> None:
+    """draws.csv, summary.csv, elbo.csv (elbo.png with matplotlib) and run.json into out_dir, whole or
+    not at all; only a folder ppl wrote is replaced, never an input (ppl.outdir)."""
+    from ..outdir import write_dir
     names, mat = fit.draws_table()
     s = fit.summary()
-    try:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".ppl-out-")
-        files = {
-            "draws.csv": _csv_text(names, ([repr(float(x)) for x in row] for row in mat)),
-            "summary.csv": _csv_text(["name", "mean", "sd", "q5", "q50", "q95"],
-                                     ([k] + [repr(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")]
-                                      for k, v in s.items())),
-            "elbo.csv": _csv_text(["step", "elbo"], ([i + 1, repr(e)] for i, e in enumerate(fit.elbo_trace))),
-        }
-        for fn, text in files.items():
-            with open(os.path.join(tmp, fn), "w") as f:
-                f.write(text)
-        _plot(fit, tmp)
-        if os.path.exists(out_dir):
-            old = out_dir + ".ppl-old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PplError([Diagnostic(None, f"cannot write outputs: {e.strerror}", out_dir)])
+    files = {
+        "draws.csv": _csv_text(names, ([repr(float(x)) for x in row] for row in mat)),
+        "summary.csv": _csv_text(["name", "mean", "sd", "q5", "q50", "q95"],
+                                 ([k] + [repr(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")]
+                                  for k, v in s.items())),
+        "elbo.csv": _csv_text(["step", "elbo"], ([i + 1, repr(e)] for i, e in enumerate(fit.elbo_trace))),
+    }
+    files = {k: v.encode() for k, v in files.items()}
+    png = _plot(fit)
+    if png is not None:
+        files["elbo.png"] = png
+    run = {"model": fit.model.source.path, "inputs": list(inputs), "method": fit.method,
+           "estimator": fit.estimator, "optimizer": fit.optimizer, "seed": getattr(fit, "seed", None),
+           "steps": fit.steps, "converged": fit.converged, "elbo": fit.elbo, "khat": fit.khat, "ess": fit.ess,
+           "verdict": fit.verdict_label, **(record or {})}
+    write_dir(out_dir, files, force=force, inputs=inputs, record=run)
 
 
-def _plot(fit, d: str) -> None:
-    """elbo.png where matplotlib is installed (the `plot` extra)."""
+def _plot(fit) -> Optional[bytes]:
+    """elbo.png's bytes where matplotlib is installed (the `plot` extra), else None."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(range(1, len(fit.elbo_trace) + 1), fit.elbo_trace, lw=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("ELBO estimate")
     fig.tight_layout()
-    fig.savefig(os.path.join(d, "elbo.png"), dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    return buf.getvalue()
 
 
 class Progress:
@@ -157,8 +143,10 @@ def run_fit_command(args) -> int:
     t0 = time.perf_counter()
     model = m.check(args.data if (args.data or args.set) else [], args.set)
     timings["data+check"] = time.perf_counter() - t0
-    if args.out and os.path.exists(args.out) and not args.force:
-        raise PplError([Diagnostic(None, "the output directory exists; use --force to replace it", args.out)])
+    inputs = [args.model, *args.data]
+    if args.out is not None:
+        from ..outdir import check_target
+        check_target(args.out, args.force, inputs)       # refused before the fit, not after
     show = args.progress == "on" or (args.progress == "auto" and args.format != "json" and sys.stderr.isatty())
     bar = Progress() if show else None
     t0 = time.perf_counter()
@@ -173,8 +161,8 @@ def run_fit_command(args) -> int:
         if bar is not None:
             bar.close()
     f.seconds = time.perf_counter() - t_start
-    if args.out:
-        write_outputs(f, args.out, args.force)
+    if args.out is not None:
+        write_outputs(f, args.out, args.force, inputs, record={"seed": args.seed})
     sys.stdout.write(to_json(f) + "\n" if args.format == "json" else table(f))
     if args.profile:
         total = f.seconds
