@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import traceback
 from typing import List, Optional
 
 from . import __version__
-from .errors import EXIT_USAGE, EXIT_USER, Diagnostic, PplError, UsageError
+from .errors import EXIT_USAGE, EXIT_USER, PplError, UsageError
+from .outdir import write_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("graph", help="show the model's directed graph")
     common(g)
-    g.add_argument("--format", default="text", choices=["text", "dot", "json", "png", "svg"])
+    g.add_argument("--format", default=None, choices=["text", "dot", "json", "png", "svg"],
+                   help="default: from -o FILE's suffix (.txt .dot .gv .json .png .svg), else text")
     g.add_argument("-o", "--output", metavar="FILE", help="write to FILE (png/svg need it)")
     g.add_argument("--estimator", default="auto", choices=["auto", "reparam", "score", "enumerate"])
 
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                         "--mc-samples tune Adam")
     f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
     f.add_argument("--dtype", default="float64", help="float64|float32")
-    f.add_argument("--out", metavar="DIR", help="write draws.csv, summary.csv, elbo.csv to DIR")
+    f.add_argument("--out", metavar="DIR", help="write draws.csv, summary.csv, elbo.csv and run.json to DIR")
     f.add_argument("--force", action="store_true", help="replace an existing --out DIR that ppl wrote")
     f.add_argument("--format", default="table", choices=["table", "json"])
     f.add_argument("--profile", action="store_true", help="print where the time went")
@@ -129,19 +130,40 @@ def cmd_check(args) -> int:
     return 0
 
 
+GRAPH_SUFFIXES = {".txt": "text", ".dot": "dot", ".gv": "dot", ".json": "json", ".png": "png", ".svg": "svg"}
+
+
+def graph_format(fmt: Optional[str], output: Optional[str]) -> str:
+    """`ppl graph`'s format: --format, else -o FILE's suffix, else text; a suffix that says otherwise is a usage error."""
+    if output is None:
+        return fmt or "text"
+    if not output:
+        raise UsageError("-o needs a file name")
+    implied = GRAPH_SUFFIXES.get(os.path.splitext(output)[1].lower())
+    if fmt is None and implied is None:
+        raise UsageError(f"cannot tell the format from the name '{output}': use a suffix "
+                         f"({' '.join(GRAPH_SUFFIXES)}) or give --format")
+    if fmt is not None and implied is not None and fmt != implied:
+        raise UsageError(f"--format {fmt} does not match the suffix of '{output}' ({implied}); "
+                         f"drop --format or change the suffix")
+    return fmt or implied
+
+
 def cmd_graph(args) -> int:
     from . import graph as G
+    fmt = graph_format(args.format, args.output)
+    if fmt in ("png", "svg") and args.output is None:
+        raise UsageError(f"--format {fmt} writes a file: give -o FILE")
     g = _model(args).graph(_data_arg(args), args.set, args.estimator)
-    if args.format in ("png", "svg"):
-        if not args.output:
-            raise UsageError(f"--format {args.format} writes a file: give -o FILE")
-        write_atomic(args.output, G.render(G.to_dot(g), args.format))
-        return 0
-    text = {"text": G.to_text, "dot": G.to_dot, "json": G.to_json}[args.format](g)
-    if args.output:
-        write_atomic(args.output, text.encode())
+    if fmt in ("png", "svg"):
+        data = G.render(G.to_dot(g), fmt)
     else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        text = {"text": G.to_text, "dot": G.to_dot, "json": G.to_json}[fmt](g)
+        if args.output is None:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            return 0
+        data = text.encode()
+    write_file(args.output, data, inputs=[args.model, *args.data])
     return 0
 
 
@@ -161,8 +183,10 @@ def cmd_fit(args) -> int:
     t0 = time.perf_counter()
     model = m.check(_data_arg(args) or [], args.set)
     timings["data+check"] = time.perf_counter() - t0
-    if args.out:
-        report.check_out_dir(args.out, args.force)
+    inputs = [args.model, *args.data]
+    if args.out is not None:
+        from .outdir import check_target
+        check_target(args.out, args.force, inputs)         # refused before the fit, not after
     from .infer.fit import fit
     bar = report.Progress() if report.show_progress(args.progress, args.format) else None
     try:
@@ -171,29 +195,12 @@ def cmd_fit(args) -> int:
         if bar is not None:
             bar.close()
     process = time.perf_counter() - t_start
-    if args.out:
-        report.write_outputs(f, args.out, args.force)
+    if args.out is not None:
+        report.write_outputs(f, args.out, args.force, inputs)
     sys.stdout.write(report.to_json(f, process) + "\n" if args.format == "json" else report.table(f, process))
     if args.profile:
         sys.stderr.write(report.profile(timings, f, process))
     return 0
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".ppl-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)      # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)                 # no stray temp file when the final rename fails
-        raise PplError([Diagnostic(None, f"cannot write: {e.strerror}", path)])
 
 
 if __name__ == "__main__":

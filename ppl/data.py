@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import Diagnostic, PplError, Source, Span, did_you_mean, read_source
+from .errors import Diagnostic, PplError, Source, Span, UsageError, did_you_mean, read_source
 from .frontend import ast as A
 
 _NUMERIC_BASES = {"real", "int"}
@@ -205,26 +205,32 @@ def _num(s: str) -> float:
     return float(s)
 
 
+def parse_sets(sets: Sequence[str]) -> Dict[str, float]:
+    """`--set NAME=VALUE` pairs -> {name: finite number}; a malformed pair is a usage error (exit 2)."""
+    out: Dict[str, float] = {}
+    for s in sets:
+        k, eq, v = s.partition("=")
+        k = k.strip()
+        if not eq or not k:
+            raise UsageError(f"--set {s!r} is not NAME=VALUE")
+        try:
+            val = float(v)
+        except ValueError:
+            raise UsageError(f"--set {k}={v}: {v!r} is not a number") from None
+        if not math.isfinite(val):
+            raise UsageError(f"--set {k}={v}: the value must be a finite number")
+        out[k] = val
+    return out
+
+
 class _Binder:
     def __init__(self, decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[str], dim_symbols,
                  objects: Sequence[dict] = ()):
         self.decls = list(decls)
+        self.sets: Dict[str, float] = parse_sets(sets)
         self.tables = [_read(p) for p in files] + [_from_object(o, i) for i, o in enumerate(objects)]
         self.csvs = [t for t in self.tables if isinstance(t, _Csv)]
         self.jsons = [t for t in self.tables if isinstance(t, _Json)]
-        self.sets: Dict[str, float] = {}
-        for s in sets:
-            if "=" not in s:
-                _fail(None, f"{s!r} is not NAME=VALUE", "--set")
-            k, v = s.split("=", 1)
-            k = k.strip()
-            try:
-                val = float(v)
-            except ValueError:
-                _fail(None, f"{k}={v}: {v!r} is not a number", "--set")
-            if not math.isfinite(val):
-                _fail(None, f"{k}={v}: the value must be finite", "--set")
-            self.sets[k] = val
         self.out = DataSet(files=tuple(files))
         self.dim_symbols = set(dim_symbols)
 

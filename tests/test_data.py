@@ -8,7 +8,7 @@ import pytest
 
 import ppl
 from ppl.data import load_data
-from ppl.errors import PplError, Source
+from ppl.errors import PplError, Source, UsageError
 from ppl.frontend.parse import parse
 
 LEVELS = "data g: level[N] of K\na[K] ~ normal(0, 1)\n"
@@ -189,13 +189,17 @@ def test_set_binds_a_size(write):
     assert m.dims == {"K": 4} and m.nodes["b"].shape == (4,)
 
 
-def test_set_errors():
-    d = error("data s: real\nb ~ normal(0, 1)\n", None, ["s=abc"])
-    assert d.render().startswith("--set: error: ") and "'abc' is not a number" in d.message
-    d = error("data s: real\nb ~ normal(0, 1)\n", None, ["s"])
-    assert "NAME=VALUE" in d.message
-    d = error("data s: real\nb ~ normal(0, 1)\n", None, ["s=nan"])
-    assert "finite" in d.message
+@pytest.mark.parametrize("bad,expect", [
+    ("s=abc", "--set s=abc: 'abc' is not a number"),
+    ("s", "--set 's' is not NAME=VALUE"),
+    ("=3", "--set '=3' is not NAME=VALUE"),
+    ("s=nan", "--set s=nan: the value must be a finite number"),
+    ("s=-inf", "--set s=-inf: the value must be a finite number"),
+])
+def test_malformed_set_is_a_usage_error(bad, expect):
+    with pytest.raises(UsageError) as ei:
+        check("data s: real\nb ~ normal(0, 1)\n", None, [bad])
+    assert str(ei.value) == expect
 
 
 def test_several_files_combined(write):

@@ -1,5 +1,6 @@
 """`ppl fit` (DESIGN §4): the JSON contract, --seed reproducibility, --tol 0
---steps N, --out DIR (three CSVs, atomic, never clobbering without --force),
+--steps N, --out DIR (three CSVs and run.json, atomic, never clobbering without
+--force; more on --out in test_outdir.py),
 the progress bar (only on a terminal, never with --format json), usage errors
 (exit 2), the table header and --profile."""
 from __future__ import annotations
@@ -157,14 +158,15 @@ def test_out_refuses_existing_dir(capsys, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["res"]
 
 
-def test_out_force_replaces(capsys, tmp_path):
+def test_out_force_replaces_what_ppl_wrote(capsys, tmp_path):
     out = tmp_path / "res"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    code, _, err = run(capsys, *POISSON, *QUICK, "--out", str(out))
+    assert code == 0, err
+    (out / "elbo.csv").write_text("old")
     code, stdout, err = run(capsys, *POISSON, *QUICK, "--out", str(out), "--force")
     assert code == 0, err
-    assert {"draws.csv", "summary.csv", "elbo.csv"} <= set(os.listdir(out))
-    assert "keep.txt" not in os.listdir(out)
+    assert {"draws.csv", "summary.csv", "elbo.csv", "run.json"} <= set(os.listdir(out))
+    assert (out / "elbo.csv").read_text().startswith("step,elbo\n")
     assert sorted(os.listdir(tmp_path)) == ["res"]
 
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ppl
-from ppl.errors import PplError
+from ppl.errors import PplError, UsageError
 from ppl.frontend.parse import decode, parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,6 +287,8 @@ def _check_data(text: str, name: str, sets=()):
             _MODEL.check(path, sets)
         except PplError as e:
             _assert_located(e, {path, "fixed.ppl", "--set"})
+        except UsageError as e:
+            assert str(e).startswith("--set "), e          # a malformed --set is a usage error (exit 2)
 
 
 @FUZZ

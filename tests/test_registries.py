@@ -120,5 +120,5 @@ def test_a_new_gradient_estimator(registries):
     assert abs(s["mean"] - m) < 0.1 * sd and abs(s["sd"] / sd - 1) < 0.1
     with pytest.raises(UsageError, match="does not apply"):
         fit(method="fullrank", gradient="stl")
-    with pytest.raises(UsageError, match="unknown gradient estimator 'nope'"):
+    with pytest.raises(UsageError, match="unknown gradient 'nope' for gradient="):
         fit(gradient="nope")

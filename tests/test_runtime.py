@@ -104,7 +104,7 @@ def test_scaled_batches_average_to_the_full_objective_and_gradient():
         w = len(idx) / 11
         total = total + w * float(v.detach())
         g_total += w * g
-    assert total == pytest.approx(float(full), rel=1e-12)
+    assert total == pytest.approx(float(full.detach()), rel=1e-12)
     torch.testing.assert_close(g_total, g_full, rtol=1e-10, atol=1e-12)
 
 

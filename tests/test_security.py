@@ -146,9 +146,9 @@ def test_python_in_json_and_set_is_just_text(tmp_path, capsys):
     assert "is not a number" in capsys.readouterr().err
     ok = tmp_path / "ok.csv"
     ok.write_text("x,g\n1.0,a\n2.0,b\n")
-    assert main(["check", str(model), str(ok), "--set", f"K={attack}"]) == 1
+    assert main(["check", str(model), str(ok), "--set", f"K={attack}"]) == 2     # a malformed --set: usage
     err = capsys.readouterr().err
-    assert err.startswith("--set: error: K=") and "is not a number" in err
+    assert err.startswith("ppl check: error: --set K=") and "is not a number" in err
     assert not canary.exists()
 
 

@@ -30,7 +30,7 @@ from ..plan import NodePlan
 from ..supports import SUPPORTS
 from . import dists as D
 from .ops import TorchOps
-from .runtime import Batch, Runtime, as_runtime
+from .runtime import Batch, as_runtime
 from .transforms import bijection, sum_event, unconstrained_shape
 
 

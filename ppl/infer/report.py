@@ -10,15 +10,11 @@ import csv
 import io
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
+from typing import Dict, Optional, Sequence
 
-from typing import Dict, Optional
-
-from ..errors import Diagnostic, PplError
+from ..config import describe as describe_config
 from .objectives import OBJECTIVES
 
 
@@ -85,57 +81,48 @@ def _csv_text(header, rows) -> str:
     return buf.getvalue()
 
 
-def write_outputs(fit, out_dir: str, force: bool) -> None:
-    """draws.csv, summary.csv, elbo.csv into out_dir, atomically (a temp dir renamed into place)."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not force:
-        raise PplError([Diagnostic(None, "the output directory exists; use --force to replace it", out_dir)])
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        raise PplError([Diagnostic(None, "the parent directory does not exist", out_dir)])
+def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), record=None) -> None:
+    """draws.csv, summary.csv, elbo.csv (elbo.png with matplotlib) and run.json into out_dir, whole or
+    not at all; only a folder ppl wrote is replaced, never an input (ppl.outdir)."""
+    from ..outdir import write_dir
     names, mat = fit.draws_table()
     s = fit.summary()
-    try:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".ppl-out-")
-        files = {
-            "draws.csv": _csv_text(names, ([repr(float(x)) for x in row] for row in mat)),
-            "summary.csv": _csv_text(["name", "mean", "sd", "q5", "q50", "q95"],
-                                     ([k] + [repr(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")]
-                                      for k, v in s.items())),
-            "elbo.csv": _csv_text(["step", "elbo"], ([i + 1, repr(e)] for i, e in enumerate(fit.elbo_trace))),
-        }
-        for fn, text in files.items():
-            with open(os.path.join(tmp, fn), "w") as f:
-                f.write(text)
-        _plot(fit, tmp)
-        if os.path.exists(out_dir):
-            old = out_dir + ".ppl-old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PplError([Diagnostic(None, f"cannot write outputs: {e.strerror}", out_dir)])
+    files = {
+        "draws.csv": _csv_text(names, ([repr(float(x)) for x in row] for row in mat)),
+        "summary.csv": _csv_text(["name", "mean", "sd", "q5", "q50", "q95"],
+                                 ([k] + [repr(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")]
+                                  for k, v in s.items())),
+        "elbo.csv": _csv_text(["step", "elbo"], ([i + 1, repr(e)] for i, e in enumerate(fit.elbo_trace))),
+    }
+    files = {k: v.encode() for k, v in files.items()}
+    png = _plot(fit)
+    if png is not None:
+        files["elbo.png"] = png
+    run = {"model": fit.model.source.path, "inputs": list(inputs), "method": fit.method,
+           "estimator": fit.estimator, "objective": fit.objective, "optimizer": fit.optimizer,
+           "seed": fit.config.seed, "steps": fit.steps, "converged": fit.converged, "elbo": fit.elbo,
+           "khat": fit.khat, "ess": fit.ess, "verdict": fit.verdict_label, "seconds": fit.seconds,
+           "config": describe_config(fit.config), **(record or {})}
+    write_dir(out_dir, files, force=force, inputs=inputs, record=run)
 
 
-def _plot(fit, d: str) -> None:
-    """elbo.png where matplotlib is installed (the `plot` extra)."""
+def _plot(fit) -> Optional[bytes]:
+    """elbo.png's bytes where matplotlib is installed (the `plot` extra), else None."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(range(1, len(fit.elbo_trace) + 1), fit.elbo_trace, lw=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("ELBO estimate")
     fig.tight_layout()
-    fig.savefig(os.path.join(d, "elbo.png"), dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    return buf.getvalue()
 
 
 def show_progress(mode: str, fmt: str) -> bool:
@@ -151,12 +138,6 @@ def profile(timings: Dict[str, float], fit, process_seconds: float) -> str:
     lines.append(f"  {'total':<15} {process_seconds:8.3f}  (from the start of `fit`; Python start-up and ppl's "
                  f"own imports come before)")
     return "\n".join(lines) + "\n"
-
-
-def check_out_dir(out_dir: str, force: bool) -> None:
-    """Refuse before fitting what `write_outputs` would refuse after."""
-    if os.path.exists(out_dir) and not force:
-        raise PplError([Diagnostic(None, "the output directory exists; use --force to replace it", out_dir)])
 
 
 class Progress:
@@ -178,5 +159,3 @@ class Progress:
     def close(self):
         sys.stderr.write("\r" + " " * 79 + "\r")
         sys.stderr.flush()
-
-
