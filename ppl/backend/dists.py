@@ -1,7 +1,8 @@
 """Distribution namespace handed to `DistSpec.build`: torch.distributions plus
 the few distributions torch lacks (or parameterises differently from Stan).
 
-Only `log_prob` (and `support`) is needed of a model's distributions.
+A model's distributions need `log_prob` (scoring) and `sample` (forward
+simulation: prior and posterior predictive draws).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class HalfStudentT(_LogProbOnly):
     def log_prob(self, x):
         return math.log(2.0) + StudentT(self.nu, torch.zeros_like(self.sigma), self.sigma).log_prob(x)
 
+    def sample(self, sample_shape=torch.Size()):
+        return StudentT(self.nu, torch.zeros_like(self.sigma), self.sigma).sample(sample_shape).abs()
+
 
 class Logistic(_LogProbOnly):
     support = constraints.real
@@ -47,6 +51,11 @@ class Logistic(_LogProbOnly):
         z = (x - self.mu) / self.s
         return -z - 2.0 * torch.nn.functional.softplus(-z) - torch.log(self.s)
 
+    def sample(self, sample_shape=torch.Size()):
+        u = torch.rand(torch.Size(sample_shape) + self.mu.shape, dtype=self.mu.dtype, device=self.mu.device)
+        u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
+        return self.mu + self.s * (torch.log(u) - torch.log1p(-u))
+
 
 class PoissonLog(_LogProbOnly):
     """Poisson with log-rate `a` (Stan's poisson_log), stable for large |a|."""
@@ -58,6 +67,9 @@ class PoissonLog(_LogProbOnly):
 
     def log_prob(self, k):
         return k * self.a - torch.exp(self.a) - torch.lgamma(k + 1.0)
+
+    def sample(self, sample_shape=torch.Size()):
+        return torch.poisson(torch.exp(self.a).expand(torch.Size(sample_shape) + self.a.shape))
 
 
 class NegBinomial2(_LogProbOnly):
@@ -73,6 +85,11 @@ class NegBinomial2(_LogProbOnly):
         log_mp = torch.log(mu + phi)
         return (torch.lgamma(k + phi) - torch.lgamma(k + 1.0) - torch.lgamma(phi)
                 + phi * (torch.log(phi) - log_mp) + k * (torch.log(mu) - log_mp))
+
+    def sample(self, sample_shape=torch.Size()):
+        """A gamma-Poisson mixture: rate ~ gamma(phi, phi / mu)."""
+        rate = Gamma(self.phi, self.phi / self.mu).sample(sample_shape)
+        return torch.poisson(rate)
 
 
 class Categorical1(_LogProbOnly):
@@ -94,6 +111,10 @@ class Categorical1(_LogProbOnly):
         idx = (value.long() - 1).unsqueeze(-1)
         idx, logp = torch.broadcast_tensors(idx, self.logits)
         return logp.gather(-1, idx[..., :1]).squeeze(-1)
+
+    def sample(self, sample_shape=torch.Size()):
+        from torch.distributions import Categorical
+        return (Categorical(logits=self.logits).sample(sample_shape) + 1).to(self.logits.dtype)
 
 
 # ---- fused elementwise log densities (fast paths named by DistSpec.lpdf) ----------------

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import distributions as DS
+from ..errors import Diagnostic, PplError
 from ..expr import CACHE, compile_expr
 from ..frontend.check import Model, Node
 from ..plan import NodePlan
@@ -91,6 +92,7 @@ class LogJoint:
         self.score: List[str] = []
         self.enum: List[EnumGroup] = []
         self.steps: List[Tuple[str, str, object]] = []   # (kind, name, payload)
+        self.deterministic: Dict[str, Callable] = {}     # name -> env -> value
         self._compile()
 
     # ---- compilation ----------------------------------------------------------
@@ -119,6 +121,21 @@ class LogJoint:
                 fn = (lambda f, ra, pad: lambda env: TorchOps.align(f(env), ra, ra + pad))(fn, ra, pad)
             out.append(fn)
         return out
+
+    def distribution(self, node: Node) -> Callable:
+        """(env, batch shape) -> the torch distribution of `node` given its parents, its parameters
+        broadcast to that batch shape ((S, *the node's batch dims)): for forward simulation."""
+        name, dist_args = DS.fold_link(node.dist.spec, node.dist.args)
+        spec = DS.REGISTRY[name]
+        args = self._aligned_args(node, spec, dist_args)
+        extra = {"event": tuple(node.shape[-spec.event_rank:])} if spec.event_shape is None and spec.event_rank else {}
+
+        def make(env, batch_shape):
+            vals = [f(env) for f in args]
+            vals = [v.expand(tuple(batch_shape) + tuple(v.shape[len(batch_shape):])) for v in vals]
+            return spec.build(D, *vals, **extra)
+        make.event_rank = spec.event_rank
+        return make
 
     def _logp_fns(self, node: Node) -> Tuple[Callable, Optional[Callable]]:
         """(env, value) -> elementwise log density of `node`'s distribution, and the registry's
@@ -151,6 +168,7 @@ class LogJoint:
             owner = next((tainted[d] for d in node.deps if d in tainted), None)
             if node.kind == "deterministic":
                 fn = self.expr(node.expr)
+                self.deterministic[name] = fn
                 if owner is not None:
                     tainted[name] = owner
                     enum_groups[owner].deterministics.append((name, fn))
@@ -346,6 +364,77 @@ class LogJoint:
                 out[name] = v.expand((S,) + tuple(v.shape[1:])) if v.shape[0] == 1 else v
         return out
 
+    def simulate(self, given: Mapping[str, torch.Tensor], S: int, generator: torch.Generator,
+                 batch: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
+        """Forward simulation, node by node in topological order: a latent in `given` takes that value
+        ((S, *shape) or (1, *shape)), any other latent is drawn from its distribution given its parents
+        (the prior), deterministic nodes are computed, and every observed node gets a replicate drawn
+        given its parents (the replicates do not replace the data other nodes read).  With posterior
+        draws as `given` the replicates are the posterior predictive; with nothing given, the prior
+        predictive.  -> values of every latent, deterministic and observed node, each (S, *shape)."""
+        batch = self.batch if batch is None else batch
+        env: Dict = dict(self.known)
+        env.update(batch.data)
+        env[CACHE] = batch.cache
+        out: Dict[str, torch.Tensor] = {}
+        for name in self.model.order:
+            node = self.model.nodes[name]
+            if node.kind == "deterministic":
+                env[name] = out[name] = _full(self.deterministic.get(name) or self.expr(node.expr), env, S)
+                continue
+            if node.kind not in ("latent", "observed") or (node.dist is None and name not in given):
+                continue
+            if name in given:
+                env[name] = out[name] = given[name].expand((S,) + tuple(given[name].shape[1:]))
+                continue
+            shape = tuple(node.shape)
+            if self.model.rows.is_row(name) and batch.size is not None:
+                shape = (batch.size,) + shape[1:]
+            x = self._draw(self.distribution(node), env, S, shape, generator)
+            if node.kind == "latent" and node.declared and node.constraint is not None:
+                x = self._restrict(node, x, env, S, shape, generator)
+            out[name] = x
+            if node.kind == "latent":
+                env[name] = x
+        return out
+
+    def _draw(self, make, env, S: int, shape, generator: torch.Generator) -> torch.Tensor:
+        """S draws of a node of `shape`.  torch's `sample` takes no generator, so the global one is
+        forked and seeded from ours (the same draws at the same seed)."""
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            x = make(env, (S,) + tuple(shape[:len(shape) - make.event_rank])).sample()
+        return x.to(self.dtype)
+
+    def _restrict(self, node: Node, x, env, S, shape, generator, rounds: int = 200) -> torch.Tensor:
+        """A declared constraint restricts the density to a set (as in Stan): draws from the restricted
+        distribution by rejection (bounds), or by sorting (`ordered`: exact for exchangeable elements)."""
+        kind = node.constraint.kind
+        if kind == "ordered":
+            return torch.sort(x, -1).values
+        if kind not in ("lower", "upper", "interval", "positive"):
+            return x
+        lo_e, hi_e = node.constraint.lower, node.constraint.upper
+        lo = 0.0 if kind == "positive" else (self.expr(lo_e)(env) if lo_e is not None else None)
+        hi = self.expr(hi_e)(env) if hi_e is not None else None
+        make = self.distribution(node)
+
+        def outside(v):
+            bad = torch.zeros_like(v, dtype=torch.bool)
+            if lo is not None:
+                bad |= v <= lo
+            if hi is not None:
+                bad |= v >= hi
+            return bad
+        for _ in range(rounds):
+            bad = outside(x)
+            if not bad.any():
+                return x
+            x = torch.where(bad, self._draw(make, env, S, shape, generator), x)
+        raise PplError([Diagnostic(node.span, f"cannot draw '{node.name}' from its prior restricted to "
+                                              f"{node.constraint.text()}: almost no prior mass lies there")])
+
     def _latent_ancestors(self, name: str) -> List[str]:
         node = self.model.nodes[name]
         own = [name] if node.kind == "latent" else []
@@ -380,6 +469,11 @@ def _bind(lpdf: Callable, args: List[Callable]) -> Callable:
         a0, a1 = args
         return lambda env, x: lpdf(x, a0(env), a1(env))
     return lambda env, x: lpdf(x, *[f(env) for f in args])
+
+
+def _full(fn: Callable, env, S: int) -> torch.Tensor:
+    v = fn(env)
+    return v.expand((S,) + tuple(v.shape[1:]))
 
 
 def _scaled(term: torch.Tensor, per_row: bool, scale: float) -> torch.Tensor:
