@@ -40,6 +40,7 @@ class DistSpec:
     event_shape: Optional[Callable] = None       # (param shapes) -> event shape; None: from the declaration
     lpdf: Optional[Callable] = None              # D -> fused elementwise log density (value, *args); optional
     lpdf_sum: Optional[Callable] = None          # D -> the same summed per sample, (value, *args) -> (S,); optional
+    scale: Optional[int] = None                  # a location-scale family: the index of its scale parameter
 
     @property
     def arity(self) -> int:
@@ -73,11 +74,11 @@ def _mvn_event(shapes):
 _C = [
     # ---- continuous -----------------------------------------------------
     DistSpec("normal", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Normal(m, s),
-             lpdf=lambda D: D.normal_lpdf, lpdf_sum=lambda D: D.normal_lpdf_sum),
+             lpdf=lambda D: D.normal_lpdf, lpdf_sum=lambda D: D.normal_lpdf_sum, scale=1),
     DistSpec("student_t", (("nu", "positive"), ("mu", "real"), ("sigma", "positive")), "real",
-             lambda D, nu, m, s: D.StudentT(nu, m, s), lpdf=lambda D: D.student_t_lpdf),
+             lambda D, nu, m, s: D.StudentT(nu, m, s), lpdf=lambda D: D.student_t_lpdf, scale=2),
     DistSpec("cauchy", (("mu", "real"), ("sigma", "positive")), "real", lambda D, m, s: D.Cauchy(m, s),
-             lpdf=lambda D: D.cauchy_lpdf),
+             lpdf=lambda D: D.cauchy_lpdf, scale=1),
     DistSpec("half_normal", (("sigma", "positive"),), "positive", lambda D, s: D.HalfNormal(s),
              lpdf=lambda D: D.half_normal_lpdf),
     DistSpec("half_cauchy", (("sigma", "positive"),), "positive", lambda D, s: D.HalfCauchy(s),
@@ -94,8 +95,8 @@ _C = [
              lpdf=lambda D: D.lognormal_lpdf),
     DistSpec("beta", (("a", "positive"), ("b", "positive")), "unit_interval", lambda D, a, b: D.Beta(a, b)),
     DistSpec("uniform", (("lo", "real"), ("hi", "real")), "interval", lambda D, lo, hi: D.Uniform(lo, hi)),
-    DistSpec("laplace", (("mu", "real"), ("b", "positive")), "real", lambda D, m, b: D.Laplace(m, b)),
-    DistSpec("logistic", (("mu", "real"), ("s", "positive")), "real", lambda D, m, s: D.Logistic(m, s)),
+    DistSpec("laplace", (("mu", "real"), ("b", "positive")), "real", lambda D, m, b: D.Laplace(m, b), scale=1),
+    DistSpec("logistic", (("mu", "real"), ("s", "positive")), "real", lambda D, m, s: D.Logistic(m, s), scale=1),
     DistSpec("weibull", (("k", "positive"), ("lambda", "positive")), "positive",
              lambda D, k, lam: D.Weibull(lam, k)),
     DistSpec("dirichlet", (("alpha", "positive"),), "simplex", lambda D, a: D.Dirichlet(a),

@@ -53,12 +53,17 @@ def build_graph(model: Model, estimator: str = "auto") -> nx.DiGraph:
             attrs["dist"] = "flat"
         if node.declared and node.constraint is not None:
             attrs["declared"] = node.constraint.text()
+        if model.rows.is_row(name):
+            attrs["rows"] = "per row"
+        elif name in model.rows.mixes_rows:
+            attrs["rows"] = "mixes rows"
         g.add_node(name, **attrs)
     for name, node in model.nodes.items():
         for d in node.deps:
             if d in model.nodes:
                 g.add_edge(d, name)
     g.graph["estimators"] = describe(p)
+    g.graph["rows"] = model.rows.symbol
     g.graph["order"] = [n for n in nx.lexicographical_topological_sort(
         g, key=lambda n: list(model.nodes).index(n))]
     return g
@@ -68,6 +73,7 @@ def to_json(g: nx.DiGraph) -> str:
     return json.dumps({
         "model": g.graph.get("name"),
         "estimators": g.graph.get("estimators"),
+        "rows": g.graph.get("rows"),
         "order": g.graph["order"],
         "nodes": [{"name": n, **a} for n, a in g.nodes(data=True)],
         "edges": [[u, v] for u, v in g.edges()],
@@ -79,7 +85,8 @@ def _shape_text(shape) -> str:
 
 
 def to_text(g: nx.DiGraph) -> str:
-    lines = [f"model {g.graph.get('name')}  (estimators: {g.graph.get('estimators')})"]
+    rows = f"; rows: {g.graph['rows']}" if g.graph.get("rows") else ""
+    lines = [f"model {g.graph.get('name')}  (estimators: {g.graph.get('estimators')}{rows})"]
     for n in g.graph["order"]:
         a = g.nodes[n]
         desc = f"{n}{_shape_text(a['shape'])}"
@@ -91,6 +98,8 @@ def to_text(g: nx.DiGraph) -> str:
                 extra.append(f"transform {a['transform']}")
             if "estimator" in a:
                 extra.append(f"estimator {a['estimator']}")
+        if "rows" in a:
+            extra.append(a["rows"])
         parents = sorted(g.predecessors(n), key=g.graph["order"].index)
         if parents:
             extra.append("<- " + ", ".join(parents))
@@ -113,6 +122,10 @@ def _dot_escape(s: str) -> str:
 
 def to_dot(g: nx.DiGraph) -> str:
     out = ["digraph model {", "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=11];']
+    plate = [n for n in g.graph["order"] if g.nodes[n].get("rows") == "per row"]
+    if plate:      # the row axis as a plate
+        out.append(f'  subgraph cluster_rows {{ label="{_dot_escape(str(g.graph["rows"]))} rows"; style=rounded; '
+                   + " ".join(f'"{_dot_escape(n)}";' for n in plate) + " }")
     for n in g.graph["order"]:
         a = g.nodes[n]
         label = f"{n}{_shape_text(a['shape'])}"

@@ -129,6 +129,31 @@ def plan(model: Model, requested: str = "auto", opt: Callable = _flag) -> Dict[s
     return out
 
 
+def centred_latents(model: Model) -> List[str]:
+    """Latents of a centred hierarchy: a location-scale distribution whose scale depends on a latent
+    (`a[K] ~ normal(mu, sigma_a)`), the funnel that non-centring removes."""
+    lat = {n.name for n in model.latents()}
+    out = []
+    for node in model.latents():
+        spec = DS.REGISTRY[node.dist.spec] if node.dist is not None else None
+        if spec is None or spec.scale is None:
+            continue
+        names = {x.id for x in A.names_in(node.dist.args[spec.scale])}
+        if names & _latent_closure(model, lat):
+            out.append(node.name)
+    return out
+
+
+def _latent_closure(model: Model, latents: Set[str]) -> Set[str]:
+    """Latents and the deterministic nodes computed from them."""
+    out = set(latents)
+    for n in model.order:
+        node = model.nodes[n]
+        if node.kind == "deterministic" and set(node.deps) & out:
+            out.add(n)
+    return out
+
+
 def describe(p: Dict[str, NodePlan]) -> str:
     """'reparam' / 'enumerate (z)' / 'reparam + score (z)' for the fit header."""
     groups: Dict[str, List[str]] = {}

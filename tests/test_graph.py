@@ -120,8 +120,8 @@ def test_flat_latent_in_graph():
 # ---- renderings ---------------------------------------------------------------------------
 def test_to_json(eight):
     doc = json.loads(to_json(eight))
-    assert set(doc) == {"model", "estimators", "order", "nodes", "edges"}
-    assert doc["model"].endswith("eight_schools.ppl")
+    assert set(doc) == {"model", "estimators", "rows", "order", "nodes", "edges"}
+    assert doc["model"].endswith("eight_schools.ppl") and doc["rows"] == "J"
     assert doc["estimators"] == "reparam"
     nodes = {d["name"]: d for d in doc["nodes"]}
     assert [d["name"] for d in doc["nodes"]] == ["y", "sigma", "mu", "tau", "theta_raw", "theta"]
@@ -130,6 +130,7 @@ def test_to_json(eight):
         "theta": "deterministic"}
     assert nodes["tau"]["support"] == "(0, inf)" and nodes["tau"]["estimator"] == "reparam"
     assert nodes["theta_raw"]["shape"] == [8]
+    assert {n for n, d in nodes.items() if d.get("rows") == "per row"} == {"y", "sigma", "theta_raw", "theta"}
     assert {tuple(e) for e in doc["edges"]} == EIGHT_EDGES
     assert doc["order"][-1] == "y"
 

@@ -148,9 +148,13 @@ def test_verdict_high_khat_with_tight_log_weights():
 
 def test_verdict_advice():
     _, t = verdict(0.9, 0.2, "meanfield", True)
-    assert "--method fullrank" in t
+    assert "--method fullrank" in t and "non-centring" not in t and "--steps" not in t
     _, t = verdict(0.9, 0.2, "fullrank", True)
-    assert "--method flow" in t and "--method fullrank" not in t
+    assert "--method" not in t and "no family here fits this posterior better" in t
+    _, t = verdict(0.9, 0.2, "fullrank", True, centred=["a"])
+    assert "non-centring 'a'" in t and "flow" not in t
+    _, t = verdict(0.9, 0.2, "fullrank", False, opt=lambda n, v=None: f"{n}=" if v is None else f"{n}={v!r}")
+    assert "more steps=" in t and "--" not in t
     label, t = verdict(0.2, 0.9, "meanfield", True)
     assert label == "good" and "mean-field" in t
     label, t = verdict(0.2, 0.9, "fullrank", False)
@@ -178,3 +182,13 @@ def test_khat_high_when_one_weight_dominates_tied_bulk():
     lw[17] = 200.0
     r = psis(lw)
     assert r.khat > 0.7, r.khat
+
+
+def test_centred_latents_from_the_model():
+    import ppl
+    from ppl.plan import centred_latents
+    from conftest import model_paths
+    assert centred_latents(ppl.load(model_paths("eight_schools")[0]).check()) == []
+    assert centred_latents(ppl.load(model_paths("radon")[0]).check()) == ["a"]
+    src = "data y: real[J]\nmu ~ normal(0, 5)\ntau ~ half_cauchy(5)\ns = 2 * tau\ntheta[J] ~ normal(mu, s)\ny ~ normal(theta, 1)\n"
+    assert centred_latents(ppl.loads(src, "c.ppl").check()) == ["theta"]

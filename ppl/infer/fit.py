@@ -29,7 +29,7 @@ import torch
 
 from ..config import FitConfig, resolved_device
 from ..frontend.check import Model
-from ..plan import describe, plan as make_plan
+from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
@@ -137,7 +137,8 @@ def fit(model: Model, config: Optional[FitConfig] = None, progress=None, **optio
 
     draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen)
     timings["draws"], timings["khat"] = t_draws, t_khat
-    label, text = verdict(ps.khat, ps.ess, method, result.converged, ps.ess_raw, ps.sd_log_w)
+    label, text = verdict(ps.khat, ps.ess, method, result.converged, ps.ess_raw, ps.sd_log_w,
+                          centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
     return Fit(model=model, config=config, method=method, estimator=describe(p), objective=config.objective,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable, Sequence
+
 import numpy as np
 
 
@@ -95,13 +97,20 @@ def _weights_ess(lw: np.ndarray):
     return w, float(1.0 / np.sum(w * w) / lw.size)
 
 
+def _flag(name: str, value=None) -> str:
+    return f"--{name}" if value is None else f"--{name} {value}"
+
+
 def verdict(khat: float, ess: float, method: str, converged: bool, ess_raw: float = None,
-            sd_log_w: float = None):
+            sd_log_w: float = None, centred: Sequence[str] = (), opt: Callable = _flag):
     """(label, plain-words verdict with what to try next).
 
     k-hat alone misleads on nearly exact fits (it swings between 0.2 and 0.9
     when the weights are almost uniform), so the verdict weighs it with the
-    relative ESS of the importance weights."""
+    relative ESS of the importance weights.  The advice fits the model: a
+    richer family only where one exists, non-centring only for the latents of a
+    centred hierarchy (`centred`), more steps only when the fit had not
+    converged.  `opt` spells an option as the caller does."""
     notes = []
     # the "nearly uniform weights" override must hold for the raw weights too: smoothing can hide
     # one draw that carries all the weight; and it overrides a k-hat of 1 or more only when the log
@@ -124,13 +133,19 @@ def verdict(khat: float, ess: float, method: str, converged: bool, ess_raw: floa
         text = (f"fair: use with care (k-hat {khat:.2f}, ESS {100 * ess:.0f}%); tails and sds may be off")
     if label != "good":
         tries = []
-        if method == "meanfield":
-            tries.append("--method fullrank (mean-field ignores correlations)")
-        elif method in ("fullrank", "lowrank"):
-            tries.append("--method flow (for skewed or heavy-tailed posteriors)")
-        tries.append("reparameterising (e.g. a non-centered hierarchy)")
-        tries.append("more --steps")
-        notes.append("try " + ", ".join(tries))
+        if method in ("meanfield", "lowrank"):
+            tries.append(f"{opt('method', 'fullrank')} ({method} ignores "
+                         f"{'correlations' if method == 'meanfield' else 'most correlations'})")
+        if centred:
+            names = ", ".join(f"'{n}'" for n in centred)
+            tries.append(f"non-centring {names} (x = loc + scale * x_raw with x_raw ~ normal(0, 1))")
+        if not converged:
+            tries.append(f"more {opt('steps')}")
+        if tries:
+            notes.append("try " + ", ".join(tries))
+        else:
+            notes.append("no family here fits this posterior better than this one: it is far from Gaussian "
+                         "(skewed, heavy-tailed or bounded); read the sds as approximate")
     elif method == "meanfield":
         notes.append("mean-field ignores correlations: where parameters correlate its sds are too small")
     if not converged:
