@@ -1,5 +1,5 @@
 """Python API: `ppl.load(path)` -> `PplModel`, whose `.check()`, `.graph()` and
-`.fit()` run the pipeline stages.  The CLI calls the same functions: it
+`.fit()` run the pipeline stages.  The CLI calls these same methods: `ppl fit`
 parses its flags into a `FitConfig` and hands it to `PplModel.fit`.
 
 Stage: model path (+ data) -> checked `Model` -> DAG / `Fit`.
@@ -7,10 +7,11 @@ Torch is imported only by `.fit()`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import networkx as nx
 
+from .config import python_opt
 from .data import load_data
 from .errors import Source, UsageError, read_source
 from .frontend import ast as A
@@ -39,22 +40,29 @@ class PplModel:
             return load_data(decls, files, sets, syms, objects=objects)
         return check(self.program, self.source, loader)
 
-    def graph(self, data: DataArg = None, sets: Sequence[str] = (), estimator: str = "auto") -> nx.DiGraph:
+    def graph(self, data: DataArg = None, sets: Sequence[str] = (), estimator: str = "auto",
+              opt: Callable = python_opt) -> nx.DiGraph:
+        """The model's DAG; `opt` spells options in messages (the CLI passes `cli_opt`)."""
         from .graph import build_graph
-        return build_graph(self.check(data, sets), estimator)
+        return build_graph(self.check(data, sets), estimator, opt)
 
     def fit(self, data: DataArg = (), sets: Sequence[str] = (), config=None, progress=None, **options):
         """Fit the model.  Options as `ppl fit`'s, spelled as keywords (method, estimator, objective,
         alpha, rank, steps, tol, lr, mc_samples, draws, seed, init, optimizer, device, dtype), or a
         ready `ppl.config.FitConfig` as `config`.  Options are checked before the data are read."""
+        import time
         from .config import FitConfig
         if config is None:
             config = FitConfig.from_python(**options)
         elif options:
             raise UsageError("give either config= or options, not both")
+        t0 = time.perf_counter()
         model = self.check(data if data is not None else (), sets)
+        t_check = time.perf_counter() - t0
         from .infer.fit import fit as run_fit
-        return run_fit(model, config, progress)
+        f = run_fit(model, config, progress)
+        f.timings = {"data+check": t_check, **f.timings}
+        return f
 
 
 def load(path: str) -> PplModel:

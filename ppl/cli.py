@@ -154,7 +154,8 @@ def cmd_graph(args) -> int:
     fmt = graph_format(args.format, args.output)
     if fmt in ("png", "svg") and args.output is None:
         raise UsageError(f"--format {fmt} writes a file: give -o FILE")
-    g = _model(args).graph(_data_arg(args), args.set, args.estimator)
+    from .config import cli_opt
+    g = _model(args).graph(_data_arg(args), args.set, args.estimator, cli_opt)
     if fmt in ("png", "svg"):
         data = G.render(G.to_dot(g), fmt)
     else:
@@ -168,29 +169,24 @@ def cmd_graph(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    """parse the flags -> FitConfig -> the API (load, check, fit) -> report."""
+    """flags -> FitConfig -> the API (load, check, fit) -> report."""
     import time
     t_start = time.perf_counter()
-    timings = {}
     from .config import FitConfig                 # checking the options imports the registries (torch)
     config = FitConfig.from_cli(args)
-    timings["imports+config"] = time.perf_counter() - t_start
-    from .api import load
-    from .infer import report
-    t0 = time.perf_counter()
-    m = load(args.model)
-    timings["parse"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model = m.check(_data_arg(args) or [], args.set)
-    timings["data+check"] = time.perf_counter() - t0
+    timings = {"imports+config": time.perf_counter() - t_start}
     inputs = [args.model, *args.data]
     if args.out is not None:
         from .outdir import check_target
         check_target(args.out, args.force, inputs)         # refused before the fit, not after
-    from .infer.fit import fit
+    from . import report
+    from .api import load
     bar = report.Progress() if report.show_progress(args.progress, args.format) else None
+    t0 = time.perf_counter()
+    m = load(args.model)
+    timings["parse"] = time.perf_counter() - t0
     try:
-        f = fit(model, config, bar)
+        f = m.fit(_data_arg(args) or [], args.set, config=config, progress=bar)
     finally:
         if bar is not None:
             bar.close()

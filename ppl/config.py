@@ -1,4 +1,5 @@
-"""Fit configuration: the options of a fit, validated once (torch-free).
+"""Fit configuration: the options of a fit, validated once (torch is imported
+only when the names are checked against the registries).
 
 Stage: options from the command line or from Python -> `FitConfig`.
 
@@ -17,12 +18,26 @@ accepted option without a change here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
 from .errors import UsageError
 
 INITS = ("laplace", "zero")
+
+
+def cli_opt(name: str, value: Any = None) -> str:
+    """An option as the command line spells it: `--mc-samples` (`--mc-samples 4`)."""
+    flag = "--" + name.replace("_", "-")
+    return flag if value is None else f"{flag} {value}"
+
+
+def python_opt(name: str, value: Any = None) -> str:
+    """An option as Python spells it: `mc_samples=` (`mc_samples=4`)."""
+    return f"{name}=" if value is None else f"{name}={value!r}"
+
+
+SPELLERS = {"cli": cli_opt, "python": python_opt}
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float64", "float32")
 
@@ -51,13 +66,7 @@ class FitConfig:
     # ---- spelling ---------------------------------------------------------------------------
     def opt(self, name: str, value: Any = None) -> str:
         """An option as the caller spells it: `--mc-samples` / `mc_samples=` (with a value when given)."""
-        if self.caller == "cli":
-            flag = "--" + name.replace("_", "-")
-            return flag if value is None else f"{flag} {value}"
-        return f"{name}=" if value is None else f"{name}={value!r}"
-
-    def given(self, name: str) -> bool:
-        return getattr(self, name) is not None
+        return SPELLERS[self.caller](name, value)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -72,9 +81,6 @@ class FitConfig:
     def from_cli(cls, args) -> "FitConfig":
         keys = [f.name for f in fields(cls) if f.name not in ("caller", "min_steps")]
         return cls(caller="cli", **{k: getattr(args, k) for k in keys if hasattr(args, k)}).validated()
-
-    def with_(self, **changes) -> "FitConfig":
-        return replace(self, **changes)
 
     # ---- validation ---------------------------------------------------------------------------
     def validated(self) -> "FitConfig":
@@ -170,8 +176,8 @@ def resolved_device(config: FitConfig) -> Tuple[str, str]:
     import torch
     if config.device == "auto":
         if torch.cuda.is_available():
-            return "cuda", "auto: CUDA"
-        return "cpu", "auto: CPU (no CUDA device)"
+            return "cuda", "auto"
+        return "cpu", "auto: no CUDA device"
     return config.device, ""
 
 

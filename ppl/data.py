@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -42,7 +42,6 @@ class DataSet:
     dims: Dict[str, int] = field(default_factory=dict)
     dim_origin: Dict[str, str] = field(default_factory=dict)
     levels: Dict[str, List[str]] = field(default_factory=dict)
-    files: Tuple[str, ...] = ()
 
 
 # ---- reading files -----------------------------------------------------------
@@ -201,10 +200,6 @@ def _read(path: str):
 
 
 # ---- converting values -------------------------------------------------------
-def _num(s: str) -> float:
-    return float(s)
-
-
 def parse_sets(sets: Sequence[str]) -> Dict[str, float]:
     """`--set NAME=VALUE` pairs -> {name: finite number}; a malformed pair is a usage error (exit 2)."""
     out: Dict[str, float] = {}
@@ -231,7 +226,7 @@ class _Binder:
         self.tables = [_read(p) for p in files] + [_from_object(o, i) for i, o in enumerate(objects)]
         self.csvs = [t for t in self.tables if isinstance(t, _Csv)]
         self.jsons = [t for t in self.tables if isinstance(t, _Json)]
-        self.out = DataSet(files=tuple(files))
+        self.out = DataSet()
         self.dim_symbols = set(dim_symbols)
 
     # dimension symbols -----------------------------------------------------

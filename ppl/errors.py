@@ -42,9 +42,6 @@ class Span:
     def path(self) -> str:
         return self.source.path if self.source else "<input>"
 
-    def to(self, other: "Span") -> "Span":
-        return Span(self.source, self.line, self.col, other.end_line, other.end_col)
-
     def __repr__(self) -> str:  # keeps AST dumps short
         return f"{self.line}:{self.col}"
 
@@ -103,10 +100,6 @@ class PplError(Exception):
 
     def render(self) -> str:
         return "\n".join(d.render() for d in self.diagnostics)
-
-
-def error(span: Optional[Span], message: str, code: int = EXIT_USER, path: str | None = None) -> PplError:
-    return PplError([Diagnostic(span, message, path)], code)
 
 
 class UsageError(Exception):

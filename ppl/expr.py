@@ -106,15 +106,14 @@ def compile_expr(e: A.Expr, rank: Callable[[A.Expr], int], known: Mapping[str, A
                 ri = rank(ix)
                 if ci.const:
                     idx = ops.as_index(ci.fn({}))
-                    fn = (lambda f, idx, axis, ri: lambda env: ops.index(f(env), idx, axis, ri))(fn, idx, axis, ri)
+                    fn = (lambda f, idx, axis: lambda env: ops.index(f(env), idx, axis))(fn, idx, axis)
                 else:
                     fi = ci.fn
                     if ci.data:      # a data index (a[county]): made 0-based once per batch
                         fi = _cached((id(ix), "index"), (lambda fi: lambda env: ops.as_index(fi(env)))(fi))
                     else:
                         fi = (lambda fi: lambda env: ops.as_index(fi(env)))(fi)
-                    fn = (lambda f, fi, axis, ri: lambda env: ops.index(f(env), fi(env), axis, ri))(
-                        fn, fi, axis, ri)
+                    fn = (lambda f, fi, axis: lambda env: ops.index(f(env), fi(env), axis))(fn, fi, axis)
                 const = const and ci.const
                 axis += ri
             return Compiled(fn, const, data_of(*parts))
@@ -173,7 +172,7 @@ class NumpyOps:
         return np.asarray(x).astype(np.int64) - 1
 
     @staticmethod
-    def index(x, idx, axis, ri):
+    def index(x, idx, axis):
         if idx.shape[0] == 1:
             sl = (slice(None),) * axis + (idx[0],)
             return x[sl]

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import networkx as nx
 
 from . import distributions as DS
 from .errors import PplError, Diagnostic
 from .frontend.check import A_text, Model, Node
+from .config import python_opt
 from .plan import NodePlan, describe, plan
 from .supports import SUPPORTS
 
@@ -30,9 +31,10 @@ def transform_name(node: Node) -> Optional[str]:
     return SUPPORTS[kind].transform
 
 
-def build_graph(model: Model, estimator: str = "auto") -> nx.DiGraph:
+def build_graph(model: Model, estimator: str = "auto", opt: Callable = python_opt) -> nx.DiGraph:
+    """`opt` spells an option as the caller does (ppl.config.cli_opt / python_opt)."""
     g = nx.DiGraph(name=model.source.path)
-    p: Dict[str, NodePlan] = plan(model, estimator)
+    node_plans: Dict[str, NodePlan] = plan(model, estimator, opt)
     for name, node in model.nodes.items():
         attrs = dict(kind=node.kind, shape=[d for d in node.shape], line=node.span.line,
                      support=node.support if node.kind in ("latent",) or node.dist else "data")
@@ -47,8 +49,8 @@ def build_graph(model: Model, estimator: str = "auto") -> nx.DiGraph:
         t = transform_name(node)
         if t is not None:
             attrs["transform"] = t
-        if name in p:
-            attrs["estimator"] = p[name].estimator
+        if name in node_plans:
+            attrs["estimator"] = node_plans[name].estimator
         if node.kind == "latent" and node.dist is None:
             attrs["dist"] = "flat"
         if node.declared and node.constraint is not None:
@@ -62,7 +64,7 @@ def build_graph(model: Model, estimator: str = "auto") -> nx.DiGraph:
         for d in node.deps:
             if d in model.nodes:
                 g.add_edge(d, name)
-    g.graph["estimators"] = describe(p)
+    g.graph["estimators"] = describe(node_plans)
     g.graph["rows"] = model.rows.symbol
     g.graph["order"] = [n for n in nx.lexicographical_topological_sort(
         g, key=lambda n: list(model.nodes).index(n))]

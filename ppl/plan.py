@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from . import distributions as DS
 from . import functions as FN
+from .config import python_opt
 from .errors import UsageError
 from .frontend import ast as A
 from .frontend.check import Model, Node
@@ -89,12 +90,8 @@ def enum_size(model: Model, node: Node) -> Optional[int]:
     return None if count is None else count(model, node.dist)
 
 
-def _flag(name: str, value=None) -> str:
-    return f"--{name}" if value is None else f"--{name} {value}"
-
-
-def plan(model: Model, requested: str = "auto", opt: Callable = _flag) -> Dict[str, NodePlan]:
-    """`opt(name[, value])` spells an option as the caller does (`--estimator` / `estimator=`)."""
+def plan(model: Model, requested: str = "auto", opt: Callable = python_opt) -> Dict[str, NodePlan]:
+    """`opt(name[, value])` spells an option as the caller does (`ppl.config.cli_opt` / `python_opt`)."""
     if requested not in ESTIMATORS + ("score-all",):
         raise UsageError(f"unknown estimator '{requested}' for {opt('estimator')} (valid: {', '.join(ESTIMATORS)})")
     if requested in ("score", "enumerate") and not any(n.discrete for n in model.latents()):

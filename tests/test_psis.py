@@ -147,7 +147,10 @@ def test_verdict_high_khat_with_tight_log_weights():
 
 
 def test_verdict_advice():
+    from ppl.config import cli_opt
     _, t = verdict(0.9, 0.2, "meanfield", True)
+    assert "method='fullrank'" in t and "--" not in t           # Python spelling by default
+    _, t = verdict(0.9, 0.2, "meanfield", True, opt=cli_opt)
     assert "--method fullrank" in t and "non-centring" not in t and "--steps" not in t
     _, t = verdict(0.9, 0.2, "fullrank", True)
     assert "--method" not in t and "no family here fits this posterior better" in t

@@ -58,7 +58,7 @@ def test_meanfield_on_a_correlated_regression_is_not_good():
     f = _fit(name, "meanfield")
     assert _misses(f, _reference(name)), "mean-field should miss the sds here"
     assert f.verdict_label != "good", f.verdict
-    assert "--method fullrank" in f.verdict
+    assert "method='fullrank'" in f.verdict
 
 
 def test_check_py_passes():

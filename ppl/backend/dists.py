@@ -103,10 +103,6 @@ class Categorical1(_LogProbOnly):
             self.logits = logits - torch.logsumexp(logits, -1, keepdim=True)
         super().__init__(self.logits.shape[:-1])
 
-    @property
-    def num_categories(self) -> int:
-        return self.logits.shape[-1]
-
     def log_prob(self, value):
         idx = (value.long() - 1).unsqueeze(-1)
         idx, logp = torch.broadcast_tensors(idx, self.logits)

@@ -380,7 +380,7 @@ class LogJoint:
         for name in self.model.order:
             node = self.model.nodes[name]
             if node.kind == "deterministic":
-                env[name] = out[name] = _full(self.deterministic.get(name) or self.expr(node.expr), env, S)
+                env[name] = out[name] = _full(self.deterministic[name], env, S)
                 continue
             if node.kind not in ("latent", "observed") or (node.dist is None and name not in given):
                 continue

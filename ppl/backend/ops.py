@@ -50,7 +50,7 @@ class TorchOps:
         return x.long() - 1 if torch.is_tensor(x) else torch.as_tensor(x).long() - 1
 
     @staticmethod
-    def index(x, idx, axis, ri):
+    def index(x, idx, axis):
         """x: (B, ..., n_axis, ...); idx: (Bi, *ishape), 0-based.  Always a gather (with an expanded,
         copy-free index) unless the index is one element (a literal, or an enumerated value k as a
         (1, 1, ..) tensor): advanced indexing x[:, idx] is 4-15x slower forward and backward with many

@@ -23,8 +23,6 @@ from ..functions import Shape, ShapeError, fmt
 from . import ast as A
 from .rows import NO_ROWS, RowAxis, row_axis
 
-KINDS = ("data", "constant", "latent", "observed", "deterministic")
-
 # declared constraint types for latents -> the set they denote
 MAX_SIZE = 10_000_000             # largest size a constant may give (ones(n), rep(x, n))
 LATENT_TYPES = {"real", "positive", "ordered", "simplex", "cholesky_factor_corr"}
@@ -97,7 +95,6 @@ class Model:
     dims: Dict[str, int]
     values: Dict[str, np.ndarray]              # data and constants (unbatched)
     shapes: Dict[int, Shape]                   # id(expr) -> shape
-    ints: Dict[int, bool]                      # id(expr) -> integer-valued
     has_data: bool
     levels: Dict[str, List[str]] = field(default_factory=dict)
     rows: RowAxis = NO_ROWS                    # the row axis (plate): which nodes are per data row
@@ -200,7 +197,6 @@ class _Checker:
         self.defs: Dict[str, A.Stmt] = {}
         self.obs: Dict[str, A.Sample] = {}
         self.shapes: Dict[int, Shape] = {}
-        self.ints: Dict[int, bool] = {}
         self.values: Dict[str, np.ndarray] = {}
         self.node_shape: Dict[str, Optional[Shape]] = {}
         self.node_int: Dict[str, bool] = {}
@@ -384,7 +380,7 @@ class _Checker:
         out = tuple(self.resolve_dim(d) for d in dims)
         return None if any(x is None for x in out) else out
 
-    def broadcast(self, a: Shape, b: Shape, span: Optional[Span] = None, what: str = "") -> Shape:
+    def broadcast(self, a: Shape, b: Shape) -> Shape:
         n = max(len(a), len(b))
         pa, pb = (None,) * (n - len(a)) + tuple(a), (None,) * (n - len(b)) + tuple(b)
         out = []
@@ -414,7 +410,7 @@ class _Checker:
         """-> (shape, is_int), or None after reporting an error."""
         r = self._infer(e)
         if r is not None:
-            self.shapes[id(e)], self.ints[id(e)] = r
+            self.shapes[id(e)] = r[0]
         return r
 
     def _infer(self, e: A.Expr):
@@ -572,7 +568,6 @@ class _Checker:
             self.values.update(ds.values)
             self.dims.update(ds.dims)
             levels = ds.levels
-            self.data_dims = dict(ds.dims)
 
         order_index = {n: i for i, n in enumerate(self.defs)}
         topo = list(nx.lexicographical_topological_sort(g, key=lambda n: order_index[n]))
@@ -596,7 +591,6 @@ class _Checker:
                     kinds[name] = "constant" if const else "deterministic"
             else:
                 kinds[name] = "latent"
-        self.kinds = kinds
 
         nodes: Dict[str, Node] = {}
         for name in topo:
@@ -612,7 +606,7 @@ class _Checker:
         ordered = {n: nodes[n] for n in sorted(self.defs, key=lambda n: (self.defs[n].span.line,
                                                                          self.defs[n].span.col))}
         model = Model(self.src, self.p, ordered, tuple(topo), dict(self.dims),
-                      {k: v for k, v in self.values.items()}, self.shapes, self.ints, self.has_data, levels)
+                      {k: v for k, v in self.values.items()}, self.shapes, self.has_data, levels)
         model.rows = row_axis(model)
         return model
 
@@ -669,7 +663,7 @@ class _Checker:
                     self.check_constraint_fits(s, constraint)
         if obs is not None:
             data_shape = shape
-            d, obs_shape, disc = self.check_sample(obs, data_shape, data_shape is not None, observed=name)
+            d, _, disc = self.check_sample(obs, data_shape, data_shape is not None, observed=name)
             dist = d
             if disc and not is_int and d is not None:
                 self.err.add(obs.dist.func_span, f"'{obs.dist.func}' is a discrete distribution, but '{name}' is "

@@ -72,7 +72,7 @@ class Fit:
     optimizer: str = "adam"
     evals: int = 0                            # L-BFGS evaluations of the fixed-draw objective (dadvi)
     fixed_draws: int = 0
-    device: str = "cpu"
+    device: str = "cpu"                       # where it ran (with how `auto` chose)
 
     def __repr__(self) -> str:
         return (f"<Fit {self.model.source.path}: {self.method}, ELBO {self.elbo:.4g}, k-hat {self.khat:.2f}, "
@@ -105,12 +105,12 @@ class Fit:
         return names, (np.stack(cols, 1) if cols else np.zeros((0, 0)))
 
 
-def fit(model: Model, config: Optional[FitConfig] = None, progress=None, **options) -> Fit:
-    """Fit `model`; `config` (or the options of `FitConfig.from_python`) says how."""
-    config = config or FitConfig.from_python(**options)
+def fit(model: Model, config: FitConfig, progress=None) -> Fit:
+    """Fit `model` as `config` says (`progress(step, max_steps, value)` is called after each Adam step)."""
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
-    rt = make_runtime(config)
+    device, device_note = resolved_device(config)
+    rt = Runtime.make(device, config.dtype, config.seed)
     set_threads(model)
 
     t0 = time.perf_counter()
@@ -146,13 +146,8 @@ def fit(model: Model, config: Optional[FitConfig] = None, progress=None, **optio
                converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
                verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
-               fixed_draws=result.fixed_draws, device=str(rt.device))
-
-
-def make_runtime(config: FitConfig) -> Runtime:
-    device, _ = resolved_device(config)
-    torch.manual_seed(config.seed)
-    return Runtime.make(device, config.dtype, config.seed)
+               fixed_draws=result.fixed_draws,
+               device=str(rt.device) + (f" ({device_note})" if device_note else ""))
 
 
 def _return_freed_memory() -> None:
@@ -188,7 +183,7 @@ def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool) -
     if config.init == "laplace" and dim > 0:
         if not program.score:
             return laplace(program, full=dim <= FULL_HESSIAN_MAX)
-        summed = make_plan(model, "auto")
+        summed = make_plan(model, "auto", config.opt)
         if not any(np_.estimator == "score" for np_ in summed.values()):
             return laplace(LogJoint(model, summed, program.rt), full=dim <= FULL_HESSIAN_MAX)
     note = "cold start" + (" (score-function latents)" if program.score else "")

@@ -13,10 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from .optim import lbfgs
+
+if TYPE_CHECKING:
+    from .families import Preconditioner
 
 FULL_HESSIAN_MAX = 400
 MODE_EVALS = 300      # mode search budget: MODE_EVALS + 2 D evaluations
+MODE_ITERS = 500      # and at most this many L-BFGS iterations
 MAX_SD = 1e3          # clamp on any direction's sd from the Hessian
 COLD_SCALE = 0.1     # cold start: q = N(0, 0.1^2 I) in unconstrained space (sd 1 blew up centred hierarchies)
 
@@ -54,18 +60,18 @@ def cold_start(D: int, dtype, full: bool, note: str, device=None) -> Start:
     return Start(torch.zeros(D, dtype=dtype, device=device), COLD_SCALE * eye, True, note)
 
 
-def _negative_log_density(lj, discrete=None):
+def _negative_log_density(lj):
     def f(theta):
-        return -lj.log_prob(theta.unsqueeze(0), discrete)[0]
+        return -lj.log_prob(theta.unsqueeze(0))[0]
     return f
 
 
-def find_mode(lj, max_iter: int = 500):
+def find_mode(lj):
     # models with a mode get there in < 100 evaluations (the bench and reference models: 8-74); a centred
     # hierarchy's density is unbounded (scale -> 0), and the search would creep down the funnel for
     # thousands (radon-like K=85: 3935 evaluations, 1.7 s)
     return lbfgs(_negative_log_density(lj), torch.zeros(lj.dim, dtype=lj.dtype, device=lj.device),
-                 max_iter=max_iter, max_evals=MODE_EVALS + 2 * lj.dim)
+                 max_iter=MODE_ITERS, max_evals=MODE_EVALS + 2 * lj.dim)
 
 
 def laplace(lj, full: bool = True) -> Start:

@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..config import python_opt
+
 
 UNIFORM_SPREAD = 1e-6   # log weights within this of each other are uniform (an exact q: rounding only)
 UNIFORM_SD = 0.1        # sd(log w) below this: weights within ~10% of each other
@@ -97,12 +99,8 @@ def _weights_ess(lw: np.ndarray):
     return w, float(1.0 / np.sum(w * w) / lw.size)
 
 
-def _flag(name: str, value=None) -> str:
-    return f"--{name}" if value is None else f"--{name} {value}"
-
-
 def verdict(khat: float, ess: float, method: str, converged: bool, ess_raw: float = None,
-            sd_log_w: float = None, centred: Sequence[str] = (), opt: Callable = _flag):
+            sd_log_w: float = None, centred: Sequence[str] = (), opt: Callable = python_opt):
     """(label, plain-words verdict with what to try next).
 
     k-hat alone misleads on nearly exact fits (it swings between 0.2 and 0.9

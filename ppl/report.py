@@ -1,5 +1,6 @@
-"""Outputs of a fit: the printed table, `--format json`, `--out DIR` files
-(written whole or not at all), the progress bar and `--profile`.
+"""Presentation of a fit for the command line: the printed table, `--format
+json`, the files of `--out DIR` (through `ppl.outdir`, whole or not at all),
+the progress bar and `--profile`.
 
 Stage: `Fit` -> text / JSON / CSV files.  Nothing here runs a fit: the CLI
 calls the API and hands the `Fit` here.
@@ -14,8 +15,8 @@ import sys
 import time
 from typing import Dict, Optional, Sequence
 
-from ..config import describe as describe_config
-from .objectives import OBJECTIVES
+from .config import describe as describe_config
+from .infer.objectives import OBJECTIVES
 
 
 def _fmt(x: float) -> str:
@@ -48,7 +49,7 @@ def table(fit, process_seconds: Optional[float] = None) -> str:
         f"steps      {_steps(fit)}",
         f"{_objective(fit):<10} {fit.elbo:.4f}",
         f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
-        f"time       {fit.seconds:.2f} s{total}",
+        f"time       {fit.seconds:.2f} s{total}" + (f" on {fit.device}" if fit.device != "cpu" else ""),
         f"verdict    {fit.verdict}",
         "",
         f"{'':<{w}}  {'mean':>10} {'sd':>10} {'q5':>10} {'q50':>10} {'q95':>10}",
@@ -81,10 +82,10 @@ def _csv_text(header, rows) -> str:
     return buf.getvalue()
 
 
-def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), record=None) -> None:
+def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = ()) -> None:
     """draws.csv, summary.csv, elbo.csv (elbo.png with matplotlib) and run.json into out_dir, whole or
     not at all; only a folder ppl wrote is replaced, never an input (ppl.outdir)."""
-    from ..outdir import write_dir
+    from .outdir import write_dir
     names, mat = fit.draws_table()
     s = fit.summary()
     files = {
@@ -102,7 +103,7 @@ def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), re
            "estimator": fit.estimator, "objective": fit.objective, "optimizer": fit.optimizer,
            "seed": fit.config.seed, "steps": fit.steps, "converged": fit.converged, "elbo": fit.elbo,
            "khat": fit.khat, "ess": fit.ess, "verdict": fit.verdict_label, "seconds": fit.seconds,
-           "config": describe_config(fit.config), **(record or {})}
+           "config": describe_config(fit.config)}
     write_dir(out_dir, files, force=force, inputs=inputs, record=run)
 
 
@@ -130,13 +131,12 @@ def show_progress(mode: str, fmt: str) -> bool:
 
 
 def profile(timings: Dict[str, float], fit, process_seconds: float) -> str:
-    """Where the time went: the command's own stages, then the fit's."""
+    """Where the time went: the command's own stages, the fit's, and the total."""
     lines = ["profile (seconds):"]
-    for k, v in list(timings.items()) + [(k, fit.timings[k]) for k in ("compile", "init", "optimise", "draws",
-                                                                         "khat") if k in fit.timings]:
+    for k, v in list(timings.items()) + list(fit.timings.items()):
         lines.append(f"  {k:<15} {v:8.3f}")
-    lines.append(f"  {'total':<15} {process_seconds:8.3f}  (from the start of `fit`; Python start-up and ppl's "
-                 f"own imports come before)")
+    lines.append(f"  {'total':<15} {process_seconds:8.3f}  (from the start of `ppl fit`'s work; Python start-up "
+                 f"and ppl's own imports come before)")
     return "\n".join(lines) + "\n"
 
 
