@@ -1,4 +1,4 @@
-"""CLI: `ppl check | graph | fit` (DESIGN §4) over the Python API.
+"""CLI: `ppl check | graph | fit` over the Python API.
 
 Exit codes: 0 ok; 1 the model or data is wrong (located message, no
 traceback); 2 usage; 3 inference failed numerically.  `--debug` shows a
@@ -54,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--init", default="laplace", help="laplace|zero: the starting point of the fit")
     f.add_argument("--optimizer", default="auto",
-                   help="adam: stochastic steps only; dadvi: Adam warm-up, then L-BFGS on fixed draws; "
-                        "auto: dadvi for meanfield/fullrank on small and medium data unless --steps, --lr or "
-                        "--mc-samples tune Adam")
+                   help="adam: stochastic steps only; dadvi: L-BFGS on fixed draws (after 300 Adam steps "
+                        "when the start is cold); auto: dadvi for meanfield/fullrank on small and medium data "
+                        "unless --steps, --lr or --mc-samples tune Adam")
     f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
     f.add_argument("--dtype", default="float64", help="float64|float32")
     f.add_argument("--out", metavar="DIR", help="write draws.csv, summary.csv, elbo.csv and run.json to DIR")

@@ -1,4 +1,4 @@
-"""The fixed-draw finish (`--optimizer dadvi`, ppl.infer.fit._fixed_draw_finish): exact on Gaussian
+"""The fixed-draw finish (`--optimizer dadvi`, ppl.infer.engine.FixedDraws): exact on Gaussian
 posteriors (moment-matched draws), the same optimum as Adam elsewhere, and the rules of
 `--optimizer auto`."""
 from __future__ import annotations

@@ -49,7 +49,7 @@ def test_a_new_family(registries):
 
         def __init__(self, pre, generator, config=None):
             super().__init__(pre, generator, config)
-            self._allocate({"m": self._zeros(self.D), "log_s": self._zeros(self.D)})
+            self._allocate({"m": self._zeros(self.dim), "log_s": self._zeros(self.dim)})
 
         def _dist(self):
             p = self._params
@@ -109,7 +109,7 @@ def test_a_new_gradient_estimator(registries):
             raw = fam._raw                                     # q's parameters, without autograd
             u = fam.pre.to_u(theta)
             log_q = (-0.5 * ((u - raw["m"]) * torch.exp(-raw["log_s"])) ** 2 - raw["log_s"]).sum(-1) \
-                - fam.pre.logdet - 0.5 * fam.D * math.log(2 * math.pi)
+                - fam.pre.logdet - 0.5 * fam.dim * math.log(2 * math.pi)
             log_w = self.vi.program.evaluate(theta, batch=batch).total - log_q
             return Surrogate(-log_w.mean(), float(log_w.mean().detach()))
 

@@ -13,9 +13,11 @@ batch.  Global data and constants are folded into the compiled model.
 How later features plug in here:
 - minibatches: `Batch.rows(model_data, index, n_total)` takes some rows and
   sets the scale; the engine's `update(state, batch)` takes it as it is;
-- a device: `Runtime(device="cuda")`; every tensor the compiled model, the
-  families and the optimiser make is made through it (`rt.tensor`,
-  `rt.zeros`, `rt.generator`), and results come back with `to_numpy`;
+- a device: `Runtime.make("cuda")`; the compiled model makes its tensors
+  through it (`rt.tensor`, `rt.zeros`), the families, the discrete q's and
+  the optimisers make theirs on the device and in the dtype of the tensors
+  they are given (the start point, the parameters), every draw comes from
+  `rt.generator()`, and results come back with `to_numpy`;
 - several processes: each process builds the batch of the rows it owns,
   with the scale of the global N.
 """

@@ -6,8 +6,10 @@ Stage: the parts of a fit -> optimised variational parameters.
 
 Registry `OPTIMIZERS` (name -> class): `adam` (stochastic steps) and `dadvi`
 (fixed draws and L-BFGS).  An optimiser declares `check_config(config)` (the
-combinations it refuses, as usage errors) and `applies(vi)`, and `run(...)`
-returns an `OptimResult`.
+combinations it refuses before the fit, as usage errors), `applies(vi)` and
+`refuse(config)` (the usage error when it was asked for and does not apply),
+and `run(...)`, which returns an `OptimResult`, or None when it cannot start
+(the fit then runs Adam).
 
 Adam: lr_t = lr / sqrt(1 + t / 100) in whitened coordinates (families.py);
 convergence as Stan's (relative ELBO change checked every 100 steps, mean
@@ -19,7 +21,7 @@ non-finite value or gradient restores the last good parameters and halves
 the step; after 8 failures the fit stops with exit 3, naming the latents
 that went non-finite.
 
-dadvi (Giordano, Ingram & Broderick 2024): fix M moment-matched standard
+dadvi (Giordano, Ingram & Broderick 2024): fix n_fixed moment-matched standard
 normal draws and minimise the deterministic negative ELBO with L-BFGS in
 coordinates whitened by the current q.
 
@@ -241,6 +243,11 @@ class Optimizer:
     def applies(vi: VI) -> bool:
         return True
 
+    @staticmethod
+    def refuse(config):
+        raise UsageError(f"{config.opt('optimizer', config.optimizer)} does not apply to this model and these "
+                         f"options")
+
 
 OPTIMIZERS: Dict[str, Type[Optimizer]] = {}
 
@@ -291,11 +298,11 @@ class FixedDraws(Optimizer):
         return vi.estimator.fixed_draws
 
     @staticmethod
-    def draw_count(D: int, largest: int, full: bool) -> int:
+    def draw_count(dim: int, largest: int, full: bool) -> int:
         """As many draws as FIXED_DRAW_BUDGET elements per evaluation allow (up to 16384: a heavy-tailed
         direction, eight schools' tau, needs thousands), never fewer than 2D + 2 for a full-rank q
-        (with M <= D its covariance can grow without bound in directions no draw sees)."""
-        least = 2 * D + 2 if full else 32
+        (with n_fixed <= dim its covariance can grow without bound in directions no draw sees)."""
+        least = 2 * dim + 2 if full else 32
         return int(max(least, min(FIXED_DRAW_MAX, FIXED_DRAW_BUDGET // max(1, largest))))
 
     @classmethod
@@ -305,25 +312,24 @@ class FixedDraws(Optimizer):
         warm = min(max_steps, WARMUP_STEPS if cold else 0)
         res = vi.run(vi.init(lr, S), warm, tol, warm, progress)
         largest = vi.program.largest_node()
-        M = cls.draw_count(vi.family.D, largest, vi.family.preconditioner == "full")
-        evals, converged, values = cls.finish(vi, M, gen, largest)
+        n_fixed = cls.draw_count(vi.family.dim, largest, vi.family.preconditioner == "full")
+        evals, converged, values = cls.finish(vi, n_fixed, gen, largest)
         if not values:   # the fixed-draw objective was not finite at the start: stochastic steps after all
             return None
-        return OptimResult(res.trace + values, converged, res.steps, evals, M)
+        return OptimResult(res.trace + values, converged, res.steps, evals, n_fixed)
 
     @staticmethod
-    def finish(vi: VI, M: int, gen: torch.Generator, largest: int):
-        """Whiten by the current q, fix M moment-matched draws (mean 0, covariance I exactly: for a
+    def finish(vi: VI, n_fixed: int, gen: torch.Generator, largest: int):
+        """Whiten by the current q, fix n_fixed moment-matched draws (mean 0, covariance I exactly: for a
         Gaussian posterior the fixed-draw optimum is the exact one), minimise with L-BFGS.
         -> (evaluations, converged, objective values; none when not finite at the start)."""
         fam = vi.family
         fam.rewhiten()
-        D = fam.D
-        eps = torch.randn((M, D), generator=gen, dtype=fam.dtype, device=fam.device)
+        eps = torch.randn((n_fixed, fam.dim), generator=gen, dtype=fam.dtype, device=fam.device)
         eps = eps - eps.mean(0)
-        if M > D:
-            C = torch.linalg.cholesky(eps.T @ eps / M)
-            eps = torch.linalg.solve_triangular(C, eps.T, upper=False).T
+        if n_fixed > fam.dim:
+            chol = torch.linalg.cholesky(eps.T @ eps / n_fixed)
+            eps = torch.linalg.solve_triangular(chol, eps.T, upper=False).T
         else:
             eps = eps / eps.std(0, correction=0)
 
@@ -335,14 +341,14 @@ class FixedDraws(Optimizer):
                 fam.flat.copy_(x)
             v, g = 0.0, None
             try:
-                for i in range(0, M, chunk):
+                for i in range(0, n_fixed, chunk):
                     part = eps[i:i + chunk]
-                    w = part.shape[0] / M
+                    weight = part.shape[0] / n_fixed
                     vc = vi.estimator.gradient_at(part)
                     if not math.isfinite(vc):
                         return math.inf, None
-                    v += w * vc
-                    g = fam.flat.grad * w if g is None else g.add_(fam.flat.grad, alpha=w)
+                    v += weight * vc
+                    g = fam.flat.grad * weight if g is None else g.add_(fam.flat.grad, alpha=weight)
             except (ValueError, RuntimeError, torch.linalg.LinAlgError):
                 return math.inf, None
             values.append(v)

@@ -6,8 +6,9 @@ Registry `GRADIENTS` (name -> class), tried in registration order; the first
 that serves the requested kind (`reparam` or `score`, from the estimator
 plan) and `applies` to the problem is used, unless the config names one
 (`gradient=` from Python):
-- `closed-form`: pathwise, Gaussian family and ELBO, no discrete q: autograd
-  runs through the log joint only, the family's part of the chain rule is
+- `closed-form`: pathwise, for families that declare `closed_form`
+  (meanfield, fullrank), the ELBO, no discrete q: autograd runs through the
+  log joint only, the family's part of the chain rule is
   closed form (and `gradient_at(eps)` serves the fixed-draw optimiser);
 - `pathwise`: reparameterised draws and autograd through a surrogate loss
   (analytic entropy for a Gaussian family and the ELBO, the objective of the

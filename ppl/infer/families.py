@@ -1,9 +1,10 @@
-"""Variational families over the unconstrained vector theta (D dims).
+"""Variational families over the unconstrained vector theta (`dim` dimensions).
 
-Every family lives in whitened coordinates u, with a fixed affine
-preconditioner theta = mu0 + A u taken from the Laplace approximation (A is
-lower-triangular, or a vector for a diagonal map), so one step size suits every
-model: in u the posterior has roughly unit scale.  The preconditioner's
+Every family lives in whitened coordinates u, with an affine preconditioner
+theta = mu0 + A u taken from the start (the Laplace approximation, or the
+cold start's N(0, 0.1^2 I); A is lower-triangular, or a vector for a diagonal
+map), so one step size suits every model: in u the posterior has roughly unit
+scale.  `rewhiten()` moves it to the current q (the fixed-draw optimiser does).  The preconditioner's
 log|det A| is added to entropies and log densities.
 
 Registry `FAMILIES` (name -> class): meanfield, fullrank, lowrank, flow.  Two
@@ -20,9 +21,11 @@ declared protocols:
   normal eps: `u_of(eps)`, `u_grad(eps, g_u)`, `mean_scale_u()`,
   `entropy_value()`; the closed-form gradient and the fixed-draw optimiser
   need exactly these.
-A new family is one class and one `register_family` (a test does it).  An
-amortised encoder will be a family whose parameters map a data batch to q's
-parameters: it reads the `Batch` the engine hands to `rsample`/`log_q`.
+A new family is one class and one `register_family` (a test does it).  A
+flow is a `Family` with `rsample_with_log_q`.  An amortised encoder (still to
+come) will be a family whose parameters map a data batch to q's parameters:
+`rsample`/`log_q` will then take the `Batch` the gradient estimators already
+receive.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ class Family:
 
     def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
         self.pre, self.gen, self.config = pre, generator, config
-        self.D = pre.mu0.shape[0]
+        self.dim = pre.mu0.shape[0]
         self.dtype = pre.mu0.dtype
         self.device = pre.mu0.device
 
@@ -90,7 +93,7 @@ class Family:
         return {k: self.flat[a:b].view(shape) for k, (a, b, shape) in self._layout.items()}
 
     def _eps(self, S: int, d: Optional[int] = None) -> torch.Tensor:
-        return torch.randn((S, d or self.D), generator=self.gen, dtype=self.dtype, device=self.device)
+        return torch.randn((S, d or self.dim), generator=self.gen, dtype=self.dtype, device=self.device)
 
     def parameters(self) -> List[torch.Tensor]:
         return [self.flat]
@@ -158,7 +161,7 @@ class MeanField(GaussianFamily):
 
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)
-        self._allocate({"m": self._zeros(self.D), "log_s": self._zeros(self.D)})
+        self._allocate({"m": self._zeros(self.dim), "log_s": self._zeros(self.dim)})
 
     def u_of(self, eps):
         m, s = self.mean_scale_u()
@@ -175,16 +178,16 @@ class MeanField(GaussianFamily):
     def log_q_u(self, u):
         p = self._params
         z = (u - p["m"]) * torch.exp(-p["log_s"])
-        return -0.5 * (z * z).sum(-1) - p["log_s"].sum() - 0.5 * self.D * _LOG2PI
+        return -0.5 * (z * z).sum(-1) - p["log_s"].sum() - 0.5 * self.dim * _LOG2PI
 
     def entropy_u(self):
-        return self._params["log_s"].sum() + 0.5 * self.D * (1 + _LOG2PI)
+        return self._params["log_s"].sum() + 0.5 * self.dim * (1 + _LOG2PI)
 
     def mean_scale_u(self):
         return self._raw["m"], torch.exp(self._raw["log_s"])
 
     def entropy_value(self):
-        return float(self._raw["log_s"].sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value
+        return float(self._raw["log_s"].sum()) + 0.5 * self.dim * (1 + _LOG2PI) + self.pre.logdet_value
 
 
 @register_family
@@ -195,7 +198,7 @@ class FullRank(GaussianFamily):
 
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)
-        self._allocate({"m": self._zeros(self.D), "L": self._zeros(self.D, self.D)})
+        self._allocate({"m": self._zeros(self.dim), "L": self._zeros(self.dim, self.dim)})
 
     def scale_tril(self):
         return _tril_exp(self._params["L"])
@@ -207,9 +210,9 @@ class FullRank(GaussianFamily):
     def u_grad(self, eps, g_u):
         # u = m + C eps, C = tril(L, -1) + diag(exp(diag L)); entropy = sum(diag L) + const
         g = torch.empty_like(self.flat)
-        D = self.D
-        torch.sum(g_u, 0, out=g[:D])
-        gC = g[D:].view(D, D)
+        dim = self.dim
+        torch.sum(g_u, 0, out=g[:dim])
+        gC = g[dim:].view(dim, dim)
         torch.mm(g_u.T, eps, out=gC)
         gC.tril_()
         d = gC.diagonal()
@@ -222,16 +225,16 @@ class FullRank(GaussianFamily):
     def log_q_u(self, u):
         L = self.scale_tril()
         z = torch.linalg.solve_triangular(L, (u - self._params["m"]).T, upper=False).T
-        return -0.5 * (z * z).sum(-1) - torch.diagonal(self._params["L"]).sum() - 0.5 * self.D * _LOG2PI
+        return -0.5 * (z * z).sum(-1) - torch.diagonal(self._params["L"]).sum() - 0.5 * self.dim * _LOG2PI
 
     def entropy_u(self):
-        return torch.diagonal(self._params["L"]).sum() + 0.5 * self.D * (1 + _LOG2PI)
+        return torch.diagonal(self._params["L"]).sum() + 0.5 * self.dim * (1 + _LOG2PI)
 
     def mean_scale_u(self):
         return self._raw["m"], _tril_exp(self._raw["L"])
 
     def entropy_value(self):
-        return float(self._raw["L"].diagonal().sum()) + 0.5 * self.D * (1 + _LOG2PI) + self.pre.logdet_value
+        return float(self._raw["L"].diagonal().sum()) + 0.5 * self.dim * (1 + _LOG2PI) + self.pre.logdet_value
 
 
 @register_family
@@ -243,10 +246,10 @@ class LowRank(GaussianFamily):
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)
         rank = getattr(config, "rank", None)
-        r = rank or max(1, min(10, self.D // 4))
-        self.r = min(r, self.D)
-        W0 = 1e-2 * torch.randn((self.D, self.r), generator=generator, dtype=self.dtype, device=self.device)
-        self._allocate({"m": self._zeros(self.D), "log_d": self._zeros(self.D), "W": W0})
+        r = rank or max(1, min(10, self.dim // 4))
+        self.r = min(r, self.dim)
+        W0 = 1e-2 * torch.randn((self.dim, self.r), generator=generator, dtype=self.dtype, device=self.device)
+        self._allocate({"m": self._zeros(self.dim), "log_d": self._zeros(self.dim), "W": W0})
 
     def rsample_u(self, S):
         p = self._params
@@ -267,13 +270,13 @@ class LowRank(GaussianFamily):
         b = torch.cholesky_solve(a.T, Lc).T
         maha = (x * x * dinv2).sum(-1) - (a * b).sum(-1)
         logdet = 2 * p["log_d"].sum() + 2 * torch.log(torch.diagonal(Lc)).sum()
-        return -0.5 * (maha + logdet + self.D * _LOG2PI)
+        return -0.5 * (maha + logdet + self.dim * _LOG2PI)
 
     def entropy_u(self):
         p = self._params
         Lc = torch.linalg.cholesky(self._capacitance())
         logdet = 2 * p["log_d"].sum() + 2 * torch.log(torch.diagonal(Lc)).sum()
-        return 0.5 * logdet + 0.5 * self.D * (1 + _LOG2PI)
+        return 0.5 * logdet + 0.5 * self.dim * (1 + _LOG2PI)
 
 
 @register_family
@@ -286,20 +289,20 @@ class Flow(Family):
 
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)
-        D = self.D
-        self.base = FullRank(pre, generator) if D <= 200 else MeanField(pre, generator)
-        h = max(8, min(64, 2 * D))
+        dim = self.dim
+        self.base = FullRank(pre, generator) if dim <= 200 else MeanField(pre, generator)
+        h = max(8, min(64, 2 * dim))
         self.masks = []
         init = {}
-        for i in range(self.LAYERS if D > 1 else 0):
-            mask = self._zeros(D)
-            mask[(torch.arange(D, device=self.device) + i) % 2 == 0] = 1.0
+        for i in range(self.LAYERS if dim > 1 else 0):
+            mask = self._zeros(dim)
+            mask[(torch.arange(dim, device=self.device) + i) % 2 == 0] = 1.0
             self.masks.append(mask)
-            init[f"W1_{i}"] = torch.randn((D, h), generator=generator, dtype=self.dtype,
-                                          device=self.device) / math.sqrt(D)
+            init[f"W1_{i}"] = torch.randn((dim, h), generator=generator, dtype=self.dtype,
+                                          device=self.device) / math.sqrt(dim)
             init[f"b1_{i}"] = self._zeros(h)
-            init[f"W2_{i}"] = self._zeros(h, 2 * D)     # identity at start
-            init[f"b2_{i}"] = self._zeros(2 * D)
+            init[f"W2_{i}"] = self._zeros(h, 2 * dim)     # identity at start
+            init[f"b2_{i}"] = self._zeros(2 * dim)
         self._allocate(init)
 
     def parameters(self):
@@ -309,7 +312,7 @@ class Flow(Family):
         mask = self.masks[i]
         hdn = torch.tanh((x * mask) @ p[f"W1_{i}"] + p[f"b1_{i}"])
         out = hdn @ p[f"W2_{i}"] + p[f"b2_{i}"]
-        s, t = out[..., :self.D], out[..., self.D:]
+        s, t = out[..., :self.dim], out[..., self.dim:]
         s = torch.tanh(s) * (1 - mask)
         t = t * (1 - mask)
         return x * torch.exp(s) + t, s.sum(-1)
@@ -319,7 +322,7 @@ class Flow(Family):
         x_masked = y * mask
         hdn = torch.tanh(x_masked @ p[f"W1_{i}"] + p[f"b1_{i}"])
         out = hdn @ p[f"W2_{i}"] + p[f"b2_{i}"]
-        s, t = torch.tanh(out[..., :self.D]) * (1 - mask), out[..., self.D:] * (1 - mask)
+        s, t = torch.tanh(out[..., :self.dim]) * (1 - mask), out[..., self.dim:] * (1 - mask)
         return (y - t) * torch.exp(-s), s.sum(-1)
 
     def rsample_u(self, S):

@@ -81,28 +81,30 @@ class Fit:
     def summary(self) -> Dict[str, Dict[str, float]]:
         """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95."""
         out = {}
-        names, mat = self.draws_table()
-        if not names:
-            return out
-        q = np.quantile(mat, [0.05, 0.5, 0.95], axis=0)
-        mean = mat.mean(0)
-        sd = mat.std(0, ddof=1) if mat.shape[0] > 1 else np.zeros(mat.shape[1])
-        for j, key in enumerate(names):
-            out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
-                        "q50": float(q[1, j]), "q95": float(q[2, j])}
+        for name, arr in self.draws.items():
+            flat = arr.reshape(arr.shape[0], -1)
+            q = np.quantile(flat, [0.05, 0.5, 0.95], axis=0)
+            mean = flat.mean(0)
+            sd = flat.std(0, ddof=1) if flat.shape[0] > 1 else np.zeros(flat.shape[1])
+            for j, key in enumerate(_flat_names(name, arr.shape[1:])):
+                out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
+                            "q50": float(q[1, j]), "q95": float(q[2, j])}
         return out
 
     def draws_table(self):
         """(flattened names, (draws, columns) matrix)."""
         names, cols = [], []
         for name, arr in self.draws.items():
-            flat = arr.reshape(arr.shape[0], -1)
-            shape = arr.shape[1:]
-            for j in range(flat.shape[1]):
-                names.append(name if not shape else
-                             f"{name}[{','.join(str(i + 1) for i in np.unravel_index(j, shape))}]")
-                cols.append(flat[:, j])
-        return names, (np.stack(cols, 1) if cols else np.zeros((0, 0)))
+            names += _flat_names(name, arr.shape[1:])
+            cols.append(arr.reshape(arr.shape[0], -1))
+        return names, (np.concatenate(cols, 1) if cols else np.zeros((0, 0)))
+
+
+def _flat_names(name: str, shape) -> List[str]:
+    """`theta[1]`, ..., `L[2,1]`: Stan-style, 1-based, row-major."""
+    if not shape:
+        return [name]
+    return [f"{name}[{','.join(str(i + 1) for i in idx)}]" for idx in np.ndindex(*shape)]
 
 
 def fit(model: Model, config: FitConfig, progress=None) -> Fit:
@@ -114,8 +116,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     set_threads(model)
 
     t0 = time.perf_counter()
-    p = make_plan(model, config.estimator, config.opt)
-    program = LogJoint(model, p, rt)
+    node_plans = make_plan(model, config.estimator, config.opt)
+    program = LogJoint(model, node_plans, rt)
     method = choose_method(config.method, program.dim)
     timings["compile"] = time.perf_counter() - t0
 
@@ -125,9 +127,9 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
 
     gen = rt.generator()
     family = FAMILIES[method](start.preconditioner(FAMILIES[method].preconditioner), gen, config)
-    discrete = discrete_families(model, program, p, gen)
+    discrete = discrete_families(model, program, node_plans, gen)
     serves = "score" if config.estimator == "score-all" else "reparam"
-    vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, p, config, serves)
+    vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config, serves)
 
     t0 = time.perf_counter()
     S = mc_samples(config, vi)
@@ -141,7 +143,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                           centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
-    return Fit(model=model, config=config, method=method, estimator=describe(p), objective=config.objective,
+    return Fit(model=model, config=config, method=method, estimator=describe(node_plans), objective=config.objective,
                draws=draws, elbo_trace=result.trace, elbo=float(np.mean(tail)), steps=result.steps,
                converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
                verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
@@ -246,27 +248,27 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator):
     t0 = time.perf_counter()
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
-        M = min(1000, max(200, PSIS_BUDGET // program.largest_node()))
-        n = max(M, draws)
-        theta, log_q = fam.rsample_with_log_q(n)
-        z = {k: q.sample(n) for k, q in dq.items()}
-        log_q_z = sum((q.log_q(z[k]).reshape(n, -1).sum(-1) for k, q in dq.items()),
-                      torch.zeros(n, dtype=program.dtype, device=program.device))
+        n_psis = min(1000, max(200, PSIS_BUDGET // program.largest_node()))
+        n_all = max(n_psis, draws)
+        theta, log_q = fam.rsample_with_log_q(n_all)
+        z = {k: q.sample(n_all) for k, q in dq.items()}
+        log_q_z = sum((q.log_q(z[k]).reshape(n_all, -1).sum(-1) for k, q in dq.items()),
+                      torch.zeros(n_all, dtype=program.dtype, device=program.device))
         chunk = program.chunk_size()
         values: Dict[str, List[np.ndarray]] = {}
         log_p = []
-        for i in range(0, n, chunk):
-            need_p, need_v = i < M, i < draws
+        for i in range(0, n_all, chunk):
+            need_p, need_v = i < n_psis, i < draws
             ev = program.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()},
                                   keep_enum=need_v, densities=need_p or bool(program.enum))
             if need_p:
-                log_p.append(ev.total[: M - i])
+                log_p.append(ev.total[: n_psis - i])
             if need_v:
                 for k, v in program.values(ev, gen).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
         log_p = torch.cat(log_p)
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ps = psis(to_numpy(log_p - log_q[:M] - log_q_z[:M]))
+    ps = psis(to_numpy(log_p - log_q[:n_psis] - log_q_z[:n_psis]))
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
     return out, ps, t_draws, time.perf_counter() - t0

@@ -1,5 +1,7 @@
-"""Optimisers: Adam (for the variational fit) and L-BFGS with a backtracking
-Armijo line search (for the mode search).
+"""Optimiser primitives: Adam (the stochastic steps of the variational fit)
+and L-BFGS with a backtracking Armijo line search (the mode search, and the
+fixed-draw objective of dadvi: `lbfgs_vg` takes a value-and-gradient
+function).
 
 Written here rather than taken from torch.optim because torch.optim's first
 step imports torch._dynamo, which costs about a second per process: more than
@@ -76,8 +78,8 @@ def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Te
     fx, g = value_grad(x)
     if g is None:
         return x, evals, False
-    S: List[torch.Tensor] = []
-    Y: List[torch.Tensor] = []
+    s_hist: List[torch.Tensor] = []
+    y_hist: List[torch.Tensor] = []
     converged = False
     for it in range(max_iter):
         if float(g.abs().max()) < gtol:
@@ -88,13 +90,13 @@ def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Te
         # two-loop recursion
         q = g.clone()
         alphas = []
-        for s, y in zip(reversed(S), reversed(Y)):
+        for s, y in zip(reversed(s_hist), reversed(y_hist)):
             rho = 1.0 / float(y @ s)
             a = rho * float(s @ q)
             alphas.append((a, rho, s, y))
             q -= a * y
-        if S:
-            q *= float(S[-1] @ Y[-1]) / float(Y[-1] @ Y[-1])
+        if s_hist:
+            q *= float(s_hist[-1] @ y_hist[-1]) / float(y_hist[-1] @ y_hist[-1])
         else:
             q /= max(1.0, float(g.abs().max()))
         for a, rho, s, y in reversed(alphas):
@@ -103,8 +105,8 @@ def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Te
         d = -q
         gd = float(g @ d)
         if gd >= 0:                       # not a descent direction: restart from steepest descent
-            S.clear()
-            Y.clear()
+            s_hist.clear()
+            y_hist.clear()
             d = -g / max(1.0, float(g.abs().max()))
             gd = float(g @ d)
         step = 1.0
@@ -118,11 +120,11 @@ def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Te
             break
         s, y = x_new - x, g_new - g
         if float(s @ y) > 1e-12 * float(y @ y):
-            S.append(s)
-            Y.append(y)
-            if len(S) > history:
-                S.pop(0)
-                Y.pop(0)
+            s_hist.append(s)
+            y_hist.append(y)
+            if len(s_hist) > history:
+                s_hist.pop(0)
+                y_hist.pop(0)
         converged = abs(fx - f_new) <= ftol * max(1.0, abs(fx))
         x, fx, g = x_new, f_new, g_new
         if converged:
