@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ppl.infer.families import FAMILIES
 from ppl.infer.psis import gpd_fit, psis, verdict
 
 
@@ -132,7 +133,7 @@ def test_non_finite_log_ratios():
     (float("inf"), 0.0, "unreliable"),
 ])
 def test_verdict_rules(khat, ess, label):
-    got, text = verdict(khat, ess, "fullrank", True)
+    got, text = verdict(khat, ess, FAMILIES["fullrank"], True)
     assert got == label
     assert text.startswith(label)
     assert f"{khat:.2f}" in text
@@ -140,29 +141,29 @@ def test_verdict_rules(khat, ess, label):
 
 def test_verdict_high_khat_with_tight_log_weights():
     """k-hat >= 1 is overridden only when the log weights barely vary (sd < 0.1) and the ESS is high."""
-    assert verdict(2.2, 0.995, "fullrank", True, 0.995, 0.046)[0] == "good"
-    assert verdict(2.2, 0.995, "fullrank", True, 0.995, 0.3)[0] != "good"
-    assert verdict(2.2, 0.995, "fullrank", True, 0.995)[0] != "good"
-    assert verdict(2.2, 0.95, "fullrank", True, 0.5, 0.05)[0] != "good"
+    assert verdict(2.2, 0.995, FAMILIES["fullrank"], True, 0.995, 0.046)[0] == "good"
+    assert verdict(2.2, 0.995, FAMILIES["fullrank"], True, 0.995, 0.3)[0] != "good"
+    assert verdict(2.2, 0.995, FAMILIES["fullrank"], True, 0.995)[0] != "good"
+    assert verdict(2.2, 0.95, FAMILIES["fullrank"], True, 0.5, 0.05)[0] != "good"
 
 
 def test_verdict_advice():
     from ppl.config import cli_opt
-    _, t = verdict(0.9, 0.2, "meanfield", True)
+    _, t = verdict(0.9, 0.2, FAMILIES["meanfield"], True)
     assert "method='fullrank'" in t and "--" not in t           # Python spelling by default
-    _, t = verdict(0.9, 0.2, "meanfield", True, opt=cli_opt)
+    _, t = verdict(0.9, 0.2, FAMILIES["meanfield"], True, opt=cli_opt)
     assert "--method fullrank" in t and "non-centring" not in t and "--steps" not in t
-    _, t = verdict(0.9, 0.2, "fullrank", True)
+    _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], True)
     assert "--method" not in t and "no family here fits this posterior better" in t
-    _, t = verdict(0.9, 0.2, "fullrank", True, centred=["a"])
+    _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], True, centred=["a"])
     assert "non-centring 'a'" in t and "flow" not in t
-    _, t = verdict(0.9, 0.2, "fullrank", False, opt=lambda n, v=None: f"{n}=" if v is None else f"{n}={v!r}")
+    _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], False, opt=lambda n, v=None: f"{n}=" if v is None else f"{n}={v!r}")
     assert "more steps=" in t and "--" not in t
-    label, t = verdict(0.2, 0.9, "meanfield", True)
+    label, t = verdict(0.2, 0.9, FAMILIES["meanfield"], True)
     assert label == "good" and "mean-field" in t
-    label, t = verdict(0.2, 0.9, "fullrank", False)
+    label, t = verdict(0.2, 0.9, FAMILIES["fullrank"], False)
     assert label == "good" and "step cap" in t
-    _, t = verdict(0.2, 0.9, "fullrank", True)
+    _, t = verdict(0.2, 0.9, FAMILIES["fullrank"], True)
     assert "step cap" not in t and "mean-field" not in t
 
 
@@ -176,7 +177,7 @@ def test_verdict_not_good_when_one_draw_dominates():
     assert raw.max() > 0.999
     r = psis(lw)
     assert r.khat > 0.7
-    label, text = verdict(r.khat, r.ess, "fullrank", True, r.ess_raw)
+    label, text = verdict(r.khat, r.ess, FAMILIES["fullrank"], True, r.ess_raw)
     assert label != "good", text
 
 

@@ -289,9 +289,12 @@ class FixedDraws(Optimizer):
 
     @staticmethod
     def refuse(config):
+        from .families import FAMILIES
         o = config.opt
-        raise UsageError(f"{o('optimizer', 'dadvi')} needs {o('method', 'meanfield')} or fullrank, "
-                         f"{o('objective', 'elbo')}, and no discrete latents on the score path")
+        closed = [n for n, f in FAMILIES.items() if f.closed_form]
+        raise UsageError(f"{o('optimizer', 'dadvi')} needs {o('method', closed[0])}"
+                         f"{''.join(' or ' + n for n in closed[1:])}, {o('objective', 'elbo')}, and no discrete "
+                         f"latents on the score path")
 
     @staticmethod
     def applies(vi: VI) -> bool:

@@ -61,6 +61,7 @@ class GradientEstimator:
     name = "estimator"
     serves = "reparam"          # the plan's estimator for continuous latents that it implements
     fixed_draws = False         # implements `gradient_at(eps, batch)` (a deterministic objective)
+    noisy = False               # score-function gradients: more MC samples and a smaller step by default
 
     def __init__(self, vi):
         self.vi = vi
@@ -199,6 +200,7 @@ class ScoreFunction(GradientEstimator):
     """The score-function (BBVI) estimator for the continuous block too, with a leave-one-out baseline."""
     name = "score"
     serves = "score"
+    noisy = True
 
     @classmethod
     def applies(cls, vi) -> bool:

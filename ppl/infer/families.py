@@ -14,7 +14,9 @@ declared protocols:
   and class facts the engine reads instead of names: `options` (config
   options it takes, e.g. `rank`), `preconditioner` ("full" or "diagonal":
   which Laplace whitening it starts from), `gaussian` (analytic entropy),
-  `closed_form` (it implements `GaussianFamily`'s closed-form chain rule).
+  `closed_form` (it implements `GaussianFamily`'s closed-form chain rule),
+  `richer` (the family the verdict suggests when this one misses) and
+  `caveat` (what even a good fit of it cannot show).
   The defaults are the safe ones: a new family that declares nothing is
   fitted by autograd through `rsample_with_log_q`.
 - `GaussianFamily(Family)`: theta = mu0 + A u(eps) with u affine in standard
@@ -68,6 +70,8 @@ class Family:
     preconditioner = "diagonal"
     gaussian = False
     closed_form = False
+    richer: Optional[str] = None         # the family to suggest when this one misses
+    caveat: Optional[str] = None         # what a good fit of this family still cannot show
 
     def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
         self.pre, self.gen, self.config = pre, generator, config
@@ -158,6 +162,8 @@ def register_family(cls: Type[Family]) -> Type[Family]:
 class MeanField(GaussianFamily):
     name = "meanfield"
     closed_form = True
+    richer = "fullrank"
+    caveat = "mean-field ignores correlations: where parameters correlate its sds are too small"
 
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)
@@ -242,6 +248,7 @@ class LowRank(GaussianFamily):
     """Diagonal plus rank r: cov = W W^T + diag(d^2)."""
     name = "lowrank"
     options = ("rank",)
+    richer = "fullrank"
 
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)

@@ -128,7 +128,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     gen = rt.generator()
     family = FAMILIES[method](start.preconditioner(FAMILIES[method].preconditioner), gen, config)
     discrete = discrete_families(model, program, node_plans, gen)
-    serves = "score" if config.estimator == "score-all" else "reparam"
+    serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
+                            if not n.discrete) else "reparam"
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config, serves)
 
     t0 = time.perf_counter()
@@ -139,7 +140,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
 
     draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen)
     timings["draws"], timings["khat"] = t_draws, t_khat
-    label, text = verdict(ps.khat, ps.ess, method, result.converged, ps.ess_raw, ps.sd_log_w,
+    label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
@@ -197,8 +198,12 @@ def mc_samples(config: FitConfig, vi: VI) -> int:
     64 on the score path."""
     if config.mc_samples:
         return config.mc_samples
-    reparam = vi.estimator.serves == "reparam" and not vi.discrete
-    return max(1, min(16 if reparam else 64, MC_BUDGET // vi.program.largest_node()))
+    return max(1, min(64 if _noisy(vi) else 16, MC_BUDGET // vi.program.largest_node()))
+
+
+def _noisy(vi: VI) -> bool:
+    """Score-function gradients somewhere (the continuous block's estimator, or discrete q's)."""
+    return vi.estimator.noisy or bool(vi.discrete)
 
 
 def step_size(config: FitConfig, vi: VI, S: int, cold: bool) -> float:
@@ -207,7 +212,7 @@ def step_size(config: FitConfig, vi: VI, S: int, cold: bool) -> float:
     if config.lr is not None:
         return config.lr
     lr = (0.2 if cold else 0.1) * min(1.0, math.sqrt(S / 16))
-    if vi.estimator.serves == "score" or vi.discrete:
+    if _noisy(vi):
         lr = lr * 0.5
     return lr
 

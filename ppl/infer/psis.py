@@ -99,7 +99,7 @@ def _weights_ess(lw: np.ndarray):
     return w, float(1.0 / np.sum(w * w) / lw.size)
 
 
-def verdict(khat: float, ess: float, method: str, converged: bool, ess_raw: float = None,
+def verdict(khat: float, ess: float, family, converged: bool, ess_raw: float = None,
             sd_log_w: float = None, centred: Sequence[str] = (), opt: Callable = python_opt):
     """(label, plain-words verdict with what to try next).
 
@@ -131,9 +131,8 @@ def verdict(khat: float, ess: float, method: str, converged: bool, ess_raw: floa
         text = (f"fair: use with care (k-hat {khat:.2f}, ESS {100 * ess:.0f}%); tails and sds may be off")
     if label != "good":
         tries = []
-        if method in ("meanfield", "lowrank"):
-            tries.append(f"{opt('method', 'fullrank')} ({method} ignores "
-                         f"{'correlations' if method == 'meanfield' else 'most correlations'})")
+        if getattr(family, "richer", None):
+            tries.append(f"{opt('method', family.richer)} ({family.name} cannot show every correlation)")
         if centred:
             names = ", ".join(f"'{n}'" for n in centred)
             tries.append(f"non-centring {names} (x = loc + scale * x_raw with x_raw ~ normal(0, 1))")
@@ -144,8 +143,8 @@ def verdict(khat: float, ess: float, method: str, converged: bool, ess_raw: floa
         else:
             notes.append("no family here fits this posterior better than this one: it is far from Gaussian "
                          "(skewed, heavy-tailed or bounded); read the sds as approximate")
-    elif method == "meanfield":
-        notes.append("mean-field ignores correlations: where parameters correlate its sds are too small")
+    elif getattr(family, "caveat", None):
+        notes.append(family.caveat)
     if not converged:
         notes.append("the ELBO had not settled when the step cap was reached")
     return label, text + ("; " + "; ".join(notes) if notes else "")
