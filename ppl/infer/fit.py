@@ -30,6 +30,8 @@ from ..plan import describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from .estimators import Estimator, discrete_families
 from .families import FAMILIES, Preconditioner
+from . import improper
+from .draw_stats import column_stats
 from .laplace import FULL_HESSIAN_MAX, cold_start, laplace
 from .optim import Adam, lbfgs_vg
 from .psis import psis, verdict
@@ -80,8 +82,7 @@ class Fit:
         for name, arr in self.draws.items():
             flat = arr.reshape(arr.shape[0], -1)
             shape = arr.shape[1:]
-            q = np.quantile(flat, [0.05, 0.5, 0.95], axis=0)
-            mean, sd = flat.mean(0), flat.std(0, ddof=1) if flat.shape[0] > 1 else np.zeros(flat.shape[1])
+            q, mean, sd = column_stats(flat)     # draw_stats.py: inf or huge draws without NumPy warnings
             for j in range(flat.shape[1]):
                 key = name if not shape else f"{name}[{','.join(str(i + 1) for i in np.unravel_index(j, shape))}]"
                 out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
@@ -168,6 +169,7 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
         lap = laplace(lj_init, dtype, full=lj.dim <= FULL_HESSIAN_MAX)
     else:
         lap = cold_start(lj.dim, dtype, full, "cold start" + (" (score-function latents)" if lj.score else ""))
+    improper.after_laplace(lj_init, lap)      # improper posterior: a clamped direction that is flat -> exit 3
     if not full or lap.A.dim() == 1:
         lap.A = lap.diagonal()                                 # diagonal preconditioner
         if full:
@@ -179,6 +181,7 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     dq = discrete_families(model, lj, p, dtype, gen)
     cont = "score" if estimator == "score-all" else "reparam"
     est = Estimator(model, lj, fam, p, cont, objective, alpha, dq)
+    progress = improper.watch(lj_init, fam, progress)   # improper posterior: checks q during Adam -> exit 3
 
     # MC samples: 16 for small models; fewer for large data (per-step cost grows with S x N, the noise does not)
     S = mc_samples or max(1, min(16 if cont == "reparam" and not dq else 64, MC_BUDGET // lj.largest_node()))
@@ -208,6 +211,7 @@ def fit(model: Model, method: str = "auto", estimator: str = "auto", steps: Opti
     if optimizer == "adam":
         trace, converged, n_steps = _optimise(est, lj, S, max_steps, tol, lr, min_steps, progress)
     timings["optimise"] = time.perf_counter() - t0
+    improper.check_q(lj_init, fam, cold)      # improper posterior: the fitted q grew along a flat direction -> exit 3
 
     # ---- draws and diagnostics ---------------------------------------------------------
     t0 = time.perf_counter()

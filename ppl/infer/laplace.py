@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import improper
 from .optim import lbfgs
 
 FULL_HESSIAN_MAX = 400
@@ -29,6 +30,7 @@ class Laplace:
     note: str
     evals: int = 0
     cond_sd: torch.Tensor = None      # 1/sqrt(diag(-H)): the mean-field optimum for a Gaussian
+    flat: torch.Tensor = None         # (k, D) clamped directions, for ppl/infer/improper.py (after_laplace)
 
     def diagonal(self) -> torch.Tensor:
         """Scale vector for diagonal families (mean-field, low-rank)."""
@@ -108,7 +110,8 @@ def laplace(lj, dtype=torch.float64, full: bool = True) -> Laplace:
         return cold
     note = "Laplace at the mode" + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
                                     if bad else "")
-    return Laplace(mode, A, bad == 0, note, evals, cond_sd)
+    flat = improper.clamped_directions(lam, V, floor) if bad else None   # improper-posterior hook
+    return Laplace(mode, A, bad == 0, note, evals, cond_sd, flat)
 
 
 def _diag_hessian(f, mode, dtype, probes: int = 32):
