@@ -311,7 +311,12 @@ def _failure(lj, names: List[str], how: str) -> PplError:
             flat.append(b)
     they = len(names) > 1
     if flat and len(flat) == len(set(bases)):
-        fix = "give them proper priors" if len(flat) > 1 else f"give it a proper prior ({flat[0]} ~ ...)"
+        if len(flat) > 1:
+            fix = "give them proper priors"
+        else:
+            dims = model.nodes[flat[0]].decl.dims if model.nodes[flat[0]].decl is not None else ()
+            sample = flat[0] + (f"[{', '.join(str(d.value) for d in dims)}]" if dims else "")
+            fix = f"give {'them' if they else 'it'} a proper prior ({sample} ~ ...)"
     elif flat:
         fix = "give " + ", ".join(f"'{f}'" for f in flat) + (" proper priors" if len(flat) > 1 else " a proper prior")
     else:
