@@ -601,6 +601,9 @@ class _Checker:
             first = self.p.statements[0]
             self.err.add(first.span, "nothing to infer: the model has no latent variable "
                          "(a '~' on a name that is not data, or a 'NAME: TYPE' declaration)")
+        if not self.err.items:          # on a model otherwise sound (no cascades from earlier errors)
+            for node, msg in improper_flat_latents(nodes, self.const_value):
+                self.err.add(node.name_span, msg)
         self.err.raise_if_any()
         # source order of the defining statements (self.defs lists `~` statements last)
         ordered = {n: nodes[n] for n in sorted(self.defs, key=lambda n: (self.defs[n].span.line,
@@ -794,6 +797,94 @@ class _Checker:
         if sup == "unit_interval" and ((lo is not None and float(lo) < 0) or (hi is not None and float(hi) > 1)
                                        or c.kind != "interval"):
             self.err.add(s.type.span, f"'{s.name}' must lie in (0, 1) for {spec.name}; declare real<lower=0, upper=1>")
+
+
+# flat (no `~`) latents on these sets have infinite prior mass; on an interval, a simplex or a
+# correlation matrix a flat prior is proper
+UNBOUNDED_FLAT = {"real", "lower", "upper", "positive", "ordered"}
+
+
+def improper_flat_latents(nodes: Dict[str, Node], const_value) -> List[Tuple[Node, str]]:
+    """Flat latents whose posterior is surely improper: no likelihood term reaches them.
+
+    A flat latent x on an unbounded set has a proper posterior only if some factor of the joint
+    that involves x is informative.  The factors below x in the DAG are the densities of its
+    descendants.  A latent's own distribution integrates to 1 over that latent whatever its
+    parents, so if no descendant of x is observed (a `~` on data), integrating out the descendant
+    latents from the leaves up leaves a factor constant in x: improper.  Exceptions, kept as
+    informative (never flagged): a descendant latent whose declared set truncates its
+    distribution's support, or whose bounds vary with latents (its normaliser then depends on x).
+    Being reached by data is necessary, not sufficient (a flat ridge `y ~ normal(a + b, 1)` is
+    reached and still improper): the fit's detector (ppl/infer/improper.py) handles those.
+    -> [(node, message)] in source order."""
+    children: Dict[str, List[str]] = {n: [] for n in nodes}
+    for name, node in nodes.items():
+        for d in node.deps:
+            if d in children:
+                children[d].append(name)
+
+    def informative(n: str) -> bool:
+        node = nodes[n]
+        if node.kind == "observed":
+            return node.dist is not None
+        return node.kind == "latent" and _informs_parents(node, nodes, const_value)
+
+    out = []
+    for x in sorted(nodes.values(), key=lambda n: (n.span.line, n.span.col)):
+        if x.kind != "latent" or x.dist is not None or x.constraint is None or \
+                x.constraint.kind not in UNBOUNDED_FLAT:
+            continue
+        below, stack = set(), list(children[x.name])
+        while stack:
+            n = stack.pop()
+            if n not in below:
+                below.add(n)
+                stack.extend(children[n])
+        if any(informative(n) for n in below):
+            continue
+        # the latents whose distributions use x directly (through deterministic nodes only)
+        users, seen, stack = [], set(), list(children[x.name])
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if nodes[n].kind == "deterministic":
+                stack.extend(children[n])
+            elif nodes[n].dist is not None:
+                users.append(nodes[n])
+        dims = x.decl.dims if x.decl is not None else ()
+        sample = x.name + (f"[{', '.join(str(d.value) for d in dims)}]" if dims else "")
+        fix = f"so its posterior is improper; give it a prior ({sample} ~ ...) or use it in the model"
+        if not users:
+            msg = f"'{x.name}' has a flat prior and no likelihood term uses it, {fix}"
+        else:
+            users.sort(key=lambda n: (n.span.line, n.span.col))
+            names = ", ".join(f"'{u.name}'" for u in users)
+            msg = (f"'{x.name}' has a flat prior and no likelihood term depends on it (only the "
+                   f"prior{'s' if len(users) > 1 else ''} of {names}, which no data depend on), {fix}")
+        out.append((x, msg))
+    return out
+
+
+def _informs_parents(node: Node, nodes: Dict[str, Node], const_value) -> bool:
+    """A latent whose normalising constant can depend on its parents: bounds that vary with
+    latents, or a declared set narrower than its distribution's support (a truncation)."""
+    c = node.constraint
+    if c is None or not node.declared:
+        return False
+    for b in (c.lower, c.upper):
+        if b is not None and any(n.id in nodes and nodes[n.id].kind in ("latent", "deterministic")
+                                 for n in A.names_in(b)):
+            return True
+    if node.dist is None:
+        return False
+    sup = DS.REGISTRY[node.dist.spec].support
+    lo = _scalar_or_none(const_value(c.lower)) if c.lower is not None else None
+    hi = _scalar_or_none(const_value(c.upper)) if c.upper is not None else None
+    same = (c.kind == sup or (sup == "positive" and c.kind == "lower" and lo == 0)
+            or (sup == "unit_interval" and c.kind == "interval" and lo == 0 and hi == 1))
+    return not same
 
 
 def _scalar_or_none(v) -> Optional[float]:

@@ -33,9 +33,11 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
+from . import improper
 from .discrete import discrete_families
+from .draw_stats import column_stats
 from .families import FAMILIES
-from .laplace import FULL_HESSIAN_MAX, Start, cold_start, laplace
+from .laplace import FULL_HESSIAN_MAX, cold_start, laplace
 from .objectives import OBJECTIVES
 from .psis import psis, verdict
 
@@ -83,9 +85,7 @@ class Fit:
         out = {}
         for name, arr in self.draws.items():
             flat = arr.reshape(arr.shape[0], -1)
-            q = np.quantile(flat, [0.05, 0.5, 0.95], axis=0)
-            mean = flat.mean(0)
-            sd = flat.std(0, ddof=1) if flat.shape[0] > 1 else np.zeros(flat.shape[1])
+            q, mean, sd = column_stats(flat)     # inf or huge draws without NumPy warnings
             for j, key in enumerate(_flat_names(name, arr.shape[1:])):
                 out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
                             "q50": float(q[1, j]), "q95": float(q[2, j])}
@@ -122,7 +122,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["compile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    start = find_start(model, program, config, FAMILIES[method].preconditioner == "full")
+    start, start_program = find_start(model, program, config, FAMILIES[method].preconditioner == "full")
+    improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
     timings["init"] = time.perf_counter() - t0
 
     gen = rt.generator()
@@ -135,7 +136,9 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     t0 = time.perf_counter()
     S = mc_samples(config, vi)
     lr = step_size(config, vi, S, start.cold)
-    result, optimizer = optimise(vi, config, S, lr, start.cold, progress, gen)
+    watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
+    result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+    improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
     timings["optimise"] = time.perf_counter() - t0
 
     draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen)
@@ -179,18 +182,21 @@ def choose_method(method: str, dim: int) -> str:
     return method
 
 
-def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool) -> Start:
-    """The Laplace approximation at the mode, or a cold start.  Discrete latents on the score path
-    have no mode: the start is then that of the model with them summed out, where that is possible."""
+def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool):
+    """-> (the start, the compiled model it was found on).  The Laplace approximation at the mode, or
+    a cold start.  Discrete latents on the score path have no mode: the start is then that of the
+    model with them summed out, where that is possible."""
     dim = program.dim
+    exact_hessian = dim <= FULL_HESSIAN_MAX
     if config.init == "laplace" and dim > 0:
         if not program.score:
-            return laplace(program, full=dim <= FULL_HESSIAN_MAX)
+            return laplace(program, full=exact_hessian), program
         summed = make_plan(model, "auto", config.opt)
         if not any(np_.estimator == "score" for np_ in summed.values()):
-            return laplace(LogJoint(model, summed, program.rt), full=dim <= FULL_HESSIAN_MAX)
+            summed_program = LogJoint(model, summed, program.rt)
+            return laplace(summed_program, full=exact_hessian), summed_program
     note = "cold start" + (" (score-function latents)" if program.score else "")
-    return cold_start(dim, program.dtype, full, note, program.device)
+    return cold_start(dim, program.dtype, full, note, program.device), program
 
 
 def mc_samples(config: FitConfig, vi: VI) -> int:

@@ -15,6 +15,7 @@ import torch
 
 from typing import TYPE_CHECKING
 
+from . import improper
 from .optim import lbfgs
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class Start:
     note: str                         # for the fit header
     evals: int = 0
     cond_sd: torch.Tensor = None      # 1/sqrt(diag(-H)): the mean-field optimum for a Gaussian
+    flat: torch.Tensor = None         # (k, D) clamped directions, for ppl/infer/improper.py (after_laplace)
 
     def diagonal(self) -> torch.Tensor:
         """Scale vector for diagonal families (mean-field, low-rank)."""
@@ -125,7 +127,8 @@ def laplace(lj, full: bool = True) -> Start:
         return cold
     note = "Laplace at the mode" + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
                                     if bad else "")
-    return Start(mode, A, False, note, evals, cond_sd)
+    flat = improper.clamped_directions(lam, V, floor) if bad else None   # for improper.after_laplace
+    return Start(mode, A, False, note, evals, cond_sd, flat)
 
 
 def _diag_hessian(f, mode, dtype, probes: int = 32):

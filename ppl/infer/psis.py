@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..config import python_opt
+from .draw_stats import spread
 
 
 UNIFORM_SPREAD = 1e-6   # log weights within this of each other are uniform (an exact q: rounding only)
@@ -58,6 +59,13 @@ def _gpd_quantile(p, k, sigma):
 
 
 def psis(log_ratios: np.ndarray) -> PsisResult:
+    # extreme log ratios (1e300 apart: a q far off in a tail) make k-hat inf and the ESS ~0, which
+    # is the answer; the overflows on the way there are not the user's business (no NumPy warning)
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        return _psis(log_ratios)
+
+
+def _psis(log_ratios: np.ndarray) -> PsisResult:
     lw = np.asarray(log_ratios, dtype=float).copy()
     S = lw.size
     finite = np.isfinite(lw)
@@ -65,7 +73,7 @@ def psis(log_ratios: np.ndarray) -> PsisResult:
         lw[~finite] = -np.inf if (~finite).all() else np.min(lw[finite]) - 1e3
     if not np.isfinite(lw).any():
         return PsisResult(float("inf"), np.full(S, 1.0 / S), 0.0, float("inf"))
-    sd = float(np.std(lw[np.isfinite(lw)]))
+    sd = spread(lw[np.isfinite(lw)])
     lw = lw - lw.max()
     raw = lw.copy()
     M = int(min(0.2 * S, 3 * np.sqrt(S)))
