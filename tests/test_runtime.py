@@ -110,7 +110,8 @@ def test_scaled_batches_average_to_the_full_objective_and_gradient():
 
 def test_enumerated_latent_terms_are_per_row_and_scaled():
     data = {"y": [-2.1, -1.7, 2.2, 1.9, -2.5, 2.4, 0.3]}
-    src = open(model_paths("mixture")[0]).read()
+    from pathlib import Path
+    src = Path(model_paths("mixture")[0]).read_text()
     m = ppl.loads(src, "mix.ppl").check(data)
     lj = LogJoint(m, plan(m), Runtime(dtype=DT))
     theta = torch.randn(3, lj.dim, dtype=DT, generator=torch.Generator().manual_seed(4))
