@@ -258,7 +258,7 @@ class LogJoint:
         directly (e.g. as autograd leaves), instead of `theta`.  `batch`: the data batch (None:
         the full data); per-row terms are multiplied by its scale (`factors` stay unscaled)."""
         batch = self.batch if batch is None else batch
-        scale = batch.scale
+        scale = batch.scale if batch.scale != 1.0 else None      # None: no per-row term is scaled
         us = self.split(theta) if blocks is None else blocks
         S = theta.shape[0] if blocks is None else (us[0].shape[0] if us else 1)
         env: Dict = dict(self.known)
@@ -476,8 +476,8 @@ def _full(fn: Callable, env, S: int) -> torch.Tensor:
     return v.expand((S,) + tuple(v.shape[1:]))
 
 
-def _scaled(term: torch.Tensor, per_row: bool, scale: float) -> torch.Tensor:
-    return term * scale if per_row and scale != 1.0 else term
+def _scaled(term: torch.Tensor, per_row: bool, scale: Optional[float]) -> torch.Tensor:
+    return term * scale if scale is not None and per_row else term
 
 
 def _add(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
