@@ -15,6 +15,16 @@ REFERENCE = SHARED / "reference"
 
 MODEL_NAMES = ("eight_schools", "radon", "logistic", "mixture", "poisson")
 
+# centred eight schools: a funnel (no usable mode), for the edge-case tests
+CENTERED = """
+data y: real[J]
+data sigma: real<lower=0>[J]
+mu ~ normal(0, 5)
+tau ~ half_cauchy(5)
+theta[J] ~ normal(mu, tau)
+y ~ normal(theta, sigma)
+"""
+
 
 def reference_names():
     if not REFERENCE.is_dir():

@@ -6,18 +6,11 @@ import pytest
 
 import ppl
 from ppl.errors import PplError
+from conftest import CENTERED
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EIGHT = os.path.join(HERE, "..", "models", "eight_schools.csv")
 
-CENTERED = """
-data y: real[J]
-data sigma: real<lower=0>[J]
-mu ~ normal(0, 5)
-tau ~ half_cauchy(5)
-theta[J] ~ normal(mu, tau)
-y ~ normal(theta, sigma)
-"""
 
 
 def test_funnel_falls_back_to_a_cold_start_and_is_not_called_good():

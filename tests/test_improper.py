@@ -17,18 +17,10 @@ import ppl
 from ppl.cli import main
 from ppl.errors import EXIT_NUMERIC, PplError
 
-from conftest import MODELS, REFERENCE, ROOT, reference_names
+from conftest import CENTERED, MODELS, REFERENCE, ROOT, reference_names
 
 GOLDEN_VALID = sorted((ROOT / "tests" / "golden" / "data" / "models").glob("*.ppl"))
 
-CENTERED = """
-data y: real[J]
-data sigma: real<lower=0>[J]
-mu ~ normal(0, 5)
-tau ~ half_cauchy(5)
-theta[J] ~ normal(mu, tau)
-y ~ normal(theta, sigma)
-"""
 
 
 @pytest.fixture

@@ -8,19 +8,22 @@ binomial (n trials, a known constant), poisson (counts).  Each gives
 """
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import Dict
 
 import torch
 
 from .. import distributions as DS
 from ..errors import UsageError
 from ..frontend.check import Model
+from ..registry import Registry
 from ..supports import SUPPORTS, const_value
 
 
 class DiscreteQ:
+    name = "discrete"
+
     def __init__(self, name: str, shape, size: int, program, gen: torch.Generator, model: Model, node):
-        self.name, self.shape, self.gen = name, tuple(shape), gen
+        self.latent, self.shape, self.gen = name, tuple(shape), gen
         self.dtype, self.device = program.dtype, program.device
         self.param = torch.zeros(self._param_shape(size), dtype=self.dtype, device=self.device, requires_grad=True)
 
@@ -40,18 +43,13 @@ class DiscreteQ:
         return torch.rand(shape, generator=self.gen, dtype=self.dtype, device=self.device)
 
 
-DISCRETE_QS: Dict[str, Type[DiscreteQ]] = {}
+DISCRETE_QS = Registry()
+register_discrete = DISCRETE_QS.register
 
 
-def register_discrete(name: str):
-    def add(cls):
-        DISCRETE_QS[name] = cls
-        return cls
-    return add
-
-
-@register_discrete("categorical")
+@register_discrete
 class CategoricalQ(DiscreteQ):
+    name = "categorical"
     """Values 1..K, softmax logits per element."""
 
     def _param_shape(self, size):
@@ -70,8 +68,9 @@ class CategoricalQ(DiscreteQ):
         return self.dist().log_prob(z.long() - 1)
 
 
-@register_discrete("bernoulli")
+@register_discrete
 class BernoulliQ(DiscreteQ):
+    name = "bernoulli"
     def dist(self):
         return torch.distributions.Bernoulli(logits=self.param)
 
@@ -81,8 +80,9 @@ class BernoulliQ(DiscreteQ):
             return (self._rand(probs.shape) < probs).to(self.dtype)
 
 
-@register_discrete("binomial")
+@register_discrete
 class BinomialQ(DiscreteQ):
+    name = "binomial"
     """n trials (the distribution's own, a known constant) with a free success logit per element."""
 
     def __init__(self, name, shape, size, program, gen, model, node):
@@ -103,8 +103,9 @@ class BinomialQ(DiscreteQ):
             return (u < probs.unsqueeze(-1)).sum(-1).clamp(max=self.n).to(self.dtype)
 
 
-@register_discrete("poisson")
+@register_discrete
 class PoissonQ(DiscreteQ):
+    name = "poisson"
     def dist(self):
         return torch.distributions.Poisson(torch.exp(self.param))
 

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Type
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from ..errors import EXIT_NUMERIC, Diagnostic, PplError, UsageError
 from .estimators import choose_gradient
+from ..registry import Registry
 from .optim import Adam, lbfgs_vg
 
 DISCRETE_LR_SCALE = 4.0  # discrete q's logits take larger steps: small score gradients, far-off start
@@ -249,12 +250,8 @@ class Optimizer:
                          f"options")
 
 
-OPTIMIZERS: Dict[str, Type[Optimizer]] = {}
-
-
-def register_optimizer(cls: Type[Optimizer]) -> Type[Optimizer]:
-    OPTIMIZERS[cls.name] = cls
-    return cls
+OPTIMIZERS = Registry()
+register_optimizer = OPTIMIZERS.register
 
 
 @register_optimizer

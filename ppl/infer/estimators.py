@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Type
 
 import torch
 
 from ..errors import UsageError
+from ..registry import Registry
 
 
 @dataclass
@@ -83,12 +83,8 @@ class GradientEstimator:
         return sur.value
 
 
-GRADIENTS: Dict[str, Type[GradientEstimator]] = {}
-
-
-def register_gradient(cls: Type[GradientEstimator]) -> Type[GradientEstimator]:
-    GRADIENTS[cls.name] = cls
-    return cls
+GRADIENTS = Registry()
+register_gradient = GRADIENTS.register
 
 
 def choose_gradient(vi, serves: str, requested: str = "auto") -> GradientEstimator:

@@ -32,9 +32,11 @@ receive.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Type
+from typing import Dict, List, Optional
 
 import torch
+
+from ..registry import Registry
 
 _LOG2PI = math.log(2 * math.pi)
 
@@ -150,12 +152,8 @@ class GaussianFamily(Family):
             return self.u_grad(eps, g_u)
 
 
-FAMILIES: Dict[str, Type[Family]] = {}
-
-
-def register_family(cls: Type[Family]) -> Type[Family]:
-    FAMILIES[cls.name] = cls
-    return cls
+FAMILIES = Registry()
+register_family = FAMILIES.register
 
 
 @register_family

@@ -13,9 +13,10 @@ A new objective is one class here (or anywhere) and one `register_objective`.
 from __future__ import annotations
 
 import math
-from typing import Dict, Type
 
 import torch
+
+from ..registry import Registry
 
 
 class Objective:
@@ -31,12 +32,8 @@ class Objective:
         raise NotImplementedError
 
 
-OBJECTIVES: Dict[str, Type[Objective]] = {}
-
-
-def register_objective(cls: Type[Objective]) -> Type[Objective]:
-    OBJECTIVES[cls.name] = cls
-    return cls
+OBJECTIVES = Registry()
+register_objective = OBJECTIVES.register
 
 
 def logmeanexp(x: torch.Tensor) -> torch.Tensor:
