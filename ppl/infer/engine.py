@@ -295,14 +295,13 @@ class FixedDraws(Optimizer):
 
     @staticmethod
     def applies(vi: VI) -> bool:
-        return vi.estimator.fixed_draws
+        return vi.estimator.can_fix_draws(vi)
 
     @staticmethod
-    def draw_count(dim: int, largest: int, full: bool) -> int:
+    def draw_count(least: int, largest: int) -> int:
         """As many draws as FIXED_DRAW_BUDGET elements per evaluation allow (up to 16384: a heavy-tailed
-        direction, eight schools' tau, needs thousands), never fewer than 2D + 2 for a full-rank q
-        (with n_fixed <= dim its covariance can grow without bound in directions no draw sees)."""
-        least = 2 * dim + 2 if full else 32
+        direction, eight schools' tau, needs thousands), never fewer than the family's least (a
+        full-rank q: 2 dim + 2, since with fewer its covariance can grow where no draw looks)."""
         return int(max(least, min(FIXED_DRAW_MAX, FIXED_DRAW_BUDGET // max(1, largest))))
 
     @classmethod
@@ -312,7 +311,7 @@ class FixedDraws(Optimizer):
         warm = min(max_steps, WARMUP_STEPS if cold else 0)
         res = vi.run(vi.init(lr, S), warm, tol, warm, progress)
         largest = vi.program.largest_node()
-        n_fixed = cls.draw_count(vi.family.dim, largest, vi.family.preconditioner == "full")
+        n_fixed = cls.draw_count(vi.family.min_fixed_draws(), largest)
         evals, converged, values = cls.finish(vi, n_fixed, gen, largest)
         if not values:   # the fixed-draw objective was not finite at the start: stochastic steps after all
             return None
@@ -325,13 +324,7 @@ class FixedDraws(Optimizer):
         -> (evaluations, converged, objective values; none when not finite at the start)."""
         fam = vi.family
         fam.rewhiten()
-        eps = torch.randn((n_fixed, fam.dim), generator=gen, dtype=fam.dtype, device=fam.device)
-        eps = eps - eps.mean(0)
-        if n_fixed > fam.dim:
-            chol = torch.linalg.cholesky(eps.T @ eps / n_fixed)
-            eps = torch.linalg.solve_triangular(chol, eps.T, upper=False).T
-        else:
-            eps = eps / eps.std(0, correction=0)
+        eps = fam.fixed_eps(n_fixed, gen)
 
         values = []
         chunk = max(1, FIXED_DRAW_CHUNK // max(1, largest))     # memory: like one step of 16 MC samples

@@ -60,7 +60,6 @@ def _reduce_to(lp: torch.Tensor, shape, local: bool) -> torch.Tensor:
 class GradientEstimator:
     name = "estimator"
     serves = "reparam"          # the plan's estimator for continuous latents that it implements
-    fixed_draws = False         # implements `gradient_at(eps, batch)` (a deterministic objective)
     noisy = False               # score-function gradients: more MC samples and a smaller step by default
 
     def __init__(self, vi):
@@ -69,6 +68,11 @@ class GradientEstimator:
     @classmethod
     def applies(cls, vi) -> bool:
         return True
+
+    @classmethod
+    def can_fix_draws(cls, vi) -> bool:
+        """Whether `gradient_at(eps)` serves the fixed-draw optimiser for this problem."""
+        return False
 
     def surrogate_loss(self, S: int, batch=None) -> Surrogate:
         raise NotImplementedError
@@ -134,11 +138,14 @@ def discrete_log_q(vi, z) -> float:
 class ClosedForm(GradientEstimator):
     """Pathwise with the Gaussian chain rule theta = mu0 + A u(eps) in closed form."""
     name = "closed-form"
-    fixed_draws = True
 
     @classmethod
     def applies(cls, vi) -> bool:
         return vi.family.closed_form and vi.objective.linear and not vi.discrete
+
+    @classmethod
+    def can_fix_draws(cls, vi) -> bool:
+        return True
 
     def gradient(self, S: int, batch=None) -> float:
         eps, theta = self.vi.family.draw(S)
@@ -173,6 +180,23 @@ class ClosedForm(GradientEstimator):
 class Pathwise(GradientEstimator):
     """Reparameterised draws, autograd through the whole surrogate."""
     name = "pathwise"
+
+    @classmethod
+    def can_fix_draws(cls, vi) -> bool:
+        fam = vi.family
+        return hasattr(fam, "reparam") and fam.gaussian and vi.objective.linear and not vi.discrete
+
+    def gradient_at(self, eps: torch.Tensor, batch=None) -> float:
+        """The ELBO on given draws and its gradient in the family's parameters, by autograd."""
+        fam, lj = self.vi.family, self.vi.program
+        value = lj.evaluate(fam.reparam(eps), batch=batch).total.mean() + fam.entropy()
+        v = float(value.detach())
+        if not math.isfinite(v):
+            return math.nan
+        for p in fam.parameters():
+            p.grad = None
+        (-value).backward()
+        return v
 
     def surrogate_loss(self, S: int, batch=None) -> Surrogate:
         vi = self.vi

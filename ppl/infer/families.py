@@ -74,6 +74,7 @@ class Family:
     closed_form = False
     richer: Optional[str] = None         # the family to suggest when this one misses
     caveat: Optional[str] = None         # what a good fit of this family still cannot show
+    needs_structure = False              # built with the model's coupling structure (ppl.structure)
 
     def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
         self.pre, self.gen, self.config = pre, generator, config
@@ -117,6 +118,23 @@ class Family:
     def entropy(self) -> Optional[torch.Tensor]:
         return None
 
+    # ---- fixed draws (dadvi): families with `reparam(eps)` and an analytic entropy -----------------
+    def fixed_eps(self, M: int, gen: torch.Generator) -> torch.Tensor:
+        """M standard-normal draws for the fixed-draw objective, moment-matched: mean 0 and sample
+        covariance I exactly (per coordinate when M <= dim)."""
+        eps = torch.randn((M, self.dim), generator=gen, dtype=self.dtype, device=self.device)
+        eps = eps - eps.mean(0)
+        if M > self.dim:
+            chol = torch.linalg.cholesky(eps.T @ eps / M)
+            return torch.linalg.solve_triangular(chol, eps.T, upper=False).T
+        return eps / eps.std(0, correction=0)
+
+    def min_fixed_draws(self) -> int:
+        return 32
+
+    def rewhiten(self) -> None:
+        """Move the preconditioner to the current q (families that can; others keep theirs)."""
+
 
 class GaussianFamily(Family):
     """A Gaussian q: analytic entropy; with `closed_form`, the closed-form pathwise gradient."""
@@ -136,7 +154,8 @@ class GaussianFamily(Family):
 
     def rewhiten(self) -> None:
         """Move the preconditioner to the current q (its mean and scale, in theta) and restart at the
-        standard normal in the new coordinates: the same q, with unit scale again."""
+        standard normal in the new coordinates: the same q, with unit scale again (closed-form
+        families: their q is an affine map of a standard normal)."""
         with torch.no_grad():
             m, scale = self.mean_scale_u()
             mu0 = self.pre.to_theta(m.unsqueeze(0))[0]
@@ -203,6 +222,9 @@ class FullRank(GaussianFamily):
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)
         self._allocate({"m": self._zeros(self.dim), "L": self._zeros(self.dim, self.dim)})
+
+    def min_fixed_draws(self) -> int:
+        return 2 * self.dim + 2      # with fewer, the covariance can grow where no draw looks
 
     def scale_tril(self):
         return _tril_exp(self._params["L"])
@@ -354,3 +376,6 @@ class Flow(Family):
             x, ld = self._inverse_layer(p, i, x)
             logdet = logdet + ld
         return self.base.log_q_u(x) - logdet
+
+
+from . import graph_family  # noqa: E402,F401  (registers the `graph` family)
