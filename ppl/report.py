@@ -43,7 +43,7 @@ def table(fit, process_seconds: Optional[float] = None) -> str:
     total = f" (whole process {process_seconds:.2f} s)" if process_seconds is not None else ""
     lines = [
         f"model      {fit.model.source.path}",
-        f"method     {fit.method} (ADVI, start: {fit.init})",
+        f"method     {fit.method} (ADVI, start: {fit.init})" + (f"; {fit.method_note}" if fit.method_note else ""),
         f"estimator  {fit.estimator}",
         f"objective  {fit.objective}",
         f"steps      {_steps(fit)}",
@@ -67,7 +67,7 @@ def to_json(fit, process_seconds: Optional[float] = None) -> str:
         "process_seconds": None if process_seconds is None else round(process_seconds, 3),
         "params": {k: {c: num(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")} for k, v in fit.summary().items()},
         "elbo": num(fit.elbo), "steps": fit.steps, "converged": fit.converged, "method": fit.method,
-        "estimator": fit.estimator, "khat": num(round(fit.khat, 4)), "ess": num(round(fit.ess, 4)),
+        "method_note": fit.method_note, "estimator": fit.estimator, "khat": num(round(fit.khat, 4)), "ess": num(round(fit.ess, 4)),
         "sd_log_w": num(fit.sd_log_w), "verdict": fit.verdict_label, "verdict_text": fit.verdict,
         "init": fit.init, "seconds": round(fit.seconds, 3),
         "optimizer": fit.optimizer, "evaluations": fit.evals, "fixed_draws": fit.fixed_draws,

@@ -311,7 +311,8 @@ class FixedDraws(Optimizer):
         warm = min(max_steps, WARMUP_STEPS if cold else 0)
         res = vi.run(vi.init(lr, S), warm, tol, warm, progress)
         largest = vi.program.largest_node()
-        n_fixed = cls.draw_count(vi.family.min_fixed_draws(), largest)
+        n_fixed = min(cls.draw_count(vi.family.min_fixed_draws(), largest),
+                      max(vi.family.min_fixed_draws(), vi.family.max_fixed_draws))
         evals, converged, values = cls.finish(vi, n_fixed, gen, largest)
         if not values:   # the fixed-draw objective was not finite at the start: stochastic steps after all
             return None

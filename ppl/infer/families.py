@@ -132,6 +132,8 @@ class Family:
     def min_fixed_draws(self) -> int:
         return 32
 
+    max_fixed_draws = 16384       # more draws than this buy nothing for this family
+
     def rewhiten(self) -> None:
         """Move the preconditioner to the current q (families that can; others keep theirs)."""
 

@@ -29,6 +29,7 @@ import torch
 
 from ..config import FitConfig, resolved_device
 from ..frontend.check import Model
+from ..structure import structure as structure_of
 from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from ..backend.runtime import Runtime, to_numpy
@@ -37,7 +38,7 @@ from . import improper
 from .discrete import discrete_families
 from .draw_stats import column_stats
 from .families import FAMILIES
-from .laplace import FULL_HESSIAN_MAX, cold_start, laplace
+from .laplace import FULL_HESSIAN_MAX, Start, cold_start, laplace
 from .objectives import OBJECTIVES
 from .psis import psis, verdict
 
@@ -54,6 +55,7 @@ class Fit:
     model: Model
     config: FitConfig
     method: str                               # the family used
+    method_note: str = ""                     # why `auto` chose it
     estimator: str                            # per-node estimators, as the header shows them
     objective: str
     draws: Dict[str, np.ndarray]              # name -> (draws, *shape), constrained
@@ -118,16 +120,19 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     t0 = time.perf_counter()
     node_plans = make_plan(model, config.estimator, config.opt)
     program = LogJoint(model, node_plans, rt)
-    method = choose_method(config.method, program.dim)
+    structure = model_structure(model, node_plans, program, config.method)
+    method, why = choose_method(config.method, program.dim, structure)
     timings["compile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    start, start_program = find_start(model, program, config, FAMILIES[method].preconditioner == "full")
+    fam_cls = FAMILIES[method]
+    start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
+                                      structure if fam_cls.needs_structure else None)
     improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
     timings["init"] = time.perf_counter() - t0
 
     gen = rt.generator()
-    family = FAMILIES[method](start.preconditioner(FAMILIES[method].preconditioner), gen, config)
+    family = make_family(fam_cls, start, gen, config, structure)
     discrete = discrete_families(model, program, node_plans, gen)
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
@@ -147,7 +152,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                           centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
-    return Fit(model=model, config=config, method=method, estimator=describe(node_plans), objective=config.objective,
+    return Fit(model=model, config=config, method=method, method_note=why, estimator=describe(node_plans),
+               objective=config.objective,
                draws=draws, elbo_trace=result.trace, elbo=float(np.mean(tail)), steps=result.steps,
                converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
                verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
@@ -176,13 +182,37 @@ def set_threads(model: Model) -> None:
         torch.set_num_threads(want)
 
 
-def choose_method(method: str, dim: int) -> str:
-    if method == "auto":
-        return "fullrank" if dim <= AUTO_FULLRANK_MAX else "lowrank"
-    return method
+def model_structure(model: Model, node_plans, program: LogJoint, method: str):
+    """The posterior's coupling structure (ppl/structure.py), for the families that use it."""
+    if method in FAMILIES and FAMILIES[method].needs_structure:
+        return structure_of(model, node_plans, program.blocks, program.dim)
+    return None
 
 
-def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool):
+def choose_method(method: str, dim: int, structure=None):
+    """-> (family name, why).  auto: full-rank while the dimension is small, low-rank plus diagonal above.
+    (The graph family is not chosen by auto yet: its fixed-draw fit is still slower than the target.)"""
+    if method != "auto":
+        return method, ""
+    if dim <= AUTO_FULLRANK_MAX:
+        return "fullrank", ""
+    return "lowrank", f"auto: {dim} dimensions, above the full-rank limit of {AUTO_FULLRANK_MAX}"
+
+
+def make_family(fam_cls, start: Start, gen, config: FitConfig, structure):
+    pre = start.preconditioner(fam_cls.preconditioner)
+    if not fam_cls.needs_structure:
+        return fam_cls(pre, gen, config)
+    precision = None
+    if start.arrow is not None and pre.diag:
+        precision = start.arrow.scaled(pre.A, structure.buckets, structure.globals)
+    try:
+        return fam_cls(pre, gen, config, structure=structure, precision=precision)
+    except (RuntimeError, torch.linalg.LinAlgError):      # the precision at the mode is not positive definite
+        return fam_cls(pre, gen, config, structure=structure)
+
+
+def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, structure=None):
     """-> (the start, the compiled model it was found on).  The Laplace approximation at the mode, or
     a cold start.  Discrete latents on the score path have no mode: the start is then that of the
     model with them summed out, where that is possible."""
@@ -190,11 +220,11 @@ def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool):
     exact_hessian = dim <= FULL_HESSIAN_MAX
     if config.init == "laplace" and dim > 0:
         if not program.score:
-            return laplace(program, full=exact_hessian), program
+            return laplace(program, full=exact_hessian, structure=structure), program
         summed = make_plan(model, "auto", config.opt)
         if not any(np_.estimator == "score" for np_ in summed.values()):
             summed_program = LogJoint(model, summed, program.rt)
-            return laplace(summed_program, full=exact_hessian), summed_program
+            return laplace(summed_program, full=exact_hessian, structure=structure), summed_program
     note = "cold start" + (" (score-function latents)" if program.score else "")
     return cold_start(dim, program.dtype, full, note, program.device), program
 

@@ -37,6 +37,7 @@ class Start:
     evals: int = 0
     cond_sd: torch.Tensor = None      # 1/sqrt(diag(-H)): the mean-field optimum for a Gaussian
     flat: torch.Tensor = None         # (k, D) clamped directions, for ppl/infer/improper.py (after_laplace)
+    arrow: object = None              # the precision's arrow blocks (graph_family.ArrowPrecision), in theta
 
     def diagonal(self) -> torch.Tensor:
         """Scale vector for diagonal families (mean-field, low-rank)."""
@@ -76,8 +77,10 @@ def find_mode(lj):
                  max_iter=MODE_ITERS, max_evals=MODE_EVALS + 2 * lj.dim)
 
 
-def laplace(lj, full: bool = True) -> Start:
-    """`full`: compute the exact Hessian when D <= FULL_HESSIAN_MAX (else a diagonal estimate)."""
+def laplace(lj, full: bool = True, structure=None) -> Start:
+    """`full`: compute the exact Hessian when D <= FULL_HESSIAN_MAX (else a diagonal estimate).
+    `structure` (ppl.structure.Structure): also the precision's arrow blocks, exactly, from a few
+    Hessian-vector products; above FULL_HESSIAN_MAX their diagonal replaces the estimate."""
     D, dtype, device = lj.dim, lj.dtype, lj.device
     cold = cold_start(D, dtype, full, "cold start (no usable mode)", device)
     if D == 0:
@@ -91,10 +94,14 @@ def laplace(lj, full: bool = True) -> Start:
         val = f(mode)
         if not torch.isfinite(val):
             return cold
+        arrow = None if structure is None else _arrow(f, mode, structure)
         if full and D <= FULL_HESSIAN_MAX:
             P = torch.autograd.functional.hessian(f, mode)          # precision: -H of log p
             P = 0.5 * (P + P.T)
             lam, V = torch.linalg.eigh(P)
+        elif arrow is not None:
+            lam = arrow.diagonal(D, structure.buckets, structure.globals)
+            V = None
         else:
             lam = _diag_hessian(f, mode, dtype)
             V = None
@@ -128,7 +135,18 @@ def laplace(lj, full: bool = True) -> Start:
     note = "Laplace at the mode" + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
                                     if bad else "")
     flat = improper.clamped_directions(lam, V, floor) if bad else None   # for improper.after_laplace
-    return Start(mode, A, False, note, evals, cond_sd, flat)
+    return Start(mode, A, False, note, evals, cond_sd, flat, arrow)
+
+
+def _arrow(f, mode, structure):
+    """The precision (-H of log p) at the mode in the structure's arrow blocks."""
+    from .graph_family import arrow_hessian
+    th = mode.clone().requires_grad_(True)
+    g = torch.autograd.grad(f(th), th, create_graph=True)[0]         # gradient of -log p
+
+    def hess_vec(x, v):                                               # H v of log p
+        return -torch.autograd.grad(g, th, v, retain_graph=True)[0].detach()
+    return arrow_hessian(hess_vec, mode, structure.buckets, structure.globals)
 
 
 def _diag_hessian(f, mode, dtype, probes: int = 32):
