@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit the model by variational inference")
     common(f)
-    f.add_argument("--method", default="auto", help="a variational family: auto|meanfield|fullrank|lowrank|flow")
+    f.add_argument("--method", default="auto", help="a variational family: auto|meanfield|fullrank|lowrank|graph|flow")
     f.add_argument("--estimator", default="auto", help="auto|reparam|score|enumerate (for discrete latents)")
     f.add_argument("--objective", default="elbo", help="elbo|iwae|renyi")
     f.add_argument("--alpha", type=float, default=None, help="Renyi alpha (with --objective renyi; default 0.5)")

@@ -4,7 +4,6 @@ from an arrow Hessian computed by a few Hessian-vector products equals the dense
 block moment matching of the fixed draws."""
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import numpy as np
