@@ -13,7 +13,7 @@ import networkx as nx
 
 from .config import python_opt
 from .data import load_data
-from .errors import Source, UsageError, read_source
+from .errors import Diagnostic, PplError, Source, UsageError, read_source
 from .frontend import ast as A
 from .frontend.check import Model, check
 from .frontend.parse import parse
@@ -35,6 +35,7 @@ class PplModel:
         files, objects = _split_data(data)
         if data is None and not sets:
             return check(self.program, self.source, None)
+        _check_data_size(files)
 
         def loader(decls, syms):
             return load_data(decls, files, sets, syms, objects=objects)
@@ -72,6 +73,28 @@ def load(path: str) -> PplModel:
 
 def loads(text: str, path: str = "<string>") -> PplModel:
     return PplModel(Source(path, text))
+
+
+DATA_FACTOR = 3      # peak memory while reading a file, in multiples of its size (text, parsed columns, arrays)
+
+
+def _check_data_size(files: Sequence[str]) -> None:
+    """Refuse data files that cannot be read into the memory available, before reading them."""
+    import os
+    from .infer.budget import available_memory, _gb
+    avail = available_memory()
+    sizes = []
+    for f in files:
+        try:
+            sizes.append((os.path.getsize(f), f))
+        except OSError:
+            pass                      # a missing file is reported, located, by the reader
+    total = sum(s for s, _ in sizes)
+    if avail is not None and sizes and DATA_FACTOR * total > 0.8 * avail:
+        size, biggest = max(sizes)
+        raise PplError([Diagnostic(None, f"the data files take {_gb(total)}; reading them needs about "
+                                   f"{_gb(DATA_FACTOR * total)} of memory, more than the {_gb(avail)} available; "
+                                   f"use fewer rows or columns", biggest)])
 
 
 def _split_data(data: DataArg):

@@ -59,12 +59,18 @@ def _parser() -> argparse.ArgumentParser:
                         "unless --steps, --lr or --mc-samples tune Adam")
     f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
     f.add_argument("--dtype", default="float64", help="float64|float32")
+    f.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse a fit estimated to need more memory than SIZE (e.g. 4G; default: what is available)")
     f.add_argument("--out", metavar="DIR", help="write draws.csv, summary.csv, elbo.csv and run.json to DIR")
     f.add_argument("--force", action="store_true", help="replace an existing --out DIR that ppl wrote")
     f.add_argument("--format", default="table", choices=["table", "json"])
     f.add_argument("--profile", action="store_true", help="print where the time went")
     f.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
     return p
+
+
+_OUT_OF_MEMORY = ("the fit ran out of memory; use a smaller model or data, --method meanfield, fewer "
+                  "--mc-samples or --draws, or set --max-memory so ppl refuses such a fit before it starts")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -92,11 +98,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{args.model}: error: {_OUT_OF_MEMORY}", file=sys.stderr)
+        return EXIT_USER
     except BrokenPipeError:
         return 0
     except Exception as e:  # a bug in ppl, not in the input: still no traceback unless asked
         if args.debug:
             traceback.print_exc()
+        if "can't allocate memory" in str(e) or "out of memory" in str(e).lower():
+            print(f"{args.model}: error: {_OUT_OF_MEMORY}", file=sys.stderr)
+            return EXIT_USER
         print(f"{args.model}: error: internal error ({type(e).__name__}: {e}); "
               f"please report it (rerun with --debug for a traceback)", file=sys.stderr)
         return EXIT_USER

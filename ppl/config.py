@@ -60,6 +60,7 @@ class FitConfig:
     gradient: str = "auto"               # registry ppl.infer.estimators.GRADIENTS or auto (Python only)
     device: str = "cpu"
     dtype: str = "float64"
+    max_memory: Optional[int] = None     # bytes a fit may use (None: the machine's available memory)
     min_steps: int = 300                 # no convergence check before this many Adam steps
     caller: str = "python"               # "cli" or "python": how options are spelled in messages
 
@@ -82,8 +83,22 @@ class FitConfig:
         keys = [f.name for f in fields(cls) if f.name not in ("caller", "min_steps")]
         return cls(caller="cli", **{k: getattr(args, k) for k in keys if hasattr(args, k)}).validated()
 
+    def _check_memory(self):
+        if self.max_memory is None or (isinstance(self.max_memory, int) and not isinstance(self.max_memory, bool)):
+            value = self.max_memory
+        else:
+            from .infer.budget import parse_size
+            try:
+                value = parse_size(self.max_memory)
+            except UsageError as e:
+                self._fail(f"{self.opt('max_memory')} takes {e}")
+        if value is not None and value <= 0:
+            self._fail(f"{self.opt('max_memory')} must be positive, got {self.max_memory!r}")
+        object.__setattr__(self, "max_memory", value)
+
     # ---- validation ---------------------------------------------------------------------------
     def validated(self) -> "FitConfig":
+        self._check_memory()
         self._check_types()
         self._check_ranges()
         self._check_names()

@@ -141,21 +141,40 @@ def profile(timings: Dict[str, float], fit, process_seconds: float) -> str:
 
 
 class Progress:
-    """A one-line progress bar on a terminal (stderr), redrawn at most 10 times a second."""
+    """A one-line progress bar on a terminal (stderr), redrawn at most 10 times a second: steps, the
+    ELBO, the time so far, the rate and the longest time left (the step cap; convergence stops sooner)."""
 
-    def __init__(self):
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.last = 0.0
+        self.start: Optional[float] = None
+        self.width = 0
 
     def __call__(self, t, total, elbo):
         now = time.monotonic()
+        if self.start is None:
+            self.start = now
         if now - self.last < 0.1 and t < total:
             return
         self.last = now
         frac = t / max(total, 1)
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r  step {t:>6}/{total}  [{bar:<30}]  ELBO {elbo:.4g}   ")
-        sys.stderr.flush()
+        bar = "#" * int(20 * frac)
+        elapsed = now - self.start
+        rate = t / elapsed if elapsed > 0 else 0.0
+        left = f"  <= {_duration((total - t) / rate)} left" if rate > 0 and t < total else ""
+        line = (f"  step {t:>6}/{total} [{bar:<20}] ELBO {elbo:.4g}  {_duration(elapsed)}"
+                f"{f', {rate:.0f} steps/s' if rate else ''}{left}")
+        self.width = max(self.width, len(line))
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
 
     def close(self):
-        sys.stderr.write("\r" + " " * 79 + "\r")
-        sys.stderr.flush()
+        self.stream.write("\r" + " " * max(79, self.width) + "\r")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(seconds), 60)
+    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"

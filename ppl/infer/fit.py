@@ -34,7 +34,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import improper
+from . import budget, improper
 from .discrete import discrete_families
 from .draw_stats import column_stats
 from .families import FAMILIES
@@ -122,6 +122,9 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     program = LogJoint(model, node_plans, rt)
     structure = model_structure(model, node_plans, program, config.method)
     method, why = choose_method(config.method, program.dim, structure)
+    largest = program.largest_node()
+    budget.check(model, program, method, config, config.mc_samples or max(1, min(64, MC_BUDGET // largest)),
+                 psis_draws(largest), structure)
     timings["compile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -282,6 +285,11 @@ def optimise(vi: VI, config: FitConfig, S: int, lr: float, cold: bool, progress,
     return result, name
 
 
+def psis_draws(largest: int) -> int:
+    """1000 draws of q for PSIS, fewer (down to 200) when one pass over the data is large."""
+    return min(1000, max(200, PSIS_BUDGET // largest))
+
+
 def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator):
     """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS).
     PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is large;
@@ -289,7 +297,7 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator):
     t0 = time.perf_counter()
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
-        n_psis = min(1000, max(200, PSIS_BUDGET // program.largest_node()))
+        n_psis = psis_draws(program.largest_node())
         n_all = max(n_psis, draws)
         theta, log_q = fam.rsample_with_log_q(n_all)
         z = {k: q.sample(n_all) for k, q in dq.items()}
