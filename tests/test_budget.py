@@ -115,7 +115,7 @@ def test_progress_shows_time_rate_and_time_left():
 
 def test_a_data_file_too_large_for_memory_is_refused(tmp_path, monkeypatch, capsys):
     import ppl.infer.budget as B
-    monkeypatch.setattr(B, "available_memory", lambda: 1000)
+    monkeypatch.setattr(B, "available_memory", lambda: 100)       # bytes: less than the CSV needs
     assert main(["check", *EIGHT]) == 1
     err = capsys.readouterr().err
     assert "eight_schools.csv: error: the data files take" in err and "use fewer rows or columns" in err
