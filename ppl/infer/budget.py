@@ -73,7 +73,9 @@ def family_parameters(method: str, dim: int, rank: Optional[int], structure=None
         h = max(8, min(64, 2 * dim))
         base = dim + dim * dim if dim <= 200 else 2 * dim
         return base + 4 * (dim * h + h + h * 2 * dim + 2 * dim)
-    if method == "graph" and structure is not None:
+    if method == "graph":
+        if structure is None:           # before the structure is known: a few numbers per coordinate
+            return 8 * dim
         G = len(structure.globals)
         return dim + sum(int(b.shape[0]) * (int(b.shape[1]) ** 2 + G * int(b.shape[1])) for b in structure.buckets) \
             + G * G

@@ -46,7 +46,7 @@ import torch
 from ..errors import EXIT_NUMERIC, Diagnostic, PplError, UsageError
 from .estimators import choose_gradient
 from ..registry import Registry
-from .optim import Adam, lbfgs_vg
+from .optim import Adam, lbfgs_vg, plateau
 
 DISCRETE_LR_SCALE = 4.0  # discrete q's logits take larger steps: small score gradients, far-off start
 MAX_FAILURES = 8
@@ -349,8 +349,10 @@ class FixedDraws(Optimizer):
             return -v, g
 
         x0 = fam.flat.detach().clone()
+        plateau_rule = getattr(fam, "fixed_draw_plateau", None)     # (window, nats): stop on a plateau
         x, evals, converged = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20,
-                                       gtol=FIXED_DRAW_GTOL, ftol=1e-10)
+                                       gtol=FIXED_DRAW_GTOL, ftol=1e-10,
+                                       stop=plateau(*plateau_rule) if plateau_rule else None)
         with torch.no_grad():
             fam.flat.copy_(x)
         fam.flat.grad = None

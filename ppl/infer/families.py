@@ -133,6 +133,7 @@ class Family:
         return 32
 
     max_fixed_draws = 16384       # more draws than this buy nothing for this family
+    prefers_fixed_draws = False   # fixed draws even on large data (auto otherwise takes Adam there)
 
     def rewhiten(self) -> None:
         """Move the preconditioner to the current q (families that can; others keep theirs)."""

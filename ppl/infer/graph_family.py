@@ -192,6 +192,10 @@ class GraphGaussian(GaussianFamily):
     # block moment matching makes the fixed-draw optimum exact for a Gaussian posterior with any number
     # of draws above a group's size plus the globals; more draws only tighten non-Gaussian corrections
     max_fixed_draws = 64
+    prefers_fixed_draws = True
+    # L-BFGS creeps along a hierarchy's long valleys: at K = 200 it was within 0.09 nats of the optimum
+    # after 150 of 283 evaluations; stop when 20 iterations gain less than 0.01 nats
+    fixed_draw_plateau = (20, 0.01)
 
     def min_fixed_draws(self) -> int:
         b = max([int(idx.shape[1]) for idx in self.buckets] + [0])

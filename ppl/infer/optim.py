@@ -59,7 +59,8 @@ def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter:
 
 def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Tensor]]], x0: torch.Tensor,
              max_iter: int = 500, history: int = 10, gtol: float = 1e-7, ftol: float = 1e-12,
-             max_evals: Optional[int] = None) -> Tuple[torch.Tensor, int, bool]:
+             max_evals: Optional[int] = None, stop: Optional[Callable[[float], bool]] = None
+             ) -> Tuple[torch.Tensor, int, bool]:
     """Minimise from x0, given x -> (value, gradient); returns (x, evaluations, converged: the
     gradient or the change of the value fell below its tolerance).  A non-finite value or gradient
     counts as +inf (the line search backs off)."""
@@ -127,6 +128,18 @@ def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Te
                 y_hist.pop(0)
         converged = abs(fx - f_new) <= ftol * max(1.0, abs(fx))
         x, fx, g = x_new, f_new, g_new
+        if stop is not None and stop(fx):
+            converged = True
         if converged:
             break
     return x, evals, converged
+
+
+def plateau(window: int, tol: float) -> Callable[[float], bool]:
+    """A stopping rule for `lbfgs_vg`: the value fell by less than `tol` over the last `window` iterations."""
+    values: List[float] = []
+
+    def stop(fx: float) -> bool:
+        values.append(fx)
+        return len(values) > window and values[-window - 1] - fx < tol
+    return stop
