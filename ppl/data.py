@@ -16,6 +16,11 @@ Decisions (also in README.md):
   the glob pattern (fnmatch, case-sensitive).
 - A dimension symbol is bound by the first source that fixes it (scalars in
   JSON / --set first, then data in declaration order); every later use must agree.
+- Before a file is read, its first SNIFF_BYTES are looked at: a spreadsheet
+  (.xlsx/.ods/.xls), a compressed or binary file, UTF-16 text, or a table
+  separated by ';' or tabs (perhaps with decimal commas) is refused with what to
+  do instead.  A CSV with decimal commas *and* ',' separators cannot be told
+  apart reliably and is not guessed at.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import io
 import json
 import math
 import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Dict, List, Optional, Sequence
@@ -182,8 +189,127 @@ def _read_csv_fast(path: str) -> Optional[_Csv]:
     return _Csv(path, Source(path, ""), header, {h: j for j, h in enumerate(header)}, [], [], arr)
 
 
+# ---- files that are not what ppl reads (spreadsheets, other separators, binary) ----
+SNIFF_BYTES = 8192               # detection looks at the head of a file only (large files stay fast)
+
+
+def _sniff(path: str, ext: str) -> None:
+    """Refuse, with what to do instead, a file ppl cannot read as CSV / JSON: a spreadsheet, compressed
+    or binary data, UTF-16 text, a ';'- or tab-separated table.  Reads the first SNIFF_BYTES only;
+    a file that cannot be opened is left to the reader (which reports it)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+            complete = not f.read(1)
+    except OSError:
+        return
+    msg = _binary_kind(head, path)
+    if msg:
+        _fail(None, msg, path)
+    if ext != ".json":
+        _separator(path, head, complete)
+
+
+def _binary_kind(head: bytes, path: str) -> Optional[str]:
+    """A message for a head of bytes that is not UTF-8 text, or None (text, perhaps with a stray bad byte,
+    which the text reader locates)."""
+    if head.startswith(b"PK\x03\x04"):
+        if b"xl/" in head:
+            return "this is an Excel workbook, not a CSV file; export it as CSV (File > Save As > CSV)"
+        if b"opendocument.spreadsheet" in head:
+            return "this is an OpenDocument spreadsheet, not a CSV file; export it as CSV (File > Save As > CSV)"
+        return "this is a zip archive, not a CSV file; unzip it and give the CSV inside"
+    if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
+        return "this is an Excel workbook (.xls), not a CSV file; export it as CSV (File > Save As > CSV)"
+    if head.startswith(b"\x1f\x8b"):
+        return "this is a gzip-compressed file; decompress it first (gunzip)"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or _utf16_without_bom(head):
+        out = shlex.quote(os.path.splitext(path)[0] + "_utf8.csv")
+        return (f"this file is UTF-16 text; ppl reads UTF-8: convert it with "
+                f"iconv -f UTF-16 -t UTF-8 {shlex.quote(path)} > {out}")
+    if not head:
+        return None
+    controls = sum(head.count(b) for b in _CONTROL_BYTES)
+    if controls > max(1, len(head) // 200):
+        return "this is not a text file; ppl reads CSV or JSON text"
+    text = head.decode("utf-8", "replace")
+    bad = text.count("\ufffd") - head.decode("utf-8", "ignore").count("\ufffd")
+    if bad > max(8, len(text) // 10):
+        return "this file is not UTF-8 text (another encoding, or binary); save it as UTF-8 ('CSV UTF-8')"
+    return None
+
+
+def _utf16_without_bom(head: bytes) -> bool:
+    """Mostly ASCII text with a NUL byte after (or before) every character."""
+    if len(head) < 8:
+        return False
+    for enc, zeros in (("utf-16-le", head[1::2]), ("utf-16-be", head[0::2])):
+        if zeros.count(0) > len(zeros) * 0.9:
+            text = head[: len(head) // 2 * 2].decode(enc, "replace")
+            if sum(c.isprintable() or c.isspace() for c in text) > 0.9 * len(text):
+                return True
+    return False
+
+
+_CONTROL_BYTES = [bytes([b]) for b in range(32) if b not in (9, 10, 11, 12, 13, 27)]
+
+
+def _separator(path: str, head: bytes, complete: bool) -> None:
+    """A table with ';' or tab between fields (and perhaps ',' as the decimal mark): a located error at the
+    header's first separator, or at the first decimal comma."""
+    text = head.decode("utf-8", "replace")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.split("\n")
+    if not complete:
+        lines = lines[:-1]                     # the last line may be cut short
+    lines = [ln.rstrip("\r") for ln in lines]
+    first = next((k for k, ln in enumerate(lines) if ln.strip()), None)
+    if first is None:
+        return
+    header = lines[first]
+    for sep, word in ((";", "';'-separated"), ("\t", "tab-separated")):
+        fields = _fields(header, sep)
+        if sum(1 for f in fields if f.strip()) < 2 or len(_fields(header, ",")) > 1:
+            continue
+        src = Source(path, text)
+        dec = None
+        for k in range(first + 1, len(lines)):
+            cells = _fields(lines[k], sep)
+            j = next((j for j, c in enumerate(cells) if _DECIMAL_COMMA.match(c.strip())), None)
+            if j is not None:
+                dec = (k, j)
+                break
+        q = shlex.quote(path)
+        out = shlex.quote(os.path.splitext(path)[0] + "_fixed.csv")
+        tr_sep = "\\t" if sep == "\t" else sep
+        if dec is None:
+            col = header.index(sep) + 1
+            _fail(Span(src, first + 1, col, first + 1, col + 1),
+                  f"this file looks {word}; ppl reads ','-separated files: convert it with "
+                  f"tr '{tr_sep}' ',' < {q} > {out}")
+        k, j = dec
+        parts = lines[k].split(sep)           # columns as written (quotes and all)
+        col = sum(len(c) + 1 for c in parts[:j]) + 1 if j < len(parts) else 1
+        width = len(parts[j]) if j < len(parts) else 1
+        _fail(Span(src, k + 1, col, k + 1, col + max(1, width)),
+              f"this file looks {word} with decimal commas; ppl reads ','-separated files with '.' decimals: "
+              f"convert it with tr ',{tr_sep}' '.,' < {q} > {out}")
+
+
+_DECIMAL_COMMA = re.compile(r"^[-+]?\d*,\d+([eE][-+]?\d+)?$")
+
+
+def _fields(line: str, sep: str) -> List[str]:
+    try:
+        return next(csv.reader([line], delimiter=sep), [])
+    except csv.Error:
+        return line.split(sep)
+
+
 def _read(path: str):
     ext = os.path.splitext(path)[1].lower()
+    _sniff(path, ext)
     try:
         big = ext != ".json" and os.path.getsize(path) > FAST_CSV_BYTES
     except OSError:

@@ -5,7 +5,9 @@ Lark types never leave this module: a syntax error becomes a located
 `PplError`, a parse tree becomes frozen AST nodes with spans.
 
 Only the first syntax error is reported (as stanc3 does); semantic errors are
-all collected by the checker.
+all collected by the checker.  A syntax error that shows a habit from another
+language (a trailing `;`, `target +=`, a Stan block, ...) says what ppl expects
+instead (hints.py).
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import os
 import sys
 from functools import lru_cache
 from importlib import resources
+from typing import Optional
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from ..errors import Diagnostic, PplError, Source, Span, decode_source, read_source
 from . import ast as A
+from .hints import syntax_hint
 
 _BRACKETS_OPEN = {"LPAR", "LSQB", "LESSTHAN"}
 _BRACKETS_CLOSE = {"RPAR", "RSQB", "MORETHAN"}
@@ -99,7 +103,10 @@ def parse(source: Source) -> A.Program:
     except UnexpectedInput as e:
         d = _syntax_diagnostic(e, source)
         opened = getattr(_parser().options.postlex, "opened", [])
-        if opened and d.span is not None and opened[-1].line < d.span.line:
+        hint = _hint(d, opened, source)
+        if hint is not None:
+            d = hint
+        elif opened and d.span is not None and opened[-1].line < d.span.line:
             o = opened[-1]
             d = Diagnostic(d.span, f"{d.message} (inside the '{o}' opened at line {o.line}, column {o.column})")
         raise PplError([d]) from None
@@ -136,6 +143,22 @@ def _check_depth(tree: Tree, source: Source) -> None:
                                        "expression is nested too deeply; "
                                        "split it into several statements")])
         stack.extend((c, d + 1) for c in kids)
+
+
+def _hint(d: Diagnostic, opened, source: Source) -> Optional[Diagnostic]:
+    """The syntax error with a hint for a habit from elsewhere (see hints.py), or None."""
+    s = d.span
+    if s is None:
+        return None
+    before = [(str(t), t.line, t.column) for t in opened if (t.line, t.column) < (s.line, s.col)]
+    try:
+        h = syntax_hint(source, s.line, s.col, before)
+    except Exception:       # a hint is a nicety: never let it hide the syntax error (tests call it bare)
+        h = None
+    if h is None:
+        return None
+    col, end, msg = h
+    return Diagnostic(Span(source, s.line, col, s.line, end), msg)
 
 
 def _describe(tok: Token) -> str:
