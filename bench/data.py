@@ -16,6 +16,14 @@ Models (MODELS below):
   radon           varying intercepts, K=85 counties with string labels, N=919
   linreg_1e4/1e5/1e6   linear regression, D=20, N=10^4, 10^5, 10^6
   mixture         2-component normal mixture, per-row assignments z[N] (N=1,000)
+  hier_k1000, hier_k10000        the non-centred varying-intercepts model with K=1,000 / 10,000 groups
+                                 ("g00017"-style labels, ~20 rows a group, group sd 0.5): N=20,000 / 200,000
+  hier_centred_k1000, hier_slopes_k1000, hier_poisson_k1000, hier_bernoulli_k1000
+                                 K=1,000 variants: centred, varying slopes, Poisson and Bernoulli outcomes
+The hier_* data and model texts come from tests/hier_data.py (shared with the
+tests' fixtures in tests/data/hier/, which regenerate the same data bit for
+bit); each has its own fixed seed stream there, independent of this file's
+model order.
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+import hier_data  # noqa: E402  (tests/hier_data.py: the hier_* generators, shared with the test fixtures)
+
 DATA = os.path.join(HERE, "data")
 SEED = 20261122
 VERSION = 2
@@ -157,6 +168,18 @@ def gen_mixture(rng, n=1000):
     return MIXTURE, {"y": y}, {"N": n, "true": {"w": [w1, 1 - w1], "mu": [-2.0, 2.5], "sigma": [0.7, 1.0]}}
 
 
+def gen_hier(name):
+    """A hier_* model: (model text, columns, meta), from tests/hier_data.py with the model's own seed."""
+    spec = hier_data.SPECS[name]
+    cols, true = hier_data.generate(**spec)
+    meta = {"N": true["N"], "K": true["K"], "family": spec["family"], "generator": spec,
+            "data_sha256": hier_data.data_sha256(cols),
+            "true": {k: v for k, v in true.items() if k not in ("N", "K")}}
+    return hier_data.model_text(spec["family"]), cols, meta
+
+
+HIER_MODELS = list(hier_data.SPECS)
+
 MODELS = {
     "eight_schools": gen_eight_schools,
     "logistic": gen_logistic,
@@ -165,6 +188,8 @@ MODELS = {
     "linreg_1e4": lambda rng: gen_linreg(rng, 10_000),
     "linreg_1e5": lambda rng: gen_linreg(rng, 100_000),
     "linreg_1e6": lambda rng: gen_linreg(rng, 1_000_000),
+    # the hier_* models ignore the per-model stream: each has a fixed seed of its own in tests/hier_data.py
+    **{name: (lambda rng, name=name: gen_hier(name)) for name in HIER_MODELS},
 }
 
 
@@ -233,6 +258,10 @@ def load(name):
     if name == "radon":
         raw = np.loadtxt(csv_p, delimiter=",", skiprows=1, dtype=str)
         cols = {"log_radon": raw[:, 0].astype(float), "floor": raw[:, 1].astype(float), "county": raw[:, 2]}
+    elif name in HIER_MODELS:
+        raw = np.loadtxt(csv_p, delimiter=",", skiprows=1, dtype=str)
+        y = raw[:, 0].astype(np.int64) if meta["family"] in ("poisson", "bernoulli") else raw[:, 0].astype(float)
+        cols = {"y": y, "x": raw[:, 1].astype(float), "g": raw[:, 2]}
     else:
         arr = np.loadtxt(csv_p, delimiter=",", skiprows=1, ndmin=2)
         cols = {h: arr[:, j] for j, h in enumerate(header)}
@@ -251,6 +280,11 @@ def arrays(name):
                 "county": np.array([index[s] for s in cols["county"]], dtype=np.int64), "K": len(labels)}
     if name == "mixture":
         return {"y": cols["y"]}
+    if name in HIER_MODELS:
+        labels = sorted(set(cols["g"].tolist()))               # ppl: distinct string labels sorted -> 1..K
+        index = {s: i for i, s in enumerate(labels)}
+        return {"y": cols["y"], "x": cols["x"], "g": np.array([index[s] for s in cols["g"]], dtype=np.int64),
+                "K": len(labels), "family": meta["family"]}
     xs = sorted((h for h in cols if h.startswith("x")), key=lambda h: int(h[1:]))
     return {"X": np.stack([cols[h] for h in xs], 1), "y": cols["y"]}
 

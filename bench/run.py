@@ -19,6 +19,13 @@ Metrics (--metrics, default all):
   scaling  linear regression at N=1e4, 1e5, 1e6 (D=20): per-step time and peak RSS
            vs N, and peak RSS of a default `ppl fit` at N=1e6 against the target
   latency  `ppl check` and `ppl graph` whole-process wall time
+  hier     thousands of latents (the hier_* models, not in the default selection:
+           `--metrics hier`, or `--metrics fit --models hier_k1000,...`): NUTS
+           references (bench/systems/numpyro_nuts.py, cached in bench/results/nuts/),
+           ppl's default fit (timeout --hier-timeout, 300 s), and the time to an
+           accurate fit of NumPyro AutoNormal / AutoLowRankMultivariateNormal and
+           PyMC ADVI under the issue's bar (globals within 0.25 sd and 30% in sd,
+           at least 95% of the group latents too); bench/results/hier.json
 
 Every timed run is a whole process (subprocess, wall clock; peak RSS from
 wait4's rusage), repeated in interleaved rounds (A B C A B C ..., the order
@@ -56,12 +63,30 @@ PROJECT_PY = os.environ.get("PROJECT_PYTHON", os.path.join(ROOT, ".venv", "bin",
 PEERS_PY = os.environ.get("PEERS_PYTHON", os.path.join(BENCH, ".venv-peers", "bin", "python"))
 WARM_DIR = os.path.join(BENCH, ".cache", "pytensor-warm")
 sys.path.insert(0, SYSTEMS_DIR)
-from common import MEAN_TOL, SD_TOL, accuracy  # noqa: E402
+from common import (HIER_LOCAL_FRAC, HIER_MEAN_TOL, HIER_MODELS, HIER_SD_TOL, MEAN_TOL, SD_TOL,  # noqa: E402
+                    accuracy, hier_accuracy)
 
 FIT_MODELS = ["eight_schools", "logistic", "radon", "mixture", "linreg_1e4"]
 SCALING_MODELS = ["linreg_1e4", "linreg_1e5", "linreg_1e6"]
 ALL_MODELS = FIT_MODELS + ["linreg_1e5", "linreg_1e6"]
 ALL_SYSTEMS = ["ppl", "torch_loop", "pyro", "numpyro", "pymc"]
+# the hier_* models (thousands of group latents) are valid --models but not in the default selection
+KNOWN_MODELS = ALL_MODELS + list(HIER_MODELS)
+
+# the hier metric's peers: (system, family) -> lr grids (full, quick); fullrank is out of reach at K=10,000
+HIER_PEERS = {
+    "numpyro|meanfield": dict(system="numpyro", family="meanfield", lrs=[0.003, 0.01, 0.001], quick_lrs=[0.003]),
+    "numpyro|lowrank": dict(system="numpyro", family="lowrank", lrs=[0.003, 0.01, 0.001], quick_lrs=[0.003]),
+    "pymc|meanfield": dict(system="pymc", family="meanfield", lrs=["adam:0.003", "adam:0.01", None],
+                           quick_lrs=["adam:0.003"]),
+}
+HIER_LABEL = {"numpyro|meanfield": "NumPyro AutoNormal", "numpyro|lowrank": "NumPyro AutoLowRankMVN",
+              "pymc|meanfield": "PyMC ADVI"}
+HIER_CAP = {}                              # step caps of the search by model (default HIER_CAP_DEFAULT)
+HIER_CAP_DEFAULT = 10000
+HIER_DRAWS = 2000                          # draws per accuracy judgement (MC error ~0.02 sd, ~1.6% in sd)
+HIER_NUTS = dict(warmup=1000, samples=2000, chains=2)          # chains: 1 at K=10,000 (HIER_NUTS_CHAINS)
+HIER_NUTS_CHAINS = {"hier_k10000": 1}
 
 # long reference runs (torch_loop): init, lr, MC samples, steps; iterate average over the last half, 100k draws
 REF_SETTINGS = {
@@ -684,6 +709,222 @@ def metric_latency(opts, models):
     return out
 
 
+# ---- metric: thousands of latents (hier_* models) against NUTS ------------------------------------------------------
+def nuts_reference(model, opts):
+    """bench/results/nuts/MODEL.json (numpyro_nuts.py; run here when missing or --fresh)."""
+    path = rpath(f"nuts/{model}.json")
+    ref = None if opts.fresh else load_json(f"nuts/{model}.json")
+    if ref is None:
+        argv = [PEERS_PY, os.path.join(SYSTEMS_DIR, "numpyro_nuts.py"), model, "--out", path,
+                "--warmup", str(HIER_NUTS["warmup"]), "--samples", str(HIER_NUTS["samples"]),
+                "--chains", str(HIER_NUTS_CHAINS.get(model, HIER_NUTS["chains"]))]
+        log(f"NUTS reference {model} ({HIER_NUTS})")
+        r = run_proc(argv, thread_env(1), timeout=3600)
+        ref = load_json(f"nuts/{model}.json")
+        if r["rc"] != 0 or ref is None:
+            raise RuntimeError(f"NUTS reference failed for {model}: {r['stderr']}")
+        ref["peak_rss_mb"] = r["rss_mb"]
+        save_json(f"nuts/{model}.json", ref)
+    return ref
+
+
+def hier_judge(params, ref):
+    h = hier_accuracy(params, ref)
+    tau = params.get("tau") or {}
+    return dict(h, tau_mean=tau.get("mean"), tau_sd=tau.get("sd"))
+
+
+def hier_search_run(cfg, model, lr, seed, cap, env, timeout):
+    """One checkpointed run of a peer, stopping after two accurate checkpoints in a row (the hier rule)."""
+    pts = grid(cap)
+    argv = system_argv(cfg["system"], model, cap, seed, cfg["family"], lr=lr, draws=HIER_DRAWS,
+                       extra=["--checkpoints", ",".join(map(str, pts)), "--ref", rpath(f"nuts/{model}.json"),
+                              "--stop-after", "2", "--rule", "hier"])
+    if cfg["system"] == "pymc":
+        env, _ = pymc_env(env, cold=False)
+    r = run_proc(argv, env, timeout=timeout)
+    rec = last_json(r["stdout"])
+    trace = []
+    for n, cp in sorted(((rec or {}).get("checkpoints") or {}).items(), key=lambda kv: int(kv[0])):
+        a = cp.get("_acc", {})
+        tau = cp.get("tau") or {}
+        trace.append([int(n), a.get("dmean"), a.get("dsd"), a.get("local_ok_frac"), bool(a.get("ok")),
+                      tau.get("mean"), tau.get("sd")])
+    first = None
+    if rec and rec.get("stopped_at") is not None:
+        for row in reversed(trace):
+            if not row[4]:
+                break
+            first = row[0]
+    out = {"lr": lr, "seed": seed, "cap": cap, "rc": r["rc"], "timeout": r["timeout"], "first_accurate": first,
+           "trace": trace, "wall": round(r["wall"], 2), "rss_mb": round(r["rss_mb"], 1)}
+    if r["rc"] != 0:
+        out["error"] = r["stderr"][-600:]
+    last = trace[-1] if trace else None
+    log(f"  search {cfg['system']}/{cfg['family']} {model} lr={lr}: "
+        + (f"accurate from {first} steps" if first else
+           f"not accurate within {last[0] if last else cap}" + (" (timeout)" if r["timeout"] else "")
+           + (f" (exit {r['rc']})" if r["rc"] and not r["timeout"] else ""))
+        + (f", last: globals {last[1]:.2f} sd / {100 * last[2]:.0f}% sd, {100 * last[3]:.1f}% of locals ok"
+           if last and last[1] is not None and math.isfinite(last[1]) else "") + f"  [{r['wall']:.0f} s]")
+    return out
+
+
+def metric_hier(opts, vers, models):
+    env = thread_env(opts.threads)
+    seed = opts.seeds[0]
+    cache = {} if opts.fresh else load_json("search_cache.json", {})
+    out = {}
+    for m in models:
+        ref_rec = nuts_reference(m, opts)
+        ref = ref_rec["params"]
+        res = {"nuts": {"settings": ref_rec.get("settings"), "wall_seconds": ref_rec.get("wall_seconds"),
+                        "phases": ref_rec.get("phases"), "divergences": ref_rec.get("divergences"),
+                        "steps_per_draw": ref_rec.get("steps_per_draw"), "rss_mb": ref_rec.get("peak_rss_mb"),
+                        "globals": {k: v for k, v in ref.items() if "[" not in k},
+                        "diagnostics": ref_rec.get("diagnostics")}}
+        # 1. ppl's default fit, as a user runs it
+        if "ppl" in opts.systems:
+            r = run_proc(ppl_argv(m, seed), env, timeout=opts.hier_timeout)
+            rec = last_json(r["stdout"]) if r["rc"] == 0 else None
+            row = {"wall": round(r["wall"], 2), "rss_mb": round(r["rss_mb"], 1), "rc": r["rc"],
+                   "timeout": r["timeout"], "seed": seed}
+            if rec:
+                row.update(method=rec.get("method"), steps=ppl_steps(rec), converged=rec.get("converged"),
+                           verdict=rec.get("verdict"), khat=rec.get("khat"), seconds=rec.get("seconds"),
+                           **hier_judge(rec["params"], ref))
+            else:
+                row["error"] = r["stderr"][-600:]
+            res["ppl"] = row
+            log(f"ppl {m}: " + (f"killed at the {opts.hier_timeout:.0f} s timeout" if r["timeout"] else
+                                f"exit {r['rc']}" if r["rc"] else
+                                f"{r['wall']:.1f} s, {r['rss_mb']:.0f} MB, {row.get('method')}, tau "
+                                f"{row['tau_mean']:.4g} ± {row['tau_sd']:.3g}, "
+                                f"{'accurate' if row['ok'] else 'NOT accurate'}"))
+        # 2. the peers: step search (one seed) over a small lr grid, then one timed run at the steps found
+        res["peers"] = {}
+        for cid, cfg in HIER_PEERS.items():
+            if cfg["system"] not in opts.systems:
+                continue
+            lrs = cfg["quick_lrs"] if opts.quick else cfg["lrs"]
+            cap = opts.cap or HIER_CAP.get(m, HIER_CAP_DEFAULT)
+            key = json.dumps(["hier", cid, m, seed, [repr(x) for x in lrs], cap, HIER_DRAWS, data_version(),
+                              vers.get("peers", {}), ref_rec.get("settings"),
+                              hashlib.sha1(open(os.path.join(SYSTEMS_DIR, PEERS[cfg["system"]]["script"]),
+                                                "rb").read()).hexdigest()[:12]], sort_keys=True)
+            if key in cache:
+                srch = cache[key]
+                log(f"search {cid} {m}: cached ({srch['steps']} steps, lr {srch['lr']})")
+            else:
+                log(f"search {cid} {m} (lrs {lrs}, cap {cap})")
+                runs, best = {}, None
+                for lr in lrs:
+                    c = cap if best is None else min(cap, best[1])
+                    run = hier_search_run(cfg, m, lr, seed, c, env, opts.hier_search_timeout)
+                    runs[repr(lr)] = run
+                    if run["first_accurate"] is not None and (best is None or run["first_accurate"] < best[1]):
+                        best = (lr, run["first_accurate"])
+                srch = {"runs": runs, "lrs": lrs, "cap": cap, "seed": seed,
+                        "steps": best[1] if best else None, "lr": best[0] if best else lrs[0]}
+                cache[key] = srch
+                save_json("search_cache.json", cache)
+            row = {"search": srch, "steps": srch["steps"], "lr": srch["lr"], "reached": srch["steps"] is not None}
+            if srch["steps"] is not None:
+                # the timed run: exactly that many steps, default draws, a clean process
+                tenv = pymc_env(env, cold=False)[0] if cfg["system"] == "pymc" else env
+                r = run_proc(system_argv(cfg["system"], m, srch["steps"], seed, cfg["family"], lr=srch["lr"]),
+                             tenv, timeout=opts.hier_search_timeout)
+                rec = last_json(r["stdout"]) if r["rc"] == 0 else None
+                row.update(wall=round(r["wall"], 2), rss_mb=round(r["rss_mb"], 1), rc=r["rc"],
+                           phases=(rec or {}).get("phases"), rank=(rec or {}).get("rank"))
+                if rec:
+                    row["final"] = hier_judge(rec["params"], ref)
+                log(f"time {cid} {m}: {srch['steps']} steps (lr {srch['lr']}): {r['wall']:.1f} s, "
+                    f"{r['rss_mb']:.0f} MB" + (f" (exit {r['rc']})" if r["rc"] else ""))
+            else:
+                last = max(srch["runs"].values(), key=lambda x: (x["trace"][-1][0] if x["trace"] else 0))
+                row.update(wall_bound=last["wall"], rss_mb=last.get("rss_mb"), timeout=last.get("timeout"),
+                           last_checkpoint=last["trace"][-1] if last["trace"] else None)
+            res["peers"][cid] = row
+        out[m] = res
+        # saved model by model: a long run stopped half-way keeps what it measured
+        merge_save("hier.json", {"models": {m: res}, "rule": {"mean_tol": HIER_MEAN_TOL, "sd_tol": HIER_SD_TOL,
+                                                              "local_frac": HIER_LOCAL_FRAC, "draws": HIER_DRAWS}},
+                   [m])
+    text = []
+    report_hier(load_json("hier.json"), text.append, [])
+    sys.stdout.write("\n".join(text) + "\n")
+    return out
+
+
+def report_hier(hier, w, summary):
+    rule = hier.get("rule", {})
+    w("## Thousands of latents: hierarchical models against NUTS\n")
+    w(f"Reference: NumPyro NUTS (float64, {HIER_NUTS['warmup']} warm-up + {HIER_NUTS['samples']} draws per chain, "
+      "two chains at K=1,000 and one at K=10,000, run one after the other; bench/systems/numpyro_nuts.py; `NUTS s` "
+      "is its whole process). Accurate: every global latent's mean within "
+      f"{rule.get('mean_tol', HIER_MEAN_TOL)} NUTS sd and its sd within {100 * rule.get('sd_tol', HIER_SD_TOL):.0f}%, "
+      f"and at least {100 * rule.get('local_frac', HIER_LOCAL_FRAC):.0f}% of the group latents within the same, "
+      f"from {rule.get('draws', HIER_DRAWS)} draws (ppl: its default 1000). ppl runs its defaults with a "
+      "timeout; each peer's steps are searched on one seed (checkpoints 50·2^(k/4), two accurate in a row) over a "
+      "small lr grid, then one clean process at that step count is timed. Peak RSS from wait4.\n")
+    w("| model | NUTS s | tau (NUTS) | system | steps (lr) | wall s | peak RSS MB | tau | globals worst (sd / sd%) "
+      "| locals ok | accurate |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
+    verdicts = []
+
+    def f(x, nd=3):
+        return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}g}"
+    for m, r in hier.get("models", {}).items():
+        n = r["nuts"]
+        t = n["globals"].get("tau", {})
+        head = f"| {m} | {f(n.get('wall_seconds'))} | {f(t.get('mean'), 4)} ± {f(t.get('sd'), 2)} |"
+        rows = []
+        p = r.get("ppl")
+        if p:
+            if p.get("timeout"):
+                rows.append(f" ppl fit (defaults) | killed at timeout | > {p['wall']:.0f} | {p['rss_mb']:.0f} | — | — "
+                            "| — | **no** |")
+            elif p.get("rc"):
+                rows.append(f" ppl fit (defaults) | exit {p['rc']} | {p['wall']:.1f} | {p['rss_mb']:.0f} | — | — | — "
+                            "| **no** |")
+            else:
+                rows.append(f" ppl fit (defaults) | {p.get('steps')}, {p.get('method')} | {p['wall']:.1f} | "
+                            f"{p['rss_mb']:.0f} | {f(p.get('tau_mean'), 4)} ± {f(p.get('tau_sd'), 2)} | "
+                            f"{f(p.get('dmean'))} / {f(100 * p['dsd'] if p.get('dsd') is not None else None)}% "
+                            f"({p.get('worst')}) | {100 * p['local_ok_frac']:.1f}% | "
+                            f"{'yes' if p['ok'] else '**no**'} |")
+            verdicts.append((m, p))
+        for cid, q in r.get("peers", {}).items():
+            lab = HIER_LABEL.get(cid, cid)
+            if q.get("reached"):
+                fin = q.get("final") or {}
+                rows.append(f" {lab} | {q['steps']} ({q['lr']}) | {f(q.get('wall'))} | {f(q.get('rss_mb'), 4)} | "
+                            f"{f(fin.get('tau_mean'), 4)} ± {f(fin.get('tau_sd'), 2)} | {f(fin.get('dmean'))} / "
+                            f"{f(100 * fin['dsd'] if fin.get('dsd') is not None else None)}% | "
+                            f"{f(100 * fin['local_ok_frac'] if fin.get('local_ok_frac') is not None else None)}% | "
+                            f"yes{'' if fin.get('ok') else ' (in the search; not on the timed run)'} |")
+            else:
+                lc = q.get("last_checkpoint") or [None] * 7
+                lrs = ", ".join(str(x) for x in q["search"]["lrs"])
+                rows.append(f" {lab} | not within {lc[0] or q['search']['cap']} (lr {lrs})"
+                            f"{' (timeout)' if q.get('timeout') else ''} | ≥ {f(q.get('wall_bound'))} | "
+                            f"{f(q.get('rss_mb'), 4)} | {f(lc[5], 4)} ± {f(lc[6], 2)} | {f(lc[1])} / "
+                            f"{f(100 * lc[2] if lc[2] is not None else None)}% | "
+                            f"{f(100 * lc[3] if lc[3] is not None else None)}% | **no** |")
+        for i, row in enumerate(rows):
+            w((head if i == 0 else "| | | |") + row)
+    w("")
+    if verdicts:
+        def one(m, p):
+            if p.get("timeout") or p.get("rc"):
+                return f"{m} " + ("timeout" if p.get("timeout") else f"exit {p['rc']}")
+            return f"{m} {p['wall']:.0f} s {'ok' if p.get('ok') else 'wrong'}"
+        n_ok = sum(1 for _, p in verdicts if p.get("ok") and not p.get("rc"))
+        summary.append(("default `ppl fit` accurate on the hier models (NUTS, the issue's bar)",
+                        "; ".join(one(m, p) for m, p in verdicts), f"{n_ok}/{len(verdicts)}"))
+
+
 # ---- the report ----------------------------------------------------------------------------------------------------
 def fmt_s(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
@@ -700,6 +941,7 @@ def report(command):
     scal = load_json("scaling.json")
     mem = load_json("memory.json")
     lat = load_json("latency.json")
+    hier = load_json("hier.json")
     L = []
     w = L.append
     w("# ppl benchmarks\n")
@@ -753,6 +995,8 @@ def report(command):
         report_scaling(scal, mem, w, summary)
     if lat:
         report_latency(lat, w, summary)
+    if hier:
+        report_hier(hier, w, summary)
     text = "\n".join(L) + "\n"
     # the summary of targets goes first, after the header block
     head, _, rest = text.partition("## Machine and versions")
@@ -1024,7 +1268,10 @@ def main(argv=None):
     ap.add_argument("--models", help=f"comma-separated (default: all of {','.join(ALL_MODELS)})")
     ap.add_argument("--systems", help=f"comma-separated (default: {','.join(ALL_SYSTEMS)})")
     ap.add_argument("--metrics", default="fit,perstep,scaling,latency",
-                    help="comma-separated of fit, perstep, scaling, latency")
+                    help="comma-separated of fit, perstep, scaling, latency, hier")
+    ap.add_argument("--hier-timeout", type=float, default=300, help="seconds for ppl's default fit (hier)")
+    ap.add_argument("--hier-search-timeout", type=float, default=900,
+                    help="seconds for each peer's search or timed run (hier)")
     ap.add_argument("--seeds", type=int, help="search seeds (default 3, quick 2)")
     ap.add_argument("--reps", type=int, help="timed rounds (default 5, quick 3)")
     ap.add_argument("--cold-reps", type=int, help="PyMC cold-cache rounds (default 3, quick 1)")
@@ -1044,15 +1291,16 @@ def main(argv=None):
     if opts.report:
         report(command)
         return 0
-    opts.models = opts.models.split(",") if opts.models else ALL_MODELS
+    metrics = opts.metrics.split(",")
+    opts.models = opts.models.split(",") if opts.models else (
+        list(HIER_MODELS) if metrics == ["hier"] else ALL_MODELS)
     opts.systems = opts.systems.split(",") if opts.systems else ALL_SYSTEMS
     for m in opts.models:
-        if m not in ALL_MODELS:
+        if m not in KNOWN_MODELS:
             ap.error(f"unknown model {m}")
     for s in opts.systems:
         if s not in ALL_SYSTEMS:
             ap.error(f"unknown system {s}")
-    metrics = opts.metrics.split(",")
     opts.seeds = list(range(1, 1 + (opts.seeds or (2 if opts.quick else 3))))
     opts.reps = opts.reps or (3 if opts.quick else 5)
     opts.cold_reps = opts.cold_reps if opts.cold_reps is not None else (1 if opts.quick else 3)
@@ -1109,8 +1357,11 @@ def main(argv=None):
             meta.setdefault("failures", []).append(f"{name}: {type(e).__name__}: {e}")
 
     fit_models = [m for m in opts.models if m in FIT_MODELS]
-    if "fit" in metrics:
+    hier_models = [m for m in opts.models if m in HIER_MODELS]
+    if "fit" in metrics and fit_models:
         attempt("fit", metric_fit, opts, vers)
+    if ("hier" in metrics or "fit" in metrics) and hier_models:
+        attempt("hier", metric_hier, opts, vers, hier_models)
     if "perstep" in metrics and "ppl" in opts.systems and fit_models:
         attempt("perstep", metric_perstep, opts, fit_models, "perstep.json")
     if "latency" in metrics and "ppl" in opts.systems and fit_models:

@@ -12,7 +12,9 @@ wherever PYTENSOR_FLAGS=compiledir=... points: the driver gives a cold run a
 fresh empty directory and a warm run a shared, already-filled one.  The
 mixture's assignment is summed out by pm.NormalMixture; `mu` uses PyMC's
 ordered transform.  Means and sds come from approx.sample(draws) (the
-Deterministic theta included), in constrained space.
+Deterministic theta included), in constrained space.  The hier_* models
+(thousands of group latents; tests/hier_data.TEXTS) are judged with --rule hier
+against their NUTS references (bench/systems/numpyro_nuts.py).
 """
 from __future__ import annotations
 
@@ -33,8 +35,42 @@ ph.mark("startup+imports")
 warnings.filterwarnings("ignore")
 
 
+def build_hier(d):
+    fam, K, g, x = d["family"], int(d["K"]), d["g"], d["x"]
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0, 5)
+        tau = pm.HalfNormal("tau", 2)
+        if fam == "centred":
+            a = pm.Normal("a", mu, tau, shape=K)
+        else:
+            z = pm.Normal("z", 0, 1, shape=K)
+        b = pm.Normal("b", 0, 5)
+        names = ["mu", "tau", "a" if fam == "centred" else "z", "b"]
+        if fam == "slopes":
+            tau_b = pm.HalfNormal("tau_b", 2)
+            zb = pm.Normal("zb", 0, 1, shape=K)
+            names += ["tau_b", "zb"]
+        if fam == "centred":
+            eta = a[g] + b * x
+        elif fam == "slopes":
+            eta = mu + tau * z[g] + (b + tau_b * zb[g]) * x
+        else:
+            eta = mu + tau * z[g] + b * x
+        if fam == "poisson":
+            pm.Poisson("y", mu=pm.math.exp(eta), observed=d["y"])
+        elif fam == "bernoulli":
+            pm.Bernoulli("y", logit_p=eta, observed=d["y"])
+        else:
+            sigma = pm.HalfNormal("sigma", 2)
+            names.append("sigma")
+            pm.Normal("y", eta, sigma, observed=d["y"])
+    return model, names
+
+
 def build(d):
     m = args.model
+    if m in bench_data.HIER_MODELS:
+        return build_hier(d)
     with pm.Model() as model:
         if m == "eight_schools":
             mu = pm.Normal("mu", 0, 5)
