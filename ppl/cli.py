@@ -141,7 +141,15 @@ def cmd_check(args) -> int:
     no = sum(1 for n in model.nodes.values() if n.kind == "observed")
     sizes = ", ".join(f"{k}={v}" for k, v in model.dims.items())
     print(f"{args.model}: ok ({nl} latent, {no} observed" + (f"; {sizes}" if sizes else "") + ")")
+    _print_warnings(model)
     return 0
+
+
+def _print_warnings(model_or_program) -> None:
+    """Non-fatal notes on the model (a variance passed where a scale is taken), to stderr."""
+    from .frontend.hints import warnings
+    for w in warnings(model_or_program):
+        print(w.render(), file=sys.stderr)
 
 
 GRAPH_SUFFIXES = {".txt": "text", ".dot": "dot", ".gv": "dot", ".json": "json", ".png": "png", ".svg": "svg"}
@@ -199,6 +207,7 @@ def cmd_fit(args) -> int:
     t0 = time.perf_counter()
     m = load(args.model)
     timings["parse"] = time.perf_counter() - t0
+    _print_warnings(m.program)
     try:
         f = m.fit(_data_arg(args) or [], args.set, config=config, progress=bar)
     finally:

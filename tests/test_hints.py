@@ -246,3 +246,13 @@ def test_sniff_never_raises_anything_but_a_located_error(tmp_path_factory, blob,
     except PplError as e:
         (d,) = e.diagnostics
         assert d.render().startswith(str(p) + ":")
+
+
+def test_the_variance_warning_reaches_check_and_fit(tmp_path, capsys):
+    from ppl.cli import main
+    (tmp_path / "v.ppl").write_text("data y: real[N]\nmu ~ normal(0, 1)\nsigma2 ~ gamma(2, 2)\ny ~ normal(mu, sigma2)\n")
+    (tmp_path / "v.csv").write_text("y\n1\n2\n0.5\n")
+    for argv in (["check"], ["fit", "--steps", "50", "--draws", "50"]):
+        assert main([argv[0], str(tmp_path / "v.ppl"), str(tmp_path / "v.csv"), *argv[1:]]) == 0
+        err = capsys.readouterr().err
+        assert "4:16: warning: normal takes an sd; 'sigma2' looks like a variance" in err, err

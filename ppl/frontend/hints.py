@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .. import distributions as DS
 from .. import functions as FN
-from ..errors import Diagnostic, Source, Span, _printable
+from ..errors import Diagnostic, Source, _printable
 from . import ast as A
 
 # (first column, end column (exclusive), message), columns 1-based on the error's line
