@@ -149,6 +149,27 @@ class Progress:
         self.last = 0.0
         self.start: Optional[float] = None
         self.width = 0
+        self.name = "optimise"
+        self.count = 0
+
+    def phase(self, name: str) -> None:
+        """A stage begins (mode search, optimise, draws): its own clock and counter."""
+        self.name, self.start, self.count, self.last = name, time.monotonic(), 0, 0.0
+
+    def tick(self, value=None) -> None:
+        """One evaluation of a stage without a known length (L-BFGS, chunks of draws)."""
+        self.count += 1
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        if now - self.last < 0.1:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = self.count / elapsed if elapsed > 0 else 0.0
+        what = "" if value is None or value != value else f"  objective {value:.6g}"
+        self._show(f"  {self.name}: {self.count} evaluations{what}  {_duration(elapsed)}"
+                   f"{f', {rate:.0f}/s' if rate else ''}")
 
     def __call__(self, t, total, elbo):
         now = time.monotonic()
@@ -162,8 +183,10 @@ class Progress:
         elapsed = now - self.start
         rate = t / elapsed if elapsed > 0 else 0.0
         left = f"  <= {_duration((total - t) / rate)} left" if rate > 0 and t < total else ""
-        line = (f"  step {t:>6}/{total} [{bar:<20}] ELBO {elbo:.4g}  {_duration(elapsed)}"
-                f"{f', {rate:.0f} steps/s' if rate else ''}{left}")
+        self._show(f"  {self.name}: step {t:>6}/{total} [{bar:<20}] ELBO {elbo:.4g}  {_duration(elapsed)}"
+                   f"{f', {rate:.0f} steps/s' if rate else ''}{left}")
+
+    def _show(self, line: str) -> None:
         self.width = max(self.width, len(line))
         self.stream.write("\r" + line.ljust(self.width))
         self.stream.flush()

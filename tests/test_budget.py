@@ -108,9 +108,28 @@ def test_progress_shows_time_rate_and_time_left():
     bar(1, 1000, -12.5)
     time.sleep(0.15)
     bar(100, 1000, -11.0)
+    bar.phase("mode search")
+    for _ in range(3):
+        bar.tick(12.0)
+        time.sleep(0.11)
     bar.close()
     text = buf.getvalue()
     assert "step    100/1000" in text and "steps/s" in text and "left" in text and "ELBO -11" in text
+    assert "mode search: 2 evaluations" in text or "mode search: 3 evaluations" in text
+
+
+def test_a_fit_reports_its_phases_to_a_progress_display():
+    import io
+    from ppl.report import Progress
+    buf = io.StringIO()
+    seen = []
+
+    class Recording(Progress):
+        def phase(self, name):
+            seen.append(name)
+            super().phase(name)
+    ppl.load(EIGHT[0]).fit(EIGHT[1], progress=Recording(buf))
+    assert seen == ["mode search", "optimise", "draws"]
 
 
 def test_a_data_file_too_large_for_memory_is_refused(tmp_path, monkeypatch, capsys):

@@ -306,20 +306,20 @@ class FixedDraws(Optimizer):
 
     @classmethod
     def run(cls, vi: VI, S: int, lr: float, max_steps: int, tol: float, min_steps: int, progress=None,
-            cold: bool = False, gen: torch.Generator = None, **_):
+            cold: bool = False, gen: torch.Generator = None, on_eval=None, **_):
         # Adam only to get near (a Laplace start already is); fixed draws and L-BFGS do the rest
         warm = min(max_steps, WARMUP_STEPS if cold else 0)
         res = vi.run(vi.init(lr, S), warm, tol, warm, progress)
         largest = vi.program.largest_node()
         n_fixed = min(cls.draw_count(vi.family.min_fixed_draws(), largest),
                       max(vi.family.min_fixed_draws(), vi.family.max_fixed_draws))
-        evals, converged, values = cls.finish(vi, n_fixed, gen, largest)
+        evals, converged, values = cls.finish(vi, n_fixed, gen, largest, on_eval)
         if not values:   # the fixed-draw objective was not finite at the start: stochastic steps after all
             return None
         return OptimResult(res.trace + values, converged, res.steps, evals, n_fixed)
 
     @staticmethod
-    def finish(vi: VI, n_fixed: int, gen: torch.Generator, largest: int):
+    def finish(vi: VI, n_fixed: int, gen: torch.Generator, largest: int, on_eval=None):
         """Whiten by the current q, fix n_fixed moment-matched draws (mean 0, covariance I exactly: for a
         Gaussian posterior the fixed-draw optimum is the exact one), minimise with L-BFGS.
         -> (evaluations, converged, objective values; none when not finite at the start)."""
@@ -352,7 +352,8 @@ class FixedDraws(Optimizer):
         plateau_rule = getattr(fam, "fixed_draw_plateau", None)     # (window, nats): stop on a plateau
         x, evals, converged = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20,
                                        gtol=FIXED_DRAW_GTOL, ftol=1e-10,
-                                       stop=plateau(*plateau_rule) if plateau_rule else None)
+                                       stop=plateau(*plateau_rule) if plateau_rule else None,
+                                       on_eval=None if on_eval is None else (lambda v: on_eval(-v)))
         with torch.no_grad():
             fam.flat.copy_(x)
         fam.flat.grad = None

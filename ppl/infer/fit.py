@@ -130,9 +130,10 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["compile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    _phase(progress, "mode search")
     fam_cls = FAMILIES[method]
     start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
-                                      structure if fam_cls.needs_structure else None)
+                                      structure if fam_cls.needs_structure else None, _ticker(progress))
     improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
     timings["init"] = time.perf_counter() - t0
 
@@ -147,11 +148,13 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     S = mc_samples(config, vi)
     lr = step_size(config, vi, S, start.cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
+    _phase(progress, "optimise")
     result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
     improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
     timings["optimise"] = time.perf_counter() - t0
 
-    draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen)
+    _phase(progress, "draws")
+    draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
     timings["draws"], timings["khat"] = t_draws, t_khat
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
@@ -243,7 +246,18 @@ def make_family(fam_cls, start: Start, gen, config: FitConfig, structure):
         return fam_cls(pre, gen, config, structure=structure)
 
 
-def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, structure=None):
+def _phase(progress, name: str) -> None:
+    """Tell a progress display (one with `phase`) that a stage begins; plain callbacks are left alone."""
+    if hasattr(progress, "phase"):
+        progress.phase(name)
+
+
+def _ticker(progress):
+    """A progress display's per-evaluation `tick(value)`, or None."""
+    return getattr(progress, "tick", None) if progress is not None else None
+
+
+def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, structure=None, on_eval=None):
     """-> (the start, the compiled model it was found on).  The Laplace approximation at the mode, or
     a cold start.  Discrete latents on the score path have no mode: the start is then that of the
     model with them summed out, where that is possible."""
@@ -251,11 +265,12 @@ def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, s
     exact_hessian = dim <= FULL_HESSIAN_MAX
     if config.init == "laplace" and dim > 0:
         if not program.score:
-            return laplace(program, full=exact_hessian, structure=structure), program
+            return laplace(program, full=exact_hessian, structure=structure, on_eval=on_eval), program
         summed = make_plan(model, "auto", config.opt)
         if not any(np_.estimator == "score" for np_ in summed.values()):
             summed_program = LogJoint(model, summed, program.rt)
-            return laplace(summed_program, full=exact_hessian, structure=structure), summed_program
+            return laplace(summed_program, full=exact_hessian, structure=structure, on_eval=on_eval), \
+                summed_program
     note = "cold start" + (" (score-function latents)" if program.score else "")
     return cold_start(dim, program.dtype, full, note, program.device), program
 
@@ -306,7 +321,7 @@ def optimise(vi: VI, config: FitConfig, S: int, lr: float, cold: bool, progress,
     # (radon-like K=85: 600 steps left sigma_a 0.23 sd off the long run; 1600 steps: 0.03)
     min_steps = max(config.min_steps, COLD_MIN_STEPS) if cold else config.min_steps
     args = dict(S=S, lr=lr, max_steps=max_steps, tol=config.tol, min_steps=min_steps, progress=progress,
-                cold=cold, gen=gen)
+                cold=cold, gen=gen, on_eval=_ticker(progress))
     result: Optional[OptimResult] = OPTIMIZERS[name].run(vi, **args)
     if result is None:          # the optimiser could not start (dadvi: not finite at the start): Adam
         name = "adam"
@@ -319,7 +334,7 @@ def psis_draws(largest: int) -> int:
     return min(1000, max(200, PSIS_BUDGET // largest))
 
 
-def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator):
+def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
     """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS).
     PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is large;
     the reported draws need only values (no densities), except to draw enumerated latents."""
@@ -344,6 +359,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator):
             if need_v:
                 for k, v in program.values(ev, gen).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
+            if on_chunk is not None:
+                on_chunk(None)
         log_p = torch.cat(log_p)
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -269,13 +269,23 @@ def _private_draws_u(fam, n: int = 2000) -> torch.Tensor:
 # ---- the Adam watch -----------------------------------------------------------------------------
 def watch(lj, fam, progress: Optional[Callable] = None) -> Callable:
     """A progress callback (t, total, elbo) that also checks q every WATCH_EVERY steps and at the
-    last step of the run (the end of the dadvi warm-up), then calls `progress`."""
-    def cb(t, total, elbo):
+    last step of the run (the end of the dadvi warm-up), then calls `progress` (whose other methods,
+    such as a progress bar's `phase` and `tick`, it passes through)."""
+    return _Watch(lj, fam, progress)
+
+
+class _Watch:
+    def __init__(self, lj, fam, progress):
+        self.lj, self.fam, self.progress = lj, fam, progress
+
+    def __call__(self, t, total, elbo):
         if t % WATCH_EVERY == 0 or t == total:
-            check_q(lj, fam)
-        if progress is not None:
-            progress(t, total, elbo)
-    return cb
+            check_q(self.lj, self.fam)
+        if self.progress is not None:
+            self.progress(t, total, elbo)
+
+    def __getattr__(self, name):
+        return getattr(self.progress, name)
 
 
 # ---- messages ---------------------------------------------------------------------------------

@@ -69,15 +69,15 @@ def _negative_log_density(lj):
     return f
 
 
-def find_mode(lj):
+def find_mode(lj, on_eval=None):
     # models with a mode get there in < 100 evaluations (the bench and reference models: 8-74); a centred
     # hierarchy's density is unbounded (scale -> 0), and the search would creep down the funnel for
     # thousands (radon-like K=85: 3935 evaluations, 1.7 s)
     return lbfgs(_negative_log_density(lj), torch.zeros(lj.dim, dtype=lj.dtype, device=lj.device),
-                 max_iter=MODE_ITERS, max_evals=MODE_EVALS + 2 * lj.dim)
+                 max_iter=MODE_ITERS, max_evals=MODE_EVALS + 2 * lj.dim, on_eval=on_eval)
 
 
-def laplace(lj, full: bool = True, structure=None) -> Start:
+def laplace(lj, full: bool = True, structure=None, on_eval=None) -> Start:
     """`full`: compute the exact Hessian when D <= FULL_HESSIAN_MAX (else a diagonal estimate).
     `structure` (ppl.structure.Structure): also the precision's arrow blocks, exactly, from a few
     Hessian-vector products; above FULL_HESSIAN_MAX their diagonal replaces the estimate."""
@@ -85,7 +85,7 @@ def laplace(lj, full: bool = True, structure=None) -> Start:
     cold = cold_start(D, dtype, full, "cold start (no usable mode)", device)
     if D == 0:
         return cold
-    mode, evals = find_mode(lj)
+    mode, evals = find_mode(lj, on_eval)
     cold.evals = evals
     if not torch.isfinite(mode).all():
         return cold

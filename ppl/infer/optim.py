@@ -45,7 +45,8 @@ class Adam:
 
 
 def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter: int = 500, history: int = 10,
-          gtol: float = 1e-7, ftol: float = 1e-12, max_evals: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+          gtol: float = 1e-7, ftol: float = 1e-12, max_evals: Optional[int] = None,
+          on_eval: Optional[Callable[[float], None]] = None) -> Tuple[torch.Tensor, int]:
     """Minimise f (differentiated by autograd) from x0; returns (x, evaluations)."""
     def value_grad(x):
         x = x.detach().requires_grad_(True)
@@ -54,13 +55,13 @@ def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter:
             return math.inf, None
         g, = torch.autograd.grad(v, x)
         return float(v.detach()), g
-    return lbfgs_vg(value_grad, x0, max_iter, history, gtol, ftol, max_evals)[:2]
+    return lbfgs_vg(value_grad, x0, max_iter, history, gtol, ftol, max_evals, on_eval=on_eval)[:2]
 
 
 def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Tensor]]], x0: torch.Tensor,
              max_iter: int = 500, history: int = 10, gtol: float = 1e-7, ftol: float = 1e-12,
-             max_evals: Optional[int] = None, stop: Optional[Callable[[float], bool]] = None
-             ) -> Tuple[torch.Tensor, int, bool]:
+             max_evals: Optional[int] = None, stop: Optional[Callable[[float], bool]] = None,
+             on_eval: Optional[Callable[[float], None]] = None) -> Tuple[torch.Tensor, int, bool]:
     """Minimise from x0, given x -> (value, gradient); returns (x, evaluations, converged: the
     gradient or the change of the value fell below its tolerance).  A non-finite value or gradient
     counts as +inf (the line search backs off)."""
@@ -71,6 +72,8 @@ def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Te
         nonlocal evals
         evals += 1
         v, g = vg(x)
+        if on_eval is not None:
+            on_eval(v)
         if g is None or not math.isfinite(v) or not torch.isfinite(g).all():
             return math.inf, None
         return v, g
