@@ -152,6 +152,13 @@ class Progress:
         self.name = "optimise"
         self.count = 0
 
+    def estimate(self, parts: Dict[str, float]) -> None:
+        """Before a long fit: how long each phase may take, roughly."""
+        self._show(f"  this fit may take about {_duration(sum(parts.values()))} ("
+                   + ", ".join(f"{k} ~{_duration(v)}" for k, v in parts.items()) + ")")
+        self.stream.write("\n")
+        self.width = 0
+
     def phase(self, name: str) -> None:
         """A stage begins (mode search, optimise, draws): its own clock and counter."""
         self.name, self.start, self.count, self.last = name, time.monotonic(), 0, 0.0

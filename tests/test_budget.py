@@ -138,3 +138,15 @@ def test_a_data_file_too_large_for_memory_is_refused(tmp_path, monkeypatch, caps
     assert main(["check", *EIGHT]) == 1
     err = capsys.readouterr().err
     assert "eight_schools.csv: error: the data files take" in err and "use fewer rows or columns" in err
+
+
+def test_a_long_fit_is_announced_with_its_phases(monkeypatch):
+    import io
+    import ppl.infer.fit as F
+    from ppl.report import Progress
+    monkeypatch.setattr(F, "LONG_FIT", 0.0)            # every fit counts as long here
+    buf = io.StringIO()
+    ppl.load(EIGHT[0]).fit(EIGHT[1], progress=Progress(buf))
+    first = buf.getvalue().split("\n")[0]
+    assert "this fit may take about" in first and "mode search ~" in first and "optimisation ~" in first \
+        and "draws ~" in first

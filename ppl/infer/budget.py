@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple  # noqa: F401
 
 import numpy as np
 
@@ -135,6 +135,38 @@ def check(model, program, method: str, config, S: int, n_psis: int, structure=No
                                    f"per sample) does not fit; use smaller data or fewer {opt('mc_samples')}",
                                    model.source.path)])
     raise PplError([Diagnostic(None, f"{head}", model.source.path)])
+
+
+def seconds_per_evaluation(program, S: int = 1) -> float:
+    """One evaluation of the log joint and its gradient at S draws, timed (the second of two runs)."""
+    import time
+    import torch
+    theta = torch.zeros((S, program.dim), dtype=program.dtype, device=program.device, requires_grad=True)
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        total = program.log_prob(theta).sum()
+        if total.requires_grad:
+            torch.autograd.grad(total, theta, allow_unused=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_estimate(program, method: str, config, S: int, n_psis: int, fixed_draws: int) -> Dict[str, float]:
+    """A rough duration of each phase from one timed evaluation: the mode search (~100 evaluations),
+    the optimisation (the family's typical count of fixed-draw evaluations, or a share of the Adam
+    steps' cap) and the draws.  Meant to say
+    "this will take minutes", not to the second."""
+    per_draw = seconds_per_evaluation(program)
+    dense = program.dim * program.dim * 1e-9 if method in ("fullrank", "flow") else 0.0
+    if config.optimizer != "adam" and config.steps is None:
+        from .families import FAMILIES
+        evals = getattr(FAMILIES.get(method), "typical_fixed_draw_evals", 50)
+        optimise = evals * (fixed_draws * per_draw + dense)
+    else:
+        optimise = (config.steps or 10000) * (S * per_draw + dense) * 0.3     # convergence usually stops sooner
+    return {"mode search": 100 * per_draw + (dense * program.dim if program.dim <= FULL_HESSIAN_MAX else 0.0),
+            "optimisation": optimise, "draws": max(n_psis, config.draws) * per_draw}
 
 
 def config_limit(config) -> Optional[float]:

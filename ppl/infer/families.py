@@ -134,6 +134,7 @@ class Family:
 
     max_fixed_draws = 16384       # more draws than this buy nothing for this family
     prefers_fixed_draws = False   # fixed draws even on large data (auto otherwise takes Adam there)
+    typical_fixed_draw_evals = 50  # L-BFGS evaluations it usually needs (for the time estimate)
 
     def rewhiten(self) -> None:
         """Move the preconditioner to the current q (families that can; others keep theirs)."""

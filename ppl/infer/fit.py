@@ -127,6 +127,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                  config.mc_samples or max(1, min(64, MC_BUDGET // largest)), psis_draws(largest))
     structure = model_structure(model, node_plans, program, config.method)
     method, why = choose_method(config.method, program.dim, structure)
+    announce(progress, program, method, config, largest)
     timings["compile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -244,6 +245,21 @@ def make_family(fam_cls, start: Start, gen, config: FitConfig, structure):
         return fam_cls(pre, gen, config, structure=structure, precision=precision)
     except (RuntimeError, torch.linalg.LinAlgError):      # the precision at the mode is not positive definite
         return fam_cls(pre, gen, config, structure=structure)
+
+
+LONG_FIT = 10.0     # seconds: a fit estimated to take longer is announced before it starts
+
+
+def announce(progress, program: LogJoint, method: str, config: FitConfig, largest: int) -> None:
+    """Say before it starts how long a long fit may take (to a progress display with `estimate`)."""
+    if not hasattr(progress, "estimate"):
+        return
+    S = config.mc_samples or max(1, min(16, MC_BUDGET // largest))
+    fam = FAMILIES.get(method)
+    n_fixed = min(max(32, 1_000_000 // max(1, largest)), getattr(fam, "max_fixed_draws", 16384))
+    parts = budget.time_estimate(program, method, config, S, psis_draws(largest), n_fixed)
+    if sum(parts.values()) > LONG_FIT:
+        progress.estimate(parts)
 
 
 def _phase(progress, name: str) -> None:
