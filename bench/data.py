@@ -194,28 +194,9 @@ MODELS = {
 
 
 def _write_csv(path, cols):
-    names = list(cols)
-    n = len(cols[names[0]])
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(",".join(names) + "\n")
-        step = 50_000
-        for i in range(0, n, step):
-            parts = []
-            for nm in names:
-                c = cols[nm][i:i + step]
-                if c.dtype == object:
-                    parts.append(np.asarray(c, dtype=str))
-                elif np.issubdtype(c.dtype, np.integer):
-                    parts.append(c.astype(str))
-                else:
-                    # 9 significant digits (every system reads the same CSV, so what it holds is the data)
-                    parts.append(np.char.mod("%.9g", c))
-            rows = parts[0]
-            for p in parts[1:]:
-                rows = np.char.add(np.char.add(rows, ","), p)
-            f.write("\n".join(rows.tolist()) + "\n")
-    os.replace(tmp, path)
+    """Every column, reals with 9 significant digits (every system reads the same CSV, so what it holds
+    is the data): the writer of tests/hier_data.py."""
+    hier_data.write_csv(path, cols, names=list(cols))
 
 
 def paths(name):

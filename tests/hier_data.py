@@ -162,10 +162,11 @@ def data_sha256(cols):
     return h.hexdigest()
 
 
-def write_csv(path, cols, step=50_000):
-    """y,x,g with reals as '%.9g' (what they already are) and integers as integers."""
-    names = ["y", "x", "g"]
-    n = len(cols["y"])
+def write_csv(path, cols, step=50_000, names=("y", "x", "g")):
+    """The columns `names` (y,x,g by default) with reals as '%.9g' (what they already are) and integers as
+    integers."""
+    names = list(names)
+    n = len(cols[names[0]])
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(",".join(names) + "\n")
