@@ -328,7 +328,8 @@ class FixedDraws(Optimizer):
         eps = fam.fixed_eps(n_fixed, gen)
 
         values = []
-        chunk = max(1, FIXED_DRAW_CHUNK // max(1, largest))     # memory: like one step of 16 MC samples
+        chunk_elements = getattr(fam, "fixed_draw_chunk", FIXED_DRAW_CHUNK)
+        chunk = max(1, chunk_elements // max(1, largest))       # memory: like one step of 16 MC samples
 
         def value_grad(x):
             with torch.no_grad():
