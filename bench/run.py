@@ -772,6 +772,21 @@ def hier_search_run(cfg, model, lr, seed, cap, env, timeout):
     return out
 
 
+def lr_name(lr):
+    """A search lr as the report shows it (PyMC: None is its default adagrad_window at 0.001)."""
+    return "adagrad_window 0.001 (PyMC default)" if lr is None else str(lr).replace(":", " ")
+
+
+def closest_run(runs):
+    """The search run (of a never-accurate peer) whose last checkpoint came closest to the hier bar."""
+    def miss(run):
+        t = run["trace"][-1] if run["trace"] else None
+        if not t or t[1] is None or t[2] is None:
+            return float("inf")
+        return max(t[1] / HIER_MEAN_TOL, t[2] / HIER_SD_TOL, (HIER_LOCAL_FRAC - (t[3] or 0)) / (1 - HIER_LOCAL_FRAC))
+    return min(runs.values(), key=miss)
+
+
 def metric_hier(opts, vers, models):
     env = thread_env(opts.threads)
     seed = opts.seeds[0]
@@ -845,9 +860,9 @@ def metric_hier(opts, vers, models):
                 log(f"time {cid} {m}: {srch['steps']} steps (lr {srch['lr']}): {r['wall']:.1f} s, "
                     f"{r['rss_mb']:.0f} MB" + (f" (exit {r['rc']})" if r["rc"] else ""))
             else:
-                last = max(srch["runs"].values(), key=lambda x: (x["trace"][-1][0] if x["trace"] else 0))
+                last = closest_run(srch["runs"])
                 row.update(wall_bound=last["wall"], rss_mb=last.get("rss_mb"), timeout=last.get("timeout"),
-                           last_checkpoint=last["trace"][-1] if last["trace"] else None)
+                           closest_lr=last["lr"], last_checkpoint=last["trace"][-1] if last["trace"] else None)
             res["peers"][cid] = row
         # systems not selected this time keep their earlier rows
         prev = ((load_json("hier.json", {}) or {}).get("models") or {}).get(m) or {}
@@ -884,7 +899,8 @@ def report_hier(hier, w, summary):
 
     def f(x, nd=3):
         return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}g}"
-    for m, r in hier.get("models", {}).items():
+    ms = hier.get("models", {})
+    for m, r in sorted(ms.items(), key=lambda kv: list(HIER_MODELS).index(kv[0]) if kv[0] in HIER_MODELS else 99):
         n = r["nuts"]
         t = n["globals"].get("tau", {})
         head = f"| {m} | {f(n.get('wall_seconds'))} | {f(t.get('mean'), 4)} ± {f(t.get('sd'), 2)} |"
@@ -909,17 +925,18 @@ def report_hier(hier, w, summary):
             lab = HIER_LABEL.get(cid, cid)
             if q.get("reached"):
                 fin = q.get("final") or {}
-                rows.append(f" {lab} | {q['steps']} ({q['lr']}) | {f(q.get('wall'))} | {f(q.get('rss_mb'), 4)} | "
+                rows.append(f" {lab} | {q['steps']} ({lr_name(q['lr'])}) | {f(q.get('wall'))} | {f(q.get('rss_mb'), 4)} | "
                             f"{f(fin.get('tau_mean'), 4)} ± {f(fin.get('tau_sd'), 2)} | {f(fin.get('dmean'))} / "
                             f"{f(100 * fin['dsd'] if fin.get('dsd') is not None else None)}% ({fin.get('worst')}) | "
                             f"{f(100 * fin['local_ok_frac'] if fin.get('local_ok_frac') is not None else None)}% | "
                             f"yes{'' if fin.get('ok') else ' (in the search; not on the timed run)'} |")
             else:
-                lc = (q.get("last_checkpoint") or []) + [None] * 8
-                lrs = ", ".join(str(x) for x in q["search"]["lrs"])
-                rows.append(f" {lab} | not within {lc[0] or q['search']['cap']} (lr {lrs})"
-                            f"{' (timeout)' if q.get('timeout') else ''} | ≥ {f(q.get('wall_bound'))} | "
-                            f"{f(q.get('rss_mb'), 4)} | {f(lc[5], 4)} ± {f(lc[6], 2)} | {f(lc[1])} / "
+                best = closest_run(q["search"]["runs"])
+                lc = ((best["trace"][-1] if best["trace"] else None) or []) + [None] * 8
+                lrs = ", ".join(lr_name(x) for x in q["search"]["lrs"])
+                rows.append(f" {lab} | not within {lc[0] or q['search']['cap']} (lrs {lrs}; closest: {lr_name(best['lr'])})"
+                            f"{' (timeout)' if best.get('timeout') else ''} | ≥ {f(best.get('wall'))} | "
+                            f"{f(best.get('rss_mb'), 4)} | {f(lc[5], 4)} ± {f(lc[6], 2)} | {f(lc[1])} / "
                             f"{f(100 * lc[2] if lc[2] is not None else None)}%"
                             f"{'' if lc[7] is None else f' ({lc[7]})'} | "
                             f"{f(100 * lc[3] if lc[3] is not None else None)}% | **no** |")
