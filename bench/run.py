@@ -75,10 +75,11 @@ KNOWN_MODELS = ALL_MODELS + list(HIER_MODELS)
 
 # the hier metric's peers: (system, family) -> lr grids (full, quick); fullrank is out of reach at K=10,000
 HIER_PEERS = {
-    "numpyro|meanfield": dict(system="numpyro", family="meanfield", lrs=[0.003, 0.01, 0.001], quick_lrs=[0.003]),
-    "numpyro|lowrank": dict(system="numpyro", family="lowrank", lrs=[0.003, 0.01, 0.001], quick_lrs=[0.003]),
+    "numpyro|meanfield": dict(system="numpyro", family="meanfield", lrs=[0.003, 0.01, 0.001],
+                              quick_lrs=[0.003, 0.01]),
+    "numpyro|lowrank": dict(system="numpyro", family="lowrank", lrs=[0.003, 0.01, 0.001], quick_lrs=[0.003, 0.01]),
     "pymc|meanfield": dict(system="pymc", family="meanfield", lrs=["adam:0.003", "adam:0.01", None],
-                           quick_lrs=["adam:0.003"]),
+                           quick_lrs=["adam:0.003", "adam:0.01"]),
 }
 HIER_LABEL = {"numpyro|meanfield": "NumPyro AutoNormal", "numpyro|lowrank": "NumPyro AutoLowRankMVN",
               "pymc|meanfield": "PyMC ADVI"}
@@ -749,7 +750,7 @@ def hier_search_run(cfg, model, lr, seed, cap, env, timeout):
         a = cp.get("_acc", {})
         tau = cp.get("tau") or {}
         trace.append([int(n), a.get("dmean"), a.get("dsd"), a.get("local_ok_frac"), bool(a.get("ok")),
-                      tau.get("mean"), tau.get("sd")])
+                      tau.get("mean"), tau.get("sd"), a.get("worst")])
     first = None
     if rec and rec.get("stopped_at") is not None:
         for row in reversed(trace):
@@ -765,9 +766,25 @@ def hier_search_run(cfg, model, lr, seed, cap, env, timeout):
         + (f"accurate from {first} steps" if first else
            f"not accurate within {last[0] if last else cap}" + (" (timeout)" if r["timeout"] else "")
            + (f" (exit {r['rc']})" if r["rc"] and not r["timeout"] else ""))
-        + (f", last: globals {last[1]:.2f} sd / {100 * last[2]:.0f}% sd, {100 * last[3]:.1f}% of locals ok"
+        + (f", last: globals {last[1]:.2f} sd / {100 * last[2]:.0f}% sd (worst {last[7]}), "
+           f"{100 * last[3]:.1f}% of locals ok"
            if last and last[1] is not None and math.isfinite(last[1]) else "") + f"  [{r['wall']:.0f} s]")
     return out
+
+
+def lr_name(lr):
+    """A search lr as the report shows it (PyMC: None is its default adagrad_window at 0.001)."""
+    return "adagrad_window 0.001 (PyMC default)" if lr is None else str(lr).replace(":", " ")
+
+
+def closest_run(runs):
+    """The search run (of a never-accurate peer) whose last checkpoint came closest to the hier bar."""
+    def miss(run):
+        t = run["trace"][-1] if run["trace"] else None
+        if not t or t[1] is None or t[2] is None:
+            return float("inf")
+        return max(t[1] / HIER_MEAN_TOL, t[2] / HIER_SD_TOL, (HIER_LOCAL_FRAC - (t[3] or 0)) / (1 - HIER_LOCAL_FRAC))
+    return min(runs.values(), key=miss)
 
 
 def metric_hier(opts, vers, models):
@@ -808,26 +825,27 @@ def metric_hier(opts, vers, models):
                 continue
             lrs = cfg["quick_lrs"] if opts.quick else cfg["lrs"]
             cap = opts.cap or HIER_CAP.get(m, HIER_CAP_DEFAULT)
-            key = json.dumps(["hier", cid, m, seed, [repr(x) for x in lrs], cap, HIER_DRAWS, data_version(),
-                              vers.get("peers", {}), ref_rec.get("settings"),
-                              hashlib.sha1(open(os.path.join(SYSTEMS_DIR, PEERS[cfg["system"]]["script"]),
-                                                "rb").read()).hexdigest()[:12]], sort_keys=True)
-            if key in cache:
-                srch = cache[key]
-                log(f"search {cid} {m}: cached ({srch['steps']} steps, lr {srch['lr']})")
-            else:
-                log(f"search {cid} {m} (lrs {lrs}, cap {cap})")
-                runs, best = {}, None
-                for lr in lrs:
-                    c = cap if best is None else min(cap, best[1])
+            script_h = hashlib.sha1(open(os.path.join(SYSTEMS_DIR, PEERS[cfg["system"]]["script"]),
+                                         "rb").read()).hexdigest()[:12]
+            log(f"search {cid} {m} (lrs {lrs}, cap {cap})")
+            runs, best = {}, None
+            for lr in lrs:
+                c = cap if best is None else min(cap, best[1])
+                # each (lr, cap) run is cached on its own, so a wider grid later reuses it
+                key = json.dumps(["hier", cid, m, seed, repr(lr), c, HIER_DRAWS, data_version(),
+                                  vers.get("peers", {}), ref_rec.get("settings"), script_h], sort_keys=True)
+                if key in cache:
+                    run = cache[key]
+                    log(f"  search {cid} {m} lr={lr}: cached ({run['first_accurate']})")
+                else:
                     run = hier_search_run(cfg, m, lr, seed, c, env, opts.hier_search_timeout)
-                    runs[repr(lr)] = run
-                    if run["first_accurate"] is not None and (best is None or run["first_accurate"] < best[1]):
-                        best = (lr, run["first_accurate"])
-                srch = {"runs": runs, "lrs": lrs, "cap": cap, "seed": seed,
-                        "steps": best[1] if best else None, "lr": best[0] if best else lrs[0]}
-                cache[key] = srch
-                save_json("search_cache.json", cache)
+                    cache[key] = run
+                    save_json("search_cache.json", cache)
+                runs[repr(lr)] = run
+                if run["first_accurate"] is not None and (best is None or run["first_accurate"] < best[1]):
+                    best = (lr, run["first_accurate"])
+            srch = {"runs": runs, "lrs": lrs, "cap": cap, "seed": seed,
+                    "steps": best[1] if best else None, "lr": best[0] if best else lrs[0]}
             row = {"search": srch, "steps": srch["steps"], "lr": srch["lr"], "reached": srch["steps"] is not None}
             if srch["steps"] is not None:
                 # the timed run: exactly that many steps, default draws, a clean process
@@ -842,10 +860,16 @@ def metric_hier(opts, vers, models):
                 log(f"time {cid} {m}: {srch['steps']} steps (lr {srch['lr']}): {r['wall']:.1f} s, "
                     f"{r['rss_mb']:.0f} MB" + (f" (exit {r['rc']})" if r["rc"] else ""))
             else:
-                last = max(srch["runs"].values(), key=lambda x: (x["trace"][-1][0] if x["trace"] else 0))
+                last = closest_run(srch["runs"])
                 row.update(wall_bound=last["wall"], rss_mb=last.get("rss_mb"), timeout=last.get("timeout"),
-                           last_checkpoint=last["trace"][-1] if last["trace"] else None)
+                           closest_lr=last["lr"], last_checkpoint=last["trace"][-1] if last["trace"] else None)
             res["peers"][cid] = row
+        # systems not selected this time keep their earlier rows
+        prev = ((load_json("hier.json", {}) or {}).get("models") or {}).get(m) or {}
+        if "ppl" not in res and prev.get("ppl"):
+            res["ppl"] = prev["ppl"]
+        for cid, row in (prev.get("peers") or {}).items():
+            res["peers"].setdefault(cid, row)
         out[m] = res
         # saved model by model: a long run stopped half-way keeps what it measured
         merge_save("hier.json", {"models": {m: res}, "rule": {"mean_tol": HIER_MEAN_TOL, "sd_tol": HIER_SD_TOL,
@@ -875,7 +899,8 @@ def report_hier(hier, w, summary):
 
     def f(x, nd=3):
         return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}g}"
-    for m, r in hier.get("models", {}).items():
+    ms = hier.get("models", {})
+    for m, r in sorted(ms.items(), key=lambda kv: list(HIER_MODELS).index(kv[0]) if kv[0] in HIER_MODELS else 99):
         n = r["nuts"]
         t = n["globals"].get("tau", {})
         head = f"| {m} | {f(n.get('wall_seconds'))} | {f(t.get('mean'), 4)} ± {f(t.get('sd'), 2)} |"
@@ -889,7 +914,8 @@ def report_hier(hier, w, summary):
                 rows.append(f" ppl fit (defaults) | exit {p['rc']} | {p['wall']:.1f} | {p['rss_mb']:.0f} | — | — | — "
                             "| **no** |")
             else:
-                rows.append(f" ppl fit (defaults) | {p.get('steps')}, {p.get('method')} | {p['wall']:.1f} | "
+                rows.append(f" ppl fit (defaults) | {p.get('steps')}{'' if p.get('converged') else ' (not converged)'}"
+                            f", {p.get('method')}, verdict {p.get('verdict')} | {p['wall']:.1f} | "
                             f"{p['rss_mb']:.0f} | {f(p.get('tau_mean'), 4)} ± {f(p.get('tau_sd'), 2)} | "
                             f"{f(p.get('dmean'))} / {f(100 * p['dsd'] if p.get('dsd') is not None else None)}% "
                             f"({p.get('worst')}) | {100 * p['local_ok_frac']:.1f}% | "
@@ -899,18 +925,20 @@ def report_hier(hier, w, summary):
             lab = HIER_LABEL.get(cid, cid)
             if q.get("reached"):
                 fin = q.get("final") or {}
-                rows.append(f" {lab} | {q['steps']} ({q['lr']}) | {f(q.get('wall'))} | {f(q.get('rss_mb'), 4)} | "
+                rows.append(f" {lab} | {q['steps']} ({lr_name(q['lr'])}) | {f(q.get('wall'))} | {f(q.get('rss_mb'), 4)} | "
                             f"{f(fin.get('tau_mean'), 4)} ± {f(fin.get('tau_sd'), 2)} | {f(fin.get('dmean'))} / "
-                            f"{f(100 * fin['dsd'] if fin.get('dsd') is not None else None)}% | "
+                            f"{f(100 * fin['dsd'] if fin.get('dsd') is not None else None)}% ({fin.get('worst')}) | "
                             f"{f(100 * fin['local_ok_frac'] if fin.get('local_ok_frac') is not None else None)}% | "
                             f"yes{'' if fin.get('ok') else ' (in the search; not on the timed run)'} |")
             else:
-                lc = q.get("last_checkpoint") or [None] * 7
-                lrs = ", ".join(str(x) for x in q["search"]["lrs"])
-                rows.append(f" {lab} | not within {lc[0] or q['search']['cap']} (lr {lrs})"
-                            f"{' (timeout)' if q.get('timeout') else ''} | ≥ {f(q.get('wall_bound'))} | "
-                            f"{f(q.get('rss_mb'), 4)} | {f(lc[5], 4)} ± {f(lc[6], 2)} | {f(lc[1])} / "
-                            f"{f(100 * lc[2] if lc[2] is not None else None)}% | "
+                best = closest_run(q["search"]["runs"])
+                lc = ((best["trace"][-1] if best["trace"] else None) or []) + [None] * 8
+                lrs = ", ".join(lr_name(x) for x in q["search"]["lrs"])
+                rows.append(f" {lab} | not within {lc[0] or q['search']['cap']} (lrs {lrs}; closest: {lr_name(best['lr'])})"
+                            f"{' (timeout)' if best.get('timeout') else ''} | ≥ {f(best.get('wall'))} | "
+                            f"{f(best.get('rss_mb'), 4)} | {f(lc[5], 4)} ± {f(lc[6], 2)} | {f(lc[1])} / "
+                            f"{f(100 * lc[2] if lc[2] is not None else None)}%"
+                            f"{'' if lc[7] is None else f' ({lc[7]})'} | "
                             f"{f(100 * lc[3] if lc[3] is not None else None)}% | **no** |")
         for i, row in enumerate(rows):
             w((head if i == 0 else "| | | |") + row)

@@ -117,14 +117,6 @@ def hier_accuracy(params, ref):
     return {"dmean": dm, "dsd": ds, "worst": worst, "local_ok_frac": frac, "n_local": n_loc, "ok": bool(ok)}
 
 
-def judge(params, ref, rule="default"):
-    """(worst mean error, worst sd error, ok) under either rule (hier: over the global latents)."""
-    if rule == "hier":
-        h = hier_accuracy(params, ref)
-        return h["dmean"], h["dsd"], h["ok"]
-    return accuracy(params, ref)
-
-
 class Checkpoints:
     """Collects checkpoint summaries; `.record(n, summary)` returns True when the run should stop."""
 
