@@ -30,9 +30,12 @@ MAX_ENUM = 64
 @dataclass(frozen=True)
 class NodePlan:
     estimator: str                    # reparam | enumerate | score
-    factors: Tuple[str, ...] = ()     # nodes whose densities depend on this latent (its Markov blanket)
+    factors: Tuple[str, ...] = ()     # nodes whose densities depend on this latent (its Markov blanket);
+                                      # for an enumerated group: the group's, on its first member only
     local: bool = False               # factors line up element by element with the latent
-    size: int = 0                     # number of values to sum over (enumerate)
+    size: int = 0                     # number of values to sum over (enumerate; 0: a window, found at fit time)
+    window: bool = False              # truncated enumeration: an unbounded count summed over a window
+    group: str = ""                   # enumerated: the first latent of the group summed out jointly with it
 
 
 def factors_of(model: Model, name: str) -> Tuple[List[str], bool]:
@@ -90,40 +93,87 @@ def enum_size(model: Model, node: Node) -> Optional[int]:
     return None if count is None else count(model, node.dist)
 
 
-def plan(model: Model, requested: str = "auto", opt: Callable = python_opt) -> Dict[str, NodePlan]:
-    """`opt(name[, value])` spells an option as the caller does (`ppl.config.cli_opt` / `python_opt`)."""
+def windowable(node: Node) -> bool:
+    """A discrete latent with no known finite support whose values can be summed over a window
+    (a count: its density is defined at every value, and its tails fall off)."""
+    return bool(SUPPORTS[DS.REGISTRY[node.dist.spec].support].window)
+
+
+def _clusters(model: Model, discrete: List[Node], info) -> List[List[Node]]:
+    """Discrete latents joined when one uses another or they share a factor: each cluster is summed
+    out jointly or not at all."""
+    parent = {n.name: n.name for n in discrete}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+    for i, a in enumerate(discrete):
+        fa = set(info[a.name][0])
+        for b in discrete[i + 1:]:
+            if b.name in fa or a.name in info[b.name][0] or fa & set(info[b.name][0]):
+                parent[find(b.name)] = find(a.name)
+    out: Dict[str, List[Node]] = {}
+    for n in discrete:
+        out.setdefault(find(n.name), []).append(n)
+    return list(out.values())
+
+
+def plan(model: Model, requested: str = "auto", opt: Callable = python_opt,
+         too_wide: frozenset = frozenset()) -> Dict[str, NodePlan]:
+    """`opt(name[, value])` spells an option as the caller does (`ppl.config.cli_opt` / `python_opt`).
+    `too_wide`: count latents whose window was found too wide at fit time (they go to the score path)."""
     if requested not in ESTIMATORS + ("score-all",):
         raise UsageError(f"unknown estimator '{requested}' for {opt('estimator')} (valid: {', '.join(ESTIMATORS)})")
     if requested in ("score", "enumerate") and not any(n.discrete for n in model.latents()):
         raise UsageError(f"{opt('estimator', requested)} applies to discrete latents, and the model has none "
                          f"(continuous latents use reparameterised gradients)")
     out: Dict[str, NodePlan] = {}
-    enumerated: Dict[str, Set[str]] = {}
+    discrete = [n for n in model.latents() if n.discrete]
+    info = {n.name: factors_of(model, n.name) for n in discrete}
     for node in model.latents():
         if not node.discrete:
-            est = "score" if requested == "score-all" else "reparam"
-            out[node.name] = NodePlan(est)
-            continue
-        factors, local = factors_of(model, node.name)
-        size = enum_size(model, node)
-        shape_ok = node.shape == () or all(model.nodes[f].shape == node.shape for f in factors)
-        disc_parent = any(model.nodes[d].kind == "latent" and model.nodes[d].discrete for d in node.deps)
-        can_enum = (size is not None and size <= MAX_ENUM and (node.shape == () or (local and shape_ok))
-                    and not disc_parent and not any(set(factors) & s for s in enumerated.values())
-                    and not any(model.nodes[f].discrete and model.nodes[f].kind == "latent" for f in factors))
+            out[node.name] = NodePlan("score" if requested == "score-all" else "reparam")
+    for cluster in _clusters(model, discrete, info):
+        names = {n.name for n in cluster}
+        sizes = {n.name: enum_size(model, n) for n in cluster}
+        finite = 1
+        for n in cluster:
+            finite *= sizes[n.name] or 1
+        aligned = {}
+        for n in cluster:
+            factors, local = info[n.name]
+            aligned[n.name] = local and all(model.nodes[f].shape == n.shape for f in factors)
+        sized = all(sizes[n.name] is not None or (windowable(n) and n.name not in too_wide) for n in cluster)
+        same_shape = all(n.shape == cluster[0].shape for n in cluster)
+        lined_up = same_shape and (cluster[0].shape == () or all(aligned[n.name] for n in cluster))
+        can_enum = sized and finite <= MAX_ENUM and lined_up
         if requested == "enumerate" and not can_enum:
-            why = ("its support is not a small finite set" if size is None or size > MAX_ENUM else
-                   "its factors do not line up with it element by element")
+            node = next((n for n in cluster if sizes[n.name] is None and not windowable(n)), cluster[0])
+            if not sized or finite > MAX_ENUM:
+                why = ("its window of likely values is too wide" if node.name in too_wide else
+                       "its support is not a small finite set")
+            elif not same_shape:
+                why = f"it is summed jointly with {', '.join(repr(n.name) for n in cluster if n is not node)}, " \
+                      f"whose shapes differ"
+            else:
+                why = "its factors do not line up with it element by element"
             raise UsageError(f"cannot enumerate '{node.name}': {why}; use {opt('estimator', 'auto')} or score")
         if requested == "reparam":
-            raise UsageError(f"'{node.name}' is discrete, so it has no reparameterised gradient; "
+            raise UsageError(f"'{cluster[0].name}' is discrete, so it has no reparameterised gradient; "
                              f"use {opt('estimator', 'auto')}, enumerate or score")
         if can_enum and requested in ("auto", "enumerate"):
-            enumerated[node.name] = set(factors)
-            out[node.name] = NodePlan("enumerate", tuple(factors), True, size)
+            owner = cluster[0].name
+            group_factors = tuple(f for f in model.order
+                                  if any(f in info[n.name][0] for n in cluster) and f not in names)
+            for n in cluster:
+                out[n.name] = NodePlan("enumerate", group_factors if n.name == owner else (), True,
+                                       sizes[n.name] or 0, sizes[n.name] is None, owner)
         else:
-            out[node.name] = NodePlan("score", tuple(factors), local and shape_ok, size or 0)
-    return out
+            for n in cluster:
+                out[n.name] = NodePlan("score", tuple(info[n.name][0]), aligned[n.name], sizes[n.name] or 0)
+    return {n: out[n] for n in model.order if n in out}
 
 
 def centred_latents(model: Model) -> List[str]:
@@ -151,14 +201,17 @@ def _latent_closure(model: Model, latents: Set[str]) -> Set[str]:
     return out
 
 
-def describe(p: Dict[str, NodePlan]) -> str:
-    """'reparam' / 'enumerate (z)' / 'reparam + score (z)' for the fit header."""
+def describe(p: Dict[str, NodePlan], windows: Optional[Dict[str, str]] = None) -> str:
+    """'reparam' / 'enumerate (z)' / 'reparam + truncated enumeration (n)' / 'reparam + score (z)' for the
+    fit header; `windows`: latent -> its window, as the fit found it (shown after the name)."""
     groups: Dict[str, List[str]] = {}
     for name, np_ in p.items():
-        groups.setdefault(np_.estimator, []).append(name)
+        est = "truncated enumeration" if np_.estimator == "enumerate" and np_.window else np_.estimator
+        groups.setdefault(est, []).append(name + (f": {windows[name]}" if windows and name in windows else ""))
     parts = []
-    for est in ("reparam", "enumerate", "score"):
+    for est in ("reparam", "enumerate", "truncated enumeration", "score"):
         if est in groups:
             names = groups[est]
-            parts.append(est if est == "reparam" else f"{est} ({', '.join(names)})")
+            sep = "; " if windows else ", "
+            parts.append(est if est == "reparam" else f"{est} ({sep.join(names)})")
     return " + ".join(parts) if parts else "none"

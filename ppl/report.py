@@ -27,6 +27,8 @@ def _fmt(x: float) -> str:
 
 def _steps(fit) -> str:
     state = "converged" if fit.converged else "not converged"
+    if fit.optimizer == "exact":
+        return "none: every latent is summed out exactly"
     if fit.optimizer == "dadvi":
         warm = f" after {fit.steps} Adam steps ({fit.mc_samples} MC samples/step)" if fit.steps else ""
         return f"{fit.evals} L-BFGS evaluations on {fit.fixed_draws} fixed draws{warm} ({state}; dadvi)"

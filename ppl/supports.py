@@ -14,6 +14,9 @@ One `Support` per kind, keyed by the names distributions give their support
 - `first`, `count`: for a finite discrete support, its smallest value and
   how many values it has for a given distribution use (None: unknown or
   unbounded) — the enumeration plan sums over first .. first + count - 1;
+- `window`: an unbounded (or latent-bounded) discrete support whose values
+  can be summed over a window of likely values (truncated enumeration:
+  counts), found at fit time;
 - `q`: the variational family of a discrete latent on the score path (the
   registry `ppl.infer.discrete.DISCRETE_QS`);
 - `transform`: the bijection's name, as `ppl graph` shows it.
@@ -39,6 +42,7 @@ class Support:
     first: int = 0
     count: Optional[Callable] = None                   # (model, dist use) -> number of values, or None
     q: Optional[str] = None
+    window: bool = False
     transform: Optional[str] = None                    # the bijection's name, for `ppl graph`
 
 
@@ -100,8 +104,10 @@ _ALL = [
             count=lambda model, dist: 2, q="bernoulli"),
     Support("categorical", "{1, ..., K}", True, (lambda x: x >= 1, "1 or more (categories are numbered from 1)"),
             first=1, count=_categories, q="categorical"),
-    Support("binomial", "{0, ..., n}", True, (lambda x: x >= 0, "non-negative"), count=_trials, q="binomial"),
-    Support("nonneg_int", "{0, 1, 2, ...}", True, (lambda x: x >= 0, "non-negative"), q="poisson"),
+    Support("binomial", "{0, ..., n}", True, (lambda x: x >= 0, "non-negative"), count=_trials, q="binomial",
+            window=True),
+    Support("nonneg_int", "{0, 1, 2, ...}", True, (lambda x: x >= 0, "non-negative"), q="count",
+            window=True),
 ]
 
 SUPPORTS: Dict[str, Support] = {s.name: s for s in _ALL}

@@ -9,7 +9,10 @@ axis, `ppl.frontend.rows`) come with each call in a `Batch`, which also
 carries the scale of per-row density terms (N/B under a minibatch) and a
 cache of data-only sub-expressions; expressions are closures from
 `ppl.expr.compile_expr`.  Enumerated discrete latents are summed out exactly
-(one vectorised pass for all values, elementwise per row); discrete latents on
+(one vectorised pass for all values, elementwise per row), several at once
+when they share factors (a group: the product of their values); a count
+latent is summed over a window of values per element (truncated
+enumeration: `set_window`, chosen by `ppl.infer.windows`); discrete latents on
 the score path take their values from the caller.
 
 Input: `Model`, plan, `Runtime`.  Output: `LogJoint`, with
@@ -17,6 +20,7 @@ Input: `Model`, plan, `Runtime`.  Output: `LogJoint`, with
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -57,13 +61,43 @@ class Factor:
 
 
 @dataclass
+class EnumMember:
+    name: str
+    values: torch.Tensor                        # (K,) the support; a window: offsets 0..W-1 from its first value
+    prior: Factor
+    window: bool = False                        # a window per element, between env[lo_key] and env[hi_key]
+    per_row: bool = False                       # the window's bounds are per-row data (sliced by a batch)
+
+    @property
+    def lo_key(self) -> str:
+        return "\0window lo " + self.name
+
+    @property
+    def hi_key(self) -> str:
+        return "\0window hi " + self.name
+
+
+@dataclass
 class EnumGroup:
     name: str
-    values: torch.Tensor                        # (K,) the support
+    members: List[EnumMember]                   # summed jointly over the product of their values
     shape: Tuple[int, ...]
-    prior: Factor
     deterministics: List[Tuple[str, Callable]]  # tainted, in order
     factors: List[Factor]
+
+    @property
+    def values(self) -> torch.Tensor:           # a single member's support
+        return self.members[0].values
+
+    @property
+    def prior(self) -> Factor:
+        return self.members[0].prior
+
+    def size(self) -> int:
+        out = 1
+        for m in self.members:
+            out *= int(m.values.shape[0])
+        return out
 
 
 @dataclass
@@ -159,7 +193,7 @@ class LogJoint:
         for name, p in self.plan.items():
             if p.estimator == "enumerate":
                 for f in p.factors:
-                    factor_owner[f] = name
+                    factor_owner[f] = p.group or name
         offset = 0
         for name in m.order:
             node = m.nodes[name]
@@ -178,14 +212,26 @@ class LogJoint:
             per_row = m.rows.is_row(name)
             if node.kind == "latent" and node.discrete:
                 prior = Factor(name, None, self._logp_fns(node)[0], per_row=per_row)
-                if self.plan[name].estimator == "enumerate":
+                np_ = self.plan[name]
+                if np_.estimator == "enumerate":
                     spec = DS.REGISTRY[node.dist.spec]
-                    size = self.plan[name].size
-                    vals = torch.arange(size, dtype=self.dtype, device=self.device) + SUPPORTS[spec.support].first
-                    g = EnumGroup(name, vals, tuple(node.shape), prior, [], [])
-                    enum_groups[name] = g
-                    self.enum.append(g)
-                    tainted[name] = name
+                    if np_.window:      # offsets from the window's first value; one value until set_window
+                        vals = torch.zeros(1, dtype=self.dtype, device=self.device)
+                    else:
+                        vals = torch.arange(np_.size, dtype=self.dtype, device=self.device) + \
+                            SUPPORTS[spec.support].first
+                    member = EnumMember(name, vals, prior, np_.window, per_row)
+                    group = np_.group or name
+                    if group in enum_groups:
+                        enum_groups[group].members.append(member)
+                    else:
+                        g = EnumGroup(name, [member], tuple(node.shape), [], [])
+                        enum_groups[name] = g
+                        self.enum.append(g)
+                    tainted[name] = group
+                    if np_.window:
+                        zero = self.rt.zeros((1,) + tuple(int(d) for d in node.shape))
+                        self._set_bounds(member, zero, zero)
                 else:
                     self.score.append(name)
                     self.steps.append(("score", name, prior))
@@ -306,33 +352,131 @@ class LogJoint:
             total = total.expand(S)
         return Evaluation(total, env, factors, enum_logits)
 
-    def _enumerate(self, g: EnumGroup, env, S, batch: Batch) -> torch.Tensor:
-        """(K, S, *shape): log p(z = k, blanket | rest), elementwise over z's elements.
+    # ---- enumeration --------------------------------------------------------------
+    def _set_bounds(self, m: EnumMember, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        store = (self.row_data, self.batch.data) if m.per_row else (self.known,)
+        for d in store:
+            d[m.lo_key], d[m.hi_key] = lo, hi
+
+    def set_window(self, name: str, lo, hi) -> None:
+        """Sum the count latent `name` over lo[i]..hi[i] at element i (arrays of its shape)."""
+        m = self.member(name)
+        node = self.model.nodes[name]
+        shape = (1,) + tuple(int(d) for d in node.shape)
+        lo_t = self.rt.tensor(np.asarray(lo, dtype=np.float64)).reshape(shape)
+        hi_t = self.rt.tensor(np.asarray(hi, dtype=np.float64)).reshape(shape)
+        width = int((hi_t - lo_t).max()) + 1 if lo_t.numel() else 1
+        m.values = torch.arange(max(1, width), dtype=self.dtype, device=self.device)
+        self._set_bounds(m, lo_t, hi_t)
+
+    def window(self, name: str) -> Tuple[np.ndarray, np.ndarray]:
+        """The window of a count latent: (first values, last values), arrays of its shape."""
+        m = self.member(name)
+        src = self.row_data if m.per_row else self.known
+        shape = tuple(int(d) for d in self.model.nodes[name].shape)
+        return (src[m.lo_key].reshape(shape).cpu().numpy().copy(),
+                src[m.hi_key].reshape(shape).cpu().numpy().copy())
+
+    def member(self, name: str) -> EnumMember:
+        for g in self.enum:
+            for m in g.members:
+                if m.name == name:
+                    return m
+        raise KeyError(name)
+
+    def group_of(self, name: str) -> EnumGroup:
+        return next(g for g in self.enum if any(m.name == name for m in g.members))
+
+    def member_grid(self, m: EnumMember, env) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(K, 1, *shape or ones) values of a member, and where they lie beyond its window (or None)."""
+        nd = len(self.model.nodes[m.name].shape)
+        if not m.window:
+            return m.values.reshape((-1, 1) + (1,) * nd), None
+        lo, hi = env[m.lo_key], env[m.hi_key]
+        v = lo.unsqueeze(0) + m.values.reshape((-1, 1) + (1,) * nd)
+        beyond = v > hi.unsqueeze(0)
+        return torch.minimum(v, hi.unsqueeze(0)), beyond
+
+    def _enumerate(self, g: EnumGroup, env, S, batch: Batch, grids: Optional[Mapping] = None) -> torch.Tensor:
+        """(K, S, *shape): log p(z = k, blanket | rest), elementwise over z's elements, for each of the
+        group's K joint values (members in order, the first varying slowest).
         One pass for all K values: the sample dimension is stacked K times (value-major), z = k
-        is a (K*S, 1, ..) tensor that broadcasts over z's elements, so x[z] is a one-element
-        index per sample and the densities broadcast; never a loop over rows or samples."""
-        K = g.values.shape[0]
+        is a (K*S, 1, ..) tensor that broadcasts over z's elements (a window: (K*S, *shape), its values
+        per element), so x[z] is a one-element index per sample and the densities broadcast; never a
+        loop over rows or samples.  `grids`: member -> ((K_j, S or 1, *shape or ones) values, mask or
+        None) instead of its own (the window search probes values with it).  A value of zero
+        probability scores -inf, never NaN."""
+        grids = grids or {}
+        parts = [grids[m.name] if m.name in grids else self.member_grid(m, env) for m in g.members]
+        Ks = [int(v.shape[0]) for v, _ in parts]
+        K = 1
+        for k in Ks:
+            K *= k
         e = {n: (v.repeat((K,) + (1,) * (v.dim() - 1)) if S > 1 and torch.is_tensor(v) and v.dim() > 0
                  and v.shape[0] == S and n not in self.known and n not in self.row_data else v)
              for n, v in env.items()}
-        z = g.values.repeat_interleave(S).reshape((K * S,) + (1,) * len(g.shape))
-        e[g.name] = z
+        r = len(parts)
+        beyond = None
+        zs = []
+        for j, ((v, mask), m) in enumerate(zip(parts, g.members)):
+            def spread(t):
+                view = (1,) * j + (Ks[j],) + (1,) * (r - j - 1) + tuple(t.shape[1:])
+                t = t.reshape(view).expand(tuple(Ks) + (S,) + tuple(t.shape[2:]))
+                return t.reshape((K * S,) + tuple(t.shape[r + 1:]))
+            z = spread(v)
+            zs.append(z)
+            e[m.name] = z
+            if mask is not None:
+                mk = spread(mask)
+                beyond = mk if beyond is None else beyond | mk
         for name, fn in g.deterministics:
             e[name] = fn(e)
-        L = g.prior.log_prob(e, z)
+        L = None
+        for m, z in zip(g.members, zs):
+            lp = m.prior.log_prob(e, z)
+            L = lp if L is None else L + (sum_event(lp) if g.shape == () and lp.dim() > 1 else lp)
         for f in g.factors:
             lp = f.log_prob(e, f.value(e))
             L = L + (sum_event(lp) if g.shape == () else lp)
         shape = (batch.size,) + g.shape[1:] if g.prior.per_row and batch.size is not None else g.shape
-        return L.expand((K * S,) + shape).reshape((K, S) + shape)
+        L = L.expand((K * S,) + shape)
+        bad = torch.isnan(L)
+        if beyond is not None:
+            bad = bad | beyond.expand(L.shape)
+        if bool(bad.any()):
+            L = torch.where(bad, torch.full_like(L, -math.inf), L)
+        return L.reshape((K, S) + shape)
+
+    def unconstrain(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Constrained values of the continuous latents (each (S, *shape), e.g. prior draws) -> theta
+        (S, dim); a value on its set's edge (a draw of exactly 0 for a positive latent) gives a
+        non-finite row."""
+        env: Dict = dict(self.known)
+        env.update(self.batch.data)
+        env[CACHE] = self.batch.cache
+        env.update(values)
+        S = next(iter(values.values())).shape[0] if values else 1
+        out = []
+        for b in self.blocks:
+            x = values[b.name]
+            if b.kind == "real":
+                u = x
+            else:
+                t = b.transform if b.transform is not None else bijection(b.kind, *b.bounds(env))
+                u = t.inv(x)
+            out.append(u.reshape(S, -1))
+        return torch.cat(out, 1) if out else torch.zeros((S, 0), dtype=self.dtype, device=self.device)
 
     def log_prob(self, theta: torch.Tensor, discrete=None, batch: Optional[Batch] = None) -> torch.Tensor:
         return self.evaluate(theta, discrete, batch=batch).total
 
     def largest_node(self) -> int:
-        """Elements of the largest modelled variable: the size of one sample's intermediates."""
+        """Elements of the largest modelled variable: the size of one sample's intermediates (a count
+        summed over a window: its elements times the values summed)."""
+        windows = [g.size() * max(1, int(np.prod(g.shape))) for g in self.enum
+                   if any(m.window for m in g.members)]
         return max([int(np.prod(n.shape)) for n in self.model.nodes.values()
-                    if n.kind not in ("data", "constant")] + [1])
+                    if n.kind not in ("data", "constant")] + windows + [1])
 
     def chunk_size(self) -> int:
         """Samples per pass so one pass makes intermediates of at most ~4M elements."""
@@ -351,9 +495,17 @@ class LogJoint:
         S = ev.total.shape[0]
         for g in self.enum:
             L = ev.enum_logits[g.name]                           # (K, S, *shape)
-            probs = torch.softmax(L, 0).movedim(0, -1).reshape(-1, len(g.values))
-            idx = torch.multinomial(probs, 1, generator=generator).reshape((S,) + g.shape)
-            env[g.name] = g.values[idx]
+            K = L.shape[0]
+            probs = torch.softmax(L, 0).movedim(0, -1).reshape(-1, K)
+            idx = torch.multinomial(probs, 1, generator=generator).reshape((S,) + tuple(L.shape[2:]))
+            stride = K
+            for m in g.members:
+                v, _ = self.member_grid(m, env)                  # (K_j, 1, *shape or ones)
+                stride //= v.shape[0]
+                k = (idx // stride) % v.shape[0]
+                v = v.expand((v.shape[0], S) + tuple(L.shape[2:]) if v.dim() > 2 or L.dim() > 2
+                             else (v.shape[0], S))
+                env[m.name] = v.gather(0, k.unsqueeze(0)).squeeze(0)
             for name, fn in g.deterministics:
                 env[name] = fn(env)
         out = {}

@@ -3,13 +3,19 @@ estimator plan -> one independent q per element of each such latent.
 
 Registry `DISCRETE_QS` (name -> class), named by the supports registry
 (`ppl.supports.SUPPORTS[kind].q`): categorical (values 1..K), bernoulli,
-binomial (n trials, a known constant), poisson (counts).  Each gives
-`sample(S)`, `log_q(z)` and its parameter `param` (logits or a log rate).
+binomial (n trials, a known constant), count (a discretised logistic with a
+free location and scale per element, restricted to the element's bounds
+from the graph, `ppl.bounds`), poisson (a free rate; not the default: its
+variance is tied to its mean).  Each gives `sample(S)`, `log_q(z)` and its
+parameter `param`; a q whose support can be listed gives `grid()`, its values
+and log probabilities (differentiable), for the learned control variate.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict
 
+import numpy as np
 import torch
 
 from .. import distributions as DS
@@ -42,6 +48,11 @@ class DiscreteQ:
     def _rand(self, shape) -> torch.Tensor:
         return torch.rand(shape, generator=self.gen, dtype=self.dtype, device=self.device)
 
+    def grid(self):
+        """(values (G, *shape), log q (G, *shape), covered (*shape) bool): every value q can take, with
+        its log probability (differentiable in `param`), where `covered` (else None: no grid)."""
+        return None
+
 
 DISCRETE_QS = Registry()
 register_discrete = DISCRETE_QS.register
@@ -67,6 +78,12 @@ class CategoricalQ(DiscreteQ):
     def log_q(self, z):
         return self.dist().log_prob(z.long() - 1)
 
+    def grid(self):
+        K = self.param.shape[-1]
+        v = (torch.arange(K, dtype=self.dtype, device=self.device) + 1).reshape((K,) + (1,) * len(self.shape))
+        lq = torch.log_softmax(self.param, -1).movedim(-1, 0)
+        return v.expand(lq.shape), lq, torch.ones(self.shape, dtype=torch.bool, device=self.device)
+
 
 @register_discrete
 class BernoulliQ(DiscreteQ):
@@ -78,6 +95,11 @@ class BernoulliQ(DiscreteQ):
         with torch.no_grad():
             probs = torch.sigmoid(self.param).expand((S,) + self.shape)
             return (self._rand(probs.shape) < probs).to(self.dtype)
+
+    def grid(self):
+        v = torch.tensor([0.0, 1.0], dtype=self.dtype, device=self.device).reshape((2,) + (1,) * len(self.shape))
+        lq = torch.stack([torch.nn.functional.logsigmoid(-self.param), torch.nn.functional.logsigmoid(self.param)])
+        return v.expand(lq.shape), lq, torch.ones(self.shape, dtype=torch.bool, device=self.device)
 
 
 @register_discrete
@@ -112,6 +134,91 @@ class PoissonQ(DiscreteQ):
     def sample(self, S):
         with torch.no_grad():
             return torch.poisson(torch.exp(self.param).expand((S,) + self.shape), generator=self.gen)
+
+
+BIG = 1e15          # an unbounded side, finite (an infinite bound would make NaN gradients)
+GRID_MAX = 512      # values listed per element for the control variate (a wider q: none there)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurately on both sides of -log 2."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def log_sigmoid_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(b) - sigmoid(a)) for a < b, in whichever tail keeps the digits."""
+    flip = a > 0
+    a2, b2 = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    lb = torch.nn.functional.logsigmoid(b2)
+    return lb + _log1mexp(torch.clamp(torch.nn.functional.logsigmoid(a2) - lb, max=-1e-300))
+
+
+@register_discrete
+class CountQ(DiscreteQ):
+    """A count's q: a discretised logistic per element, P(k) proportional to
+    F((k + 1/2 - m) / s) - F((k - 1/2 - m) / s) for k in lo..hi, F the logistic CDF, with a free
+    location m and scale s (its variance is free, unlike a Poisson's), restricted to the element's
+    bounds from the graph (`ppl.bounds`: n >= y for binomial trials): a value of zero probability is
+    never drawn.  m and log s are whitened by the prior's mean and sd (from prior draws), so one
+    step size serves counts of any size."""
+    name = "count"
+
+    def __init__(self, name, shape, size, program, gen, model, node):
+        super().__init__(name, shape, size, program, gen, model, node)
+        from ..bounds import bounds
+        b = bounds(model, name)
+        t = lambda a: torch.as_tensor(np.broadcast_to(a, self.shape).copy(), dtype=self.dtype,  # noqa: E731
+                                      device=self.device)
+        self.lo = t(np.clip(b.lo, -BIG, BIG))
+        self.hi = t(np.clip(b.hi, -BIG, BIG))
+        with torch.no_grad():
+            draws = program.simulate({}, 256, torch.Generator(device=self.device).manual_seed(0))[name]
+            m = draws.mean(0)
+            sd = draws.std(0).clamp(min=1.0)
+        self.m0 = torch.minimum(torch.maximum(m, self.lo), self.hi)
+        self.sd0 = sd
+        self.log_s0 = torch.log(sd * math.sqrt(3.0) / math.pi)
+
+    def _param_shape(self, size):
+        return self.shape + (2,)
+
+    def loc_scale(self):
+        return self.m0 + self.sd0 * self.param[..., 0], torch.exp(self.log_s0 + self.param[..., 1])
+
+    def _log_z(self, m, s):
+        return log_sigmoid_diff((self.lo - 0.5 - m) / s, (self.hi + 0.5 - m) / s)
+
+    def log_q(self, z):
+        m, s = self.loc_scale()
+        return log_sigmoid_diff((z - 0.5 - m) / s, (z + 0.5 - m) / s) - self._log_z(m, s)
+
+    def sample(self, S):
+        """By the inverse CDF, within the element's bounds, in the tail (upper or lower) that keeps
+        the digits."""
+        with torch.no_grad():
+            m, s = self.loc_scale()
+            a, b = (self.lo - 0.5 - m) / s, (self.hi + 0.5 - m) / s
+            u = self._rand((S,) + self.shape)
+            # lower side: x = m + s logit(F(a) + u (F(b) - F(a)));  upper: the same on -x
+            fa, fb = torch.sigmoid(a), torch.sigmoid(b)
+            lower = m + s * torch.logit(fa + u * (fb - fa), eps=1e-300)
+            ga, gb = torch.sigmoid(-b), torch.sigmoid(-a)
+            upper = m - s * torch.logit(ga + u * (gb - ga), eps=1e-300)
+            x = torch.where(a > 0, upper, lower)
+            return torch.minimum(torch.maximum(torch.floor(x + 0.5), self.lo), self.hi)
+
+    def grid(self):
+        m, s = self.loc_scale()
+        md, sd = m.detach(), s.detach()
+        start = torch.maximum(torch.floor(md) - GRID_MAX // 2 + 1, self.lo)
+        v = start.unsqueeze(0) + torch.arange(GRID_MAX, dtype=self.dtype, device=self.device).reshape(
+            (-1,) + (1,) * len(self.shape))
+        inside = v <= self.hi.unsqueeze(0)
+        v = torch.minimum(v, self.hi.unsqueeze(0))
+        lq = log_sigmoid_diff((v - 0.5 - m) / s, (v + 0.5 - m) / s) - self._log_z(m, s)
+        lq = torch.where(inside, lq, torch.full_like(lq, -math.inf))
+        covered = torch.logsumexp(lq.detach(), 0) > -1e-6
+        return v, lq, covered
 
 
 def discrete_families(model: Model, program, plan, gen) -> Dict[str, DiscreteQ]:

@@ -34,7 +34,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import budget, improper
+from . import budget, improper, windows
 from .discrete import discrete_families
 from .draw_stats import column_stats
 from .families import FAMILIES
@@ -125,6 +125,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     t0 = time.perf_counter()
     node_plans = make_plan(model, config.estimator, config.opt)
     program = LogJoint(model, node_plans, rt)
+    node_plans, program, wins = count_windows(model, node_plans, program, config, rt)
     largest = program.largest_node()
     # the budget before anything that scales with the model (the structure's maps included)
     budget.check(model, program, choose_method(config.method, program.dim)[0], config,
@@ -139,6 +140,11 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     fam_cls = FAMILIES[method]
     start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
                                       structure if fam_cls.needs_structure else None, _ticker(progress))
+    for _ in range(2):   # windows from the Laplace draws; wider than the mode was found with: search again
+        if wins is None or start_program is not program or not windows.refine(program, start, wins, rt.generator()):
+            break
+        start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
+                                          structure if fam_cls.needs_structure else None, _ticker(progress))
     improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
     timings["init"] = time.perf_counter() - t0
 
@@ -155,6 +161,13 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
     _phase(progress, "optimise")
     result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+    for _ in range(2):   # a window that misses mass at q's draws: widened, and the fit resumed
+        if wins is None or not windows.recheck(program, family, wins):
+            break
+        wins.refits += 1
+        more, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+        result = OptimResult(result.trace + more.trace, more.converged, result.steps + more.steps,
+                             result.evals + more.evals, more.fixed_draws)
     improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
     timings["optimise"] = time.perf_counter() - t0
 
@@ -165,7 +178,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                           centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
-    return Fit(model=model, config=config, method=method, method_note=why, estimator=describe(node_plans),
+    return Fit(model=model, config=config, method=method, method_note=why,
+               estimator=describe(node_plans, wins.text() if wins else None),
                objective=config.objective,
                draws=draws, elbo_trace=result.trace, elbo=float(np.mean(tail)), steps=result.steps,
                converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
@@ -199,6 +213,24 @@ def _keep_freed_memory() -> None:
     no trimming): a step's tensors of a few MB were otherwise mapped and unmapped every evaluation, and
     the page faults cost as much as the arithmetic (graph family, K = 200: 4.3 s of system time in 7.5 s)."""
     _mallopt((_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 512 << 20), (_M_TOP_PAD, 64 << 20))
+
+
+def count_windows(model: Model, node_plans, program: LogJoint, config: FitConfig, rt: Runtime):
+    """Windows of the count latents summed by truncated enumeration, from prior draws; a latent whose
+    window is too wide goes to the score path (the plan and the compiled model are then remade).
+    -> (plan, compiled model, windows or None)."""
+    if not any(p.window for p in node_plans.values()):
+        return node_plans, program, None
+    too_wide: frozenset = frozenset()
+    while True:
+        wins = windows.initial(program, rt.generator())
+        if not wins.too_wide:
+            return node_plans, program, wins
+        too_wide = too_wide | frozenset(wins.too_wide)
+        node_plans = make_plan(model, config.estimator, config.opt, too_wide)
+        program = LogJoint(model, node_plans, rt)
+        if not any(p.window for p in node_plans.values()):
+            return node_plans, program, None
 
 
 def set_threads(model: Model) -> None:
@@ -289,8 +321,13 @@ def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, s
         if not program.score:
             return laplace(program, full=exact_hessian, structure=structure, on_eval=on_eval), program
         summed = make_plan(model, "auto", config.opt)
+        summed_program = None
         if not any(np_.estimator == "score" for np_ in summed.values()):
             summed_program = LogJoint(model, summed, program.rt)
+            if any(p.window for p in summed.values()) and \
+                    windows.initial(summed_program, program.rt.generator()).too_wide:
+                summed_program = None
+        if summed_program is not None:
             return laplace(summed_program, full=exact_hessian, structure=structure, on_eval=on_eval), \
                 summed_program
     note = "cold start" + (" (score-function latents)" if program.score else "")
@@ -337,6 +374,12 @@ def choose_optimizer(config: FitConfig, vi: VI, S: int) -> str:
 
 def optimise(vi: VI, config: FitConfig, S: int, lr: float, cold: bool, progress, gen):
     """-> (OptimResult, the optimiser used)."""
+    if not any(p.numel() for p in vi.parameters()):
+        # nothing to fit (every latent summed out exactly): the value is log p(y)
+        with torch.no_grad():
+            value = float(vi.program.log_prob(torch.zeros((1, 0), dtype=vi.program.dtype,
+                                                          device=vi.program.device))[0])
+        return OptimResult([value], True, 0), "exact"
     name = choose_optimizer(config, vi, S)
     max_steps = MAX_STEPS if config.steps is None else config.steps
     # a cold start begins far from the optimum, where Stan's relative tolerance stops too early
