@@ -2,8 +2,11 @@
 
 One node per named variable with its kind, distribution, shape, support,
 transform to unconstrained space and estimator; one edge for each name an
-expression (or a size) uses.  `ppl graph` renders exactly this object.
-Torch-free.
+expression (or a size) uses; a discrete latent's bounds from the graph
+(`ppl.bounds`: `n >= y (binomial trials)`).  `ppl graph` renders exactly
+this object.  Torch-free, except for a model with count latents summed over
+a window when data are given: their windows at prior draws are found (as
+`ppl fit` first does) and shown.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from . import distributions as DS
 from .errors import PplError, Diagnostic
 from .frontend.check import A_text, Model, Node
 from .config import python_opt
+from .bounds import bounds as bounds_of
 from .plan import NodePlan, describe, plan
 from .supports import SUPPORTS
 
@@ -35,6 +39,12 @@ def build_graph(model: Model, estimator: str = "auto", opt: Callable = python_op
     """`opt` spells an option as the caller does (ppl.config.cli_opt / python_opt)."""
     g = nx.DiGraph(name=model.source.path)
     node_plans: Dict[str, NodePlan] = plan(model, estimator, opt)
+    windows: Dict[str, str] = {}
+    if model.has_data and any(p.window for p in node_plans.values()):
+        from .infer.windows import preview
+        windows, too_wide = preview(model, node_plans)
+        if too_wide:
+            node_plans = plan(model, estimator, opt, frozenset(too_wide))
     for name, node in model.nodes.items():
         attrs = dict(kind=node.kind, shape=[d for d in node.shape], line=node.span.line,
                      support=node.support if node.kind in ("latent",) or node.dist else "data")
@@ -50,7 +60,13 @@ def build_graph(model: Model, estimator: str = "auto", opt: Callable = python_op
         if t is not None:
             attrs["transform"] = t
         if name in node_plans:
-            attrs["estimator"] = node_plans[name].estimator
+            attrs["estimator"] = "truncated enumeration" if node_plans[name].window else node_plans[name].estimator
+            if name in windows:
+                attrs["window"] = windows[name]
+        if node.kind == "latent" and node.discrete and model.has_data:
+            b = bounds_of(model, name)
+            if b.why or b.relations:
+                attrs["bounds"] = "; ".join(b.why + b.relations)
         if node.kind == "latent" and node.dist is None:
             attrs["dist"] = "flat"
         if node.declared and node.constraint is not None:
@@ -100,6 +116,10 @@ def to_text(g: nx.DiGraph) -> str:
                 extra.append(f"transform {a['transform']}")
             if "estimator" in a:
                 extra.append(f"estimator {a['estimator']}")
+            if "bounds" in a:
+                extra.append(f"bounds {a['bounds']}")
+            if "window" in a:
+                extra.append(f"window {a['window']}")
         if "rows" in a:
             extra.append(a["rows"])
         parents = sorted(g.predecessors(n), key=g.graph["order"].index)
@@ -135,7 +155,7 @@ def to_dot(g: nx.DiGraph) -> str:
             label += f"\\n~ {_dot_escape(a['dist'])}"
         elif a.get("expr"):
             label += f"\\n= {_dot_escape(a['expr'])}"
-        if a.get("estimator") in ("enumerate", "score"):
+        if a.get("estimator") in ("enumerate", "truncated enumeration", "score"):
             label += f"\\n[{a['estimator']}]"
         out.append(f'  "{_dot_escape(n)}" [label="{label}", {_STYLE[a["kind"]]}];')
     for u, v in g.edges():

@@ -379,3 +379,15 @@ def recheck(program: LogJoint, family, wins: Windows) -> bool:
         else:
             wins.found[name] = Window(name, old[0], old[1], out_old, where)
     return widened
+
+
+def preview(model, node_plans) -> Tuple[Dict[str, str], List[str]]:
+    """For `ppl graph`: the windows at prior draws, as `ppl fit` first finds them (float64, CPU, seed 0).
+    -> (latent -> text, the latents whose window is too wide)."""
+    from ..backend.runtime import Runtime
+    rt = Runtime.make("cpu", "float64", 0)
+    program = LogJoint(model, node_plans, rt)
+    wins = initial(program, rt.generator())
+    texts = {n: f"{w.text()}" + ("; the fit re-checks it at q's draws" if program.dim else "")
+             for n, w in wins.found.items() if n not in wins.too_wide}
+    return texts, list(wins.too_wide)
