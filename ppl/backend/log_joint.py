@@ -516,6 +516,23 @@ class LogJoint:
                 out[name] = v.expand((S,) + tuple(v.shape[1:])) if v.shape[0] == 1 else v
         return out
 
+    def enum_moments(self, ev: Evaluation) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """E[z] and E[z^2] of each enumerated latent under its exact conditional given each draw's rest
+        ((S, *shape) each), from an evaluation made with `keep_enum=True` (Rao-Blackwellised summaries)."""
+        out = {}
+        for g in self.enum:
+            L = ev.enum_logits[g.name]                           # (K, S, *shape)
+            p = torch.softmax(L, 0)
+            K = L.shape[0]
+            c = torch.arange(K, device=L.device)
+            stride = K
+            for m in g.members:
+                v, _ = self.member_grid(m, ev.env)               # (K_j, 1, *shape or ones)
+                stride //= v.shape[0]
+                vc = v[(c // stride) % v.shape[0]]               # (K, 1, *shape or ones)
+                out[m.name] = ((p * vc).sum(0), (p * vc * vc).sum(0))
+        return out
+
     def simulate(self, given: Mapping[str, torch.Tensor], S: int, generator: torch.Generator,
                  batch: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
         """Forward simulation, node by node in topological order: a latent in `given` takes that value

@@ -82,6 +82,9 @@ class Fit:
     evals: int = 0                            # L-BFGS evaluations of the fixed-draw objective (dadvi)
     fixed_draws: int = 0
     device: str = "cpu"                       # where it ran (with how `auto` chose)
+    # enumerated latents: mean and sd of their exact conditionals averaged over q's draws (Rao-Blackwellised;
+    # the summary's mean and sd, with quantiles from the draws)
+    moments: Dict[str, tuple] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (f"<Fit {self.model.source.path}: {self.method}, ELBO {self.elbo:.4g}, k-hat {self.khat:.2f}, "
@@ -93,6 +96,8 @@ class Fit:
         for name, arr in self.draws.items():
             flat = arr.reshape(arr.shape[0], -1)
             q, mean, sd = column_stats(flat)     # inf or huge draws without NumPy warnings
+            if name in self.moments:
+                mean, sd = (np.asarray(a).reshape(-1) for a in self.moments[name])
             for j, key in enumerate(_flat_names(name, arr.shape[1:])):
                 out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
                             "q50": float(q[1, j]), "q95": float(q[2, j])}
@@ -172,7 +177,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["optimise"] = time.perf_counter() - t0
 
     _phase(progress, "draws")
-    draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
+    draws, ps, t_draws, t_khat, moments = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
     timings["draws"], timings["khat"] = t_draws, t_khat
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
@@ -185,7 +190,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
                verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
-               fixed_draws=result.fixed_draws,
+               fixed_draws=result.fixed_draws, moments=moments,
                device=str(rt.device) + (f" ({device_note})" if device_note else ""))
 
 
@@ -414,6 +419,7 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                       torch.zeros(n_all, dtype=program.dtype, device=program.device))
         chunk = program.chunk_size()
         values: Dict[str, List[np.ndarray]] = {}
+        sums: Dict[str, List[torch.Tensor]] = {}
         log_p = []
         for i in range(0, n_all, chunk):
             need_p, need_v = i < n_psis, i < draws
@@ -424,6 +430,10 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
             if need_v:
                 for k, v in program.values(ev, gen).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
+                for k, (m1, m2) in program.enum_moments(ev).items():
+                    m1, m2 = m1[: draws - i], m2[: draws - i]
+                    acc = sums.setdefault(k, [0.0, 0.0, 0])
+                    acc[0], acc[1], acc[2] = acc[0] + m1.sum(0), acc[1] + m2.sum(0), acc[2] + m1.shape[0]
             if on_chunk is not None:
                 on_chunk(None)
         log_p = torch.cat(log_p)
@@ -431,4 +441,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
     t0 = time.perf_counter()
     ps = psis(to_numpy(log_p - log_q[:n_psis] - log_q_z[:n_psis]))
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
-    return out, ps, t_draws, time.perf_counter() - t0
+    moments = {}
+    for k, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        moments[k] = (to_numpy(mean), to_numpy(torch.sqrt(torch.clamp(s2 / n - mean * mean, min=0))))
+    return out, ps, t_draws, time.perf_counter() - t0, moments
