@@ -138,6 +138,7 @@ class PoissonQ(DiscreteQ):
 
 BIG = 1e15          # an unbounded side, finite (an infinite bound would make NaN gradients)
 GRID_MAX = 512      # values listed per element for the control variate (a wider q: none there)
+GRID_SDS = 40       # ... covering the location +- this many scales (the logistic's tails: exp(-40))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -210,8 +211,9 @@ class CountQ(DiscreteQ):
     def grid(self):
         m, s = self.loc_scale()
         md, sd = m.detach(), s.detach()
-        start = torch.maximum(torch.floor(md) - GRID_MAX // 2 + 1, self.lo)
-        v = start.unsqueeze(0) + torch.arange(GRID_MAX, dtype=self.dtype, device=self.device).reshape(
+        G = int(min(GRID_MAX, max(16, math.ceil(2 * GRID_SDS * float(sd.max())) + 8)))
+        start = torch.maximum(torch.floor(md) - G // 2 + 1, self.lo)
+        v = start.unsqueeze(0) + torch.arange(G, dtype=self.dtype, device=self.device).reshape(
             (-1,) + (1,) * len(self.shape))
         inside = v <= self.hi.unsqueeze(0)
         v = torch.minimum(v, self.hi.unsqueeze(0))

@@ -117,7 +117,7 @@ class VI:
             return OptimResult([], False, 0)
         avg = Averager(state.params)
         trace: List[float] = []
-        conv = Convergence(tol, min_steps, max_steps)
+        conv = Convergence(tol, min_steps, max_steps, noisy=self.estimator.noisy or bool(self.discrete))
         while state.t < max_steps:
             value = self.update(state, None if batches is None else next(batches))
             if value is None:
@@ -195,10 +195,14 @@ class Averager:
 
 
 class Convergence:
-    """Stan's relative-ELBO test on window means, plus 'no trend beyond 3 standard errors'."""
+    """Stan's relative-ELBO test on window means, plus 'no trend beyond 3 standard errors'.  With `noisy`
+    gradients (the score path), also: the ELBO's rise per window, from a straight line through the last
+    TREND_WINDOWS windows' estimates, is below the tolerance even at the top of its 95% interval (so a
+    rise hidden in the noise of two window means does not count as converged)."""
+    TREND_WINDOWS = 3
 
-    def __init__(self, tol: float, min_steps: int, max_steps: int):
-        self.tol, self.min_steps, self.max_steps = tol, min_steps, max_steps
+    def __init__(self, tol: float, min_steps: int, max_steps: int, noisy: bool = False):
+        self.tol, self.min_steps, self.max_steps, self.noisy = tol, min_steps, max_steps, noisy
         self.prev: Optional[float] = None
         self.rel_changes: List[float] = []
         self.converged = False
@@ -213,9 +217,21 @@ class Convergence:
         self.prev = cur
         if self.tol > 0 and t >= self.min_steps and self.rel_changes and settled:
             recent = self.rel_changes[-max(2, int(0.1 * self.max_steps / WINDOW)):]
-            if np.mean(recent) < self.tol or np.median(recent) < self.tol:
+            if (np.mean(recent) < self.tol or np.median(recent) < self.tol) and \
+                    (not self.noisy or self.flat(trace, cur)):
                 self.converged = True
         return self.converged
+
+    def flat(self, trace: List[float], cur: float) -> bool:
+        n = self.TREND_WINDOWS * WINDOW
+        if len(trace) < n:
+            return False
+        y = np.asarray(trace[-n:], dtype=float)
+        x = np.arange(n, dtype=float) - (n - 1) / 2
+        slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+        resid = y - y.mean() - slope * x
+        se = math.sqrt(float((resid * resid).sum()) / (n - 2) / float((x * x).sum()))
+        return (slope + 2 * se) * WINDOW < self.tol * max(abs(cur), 1.0)
 
 
 def numeric_failure(vi: VI, S: int):

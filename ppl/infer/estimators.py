@@ -18,8 +18,13 @@ plan) and `applies` to the problem is used, unless the config names one
 Discrete latents on the score path always add their own score-function term
 (`discrete_surrogate`): Rao-Blackwellised with the latent's Markov blanket
 (its own density and the factors that use it, elementwise when they line up
-with it) and a leave-one-out baseline over the S samples.  Enumerated latents
-need no estimator: the log joint sums them out.
+with it), a leave-one-out baseline over the S samples, and a learned control
+variate (`ControlVariate`: a quadratic in the element's value, fitted to the
+signal over past steps, whose expectation under q is summed exactly over
+q's values); a draw of zero probability is counted and its signal clipped
+to a finite penalty, never averaged as NaN.  Enumerated latents need no
+estimator: the log joint sums them out.  `vimco`: the multi-sample
+objective's estimator (Mnih & Rezende 2016), for `--objective vimco`.
 
 A new estimator is one class with `surrogate_loss` (or `gradient`) and one
 `register_gradient`.  Minibatches reach every estimator as the `batch`
@@ -101,6 +106,9 @@ def choose_gradient(vi, serves: str, requested: str = "auto") -> GradientEstimat
         if not cls.applies(vi):
             raise UsageError(f"{opt('gradient', requested)} does not apply to this family, objective or model")
         return cls(vi)
+    own = getattr(vi.objective, "gradient", None)       # an objective with its own estimator (vimco)
+    if own is not None and GRADIENTS[own].applies(vi):
+        return GRADIENTS[own](vi)
     for cls in GRADIENTS.values():
         if cls.serves == serves and cls.applies(vi):
             return cls(vi)
@@ -108,25 +116,133 @@ def choose_gradient(vi, serves: str, requested: str = "auto") -> GradientEstimat
                      f"use {opt('objective', 'elbo')} with score-function estimators")
 
 
-def discrete_surrogate(vi, ev, z, S) -> torch.Tensor:
-    """Score-function surrogate for discrete latents on the score path, Rao-Blackwellised by Markov blanket."""
+@dataclass(frozen=True)
+class ScoreOptions:
+    """The variance reductions of the discrete score-function term (all on by default; the gradient-variance
+    test turns them off one by one)."""
+    rao_blackwell: bool = True       # each element's signal: its Markov blanket only (else the whole log joint)
+    baseline: bool = True            # leave-one-out over the S samples
+    control_variate: bool = True     # learned, where q can list its values
+
+
+PENALTY = 10.0      # nats below the worst finite signal: a zero-probability draw's signal
+
+
+class ControlVariate:
+    """h(z) = c1 d + c2 (d^2 - 1), d = (z - E_q z) / sd_q per element, with c fitted by least squares to the
+    (baseline-corrected) signal, from sufficient statistics averaged over past steps (so h does not depend
+    on this step's draws, and the estimator stays unbiased); E_q[h] is summed exactly over q's values."""
+    DECAY = 0.9
+    RIDGE = 1e-3
+
+    def __init__(self, shape, dtype, device):
+        self.xx = torch.zeros(tuple(shape) + (2, 2), dtype=dtype, device=device)
+        self.xy = torch.zeros(tuple(shape) + (2,), dtype=dtype, device=device)
+        self.steps = 0
+
+    def coefficients(self) -> torch.Tensor:
+        eye = torch.eye(2, dtype=self.xx.dtype, device=self.xx.device)
+        scale = torch.diagonal(self.xx, dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1).clamp(min=1e-12)
+        return torch.linalg.solve(self.xx + self.RIDGE * scale * eye, self.xy.unsqueeze(-1)).squeeze(-1)
+
+    def update(self, feats: torch.Tensor, target: torch.Tensor):
+        S = feats.shape[0]
+        xx = torch.einsum("s...i,s...j->...ij", feats, feats) / S
+        xy = torch.einsum("s...i,s...->...i", feats, target) / S
+        self.xx.mul_(self.DECAY).add_(xx, alpha=1 - self.DECAY)
+        self.xy.mul_(self.DECAY).add_(xy, alpha=1 - self.DECAY)
+        self.steps += 1
+
+
+def _features(v: torch.Tensor, m: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    d = (v - m) / sd
+    return torch.stack([d, d * d - 1], -1)
+
+
+def _control_variate(q, z, target: torch.Tensor):
+    """-> (h(z) per sample and element, E_q[h] summed over elements: differentiable in q's parameters),
+    or None where q cannot list its values; updates the coefficients with this step's draws after use."""
+    grid = q.grid()
+    if grid is None:
+        return None
+    vals, lq, covered = grid
+    with torch.no_grad():
+        w = torch.exp(lq)
+        m = (w * vals).sum(0)
+        sd = torch.sqrt(((w * (vals - m) ** 2).sum(0)).clamp(min=1e-12))
+    cv = getattr(q, "control_variate", None)
+    if cv is None:
+        cv = q.control_variate = ControlVariate(q.shape, vals.dtype, vals.device)
+    feats = _features(z, m, sd)                                     # (S, *shape, 2)
+    h = None
+    expect = None
+    if cv.steps >= 2:
+        c = cv.coefficients() * covered.unsqueeze(-1)
+        h = (feats * c).sum(-1)
+        hv = (_features(vals, m, sd) * c).sum(-1)                   # (G, *shape)
+        expect = (torch.exp(lq) * torch.where(torch.isfinite(lq), hv, torch.zeros_like(hv))).sum()
+    cv.update(feats, target)
+    return h, expect
+
+
+def discrete_surrogate(vi, ev, z, S, options: ScoreOptions = None) -> torch.Tensor:
+    """Score-function surrogate for discrete latents on the score path, Rao-Blackwellised by Markov blanket,
+    with a leave-one-out baseline and a learned control variate."""
+    opts = options or getattr(vi, "score_options", None) or ScoreOptions()
     out = torch.zeros((), dtype=vi.program.dtype, device=vi.program.device)
+    whole = None
+    if not opts.rao_blackwell:                  # the plain estimator: every element sees the whole log joint
+        whole = (ev.total - sum(q.log_q(z[n]).reshape(S, -1).sum(-1) for n, q in vi.discrete.items())).detach()
     for name, q in vi.discrete.items():
         p = vi.plan[name]
         lq = q.log_q(z[name])                                   # (S, *shape)
-        signal = _reduce_to(ev.factors[name].expand(lq.shape), q.shape, p.local)
-        for fac in p.factors:
-            if fac in ev.factors:
-                signal = signal + _reduce_to(ev.factors[fac], q.shape, p.local)
-        signal = signal - (lq if p.local else lq.reshape(S, -1).sum(-1))
-        signal = signal.detach()
-        adv = signal - _loo_baseline(signal)
-        if not p.local:
+        local = p.local and opts.rao_blackwell
+        if whole is not None:
+            signal = whole.reshape((S,) + (1,) * len(q.shape)).expand(lq.shape) if p.local else whole
+            local = p.local
+        else:
+            signal = _reduce_to(ev.factors[name].expand(lq.shape), q.shape, local)
+            for fac in p.factors:
+                if fac in ev.factors:
+                    signal = signal + _reduce_to(ev.factors[fac], q.shape, local)
+            signal = signal - (lq if local else lq.reshape(S, -1).sum(-1))
+        signal = _finite(q, signal.detach())
+        adv = signal - _loo_baseline(signal) if opts.baseline else signal
+        if local and opts.control_variate:
+            got = _control_variate(q, z[name], adv)
+            if got is not None and got[0] is not None:
+                h, expect = got
+                adv = adv - (h - _loo_baseline(h) if opts.baseline else h)
+                out = out - expect
+        if not local:
             lq_s = lq.reshape(S, -1).sum(-1)
             out = out - (adv * lq_s).mean()
         else:
             out = out - (adv * lq).reshape(S, -1).sum(-1).mean()
     return out
+
+
+def _finite(q, signal: torch.Tensor) -> torch.Tensor:
+    """A draw of zero probability (signal -inf or NaN): counted on q (`zero_draws`), its signal set to
+    PENALTY nats below the worst finite one, so the step moves q away from it."""
+    bad = ~torch.isfinite(signal)
+    if not bool(bad.any()):
+        return signal
+    q.zero_draws = getattr(q, "zero_draws", 0) + int(bad.sum())
+    fin = signal[~bad]
+    floor = (fin.min() if fin.numel() else torch.zeros((), dtype=signal.dtype)) - PENALTY
+    return torch.where(bad, floor, signal)
+
+
+def _possible(vi, ev, theta, z, batch):
+    """The evaluation on the draws of positive probability: a discrete draw of probability zero
+    (log p = -inf) is dropped from the continuous part and counted (`vi.zero_draws`); the discrete
+    part sees it as a penalty (`_finite`)."""
+    keep = torch.isfinite(ev.total)
+    if not z or bool(keep.all()) or not bool(keep.any()):
+        return ev
+    vi.zero_draws = getattr(vi, "zero_draws", 0) + int((~keep).sum())
+    return vi.program.evaluate(theta[keep], {k: v[keep] for k, v in z.items()}, batch=batch)
 
 
 def discrete_log_q(vi, z) -> float:
@@ -205,7 +321,8 @@ class Pathwise(GradientEstimator):
         if fam.gaussian and vi.objective.linear:
             theta = fam.rsample(S)
             ev = vi.program.evaluate(theta, z, keep_factors=bool(z), batch=batch)
-            elbo = ev.total.mean() + fam.entropy()
+            ev_c = _possible(vi, ev, theta, z, batch)
+            elbo = ev_c.total.mean() + fam.entropy()
             loss = -elbo + discrete_surrogate(vi, ev, z, S)
             return Surrogate(loss, float(elbo.detach()) - discrete_log_q(vi, z))
         theta, log_q = fam.rsample_with_log_q(S)
@@ -238,3 +355,48 @@ class ScoreFunction(GradientEstimator):
         loss = -((f - _loo_baseline(f)) * log_q).mean()
         loss = loss + discrete_surrogate(vi, ev, z, S)
         return Surrogate(loss, float(f.mean()))
+
+
+def _leave_one_out_bounds(lw: torch.Tensor) -> torch.Tensor:
+    """(S,) log weights -> (S,): the multi-sample bound with draw k's log weight replaced by the mean of
+    the others' (VIMCO's baselines; S >= 2)."""
+    S = lw.shape[0]
+    others = (lw.sum() - lw) / (S - 1)
+    rep = lw.unsqueeze(0).expand(S, S).clone()
+    rep[torch.arange(S), torch.arange(S)] = others
+    return torch.logsumexp(rep, 1) - math.log(S)
+
+
+@register_gradient
+class VIMCOGradient(GradientEstimator):
+    """VIMCO (Mnih & Rezende 2016): the multi-sample bound L = log mean_k w_k, reparameterised for the
+    continuous block, and for discrete latents the score term sum_k (L - L_-k) grad log q(z_k), where
+    L_-k replaces log w_k by the mean of the other draws' (a per-draw baseline with no learned part)."""
+    name = "vimco"
+    serves = "vimco"
+    noisy = True
+
+    @classmethod
+    def applies(cls, vi) -> bool:
+        return getattr(vi.objective, "gradient", None) == "vimco" and hasattr(vi.family, "rsample_with_log_q")
+
+    def surrogate_loss(self, S: int, batch=None) -> Surrogate:
+        vi = self.vi
+        if S < 2:
+            raise UsageError(f"{vi.config.opt('objective', 'vimco')} needs at least 2 {vi.config.opt('mc_samples')}")
+        z = {n: q.sample(S) for n, q in vi.discrete.items()}
+        theta, log_q = vi.family.rsample_with_log_q(S)
+        ev = vi.program.evaluate(theta, z, batch=batch)
+        lqz = sum((q.log_q(z[n]).reshape(S, -1).sum(-1) for n, q in vi.discrete.items()),
+                  torch.zeros(S, dtype=vi.program.dtype, device=vi.program.device))
+        log_w = ev.total - log_q - lqz
+        bound = torch.logsumexp(log_w, 0) - math.log(S)
+        with torch.no_grad():
+            lw = log_w.detach()
+            fin = torch.isfinite(lw)
+            if not bool(fin.all()) and bool(fin.any()):        # a draw of probability zero: counted, penalised
+                vi.zero_draws = getattr(vi, "zero_draws", 0) + int((~fin).sum())
+                lw = torch.where(fin, lw, lw[fin].min() - PENALTY)
+            signal = (torch.logsumexp(lw, 0) - math.log(S)) - _leave_one_out_bounds(lw)
+        loss = -(bound + (signal * lqz).sum()) if vi.discrete else -bound
+        return Surrogate(loss, float(bound.detach()))

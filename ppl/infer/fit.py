@@ -184,7 +184,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
     return Fit(model=model, config=config, method=method, method_note=why,
-               estimator=describe(node_plans, wins.text() if wins else None),
+               estimator=describe(node_plans, wins.text() if wins else None) + _zero_draws(vi),
                objective=config.objective,
                draws=draws, elbo_trace=result.trace, elbo=float(np.mean(tail)), steps=result.steps,
                converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
@@ -218,6 +218,12 @@ def _keep_freed_memory() -> None:
     no trimming): a step's tensors of a few MB were otherwise mapped and unmapped every evaluation, and
     the page faults cost as much as the arithmetic (graph family, K = 200: 4.3 s of system time in 7.5 s)."""
     _mallopt((_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 512 << 20), (_M_TOP_PAD, 64 << 20))
+
+
+def _zero_draws(vi: VI) -> str:
+    """'; 12 draws of probability zero dropped' when the score path drew values the model rules out."""
+    n = getattr(vi, "zero_draws", 0)
+    return f"; {n} draws of probability zero dropped (q puts mass where the model has none)" if n else ""
 
 
 def count_windows(model: Model, node_plans, program: LogJoint, config: FitConfig, rt: Runtime):

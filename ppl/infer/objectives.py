@@ -71,3 +71,15 @@ class Renyi(Objective):
         if abs(1 - self.alpha) < 1e-9:
             return log_w.mean()
         return logmeanexp((1 - self.alpha) * log_w) / (1 - self.alpha)
+
+
+@register_objective
+class VIMCO(Objective):
+    """The multi-sample bound over the S draws of a step (as IWAE), with the gradient estimator of Mnih &
+    Rezende (2016) for discrete latents on the score path: each draw's learning signal is the bound minus
+    the bound with that draw's log weight replaced by the mean of the others' (`estimators.VIMCOGradient`)."""
+    name, label = "vimco", "VIMCO bound"
+    gradient = "vimco"            # the gradient estimator this objective asks for
+
+    def __call__(self, log_w):
+        return logmeanexp(log_w)
