@@ -8,7 +8,8 @@ a latent that is the number of trials of a binomial is at least that
 binomial's value (`y ~ binomial(n, p)` with y observed: n[i] >= y[i]); a
 latent used as an index into a vector of K values lies in 1..K.  A bound
 between two latents (`k ~ binomial(n, p)` with both latent: k <= n) is
-recorded as a relation, not as numbers.
+recorded as a relation, not as numbers.  A use shifted by a constant
+(`binomial(n + 1, p)`) shifts the bound.
 
 Registry `BOUND_RULES`: (distribution, argument index) -> the rule for a
 latent that is that argument exactly (`binomial(n, p)`: argument 0).  A new
@@ -99,6 +100,18 @@ def _fit_to(v: np.ndarray, shape, reduce: Callable) -> np.ndarray:
     return out
 
 
+def _offset(e, name: str) -> Optional[float]:
+    """c when `e` is `name + c` (`name`, `name + 2`, `3 + name`, `name - 1`), else None."""
+    if isinstance(e, A.Name):
+        return 0.0 if e.id == name else None
+    if isinstance(e, A.BinOp) and e.op in ("+", "-"):
+        if isinstance(e.left, A.Name) and e.left.id == name and isinstance(e.right, A.Num):
+            return e.right.value if e.op == "+" else -e.right.value
+        if e.op == "+" and isinstance(e.right, A.Name) and e.right.id == name and isinstance(e.left, A.Num):
+            return e.left.value
+    return None
+
+
 def bounds(model, name: str) -> Bounds:
     """Per-element bounds of the discrete latent `name`: its support, narrowed by its users."""
     node = model.nodes[name]
@@ -111,7 +124,8 @@ def bounds(model, name: str) -> Bounds:
             continue
         for i, arg in enumerate(user.dist.args):
             rule = BOUND_RULES.get((user.dist.spec, i))
-            if rule is None or not (isinstance(arg, A.Name) and arg.id == name):
+            c = None if rule is None else _offset(arg, name)
+            if c is None:
                 continue
             if user.kind == "latent":
                 out.relations.append(f"{name} {rule.relation} {other} ({rule.what})")
@@ -119,12 +133,13 @@ def bounds(model, name: str) -> Bounds:
             v = model.values.get(other)
             if v is None:
                 continue
-            v = np.asarray(v, dtype=float)
+            v = np.asarray(v, dtype=float) - c
             if rule.relation == ">=":
                 out.lo = np.maximum(out.lo, _fit_to(v, shape, np.max))
             else:
                 out.hi = np.minimum(out.hi, _fit_to(v, shape, np.min))
-            out.why.append(f"{name} {rule.relation} {other} ({rule.what})")
+            shift = "" if c == 0 else f" {'-' if c > 0 else '+'} {abs(c):g}"
+            out.why.append(f"{name} {rule.relation} {other}{shift} ({rule.what})")
     for other in model.order:
         user = model.nodes[other]
         exprs = list(user.dist.args) if user.dist is not None else []

@@ -46,7 +46,7 @@ def simulate(name: str, N: int, seed: int):
         return {"y": np.round(rng.poisson(20, N) + rng.normal(0, 2, N), 3).tolist()}
     if name == "zip":
         z = rng.random(N) < 0.3
-        return {"y": np.where(z, 0, rng.poisson(6.0, N)).tolist()}
+        return {"y": np.where(z, 0, rng.poisson(2.5, N)).tolist()}
     raise KeyError(name)
 
 

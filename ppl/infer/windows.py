@@ -312,13 +312,14 @@ def initial(program: LogJoint, gen: torch.Generator) -> Windows:
         return wins
     # the prior's range: the windows at each draw, united; a draw far in a heavy tail can make that wide,
     # so the draws whose windows lie outside the central 80% are left out when it is
-    found = find(program, theta, disc, "prior draws", wins)
+    where = "prior draws" if program.dim else ""
+    found = find(program, theta, disc, where, wins)
     if found.too_wide and theta.shape[0] > 4:
         centre = _central(program, theta, disc)
         if centre is not None:
             found = Windows(program)
             _start(program)
-            found = find(program, centre[0], centre[1], "prior draws (central)", found)
+            found = find(program, centre[0], centre[1], where and "prior draws (central)", found)
     return found
 
 
