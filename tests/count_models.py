@@ -1,4 +1,5 @@
-"""Exact posteriors of the count-latent models (bench/counts): numpy only, shared by the driver and the tests.
+"""The count-latent models, their data generators and exact posteriors (numpy only): tests/test_windows.py and
+the benchmark bench/counts/run.py use them.
 
 Every model is a function of its data; each returns {flattened name: (mean, sd)} computed by summing the
 counts over a range that holds all but < 1e-14 of the mass, and integrating the continuous latents on a
