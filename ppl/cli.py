@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     common(f)
     f.add_argument("--method", default="auto", help="a variational family: auto|meanfield|fullrank|lowrank|graph|flow")
     f.add_argument("--estimator", default="auto", help="auto|reparam|score|enumerate (for discrete latents)")
-    f.add_argument("--objective", default="elbo", help="elbo|iwae|renyi")
+    f.add_argument("--objective", default="elbo", help="elbo|iwae|renyi|vimco")
     f.add_argument("--alpha", type=float, default=None, help="Renyi alpha (with --objective renyi; default 0.5)")
     f.add_argument("--rank", type=int, default=None, help="rank of the lowrank family (with --method lowrank)")
     f.add_argument("--steps", type=int, default=None, help="Adam step cap (default 10000)")

@@ -5,7 +5,13 @@ Continuous latents use `reparam` (pathwise gradients).  A discrete latent is
 finite support of known size (at most MAX_ENUM values), and every factor it
 touches lines up with it element by element (the factor has the latent's shape,
 and the path from the latent to it is elementwise or a gather `x[z]`), or the
-latent is a scalar.  Otherwise it gets `score` (BBVI: score-function gradients,
+latent is a scalar.  A count (a support with no known size that can be summed
+over a window, `Support.window`) is enumerated the same way over a window of
+likely values per element, found at fit time (`window`: truncated
+enumeration, ppl/infer/windows.py); a window found too wide sends it back here
+(`too_wide`).  Discrete latents that use one another or share a factor form one
+group, summed jointly over the product of their values or not at all
+(`group`).  Otherwise a latent gets `score` (BBVI: score-function gradients,
 Rao-Blackwellised with its Markov blanket, plus a baseline).  The plan also
 names, for each discrete latent, the factors in its Markov blanket.
 """

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ DT = torch.float64
 FUSED = sorted(name for name, spec in DS.REGISTRY.items() if spec.lpdf is not None)
 
 # a value in each parameter constraint / support
-PARAM_VALUES = {"real": [-0.7, 1.3], "positive": [0.4, 2.5], "unit_interval": [0.3, 0.8]}
+PARAM_VALUES = {"real": [-0.7, 1.3], "positive": [0.4, 2.5], "unit_interval": [0.3, 0.8], "unit": [0.3, 0.6],
+                "nonneg_int": [7.0, 12.0]}
 
 
 def _support_values(support, gen, shape):
@@ -26,7 +28,7 @@ def _support_values(support, gen, shape):
         return 0.05 + 4 * u
     if support == "boolean":
         return (u < 0.5).to(DT)
-    if support == "nonneg_int":
+    if support in ("nonneg_int", "binomial"):      # (binomial: at most 7 successes, the fewest trials used)
         return torch.floor(8 * u)
     raise AssertionError(support)
 
@@ -58,6 +60,15 @@ def test_fused_lpdf_equals_torch(name):
             torch.testing.assert_close(got, want.expand(got.shape), rtol=1e-10, atol=1e-10)
             checked += 1
     assert checked == 2 ** (spec.arity + 1)
+
+
+def test_binomial_beyond_its_trials_is_minus_inf_never_nan():
+    k = torch.tensor([[0.0, 3.0, 5.0, 6.0]], dtype=DT)
+    for lp in (D.binomial_lpmf(k, 5.0, 0.3), D.binomial_lpmf(k, torch.tensor([[5.0]], dtype=DT), 1.0),
+               D.binomial_logit_lpmf(k, 5.0, torch.tensor(0.4, dtype=DT))):
+        assert not torch.isnan(lp).any() and lp[0, 3] == -math.inf
+    torch.testing.assert_close(D.binomial_lpmf(k, 5.0, 1.0)[0, :3], torch.tensor([-math.inf, -math.inf, 0.0],
+                                                                                    dtype=DT))
 
 
 def test_every_fused_density_is_covered():

@@ -233,6 +233,26 @@ def poisson_log_lpmf_sum(k, a):
     return sum_event(k * a - _exp(a)) - sum_event(torch.lgamma(k + 1.0))
 
 
+def _log_choose(n, k):
+    """log C(n, k) and where k > n (probability zero: -inf there, never NaN)."""
+    m = n - k
+    out = _lgamma(n + 1.0) - torch.lgamma(k + 1.0) - torch.lgamma(torch.clamp(m, min=0.0) + 1.0)
+    return out, m < 0
+
+
+def binomial_lpmf(k, n, p):
+    lc, beyond = _log_choose(n, k)
+    pt = p if torch.is_tensor(p) else torch.as_tensor(p, dtype=k.dtype, device=k.device)
+    out = lc + torch.xlogy(k, pt) + torch.xlogy(torch.clamp(n - k, min=0.0), 1.0 - pt)
+    return torch.where(beyond, torch.full_like(out, -math.inf), out)
+
+
+def binomial_logit_lpmf(k, n, a):
+    lc, beyond = _log_choose(n, k)
+    out = lc + k * a - n * _softplus(a)
+    return torch.where(beyond, torch.full_like(out, -math.inf), out)
+
+
 def poisson_lpmf(k, lam):
     k_log_lam = torch.xlogy(k, lam) if torch.is_tensor(lam) else k * math.log(lam)
     return k_log_lam - lam - torch.lgamma(k + 1.0)

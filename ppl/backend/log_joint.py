@@ -496,8 +496,10 @@ class LogJoint:
         for g in self.enum:
             L = ev.enum_logits[g.name]                           # (K, S, *shape)
             K = L.shape[0]
-            probs = torch.softmax(L, 0).movedim(0, -1).reshape(-1, K)
-            idx = torch.multinomial(probs, 1, generator=generator).reshape((S,) + tuple(L.shape[2:]))
+            # by the inverse CDF (torch.multinomial is ~10x slower on many small rows)
+            cdf = torch.cumsum(torch.softmax(L, 0), 0)
+            u = torch.rand((1,) + tuple(L.shape[1:]), generator=generator, dtype=L.dtype, device=L.device)
+            idx = (cdf < u * cdf[-1:]).sum(0).clamp(max=K - 1)
             stride = K
             for m in g.members:
                 v, _ = self.member_grid(m, env)                  # (K_j, 1, *shape or ones)

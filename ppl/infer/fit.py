@@ -31,7 +31,7 @@ from ..config import FitConfig, resolved_device
 from ..frontend.check import Model
 from ..structure import structure as structure_of
 from ..plan import centred_latents, describe, plan as make_plan
-from ..backend.log_joint import LogJoint
+from ..backend.log_joint import Evaluation, LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
 from . import budget, improper, windows
@@ -424,13 +424,22 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         log_q_z = sum((q.log_q(z[k]).reshape(n_all, -1).sum(-1) for k, q in dq.items()),
                       torch.zeros(n_all, dtype=program.dtype, device=program.device))
         chunk = program.chunk_size()
+        # nothing continuous and nothing on the score path: every draw has the same exact conditionals,
+        # evaluated once and drawn from chunk by chunk
+        static = program.dim == 0 and not z and bool(program.enum)
+        ev0 = program.evaluate(theta[:1], {}, keep_enum=True) if static else None
         values: Dict[str, List[np.ndarray]] = {}
         sums: Dict[str, List[torch.Tensor]] = {}
         log_p = []
         for i in range(0, n_all, chunk):
             need_p, need_v = i < n_psis, i < draws
-            ev = program.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()},
-                                  keep_enum=need_v, densities=need_p or bool(program.enum))
+            if static:
+                c = min(chunk, n_all - i)
+                ev = Evaluation(ev0.total.expand(c), ev0.env, {},
+                                {k: L.expand((L.shape[0], c) + tuple(L.shape[2:])) for k, L in ev0.enum_logits.items()})
+            else:
+                ev = program.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()},
+                                      keep_enum=need_v, densities=need_p or bool(program.enum))
             if need_p:
                 log_p.append(ev.total[: n_psis - i])
             if need_v:

@@ -39,8 +39,10 @@ TOL = 1e-10            # mass left outside a window, relative to the whole, at e
 MAX_WIDTH = 1024       # values per element of one window
 MAX_VALUES = 4096      # joint values per element of a group
 START_HALF = 8         # the first window: the mode +- this
-DRAWS = 64             # draws of the continuous latents the windows are found at
-RECHECK_DRAWS = 256    # q's draws the windows are re-checked at after the fit
+DRAWS = 32             # prior draws of the continuous latents the first windows are found at
+LAPLACE_DRAWS = 16     # random draws of the Laplace approximation (besides its mode and sigma points)
+SIGMA_POINTS_MAX = 32  # dimensions up to which the Laplace sigma points (mode +- 3 widened sds) are used
+RECHECK_DRAWS = 96     # q's draws the windows are re-checked at after the fit
 LAPLACE_WIDEN = 1.5    # the Laplace draws' spread, times this (q is often wider than the Laplace fit)
 CHUNK = 4_000_000      # elements per evaluation (draws are taken in chunks below it)
 BIG = 1e15             # an unbounded side
@@ -182,10 +184,20 @@ def search(program: LogJoint, name: str, theta: torch.Tensor, discrete=None,
     hi0 = rt.tensor(np.clip(np.broadcast_to(b.hi, shape), -BIG, BIG)).reshape((1,) + shape)
     S = theta.shape[0]
     probe = _Probe(program, g, name, theta, discrete, lo0, hi0)
-    c, sv, Lp = _mode(probe, S)
-    dl = torch.full_like(c, START_HALF)
-    du = torch.full_like(c, START_HALF)
     nd = len(shape)
+    if old is None:
+        c, sv, Lp = _mode(probe, S)
+        dl = torch.full_like(c, START_HALF)
+        du = torch.full_like(c, START_HALF)
+    else:          # start from the window there is (the mode search is for a first window only)
+        olo = rt.tensor(np.asarray(old[0], dtype=np.float64)).reshape((1,) + shape)
+        ohi = rt.tensor(np.asarray(old[1], dtype=np.float64)).reshape((1,) + shape)
+        c = torch.floor((olo + ohi) / 2).expand((S,) + shape).clone()
+        dl, du = c - olo + 1, ohi - c + 1
+        sv = torch.minimum(lo0 + torch.tensor([0.0] + [2.0 ** k for k in range(51)], dtype=lo0.dtype,
+                                               device=lo0.device).reshape((-1, 1) + (1,) * nd), hi0.unsqueeze(0))
+        sv = sv.expand((sv.shape[0], S) + shape)
+        Lp = probe(sv)
     for _ in range(40):
         a = torch.maximum(c - dl, lo0)
         bb = torch.minimum(c + du, hi0)
@@ -275,9 +287,10 @@ def _start(program: LogJoint):
 
 
 def find(program: LogJoint, theta: torch.Tensor, discrete, where: str, wins: Optional[Windows] = None,
-         grow_only: bool = False) -> Windows:
+         grow_only: bool = False, from_current: bool = False) -> Windows:
     """Search every window at the draws `theta`; -> the windows found (those too wide listed).
-    `grow_only`: the windows only widen (united with the current ones)."""
+    `grow_only`: the windows only widen (united with the current ones); `from_current`: start from the
+    compiled model's current windows (else from a mode search, for latents not yet in `wins`)."""
     wins = wins or Windows(program)
     groups = {}
     for g, m in windowed(program):
@@ -288,7 +301,7 @@ def find(program: LogJoint, theta: torch.Tensor, discrete, where: str, wins: Opt
             for name in names:
                 if name in wins.too_wide:
                     continue
-                old = program.window(name) if name in wins.found else None
+                old = program.window(name) if name in wins.found or from_current else None
                 res = search(program, name, theta, discrete, old)
                 if res is None:
                     wins.too_wide.append(name)
@@ -333,9 +346,15 @@ def _central(program, theta, disc):
     return theta[keep], (None if disc is None else {k: v[keep] for k, v in disc.items()})
 
 
-def laplace_draws(start, gen: torch.Generator, S: int = DRAWS) -> torch.Tensor:
+def laplace_draws(start, gen: torch.Generator, S: int = LAPLACE_DRAWS) -> torch.Tensor:
+    """The mode, its sigma points mode +- 3 sds along each axis of the Laplace covariance (up to
+    SIGMA_POINTS_MAX dimensions), and S random draws, all widened LAPLACE_WIDEN times."""
     D = start.mu0.shape[0]
-    eps = torch.randn((S, D), generator=gen, dtype=start.mu0.dtype, device=start.mu0.device) * LAPLACE_WIDEN
+    eps = torch.randn((S, D), generator=gen, dtype=start.mu0.dtype, device=start.mu0.device)
+    if D <= SIGMA_POINTS_MAX:
+        eye = torch.eye(D, dtype=start.mu0.dtype, device=start.mu0.device)
+        eps = torch.cat([3 * eye, -3 * eye, eps])
+    eps = eps * LAPLACE_WIDEN
     dev = eps * start.A if start.A.dim() == 1 else eps @ start.A.T
     return torch.cat([start.mu0.unsqueeze(0), start.mu0 + dev])
 
@@ -347,7 +366,13 @@ def refine(program: LogJoint, start, wins: Windows, gen: torch.Generator) -> boo
         return False
     theta = laplace_draws(start, gen)
     before = {n: program.window(n) for n in wins.found}
-    find(program, theta, None, "Laplace draws", wins)
+    fresh = Windows(program)
+    find(program, theta, None, "Laplace draws", fresh, from_current=True)
+    if fresh.too_wide:                          # keep the prior's windows
+        for n, (lo, hi) in before.items():
+            _set(program, n, lo, hi)
+        return False
+    wins.found.update(fresh.found)
     grew = False
     for n, (lo, hi) in before.items():
         if n in wins.found:
