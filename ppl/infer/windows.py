@@ -42,6 +42,7 @@ START_HALF = 8         # the first window: the mode +- this
 DRAWS = 32             # prior draws of the continuous latents the first windows are found at
 LAPLACE_DRAWS = 16     # random draws of the Laplace approximation (besides its mode and sigma points)
 SIGMA_POINTS_MAX = 32  # dimensions up to which the Laplace sigma points (mode +- 3 widened sds) are used
+PREVIEW_DRAWS = 8      # prior draws for `ppl graph` (a quick look; the fit searches at DRAWS)
 RECHECK_DRAWS = 96     # q's draws the windows are re-checked at after the fit
 LAPLACE_WIDEN = 1.5    # the Laplace draws' spread, times this (q is often wider than the Laplace fit)
 CHUNK = 4_000_000      # elements per evaluation (draws are taken in chunks below it)
@@ -316,10 +317,10 @@ def find(program: LogJoint, theta: torch.Tensor, discrete, where: str, wins: Opt
     return wins
 
 
-def initial(program: LogJoint, gen: torch.Generator) -> Windows:
+def initial(program: LogJoint, gen: torch.Generator, draws: int = DRAWS) -> Windows:
     """Windows from prior draws of the continuous latents (before the mode search)."""
     _start(program)
-    theta, disc = prior_draws(program, gen)
+    theta, disc = prior_draws(program, gen, draws if program.dim or program.score else 1)
     wins = Windows(program)
     if not windowed(program):
         return wins
@@ -413,7 +414,7 @@ def preview(model, node_plans) -> Tuple[Dict[str, str], List[str]]:
     from ..backend.runtime import Runtime
     rt = Runtime.make("cpu", "float64", 0)
     program = LogJoint(model, node_plans, rt)
-    wins = initial(program, rt.generator())
+    wins = initial(program, rt.generator(), PREVIEW_DRAWS)
     texts = {n: f"{w.text()}" + ("; the fit re-checks it at q's draws" if program.dim else "")
              for n, w in wins.found.items() if n not in wins.too_wide}
     return texts, list(wins.too_wide)
