@@ -146,8 +146,14 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
                                       structure if fam_cls.needs_structure else None, _ticker(progress))
     for _ in range(2):   # windows from the Laplace draws; wider than the mode was found with: search again
-        if wins is None or start_program is not program or not windows.refine(program, start, wins, rt.generator()):
+        if wins is None or start_program is not program:
             break
+        status = windows.refine(program, start, wins, rt.generator())
+        if status == "same":
+            break
+        if status == "too wide":     # those latents go to the score path
+            node_plans, program, wins = count_windows(model, node_plans, program, config, rt,
+                                                      frozenset(wins.too_wide))
         start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
                                           structure if fam_cls.needs_structure else None, _ticker(progress))
     improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
@@ -226,13 +232,16 @@ def _zero_draws(vi: VI) -> str:
     return f"; {n} draws of probability zero dropped (q puts mass where the model has none)" if n else ""
 
 
-def count_windows(model: Model, node_plans, program: LogJoint, config: FitConfig, rt: Runtime):
+def count_windows(model: Model, node_plans, program: LogJoint, config: FitConfig, rt: Runtime,
+                  too_wide: frozenset = frozenset()):
     """Windows of the count latents summed by truncated enumeration, from prior draws; a latent whose
-    window is too wide goes to the score path (the plan and the compiled model are then remade).
-    -> (plan, compiled model, windows or None)."""
+    window is too wide (or listed in `too_wide`) goes to the score path (the plan and the compiled model
+    are then remade).  -> (plan, compiled model, windows or None)."""
+    if too_wide:
+        node_plans = make_plan(model, config.estimator, config.opt, too_wide)
+        program = LogJoint(model, node_plans, rt)
     if not any(p.window for p in node_plans.values()):
         return node_plans, program, None
-    too_wide: frozenset = frozenset()
     while True:
         wins = windows.initial(program, rt.generator())
         if not wins.too_wide:

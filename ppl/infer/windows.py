@@ -324,27 +324,43 @@ def initial(program: LogJoint, gen: torch.Generator, draws: int = DRAWS) -> Wind
     wins = Windows(program)
     if not windowed(program):
         return wins
-    # the prior's range: the windows at each draw, united; a draw far in a heavy tail can make that wide,
-    # so the draws whose windows lie outside the central 80% are left out when it is
+    # the prior's range: the windows at each draw, united; under a vague prior the windows at its far draws
+    # are too wide: then the draws whose windows fit are kept (the Laplace draws and q's re-check follow)
     where = "prior draws" if program.dim else ""
     found = find(program, theta, disc, where, wins)
-    if found.too_wide and theta.shape[0] > 4:
-        centre = _central(program, theta, disc)
-        if centre is not None:
-            found = Windows(program)
-            _start(program)
-            found = find(program, centre[0], centre[1], where and "prior draws (central)", found)
+    if found.too_wide and theta.shape[0] > 1:
+        kept = _fitting_draws(program, theta, disc, where)
+        if kept is not None:
+            found = kept
     return found
 
 
-def _central(program, theta, disc):
-    """The draws whose log density is above its 20% quantile (the prior's far tails left out)."""
-    with torch.no_grad():
-        lp = program.log_prob(theta, disc)
-    if not bool(torch.isfinite(lp).any()):
+def _fitting_draws(program: LogJoint, theta, disc, where: str) -> Optional[Windows]:
+    """The windows at each prior draw alone; those that fit, united, narrowest first, while the union
+    stays within MAX_WIDTH.  None when no draw's windows fit."""
+    per = []
+    for s in range(theta.shape[0]):
+        _start(program)
+        w = find(program, theta[s:s + 1], None if disc is None else {k: v[s:s + 1] for k, v in disc.items()},
+                 where, Windows(program))
+        if not w.too_wide:
+            per.append({n: (x.lo, x.hi, x.outside) for n, x in w.found.items()})
+    if not per:
         return None
-    keep = lp >= torch.quantile(lp[torch.isfinite(lp)], 0.2)
-    return theta[keep], (None if disc is None else {k: v[keep] for k, v in disc.items()})
+    per.sort(key=lambda d: sum(float((hi - lo).max()) for lo, hi, _ in d.values()))
+    union = dict(per[0])
+    used = 1
+    for d in per[1:]:
+        cand = {n: (np.minimum(lo, union[n][0]), np.maximum(hi, union[n][1]), max(o, union[n][2]))
+                for n, (lo, hi, o) in d.items()}
+        if any((hi - lo + 1).max() > MAX_WIDTH for lo, hi, _ in cand.values()):
+            continue
+        union, used = cand, used + 1
+    out = Windows(program)
+    for n, (lo, hi, o) in union.items():
+        _set(program, n, lo, hi)
+        out.found[n] = Window(n, lo, hi, o, f"{used} of {theta.shape[0]} prior draws (the rest too wide)")
+    return out
 
 
 def laplace_draws(start, gen: torch.Generator, S: int = LAPLACE_DRAWS) -> torch.Tensor:
@@ -360,26 +376,26 @@ def laplace_draws(start, gen: torch.Generator, S: int = LAPLACE_DRAWS) -> torch.
     return torch.cat([start.mu0.unsqueeze(0), start.mu0 + dev])
 
 
-def refine(program: LogJoint, start, wins: Windows, gen: torch.Generator) -> bool:
-    """Windows from the Laplace approximation's draws; -> whether they had to grow past the ones the
-    mode was found with (the mode search is then repeated by the caller)."""
+def refine(program: LogJoint, start, wins: Windows, gen: torch.Generator) -> str:
+    """Windows from the Laplace approximation's draws; -> "grew" when they had to grow past the ones the
+    mode was found with (the caller repeats the mode search), "too wide" when a window there is wider
+    than MAX_WIDTH (`wins.too_wide` names them: the caller sends them to the score path), else "same"."""
     if not wins.found or start.cold:
-        return False
+        return "same"
     theta = laplace_draws(start, gen)
     before = {n: program.window(n) for n in wins.found}
     fresh = Windows(program)
     find(program, theta, None, "Laplace draws", fresh, from_current=True)
-    if fresh.too_wide:                          # keep the prior's windows
-        for n, (lo, hi) in before.items():
-            _set(program, n, lo, hi)
-        return False
+    if fresh.too_wide:
+        wins.too_wide.extend(fresh.too_wide)
+        return "too wide"
     wins.found.update(fresh.found)
     grew = False
     for n, (lo, hi) in before.items():
         if n in wins.found:
             w = wins.found[n]
             grew |= bool((w.lo < lo).any() or (w.hi > hi).any())
-    return grew
+    return "grew" if grew else "same"
 
 
 def recheck(program: LogJoint, family, wins: Windows) -> bool:
