@@ -238,7 +238,7 @@ def numeric_failure(vi: VI, S: int):
     with torch.no_grad():
         try:
             theta = vi.family.rsample(S)
-            z = {n: q.sample(S) for n, q in vi.discrete.items()}
+            z = {n: q.sample(S, theta) for n, q in vi.discrete.items()}
             bad = vi.program.nonfinite_latents(theta, z)
         except (ValueError, RuntimeError):
             bad = []

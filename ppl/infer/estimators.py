@@ -159,10 +159,11 @@ def _features(v: torch.Tensor, m: torch.Tensor, sd: torch.Tensor) -> torch.Tenso
     return torch.stack([d, d * d - 1], -1)
 
 
-def _control_variate(q, z, target: torch.Tensor):
-    """-> (h(z) per sample and element, E_q[h] summed over elements: differentiable in q's parameters),
-    or None where q cannot list its values; updates the coefficients with this step's draws after use."""
-    grid = q.grid()
+def _control_variate(q, z, target: torch.Tensor, theta=None):
+    """-> (h(z) per sample and element, E_q[h] summed over elements (averaged over the draws of theta for a
+    conditional q): differentiable in q's parameters), or None where q cannot list its values; updates the
+    coefficients with this step's draws after use."""
+    grid = q.grid(theta)
     if grid is None:
         return None
     vals, lq, covered = grid
@@ -181,21 +182,24 @@ def _control_variate(q, z, target: torch.Tensor):
         h = (feats * c).sum(-1)
         hv = (_features(vals, m, sd) * c).sum(-1)                   # (G, *shape)
         expect = (torch.exp(lq) * torch.where(torch.isfinite(lq), hv, torch.zeros_like(hv))).sum()
+        if lq.dim() > len(q.shape) + 1:              # per draw of theta
+            expect = expect / lq.shape[1]
     cv.update(feats, target)
     return h, expect
 
 
-def discrete_surrogate(vi, ev, z, S, options: ScoreOptions = None) -> torch.Tensor:
+def discrete_surrogate(vi, ev, z, S, options: ScoreOptions = None, theta=None) -> torch.Tensor:
     """Score-function surrogate for discrete latents on the score path, Rao-Blackwellised by Markov blanket,
     with a leave-one-out baseline and a learned control variate."""
     opts = options or getattr(vi, "score_options", None) or ScoreOptions()
     out = torch.zeros((), dtype=vi.program.dtype, device=vi.program.device)
     whole = None
     if not opts.rao_blackwell:                  # the plain estimator: every element sees the whole log joint
-        whole = (ev.total - sum(q.log_q(z[n]).reshape(S, -1).sum(-1) for n, q in vi.discrete.items())).detach()
+        whole = (ev.total - sum(q.log_q(z[n], theta).reshape(S, -1).sum(-1)
+                                for n, q in vi.discrete.items())).detach()
     for name, q in vi.discrete.items():
         p = vi.plan[name]
-        lq = q.log_q(z[name])                                   # (S, *shape)
+        lq = q.log_q(z[name], theta)                            # (S, *shape)
         local = p.local and opts.rao_blackwell
         if whole is not None:
             signal = whole.reshape((S,) + (1,) * len(q.shape)).expand(lq.shape) if p.local else whole
@@ -209,7 +213,7 @@ def discrete_surrogate(vi, ev, z, S, options: ScoreOptions = None) -> torch.Tens
         signal = _finite(q, signal.detach())
         adv = signal - _loo_baseline(signal) if opts.baseline else signal
         if local and opts.control_variate:
-            got = _control_variate(q, z[name], adv)
+            got = _control_variate(q, z[name], adv, theta)
             if got is not None and got[0] is not None:
                 h, expect = got
                 adv = adv - (h - _loo_baseline(h) if opts.baseline else h)
@@ -245,8 +249,8 @@ def _possible(vi, ev, theta, z, batch):
     return vi.program.evaluate(theta[keep], {k: v[keep] for k, v in z.items()}, batch=batch)
 
 
-def discrete_log_q(vi, z) -> float:
-    return float(sum(q.log_q(z[n]).detach().reshape(next(iter(z.values())).shape[0], -1).sum(-1).mean()
+def discrete_log_q(vi, z, theta=None) -> float:
+    return float(sum(q.log_q(z[n], theta).detach().reshape(next(iter(z.values())).shape[0], -1).sum(-1).mean()
                      for n, q in vi.discrete.items())) if z else 0.0
 
 
@@ -317,19 +321,20 @@ class Pathwise(GradientEstimator):
     def surrogate_loss(self, S: int, batch=None) -> Surrogate:
         vi = self.vi
         fam = vi.family
-        z = {n: q.sample(S) for n, q in vi.discrete.items()}
         if fam.gaussian and vi.objective.linear:
             theta = fam.rsample(S)
+            z = {n: q.sample(S, theta) for n, q in vi.discrete.items()}
             ev = vi.program.evaluate(theta, z, keep_factors=bool(z), batch=batch)
             ev_c = _possible(vi, ev, theta, z, batch)
             elbo = ev_c.total.mean() + fam.entropy()
-            loss = -elbo + discrete_surrogate(vi, ev, z, S)
-            return Surrogate(loss, float(elbo.detach()) - discrete_log_q(vi, z))
+            loss = -elbo + discrete_surrogate(vi, ev, z, S, theta=theta)
+            return Surrogate(loss, float(elbo.detach()) - discrete_log_q(vi, z, theta))
         theta, log_q = fam.rsample_with_log_q(S)
+        z = {n: q.sample(S, theta) for n, q in vi.discrete.items()}
         ev = vi.program.evaluate(theta, z, keep_factors=bool(z), batch=batch)
         obj = vi.objective(ev.total - log_q)
-        loss = -obj + discrete_surrogate(vi, ev, z, S)
-        return Surrogate(loss, float(obj.detach()) - discrete_log_q(vi, z))
+        loss = -obj + discrete_surrogate(vi, ev, z, S, theta=theta)
+        return Surrogate(loss, float(obj.detach()) - discrete_log_q(vi, z, theta))
 
 
 @register_gradient
@@ -346,14 +351,14 @@ class ScoreFunction(GradientEstimator):
     def surrogate_loss(self, S: int, batch=None) -> Surrogate:
         vi = self.vi
         fam = vi.family
-        z = {n: q.sample(S) for n, q in vi.discrete.items()}
         with torch.no_grad():
             theta = fam.rsample(S)
+        z = {n: q.sample(S, theta) for n, q in vi.discrete.items()}
         log_q = fam.log_q(theta)
         ev = vi.program.evaluate(theta, z, keep_factors=bool(z), batch=batch)
         f = (ev.total - log_q).detach()
         loss = -((f - _loo_baseline(f)) * log_q).mean()
-        loss = loss + discrete_surrogate(vi, ev, z, S)
+        loss = loss + discrete_surrogate(vi, ev, z, S, theta=theta)
         return Surrogate(loss, float(f.mean()))
 
 
@@ -384,10 +389,10 @@ class VIMCOGradient(GradientEstimator):
         vi = self.vi
         if S < 2:
             raise UsageError(f"{vi.config.opt('objective', 'vimco')} needs at least 2 {vi.config.opt('mc_samples')}")
-        z = {n: q.sample(S) for n, q in vi.discrete.items()}
         theta, log_q = vi.family.rsample_with_log_q(S)
+        z = {n: q.sample(S, theta) for n, q in vi.discrete.items()}
         ev = vi.program.evaluate(theta, z, batch=batch)
-        lqz = sum((q.log_q(z[n]).reshape(S, -1).sum(-1) for n, q in vi.discrete.items()),
+        lqz = sum((q.log_q(z[n], theta).reshape(S, -1).sum(-1) for n, q in vi.discrete.items()),
                   torch.zeros(S, dtype=vi.program.dtype, device=vi.program.device))
         log_w = ev.total - log_q - lqz
         bound = torch.logsumexp(log_w, 0) - math.log(S)

@@ -162,6 +162,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     gen = rt.generator()
     family = make_family(fam_cls, start, gen, config, structure)
     discrete = discrete_families(model, program, node_plans, gen)
+    for q in discrete.values():          # a conditional q whitens the continuous latents by the start
+        q.center(start.mu0, start.diagonal())
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config, serves)
@@ -429,8 +431,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         n_psis = psis_draws(program.largest_node())
         n_all = max(n_psis, draws)
         theta, log_q = fam.rsample_with_log_q(n_all)
-        z = {k: q.sample(n_all) for k, q in dq.items()}
-        log_q_z = sum((q.log_q(z[k]).reshape(n_all, -1).sum(-1) for k, q in dq.items()),
+        z = {k: q.sample(n_all, theta) for k, q in dq.items()}
+        log_q_z = sum((q.log_q(z[k], theta).reshape(n_all, -1).sum(-1) for k, q in dq.items()),
                       torch.zeros(n_all, dtype=program.dtype, device=program.device))
         chunk = program.chunk_size()
         # nothing continuous and nothing on the score path: every draw has the same exact conditionals,
