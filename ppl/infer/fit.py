@@ -50,6 +50,7 @@ COLD_MIN_STEPS = 1500      # no convergence check before this many steps after a
 MAX_STEPS = 10000          # Adam's step cap when `steps` is not given
 MC_BUDGET = 200_000        # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
 PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations
+SAMPLE_BUDGET = 2_000_000 # elements: q's draws for the summary and PSIS are made in chunks above this
 SMALL_DATA = 1_000_000     # elements: below this, one thread beats two (thread wake-ups dominate)
 
 
@@ -361,19 +362,34 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
     with torch.no_grad():
         n_psis = psis_draws(program.largest_node())
         n_all = max(n_psis, draws)
-        theta, log_q = fam.rsample_with_log_q(n_all)
-        z = {k: q.sample(n_all) for k, q in dq.items()}
-        log_q_z = sum((q.log_q(z[k]).reshape(n_all, -1).sum(-1) for k, q in dq.items()),
-                      torch.zeros(n_all, dtype=program.dtype, device=program.device))
         chunk = program.chunk_size()
+        # q's draws all at once, or chunk by chunk where they would be large (thousands of latents)
+        at_once = n_all * fam.dim <= SAMPLE_BUDGET
+        if not at_once:
+            chunk = max(1, min(chunk, SAMPLE_BUDGET // max(1, fam.dim)))
         values: Dict[str, List[np.ndarray]] = {}
-        log_p = []
+        log_p, log_q = [], []
+
+        def sample(n):
+            theta, lq = fam.rsample_with_log_q(n)
+            z = {k: q.sample(n) for k, q in dq.items()}
+            lq = lq + sum((q.log_q(z[k]).reshape(n, -1).sum(-1) for k, q in dq.items()),
+                          torch.zeros(n, dtype=program.dtype, device=program.device))
+            return theta, z, lq
+
+        if at_once:
+            theta_all, z_all, lq_all = sample(n_all)
         for i in range(0, n_all, chunk):
             need_p, need_v = i < n_psis, i < draws
-            ev = program.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()},
-                                  keep_enum=need_v, densities=need_p or bool(program.enum))
+            if at_once:
+                theta, z, lq = (theta_all[i:i + chunk], {k: v[i:i + chunk] for k, v in z_all.items()},
+                                lq_all[i:i + chunk])
+            else:
+                theta, z, lq = sample(min(chunk, n_all - i))
+            ev = program.evaluate(theta, z, keep_enum=need_v, densities=need_p or bool(program.enum))
             if need_p:
                 log_p.append(ev.total[: n_psis - i])
+                log_q.append(lq[: n_psis - i])
             if need_v:
                 for k, v in program.values(ev, gen).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
@@ -382,6 +398,6 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         log_p = torch.cat(log_p)
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ps = psis(to_numpy(log_p - log_q[:n_psis] - log_q_z[:n_psis]))
+    ps = psis(to_numpy(log_p - torch.cat(log_q)))
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
     return out, ps, t_draws, time.perf_counter() - t0
