@@ -30,6 +30,16 @@ z[J] ~ normal(0, 1)
 y ~ normal(mu + tau * z, s)
 """
 
+NONCENTRED = """
+data y: real[N]
+data g: level[N] of K
+mu ~ normal(0, 5)
+tau ~ half_normal(2)
+z[K] ~ normal(0, 1)
+sigma ~ half_normal(2)
+y ~ normal(mu + tau * z[g], sigma)
+"""
+
 POISSON = """
 data y: int[N]
 data g: level[N] of K
@@ -128,15 +138,7 @@ def test_start_of_a_hierarchy_is_near_the_posterior_not_the_joint_mode():
     K, per = 400, 20
     g = np.repeat(np.arange(K), per)
     y = 1.0 + 0.5 * rng.normal(size=K)[g] + rng.normal(size=K * per)
-    text = """
-data y: real[N]
-data g: level[N] of K
-mu ~ normal(0, 5)
-tau ~ half_normal(2)
-z[K] ~ normal(0, 1)
-sigma ~ half_normal(2)
-y ~ normal(mu + tau * z[g], sigma)
-"""
+    text = NONCENTRED
     lj, st = _compiled(text, {"y": y, "g": [f"g{v:03d}" for v in g]})
     start = laplace(lj, full=False, structure=st)
     names = {b.name: b.offset for b in lj.blocks}
@@ -158,19 +160,10 @@ def test_ten_thousand_groups_allocate_no_dim_squared(tmp_path):
         K, per = 10_000, 2
         g = np.repeat(np.arange(K), per)
         y = 1.0 + 0.5 * rng.normal(size=K)[g] + rng.normal(size=K * per)
-        text = '''
-        data y: real[N]
-        data g: level[N] of K
-        mu ~ normal(0, 5)
-        tau ~ half_normal(2)
-        z[K] ~ normal(0, 1)
-        sigma ~ half_normal(2)
-        y ~ normal(mu + tau * z[g], sigma)
-        '''
-        fit = ppl.loads(text, 'k.ppl').fit({'y': y, 'g': [f'g{v:05d}' for v in g]}, seed=0, draws=100)
+        fit = ppl.loads(sys.argv[1], 'k.ppl').fit({'y': y, 'g': [f'g{v:05d}' for v in g]}, seed=0, draws=100)
         print(fit.method, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script, NONCENTRED], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     method, peak = out.stdout.split()
     assert method == "graph"
