@@ -263,16 +263,15 @@ class ArrowPrecision:
         return ArrowPrecision(loc, cpl, self.glob * ag[:, None] * ag[None, :])
 
     def dense(self, dim: int, buckets, glob_idx) -> torch.Tensor:
-        """For tests: the full matrix (dim x dim)."""
-        P = torch.zeros(dim, dim, dtype=self.glob.dtype)
-        g = torch.as_tensor(glob_idx)
+        """The full matrix (dim x dim): for tests, and for the dense Laplace start of small models."""
+        P = torch.zeros(dim, dim, dtype=self.glob.dtype, device=self.glob.device)
+        g = torch.as_tensor(glob_idx, dtype=torch.long, device=P.device)
         P[g[:, None], g[None, :]] = self.glob
         for idx, Pl, Pc in zip(buckets, self.loc, self.cpl):
-            idx = torch.as_tensor(idx)
-            for j in range(idx.shape[0]):
-                P[idx[j][:, None], idx[j][None, :]] = Pl[j]
-                P[g[:, None], idx[j][None, :]] = Pc[j]
-                P[idx[j][:, None], g[None, :]] = Pc[j].T
+            idx = torch.as_tensor(idx, dtype=torch.long, device=P.device)             # (J, b)
+            P[idx[:, :, None], idx[:, None, :]] = Pl
+            P[g[None, :, None], idx[:, None, :]] = Pc
+            P[idx[:, :, None], g[None, None, :]] = Pc.transpose(-1, -2)
         return P
 
 

@@ -101,7 +101,8 @@ def laplace(lj, full: bool = True, structure=None, on_eval=None) -> Start:
         if structure is not None and arrow is None:
             arrow = _arrow(f, mode, structure)
         if full and D <= FULL_HESSIAN_MAX:
-            P = torch.autograd.functional.hessian(f, mode)          # precision: -H of log p
+            P = (arrow.dense(D, structure.buckets, structure.globals).to(device) if marginal
+                 else torch.autograd.functional.hessian(f, mode))    # precision: -H of log p
             P = 0.5 * (P + P.T)
             lam, V = torch.linalg.eigh(P)
         elif arrow is not None:

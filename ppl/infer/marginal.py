@@ -220,7 +220,10 @@ def marginal_laplace(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor
             sol = torch.linalg.solve(Pl, Pc.transpose(-1, -2))                    # (J, b, G)
             through = through + torch.einsum("jgb,jbh->gh", Pc, sol)
         schur = schur - through
-        scale = 1.0 / torch.sqrt(torch.clamp(torch.diagonal(schur), min=1e-12))
+        # steps of 1e-3 sd where the profile's curvature gives one (the joint density need not be
+        # convex at g*: non-centred, it is not in tau), 1e-4 elsewhere
+        d = torch.diagonal(schur)
+        scale = torch.where(d > 1.0, 1.0 / torch.sqrt(d.clamp_min(1.0)), torch.full_like(d, 0.1))
         Hpsi = psi.hessian(gstar, scale)
         evals += 2 * int(blk.glob.numel())
         if Hpsi is not None and bool(torch.isfinite(Hpsi).all()) and \
