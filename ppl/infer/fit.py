@@ -245,7 +245,10 @@ def make_family(fam_cls, start: Start, gen, config: FitConfig, structure):
     if start.arrow is not None and pre.diag:
         precision = start.arrow.scaled(pre.A, structure.buckets, structure.globals)
     try:
-        return fam_cls(pre, gen, config, structure=structure, precision=precision)
+        family = fam_cls(pre, gen, config, structure=structure, precision=precision)
+        if precision is not None and start.arrow.marginal_globals:
+            family.hold_global_marginal()      # the globals' Laplace-marginal: VI fits the groups given them
+        return family
     except (RuntimeError, torch.linalg.LinAlgError):      # the precision at the mode is not positive definite
         return fam_cls(pre, gen, config, structure=structure)
 

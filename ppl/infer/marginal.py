@@ -229,4 +229,5 @@ def marginal_laplace(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor
         if Hpsi is not None and bool(torch.isfinite(Hpsi).all()) and \
                 bool((torch.linalg.eigvalsh(Hpsi) > 0).all()):
             P.glob = Hpsi + through
+            P.marginal_globals = True
     return x, P, evals
