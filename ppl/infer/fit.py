@@ -29,6 +29,7 @@ import torch
 
 from ..config import FitConfig, resolved_device
 from ..frontend.check import Model
+from ..posterior import PosteriorMethods, QDraws
 from ..structure import structure as structure_of
 from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import LogJoint
@@ -41,6 +42,7 @@ from .families import FAMILIES
 from .laplace import FULL_HESSIAN_MAX, Start, cold_start, laplace
 from .objectives import OBJECTIVES
 from .psis import psis, verdict
+from ..posterior import Approximation
 
 AUTO_FULLRANK_MAX = 200
 GRAPH_MAX_GLOBALS = 200    # auto takes the graph family when the structure has at most this many globals
@@ -55,8 +57,8 @@ PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about th
 SMALL_DATA = 1_000_000     # elements: below this, one thread beats two (thread wake-ups dominate)
 
 
-@dataclass(kw_only=True)
-class Fit:
+@dataclass(kw_only=True, repr=False)
+class Fit(PosteriorMethods):
     model: Model
     config: FitConfig
     method: str                               # the family used
@@ -82,10 +84,8 @@ class Fit:
     evals: int = 0                            # L-BFGS evaluations of the fixed-draw objective (dadvi)
     fixed_draws: int = 0
     device: str = "cpu"                       # where it ran (with how `auto` chose)
-
-    def __repr__(self) -> str:
-        return (f"<Fit {self.model.source.path}: {self.method}, ELBO {self.elbo:.4g}, k-hat {self.khat:.2f}, "
-                f"{self.verdict_label}>")
+    q: Optional[object] = None                # the fitted approximation (ppl.posterior.Approximation)
+    q_draws: Optional[QDraws] = None          # the reported draws' theta, z, log p, log q
 
     def summary(self) -> Dict[str, Dict[str, float]]:
         """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95."""
@@ -159,7 +159,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["optimise"] = time.perf_counter() - t0
 
     _phase(progress, "draws")
-    draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
+    draws, ps, t_draws, t_khat, q_draws = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
     timings["draws"], timings["khat"] = t_draws, t_khat
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
@@ -172,7 +172,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
                fixed_draws=result.fixed_draws,
-               device=str(rt.device) + (f" ({device_note})" if device_note else ""))
+               device=str(rt.device) + (f" ({device_note})" if device_note else ""),
+               q=Approximation(program, family, discrete, node_plans, method, structure), q_draws=q_draws)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -357,9 +358,9 @@ def psis_draws(largest: int) -> int:
 
 
 def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
-    """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS).
-    PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is large;
-    the reported draws need only values (no densities), except to draw enumerated latents."""
+    """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS,
+    the reported draws' theta, z, log p and log q).  PSIS needs log p at each of its draws: 1000 of
+    them, fewer when one pass over the data is large; the reported draws have theirs too (draws.csv)."""
     t0 = time.perf_counter()
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
@@ -375,9 +376,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         for i in range(0, n_all, chunk):
             need_p, need_v = i < n_psis, i < draws
             ev = program.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()},
-                                  keep_enum=need_v, densities=need_p or bool(program.enum))
-            if need_p:
-                log_p.append(ev.total[: n_psis - i])
+                                  keep_enum=need_v, densities=need_p or need_v or bool(program.enum))
+            log_p.append(ev.total[: max(n_psis, draws) - i])
             if need_v:
                 for k, v in program.values(ev, gen).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
@@ -386,6 +386,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         log_p = torch.cat(log_p)
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ps = psis(to_numpy(log_p - log_q[:n_psis] - log_q_z[:n_psis]))
+    ps = psis(to_numpy(log_p[:n_psis] - log_q[:n_psis] - log_q_z[:n_psis]))
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
-    return out, ps, t_draws, time.perf_counter() - t0
+    q_draws = QDraws(theta[:draws], {k: v[:draws] for k, v in z.items()}, to_numpy(log_p[:draws]).copy(),
+                     to_numpy(log_q[:draws] + log_q_z[:draws]).copy())
+    return out, ps, t_draws, time.perf_counter() - t0, q_draws
