@@ -170,3 +170,24 @@ def fit_bytes(fit, notes: List[str], predictive: bool = True) -> Optional[bytes]
         for k, val in attrs.items():
             f.attrs[k] = val
     return buf.getvalue()
+
+
+def predictive_bytes(values: Dict[str, np.ndarray], kind: str, model) -> bytes:
+    """`ppl predict --out FILE.nc`: the replicated observed nodes in the group `kind`, and the other
+    nodes (latents, deterministics) in `posterior` (`prior` for the prior predictive)."""
+    from .errors import UsageError
+    if not available():
+        raise UsageError(MISSING.replace("fit.nc not written", "cannot write a .nc file"))
+    import h5netcdf
+    attrs = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "inference_library": "ppl", "inference_library_version": __version__}
+    rep, rest = _Group(model, True), _Group(model, True)
+    for k, v in values.items():
+        (rep if model.nodes[k].kind == "observed" else rest).add(k, v)
+    buf = io.BytesIO()
+    with h5netcdf.File(buf, "w") as f:
+        if rest.vars:
+            rest.write(f, "prior" if kind == "prior_predictive" else "posterior", attrs)
+        if rep.vars:
+            rep.write(f, kind, attrs)
+    return buf.getvalue()

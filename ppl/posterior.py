@@ -202,3 +202,32 @@ class PosteriorMethods:
 
 def _n_draws(fit) -> int:
     return next((int(v.shape[0]) for v in fit.draws.values()), 0)
+
+
+def warm_start(program, config, full: bool):
+    """The start of a new fit from a saved one (`init=DIR`, `--init DIR`): the saved q's mean and
+    covariance over theta, as the point and whitening the family starts from (no mode search).  The
+    model must have the same continuous latents (names and sizes); the data may differ."""
+    from .errors import UsageError
+    from .infer.laplace import Start
+    from .saved import load_fit
+    where = f"{config.opt('init', config.init)}"
+    saved = load_fit(config.init)
+    if saved.q is None:
+        raise UsageError(f"{where}: the fit saved there keeps no approximation; fit it again with --out")
+    old = {b.name: b for b in saved.q.program.blocks}
+    for b in program.blocks:
+        o = old.get(b.name)
+        if o is None:
+            raise UsageError(f"{where}: the saved fit has no latent '{b.name}' (it has: {', '.join(old) or 'none'})")
+        if o.size != b.size or o.kind != b.kind:
+            raise UsageError(f"{where}: the latent '{b.name}' has {b.size} unconstrained values here and "
+                             f"{o.size} in the saved fit; a warm start needs the same sizes")
+    mean, L = saved.q.moments()
+    idx = torch.cat([torch.arange(old[b.name].offset, old[b.name].offset + b.size) for b in program.blocks]
+                    + [torch.zeros(0, dtype=torch.long)])
+    cov = (L @ L.T)[idx][:, idx]
+    mu0 = mean[idx].to(dtype=program.dtype, device=program.device)
+    cov = cov.to(dtype=program.dtype, device=program.device)
+    A = torch.linalg.cholesky(cov) if full else torch.sqrt(torch.diagonal(cov))
+    return Start(mu0, A, False, f"warm start from {config.init}")

@@ -111,6 +111,12 @@ def predictive(fit, data=None, sets: Sequence[str] = (), *, prior: bool = False,
                seed: Optional[int] = None, pmodel=None) -> Dict[str, np.ndarray]:
     """See the module docstring.  `pmodel`: the model to simulate (a `PplModel`; default: the fitted one:
     a model with extra deterministic nodes computes them from the fitted latents)."""
+    return simulate(fit, data, sets, prior=prior, draws=draws, seed=seed, pmodel=pmodel)[0]
+
+
+def simulate(fit, data=None, sets: Sequence[str] = (), *, prior: bool = False, draws: Optional[int] = None,
+             seed: Optional[int] = None, pmodel=None):
+    """-> (name -> (draws, *shape) arrays, the checked model they are of)."""
     import torch
     from .api import PplModel
     from .backend.log_joint import LogJoint
@@ -152,7 +158,7 @@ def predictive(fit, data=None, sets: Sequence[str] = (), *, prior: bool = False,
                 given[name] = full
         out = program.simulate(given, S, gen)
     tainted = _reads(model, filled)
-    return {k: v.detach().cpu().numpy() for k, v in out.items() if k not in tainted}
+    return {k: v.detach().cpu().numpy() for k, v in out.items() if k not in tainted}, model
 
 
 def _check_latents(model, fit) -> None:

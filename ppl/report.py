@@ -144,6 +144,46 @@ def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), *,
               record=saved.run_record(fit, inputs, command, process_seconds, notes))
 
 
+def draws_csv(values, qd=None) -> str:
+    """draws.csv's text for draws by name (and their log p, log q)."""
+    from .summary import flat_names
+    names, cols = [], []
+    if qd is not None:
+        names, cols = ["lp__", "log_q__"], [qd.log_p[:, None], qd.log_q[:, None]]
+    for k, v in values.items():
+        names += flat_names(k, v.shape[1:])
+        cols.append(np.asarray(v).reshape(v.shape[0], -1))
+    mat = np.concatenate(cols, 1) if cols else np.zeros((0, 0))
+    return _csv_text(names, ([repr(float(x)) for x in row] for row in mat))
+
+
+def predictive_table(values, model, kind: str, vars=None, quantiles=None, hdi=None) -> str:
+    """`ppl predict`'s summary: the replicated observations first, then the other nodes."""
+    from .summary import summarize
+    observed = [k for k in values if k in model.nodes and model.nodes[k].kind == "observed"]
+    order = observed + [k for k in values if k not in observed]
+    values = {k: values[k] for k in order}
+    s = summarize(model, values, vars, quantiles, hdi)
+    n = next((int(v.shape[0]) for v in values.values()), 0)
+    w = max([len(r.label) for r in s.rows] + [6])
+    what = {"posterior_predictive": "posterior predictive", "prior_predictive": "prior predictive",
+            "predictions": "posterior predictive for the new data"}[kind]
+    lines = [f"{what}: {n} draws; replicated: {', '.join(observed) or 'none'}", "",
+             f"{'':<{w}}  " + " ".join(f"{c:>10}" for c in s.columns)]
+    for r in s.rows:
+        lines.append(f"{r.label:<{w}}  " + " ".join(f"{_fmt(r.values[c]):>10}" for c in s.columns))
+    return "\n".join(lines) + "\n"
+
+
+def predictive_file(values, path: str, kind: str, model) -> bytes:
+    """`ppl predict --out`: FILE.csv (one row per draw, every element a column) or FILE.nc (an
+    InferenceData group named by `kind`: posterior_predictive, prior_predictive or predictions)."""
+    if path.lower().endswith(".nc"):
+        from .netcdf import predictive_bytes
+        return predictive_bytes(values, kind, model)
+    return draws_csv(values).encode()
+
+
 def _plot(fit) -> Optional[bytes]:
     """elbo.png's bytes where matplotlib is installed (the `plot` extra), else None."""
     try:

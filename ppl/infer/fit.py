@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..config import FitConfig, resolved_device
+from ..config import INITS, FitConfig, resolved_device
 from ..frontend.check import Model
 from ..posterior import PosteriorMethods, QDraws
 from ..structure import structure as structure_of
@@ -286,6 +286,9 @@ def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, s
     model with them summed out, where that is possible."""
     dim = program.dim
     exact_hessian = dim <= FULL_HESSIAN_MAX
+    if config.init not in INITS:                  # a saved fit's directory
+        from ..posterior import warm_start
+        return warm_start(program, config, full), program
     if config.init == "laplace" and dim > 0:
         if not program.score:
             return laplace(program, full=exact_hessian, structure=structure, on_eval=on_eval), program
