@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
 
     lo = sub.add_parser("loo", help="PSIS-LOO of saved fits, and their comparison")
     fit_dir(lo, many=True)
-    lo.add_argument("--plain", action="store_true",
-                    help="take q's draws as posterior draws (as az.loo on fit.nc) instead of correcting by p/q")
+    lo.add_argument("--correct", action="store_true",
+                    help="rank by the estimate corrected for q by the importance ratios p/q (default: q's draws "
+                         "taken as posterior draws, as az.loo on fit.nc; both are shown)")
 
     pl = sub.add_parser("plot", help="plots of a saved fit (needs the plot extra: matplotlib)")
     fit_dir(pl)
@@ -346,13 +347,15 @@ def cmd_loo(args) -> int:
     """PSIS-LOO of each saved fit and, with several, their comparison."""
     from .loo import loo, report
     from .saved import load_fit
-    named = {}
+    named, other, fits = {}, {}, {}
     for d in args.fit_dir:
         name = d.rstrip("/") or d
         if name in named:
             raise UsageError(f"'{d}' is given twice")
+        fits[name] = f = load_fit(d)
         try:
-            named[name] = loo(load_fit(d), approximate=not args.plain)
+            named[name] = loo(f, correct=args.correct)
+            other[name] = loo(f, correct=not args.correct)
         except RuntimeError as e:
             raise UsageError(f"{d}: {e}") from None
     if len(named) > 1:
@@ -361,7 +364,7 @@ def cmd_loo(args) -> int:
             compare(named)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    sys.stdout.write(report(named))
+    sys.stdout.write(report(named, fits, other))
     return 0
 
 

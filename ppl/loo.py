@@ -6,12 +6,14 @@ a fit, and the comparison of several fits (as `az.compare`).
   exactly is summed out here too (the mixture's p(y_i | w, mu, sigma), not
   p(y_i | z_i, ...)).  A distribution over vectors (multi_normal) gives one
   term per vector.  All observed nodes together are the observations.
-- The draws come from q, not from the posterior.  `approximate=True` (the
-  default) corrects for that with the importance ratios p/q of each draw
+- The draws come from q, not from the posterior.  By default they are taken
+  as posterior draws (what `az.loo` does with fit.nc's posterior group: the
+  same numbers), which is right as far as the fit's verdict says q is right.
+  `correct=True` corrects for q with the importance ratios p/q of each draw
   (Magnusson, Andersen, Jonasson & Vehtari 2019; ArviZ 1.x's
   `loo_approximate_posterior`): log r_is = log p_s - log q_s - log p(y_i | theta_s),
-  Pareto-smoothed.  `approximate=False` treats the draws as posterior draws
-  (what `az.loo` does with fit.nc's posterior group).
+  Pareto-smoothed.  Its k-hats carry the tail of p/q too, so on a fit whose
+  own k-hat is near 0.7 many observations pass 0.7: `ppl loo` shows both.
 - k-hat per observation: above 0.7 the estimate for that observation is
   unreliable (the count is reported, with the worst one named).
 
@@ -88,7 +90,7 @@ class Loo:
     pointwise: np.ndarray          # elpd_loo_i, observations in order (observed nodes in model order)
     khat: np.ndarray               # per observation
     names: List[str]               # per observation: `y[3]`
-    approximate: bool
+    corrected: bool               # by the importance ratios p/q
     n_draws: int
 
     @property
@@ -101,10 +103,10 @@ class Loo:
 
     def worst(self) -> str:
         j = int(np.argmax(self.khat))
-        return f"{self.names[j]} ({self.khat[j]:.2f})"
+        return f"{self.names[j]} at {self.khat[j]:.2f}"
 
 
-def loo(fit, approximate: bool = True) -> Loo:
+def loo(fit, correct: bool = False) -> Loo:
     from .infer.psis import psis
     from .summary import flat_names
     ll = pointwise_log_likelihood(fit)
@@ -117,21 +119,21 @@ def loo(fit, approximate: bool = True) -> Loo:
         cols.append(v.reshape(v.shape[0], -1))
     L = np.concatenate(cols, 1)                          # (S, n)
     S, n = L.shape
-    log_w = fit.q_draws.log_weights if approximate else np.zeros(S)
+    log_w = fit.q_draws.log_weights if correct else np.zeros(S)
     pointwise = np.empty(n)
     khat = np.empty(n)
     for i in range(n):
         r = psis(log_w - L[:, i])
         pointwise[i] = _logsumexp(np.log(np.maximum(r.weights, 1e-300)) + L[:, i])
         khat[i] = r.khat
-    if approximate:
+    if correct:
         w = psis(log_w).weights
         lppd_i = np.array([_logsumexp(np.log(np.maximum(w, 1e-300)) + L[:, i]) for i in range(n)])
     else:
         lppd_i = np.array([_logsumexp(L[:, i]) - math.log(S) for i in range(n)])
     elpd = float(pointwise.sum())
     se = float(math.sqrt(n * np.var(pointwise))) if n > 1 else 0.0
-    return Loo(elpd, se, float(lppd_i.sum() - elpd), float(lppd_i.sum()), pointwise, khat, names, approximate, S)
+    return Loo(elpd, se, float(lppd_i.sum() - elpd), float(lppd_i.sum()), pointwise, khat, names, correct, S)
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -165,19 +167,31 @@ def compare(named: Dict[str, Loo]) -> Comparison:
     return Comparison(order, [named[k] for k in order], diff, se)
 
 
-def report(named: Dict[str, Loo]) -> str:
-    """`ppl loo`'s text: each fit's estimate and k-hats, then the comparison when there are several."""
+def _khat_line(l: Loo) -> str:
+    good = len(l.khat) - l.bad
+    return (f"{good} of {len(l.khat)} below {KHAT_BAD}" +
+            (f"; {l.bad} above (unreliable for those observations; worst: {l.worst()})" if l.bad
+             else f" (worst: {l.worst()})"))
+
+
+def report(named: Dict[str, Loo], fits: Optional[Dict[str, object]] = None,
+           other: Optional[Dict[str, Loo]] = None) -> str:
+    """`ppl loo`'s text: each fit's estimate and k-hats (and the other estimate's, when given), then
+    the comparison when there are several."""
     lines = []
     for name, l in named.items():
-        kind = "importance-corrected for q (p/q)" if l.approximate else "draws taken as posterior draws"
-        lines.append(f"{name}: PSIS-LOO over {len(l.pointwise)} observations, {l.n_draws} draws ({kind})")
+        f = (fits or {}).get(name)
+        verdict = f" (the fit's verdict: {f.verdict_label}, k-hat {f.khat:.2f})" if f is not None else ""
+        kind = "corrected for q by p/q" if l.corrected else f"q's draws taken as posterior draws{verdict}"
+        lines.append(f"{name}: PSIS-LOO over {len(l.pointwise)} observations, {l.n_draws} draws, {kind}")
         lines.append(f"  elpd_loo {l.elpd_loo:12.2f}   se {l.se:8.2f}")
         lines.append(f"  p_loo    {l.p_loo:12.2f}")
         lines.append(f"  looic    {l.looic:12.2f}")
-        good = len(l.khat) - l.bad
-        lines.append(f"  k-hat    {good} of {len(l.khat)} below {KHAT_BAD}" +
-                     (f"; {l.bad} above (unreliable for those observations; worst {l.worst()})" if l.bad
-                      else f" (worst {l.worst()})"))
+        lines.append(f"  k-hat    {_khat_line(l)}")
+        o = (other or {}).get(name)
+        if o is not None:
+            what = "corrected for q by p/q" if o.corrected else "q's draws as posterior draws"
+            lines.append(f"  {what}: elpd_loo {o.elpd_loo:.2f} (se {o.se:.2f}), k-hat {_khat_line(o)}")
     if len(named) > 1:
         c = compare(named)
         w = max(len(n) for n in c.names)

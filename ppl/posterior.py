@@ -183,11 +183,12 @@ class PosteriorMethods:
         from .loo import pointwise_log_likelihood
         return pointwise_log_likelihood(self)
 
-    def loo(self, approximate: bool = True):
-        """PSIS-LOO (`ppl.loo.Loo`): with `approximate`, corrected for draws from q rather than the
-        posterior (importance ratios p/q, Magnusson et al. 2019); else as `az.loo` on the draws."""
+    def loo(self, correct: bool = False):
+        """PSIS-LOO (`ppl.loo.Loo`) of the reported draws, as `az.loo` computes it on fit.nc; with
+        `correct`, corrected for draws from q rather than the posterior (the importance ratios p/q,
+        Magnusson et al. 2019)."""
         from .loo import loo
-        return loo(self, approximate=approximate)
+        return loo(self, correct=correct)
 
     def save(self, out_dir: str, force: bool = False) -> None:
         """Write what `ppl fit --out DIR` writes (draws, summary, run record, fit.nc, the approximation)."""
