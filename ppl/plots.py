@@ -23,7 +23,7 @@ import numpy as np
 
 MAX_PANELS = 16      # marginals: elements shown at most (the first ones of the chosen variables)
 MAX_FOREST = 120     # forest: rows at most
-MAX_PAIR = 5         # pair: elements at most
+MAX_PAIR = 4         # pair: elements at most
 PPC_SETS = 50        # ppc: replicated data sets drawn
 
 
@@ -105,6 +105,7 @@ def trace(fit, vars=None) -> bytes:
     ax.set_xlabel("L-BFGS evaluation" if fit.optimizer == "dadvi" and not fit.steps else
                   "step (Adam), then L-BFGS evaluation" if fit.optimizer == "dadvi" else "Adam step")
     ax.set_ylabel(fit.objective.upper() if fit.objective != "elbo" else "ELBO")
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_title(f"{fit.model.source.path}: {fit.method}, {fit.verdict_label}", fontsize=10)
     fig.tight_layout()
     return _png(fig)
@@ -137,7 +138,8 @@ def marginals(fit, vars=None) -> bytes:
     axes.flat[0].legend(fontsize=7, loc="upper right")
     more = f" (first {len(cols)} of {total} elements; --vars chooses)" if total > len(cols) else ""
     fig.suptitle(f"marginals: q's draws and the PSIS-reweighted ones{more}", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.35 / (2.4 * nr), top=1 - 0.6 / (2.4 * nr),
+                        hspace=0.5, wspace=0.12)
     return _png(fig)
 
 
@@ -145,7 +147,7 @@ def forest(fit, vars=None) -> bytes:
     plt = _plt()
     cols, total = _columns(fit, vars, MAX_FOREST)
     n = max(1, len(cols))
-    fig, ax = plt.subplots(figsize=(6.5, 1.0 + 0.22 * n))
+    fig, ax = plt.subplots(figsize=(6.5, max(2.6, 1.0 + 0.22 * n)))
     ys = np.arange(n)[::-1]
     for y, (label, col) in zip(ys, cols):
         c = col[np.isfinite(col)]
@@ -183,6 +185,18 @@ def ppc(fit, vars=None) -> bytes:
         r = rep[name].reshape(rep[name].shape[0], -1)
         if model.nodes[name].is_int or model.nodes[name].dist is not None and _discrete(model, name):
             vals = np.arange(int(min(y.min(), np.nanmin(r))), int(max(y.max(), np.nanmax(r))) + 1)
+            if len(vals) <= 12:        # few values: the observed shares as bars, each replicate's as a dot
+                share = np.array([[np.mean(r[s] == v) for v in vals] for s in range(r.shape[0])])
+                jitter = np.random.default_rng(0).uniform(-0.2, 0.2, share.shape)
+                ax.bar(vals, [np.mean(y == v) for v in vals], width=0.6, fill=False, edgecolor="k", lw=1.5,
+                       label="observed")
+                ax.plot((vals[None, :] + jitter).ravel(), share.ravel(), ".", color="C0", alpha=0.5, ms=4,
+                        label="replicated")
+                ax.set_xticks(vals)
+                ax.set_ylabel("share")
+                ax.set_title(f"{name}: observed and {r.shape[0]} replicated data sets", fontsize=10)
+                ax.legend(fontsize=8)
+                continue
             if len(vals) <= 60:
                 for s in range(r.shape[0]):
                     ax.plot(vals, [np.mean(r[s] == v) for v in vals], color="C0", alpha=0.15, lw=0.8)
@@ -235,7 +249,7 @@ def pair(fit, vars=None) -> bytes:
                 ax.set_ylabel(li, fontsize=8)
     more = f" (first {n} of {total}; --vars chooses)" if total > n else ""
     fig.suptitle(f"pairs of q's draws{more}", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.93, hspace=0.25, wspace=0.25)
     return _png(fig)
 
 

@@ -202,10 +202,12 @@ def _given_latents(model, fitted, post: Dict[str, np.ndarray], rt):
 
 
 def _reads(model, names: Sequence[str]) -> set:
-    """Deterministic nodes that depend on any of `names` (directly or not), and those names."""
-    bad = set(names)
+    """Deterministic nodes that depend on any of `names` (directly or not): their values would be
+    computed from placeholders.  (The observed nodes themselves are replicated, not read.)"""
+    read, bad = set(names), set()
     for n in model.order:
         node = model.nodes[n]
-        if node.kind == "deterministic" and any(d in bad for d in node.deps):
+        if node.kind == "deterministic" and any(d in read for d in node.deps):
+            read.add(n)
             bad.add(n)
     return bad
