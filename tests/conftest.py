@@ -114,3 +114,13 @@ def saved_fit(tmp_path_factory):
             cache[name] = out
         return cache[name]
     return get
+
+
+def need(module: str):
+    """Import an optional package the test extra installs: skipped where it is missing, except in CI
+    (CI=true), where the README's test command installs it and a skip would hide a missing install."""
+    import importlib
+    import os
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

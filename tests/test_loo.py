@@ -7,11 +7,15 @@ import math
 
 import numpy as np
 import pytest
+from conftest import need
 
 import ppl
 from ppl.cli import main
+from conftest import MODELS
 
-az = pytest.importorskip("arviz")      # in the test extra
+M = str(MODELS)
+
+az = need("arviz")      # in the test extra
 
 
 def _az_loo(path):
@@ -87,7 +91,7 @@ def test_radon_floor_model_ranks_first_in_ppl_loo_and_az_compare(saved_fit, tmp_
     m = tmp_path / "radon_nofloor.ppl"
     m.write_text(RADON_NO_FLOOR)
     without = tmp_path / "nofloor"
-    assert main(["fit", str(m), "models/radon.csv", "--out", str(without), "--format", "json"]) == 0
+    assert main(["fit", str(m), M + "/radon.csv", "--out", str(without), "--format", "json"]) == 0
     capsys.readouterr()
     assert main(["loo", str(without), str(with_floor)]) == 0
     out = capsys.readouterr().out

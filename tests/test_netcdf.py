@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import need
 
 import ppl
 
-xr = pytest.importorskip("xarray")
+xr = need("xarray")
 
 
 def test_groups_dims_and_coordinates(saved_fit):
@@ -32,7 +33,7 @@ def test_groups_dims_and_coordinates(saved_fit):
 
 
 def test_eight_schools_dims_and_arviz_summary(saved_fit):
-    az = pytest.importorskip("arviz")
+    az = need("arviz")
     d = saved_fit("eight_schools")
     idata = az.from_netcdf(str(d / "fit.nc"))
     assert idata.posterior["theta"].dims == ("chain", "draw", "J")
@@ -55,7 +56,8 @@ def test_mixture_discrete_draws_are_integers(saved_fit):
 def test_without_h5netcdf_no_fit_nc_and_a_note(monkeypatch, tmp_path):
     import ppl.netcdf as N
     monkeypatch.setattr(N, "available", lambda: False)
-    fit = ppl.load("models/poisson.ppl").fit("models/poisson.csv", draws=100)
+    from conftest import MODELS
+    fit = ppl.load(str(MODELS / "poisson.ppl")).fit(str(MODELS / "poisson.csv"), draws=100)
     fit.save(str(tmp_path / "o"))
     import json
     rec = json.loads((tmp_path / "o" / "run.json").read_text())

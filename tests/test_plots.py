@@ -6,11 +6,12 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import need
 
 from ppl.cli import main
 from ppl.plots import KINDS
 
-pytest.importorskip("matplotlib")
+need("matplotlib")
 
 MODELS = ("eight_schools", "radon", "logistic", "mixture", "poisson")
 

@@ -7,6 +7,9 @@ import pytest
 
 import ppl
 from ppl.cli import main
+from conftest import MODELS
+
+M = str(MODELS)
 
 KNOWN_SIGMA = """
 data y: real[N]
@@ -83,13 +86,14 @@ def test_cli_predict_writes_csv_and_nc(saved_fit, tmp_path, capsys):
     d = saved_fit("eight_schools")
     capsys.readouterr()
     csv_out, nc_out = tmp_path / "rep.csv", tmp_path / "rep.nc"
-    assert main(["predict", "models/eight_schools.ppl", str(d), "--draws", "300", "--out", str(csv_out)]) == 0
+    assert main(["predict", M + "/eight_schools.ppl", str(d), "--draws", "300", "--out", str(csv_out)]) == 0
     head = csv_out.read_text().splitlines()
     assert head[0].split(",")[:3] == ["mu", "tau", "theta_raw[1]"] and "y[8]" in head[0] and len(head) == 301
     stdout = capsys.readouterr().out
     assert stdout.startswith("posterior predictive: 300 draws; replicated: y") and "y[1]" in stdout
-    assert main(["predict", "models/eight_schools.ppl", str(d), "--prior", "--out", str(nc_out)]) == 0
-    import xarray as xr
+    assert main(["predict", M + "/eight_schools.ppl", str(d), "--prior", "--out", str(nc_out)]) == 0
+    from conftest import need
+    xr = need("xarray")
     tree = xr.open_datatree(nc_out, engine="h5netcdf")
     assert set(tree.children) == {"prior", "prior_predictive"}
     assert tree["prior_predictive"]["y"].dims == ("chain", "draw", "J")
@@ -99,7 +103,7 @@ def test_cli_predict_refuses_a_latent_the_fit_lacks(saved_fit, tmp_path, capsys)
     d = saved_fit("eight_schools")
     capsys.readouterr()
     m = tmp_path / "more.ppl"
-    m.write_text((open("models/eight_schools.ppl").read()) + "extra ~ normal(0, 1)\n")
+    m.write_text((open(M + "/eight_schools.ppl").read()) + "extra ~ normal(0, 1)\n")
     assert main(["predict", str(m), str(d)]) == 1
     err = capsys.readouterr().err
     assert "more.ppl:" in err and "'extra' is a latent here, but the fit has no draws of it" in err
@@ -110,7 +114,7 @@ def test_cli_predict_with_extra_generated_quantities(saved_fit, tmp_path, capsys
     d = saved_fit("eight_schools")
     capsys.readouterr()
     m = tmp_path / "gq.ppl"
-    m.write_text(open("models/eight_schools.ppl").read() + "best = theta[1] - theta[3]\n")
+    m.write_text(open(M + "/eight_schools.ppl").read() + "best = theta[1] - theta[3]\n")
     assert main(["predict", str(m), str(d), "--vars", "best"]) == 0
     out = capsys.readouterr().out
     assert "best" in out

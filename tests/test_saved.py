@@ -13,6 +13,9 @@ import pytest
 
 import ppl
 from ppl.cli import main
+from conftest import MODELS
+
+M = str(MODELS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,8 +52,8 @@ def test_same_draws_at_the_same_seed_in_a_new_process(saved_fit, name):
 
 
 def test_the_original_fit_draws_as_the_restored_one(tmp_path):
-    m = ppl.load("models/eight_schools.ppl")
-    fit = m.fit("models/eight_schools.csv", seed=4, draws=200)
+    m = ppl.load(M + "/eight_schools.ppl")
+    fit = m.fit(M + "/eight_schools.csv", seed=4, draws=200)
     fit.save(str(tmp_path / "o"))
     a = fit.draw(30, seed=9)
     b = ppl.load_fit(str(tmp_path / "o")).draw(30, seed=9)
@@ -71,7 +74,7 @@ def test_ppl_draws_command(saved_fit, tmp_path, capsys):
 def test_warm_start_from_a_saved_fit(saved_fit, capsys):
     d = saved_fit("eight_schools")
     capsys.readouterr()
-    assert main(["fit", "models/eight_schools.ppl", "models/eight_schools.csv", "--init", str(d),
+    assert main(["fit", M + "/eight_schools.ppl", M + "/eight_schools.csv", "--init", str(d),
                  "--format", "json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["init"] == f"warm start from {d}"
@@ -85,7 +88,7 @@ def test_warm_start_from_a_saved_fit(saved_fit, capsys):
 def test_warm_start_needs_the_same_latents(saved_fit, capsys):
     d = saved_fit("eight_schools")
     capsys.readouterr()
-    assert main(["fit", "models/poisson.ppl", "models/poisson.csv", "--init", str(d)]) == 2
+    assert main(["fit", M + "/poisson.ppl", M + "/poisson.csv", "--init", str(d)]) == 2
     err = capsys.readouterr().err
     assert "--init" in err and "has no latent 'a'" in err
 

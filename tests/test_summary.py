@@ -6,6 +6,9 @@ import pytest
 
 import ppl
 from ppl.cli import main
+from conftest import MODELS
+
+M = str(MODELS)
 from ppl.errors import UsageError
 from ppl.summary import hdi, parse_vars, summarize
 
@@ -64,7 +67,7 @@ def test_summary_option_errors_are_usage_errors(saved_fit, capsys, argv, words):
 
 
 def test_fit_quantiles_checked_before_the_fit(capsys):
-    assert main(["fit", "models/eight_schools.ppl", "models/eight_schools.csv", "--quantiles", "0"]) == 2
+    assert main(["fit", M + "/eight_schools.ppl", M + "/eight_schools.csv", "--quantiles", "0"]) == 2
 
 
 def test_parse_vars_keeps_brackets_whole():
