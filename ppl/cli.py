@@ -94,9 +94,9 @@ def _parser() -> argparse.ArgumentParser:
 
     lo = sub.add_parser("loo", help="PSIS-LOO of saved fits, and their comparison")
     fit_dir(lo, many=True)
-    lo.add_argument("--correct", action="store_true",
-                    help="rank by the estimate corrected for q by the importance ratios p/q (default: q's draws "
-                         "taken as posterior draws, as az.loo on fit.nc; both are shown)")
+    lo.add_argument("--plain", action="store_true",
+                    help="rank by the estimate that takes q's draws as posterior draws (as az.loo on fit.nc) "
+                         "instead of the one corrected by the importance ratios p/q; both are shown")
 
     pl = sub.add_parser("plot", help="plots of a saved fit (needs the plot extra: matplotlib)")
     fit_dir(pl)
@@ -354,8 +354,8 @@ def cmd_loo(args) -> int:
             raise UsageError(f"'{d}' is given twice")
         fits[name] = f = load_fit(d)
         try:
-            named[name] = loo(f, correct=args.correct)
-            other[name] = loo(f, correct=not args.correct)
+            named[name] = loo(f, correct=not args.plain)
+            other[name] = loo(f, correct=args.plain)
         except RuntimeError as e:
             raise UsageError(f"{d}: {e}") from None
     if len(named) > 1:

@@ -165,8 +165,8 @@ class FitConfig:
             if k == "init" and v not in valid and is_fit_dir(v):
                 continue                       # a warm start from a saved fit (ppl.posterior.warm_start)
             if v not in valid:
-                also = " or a directory written by `ppl fit --out`" if k == "init" else ""
-                self._fail(f"unknown {k} {v!r} for {self.opt(k)} (valid: {', '.join(valid)}{also})")
+                also = ", or a directory written by `ppl fit --out`" if k == "init" else ""
+                self._fail(f"unknown {k} {v!r} for {self.opt(k)} (valid: {', '.join(valid)}){also}")
 
     def _check_combinations(self):
         from .infer.families import FAMILIES

@@ -183,10 +183,10 @@ class PosteriorMethods:
         from .loo import pointwise_log_likelihood
         return pointwise_log_likelihood(self)
 
-    def loo(self, correct: bool = False):
-        """PSIS-LOO (`ppl.loo.Loo`) of the reported draws, as `az.loo` computes it on fit.nc; with
-        `correct`, corrected for draws from q rather than the posterior (the importance ratios p/q,
-        Magnusson et al. 2019)."""
+    def loo(self, correct: bool = True):
+        """PSIS-LOO (`ppl.loo.Loo`) of the reported draws, corrected for draws from q rather than the
+        posterior (the importance ratios p/q, Magnusson et al. 2019); `correct=False`: the draws taken
+        as posterior draws, as `az.loo` computes it on fit.nc."""
         from .loo import loo
         return loo(self, correct=correct)
 
