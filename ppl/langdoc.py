@@ -118,7 +118,6 @@ def distributions() -> str:
 def functions() -> str:
     rows = []
     for name, f in FN.REGISTRY.items():
-        known = FN.SIZE_ARGS.get(name)
         rows.append([f"`{name}({', '.join(f.params)})`", FUNCTION_MEANING.get(name, ""), AXES[f.axes],
                      "yes" if f.int_result else "no"])
     return _table(["function", "value", "works on", "int stays int"], rows)

@@ -42,7 +42,7 @@ MISSING = "fit.nc not written: install the netcdf extra (pip install 'ppl[netcdf
 
 def available() -> bool:
     try:
-        import h5netcdf  # noqa: F401
+        import h5netcdf  # noqa: F401  (only whether it is there)
         return True
     except ImportError:
         return False

@@ -17,7 +17,7 @@ Stage: `Fit` -> PNG bytes.
 from __future__ import annotations
 
 import io
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 

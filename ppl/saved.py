@@ -17,7 +17,7 @@ import io
 import json
 import os
 import platform
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
