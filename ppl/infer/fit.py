@@ -27,8 +27,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..config import FitConfig, resolved_device
+from ..config import INITS, FitConfig, resolved_device
 from ..frontend.check import Model
+from ..posterior import PosteriorMethods, QDraws
 from ..structure import structure as structure_of
 from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import LogJoint
@@ -41,6 +42,7 @@ from .families import FAMILIES
 from .laplace import FULL_HESSIAN_MAX, Start, cold_start, laplace
 from .objectives import OBJECTIVES
 from .psis import psis, verdict
+from ..posterior import Approximation
 
 AUTO_FULLRANK_MAX = 200
 GRAPH_MAX_GLOBALS = 200    # auto takes the graph family when the structure has at most this many globals
@@ -54,8 +56,8 @@ SAMPLE_BUDGET = 2_000_000 # elements: q's draws for the summary and PSIS are mad
 SMALL_DATA = 1_000_000     # elements: below this, one thread beats two (thread wake-ups dominate)
 
 
-@dataclass(kw_only=True)
-class Fit:
+@dataclass(kw_only=True, repr=False)
+class Fit(PosteriorMethods):
     model: Model
     config: FitConfig
     method: str                               # the family used
@@ -81,10 +83,8 @@ class Fit:
     evals: int = 0                            # L-BFGS evaluations of the fixed-draw objective (dadvi)
     fixed_draws: int = 0
     device: str = "cpu"                       # where it ran (with how `auto` chose)
-
-    def __repr__(self) -> str:
-        return (f"<Fit {self.model.source.path}: {self.method}, ELBO {self.elbo:.4g}, k-hat {self.khat:.2f}, "
-                f"{self.verdict_label}>")
+    q: Optional[object] = None                # the fitted approximation (ppl.posterior.Approximation)
+    q_draws: Optional[QDraws] = None          # the reported draws' theta, z, log p, log q
 
     def summary(self) -> Dict[str, Dict[str, float]]:
         """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95."""
@@ -158,7 +158,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["optimise"] = time.perf_counter() - t0
 
     _phase(progress, "draws")
-    draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
+    draws, ps, t_draws, t_khat, q_draws = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
     timings["draws"], timings["khat"] = t_draws, t_khat
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
@@ -171,7 +171,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
                fixed_draws=result.fixed_draws,
-               device=str(rt.device) + (f" ({device_note})" if device_note else ""))
+               device=str(rt.device) + (f" ({device_note})" if device_note else ""),
+               q=Approximation(program, family, discrete, node_plans, method, structure), q_draws=q_draws)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -285,6 +286,9 @@ def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, s
     model with them summed out, where that is possible."""
     dim = program.dim
     exact_hessian = dim <= FULL_HESSIAN_MAX
+    if config.init not in INITS:                  # a saved fit's directory
+        from ..posterior import warm_start
+        return warm_start(program, config, full), program
     if config.init == "laplace" and dim > 0:
         if not program.score:
             return laplace(program, full=exact_hessian, structure=structure, on_eval=on_eval), program
@@ -357,9 +361,9 @@ def psis_draws(largest: int) -> int:
 
 
 def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
-    """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS).
-    PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is large;
-    the reported draws need only values (no densities), except to draw enumerated latents."""
+    """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS,
+    the reported draws' theta, z, log p and log q).  PSIS needs log p at each of its draws: 1000 of
+    them, fewer when one pass over the data is large; the reported draws have theirs too (draws.csv)."""
     t0 = time.perf_counter()
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
@@ -371,7 +375,7 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         if not at_once:
             chunk = max(1, min(chunk, SAMPLE_BUDGET // max(1, fam.dim)))
         values: Dict[str, List[np.ndarray]] = {}
-        log_p, log_q = [], []
+        log_p, log_q, kept_theta, kept_z = [], [], [], {}
 
         def sample(n):
             theta, lq = fam.rsample_with_log_q(n)
@@ -389,18 +393,22 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                                 lq_all[i:i + chunk])
             else:
                 theta, z, lq = sample(min(chunk, n_all - i))
-            ev = program.evaluate(theta, z, keep_enum=need_v, densities=need_p or bool(program.enum))
-            if need_p:
-                log_p.append(ev.total[: n_psis - i])
-                log_q.append(lq[: n_psis - i])
+            ev = program.evaluate(theta, z, keep_enum=need_v, densities=need_p or need_v or bool(program.enum))
+            log_p.append(ev.total)
+            log_q.append(lq)
             if need_v:
+                kept_theta.append(theta[: draws - i])
+                for k, v in z.items():
+                    kept_z.setdefault(k, []).append(v[: draws - i])
                 for k, v in program.values(ev, gen).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
             if on_chunk is not None:
                 on_chunk(None)
-        log_p = torch.cat(log_p)
+        log_p, log_q = torch.cat(log_p), torch.cat(log_q)
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ps = psis(to_numpy(log_p - torch.cat(log_q)))
+    ps = psis(to_numpy(log_p[:n_psis] - log_q[:n_psis]))
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
-    return out, ps, t_draws, time.perf_counter() - t0
+    q_draws = QDraws(torch.cat(kept_theta)[:draws], {k: torch.cat(v)[:draws] for k, v in kept_z.items()},
+                     to_numpy(log_p[:draws]).copy(), to_numpy(log_q[:draws]).copy())
+    return out, ps, t_draws, time.perf_counter() - t0, q_draws
