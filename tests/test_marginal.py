@@ -5,9 +5,6 @@ hierarchy; the start it gives the graph family on a hierarchy with many groups; 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import torch
@@ -150,21 +147,17 @@ def test_start_of_a_hierarchy_is_near_the_posterior_not_the_joint_mode():
     assert abs(fit.summary()["tau"]["mean"] - 0.5) < 0.1
 
 
-def test_ten_thousand_groups_allocate_no_dim_squared(tmp_path):
-    """K = 10,000 (dim 10,003) fitted by `auto` in a fresh process: its peak memory stays below one
-    dim x dim matrix of float64 (800 MB)."""
-    script = textwrap.dedent("""
-        import resource, sys
-        import numpy as np, ppl
-        rng = np.random.default_rng(2)
-        K, per = 10_000, 2
-        g = np.repeat(np.arange(K), per)
-        y = 1.0 + 0.5 * rng.normal(size=K)[g] + rng.normal(size=K * per)
-        fit = ppl.loads(sys.argv[1], 'k.ppl').fit({'y': y, 'g': [f'g{v:05d}' for v in g]}, seed=0, draws=100)
-        print(fit.method, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", script, NONCENTRED], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    method, peak = out.stdout.split()
-    assert method == "graph"
-    assert int(peak) < 10_003 ** 2 * 8, f"peak {int(peak) / 1e6:.0f} MB"
+def test_ten_thousand_groups_allocate_no_dim_squared():
+    """K = 10,000 (dim 10,003) fitted by `auto`: no single allocation of the whole fit comes near a
+    dim x dim matrix of float64 (800 MB); the largest is a chunk of draws times data (~32 MB)."""
+    from torch.profiler import ProfilerActivity, profile
+    rng = np.random.default_rng(2)
+    K, per = 10_000, 2
+    g = np.repeat(np.arange(K), per)
+    y = 1.0 + 0.5 * rng.normal(size=K)[g] + rng.normal(size=K * per)
+    data = {"y": y, "g": [f"g{v:05d}" for v in g]}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fit = ppl.loads(NONCENTRED, "k.ppl").fit(data, seed=0, draws=100)
+    assert fit.method == "graph"
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < (K + 3) ** 2 * 8 / 10, f"{largest / 1e6:.0f} MB in one allocation"
