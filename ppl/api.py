@@ -30,15 +30,16 @@ class PplModel:
     def path(self) -> str:
         return self.source.path
 
-    def check(self, data: DataArg = None, sets: Sequence[str] = ()) -> Model:
-        """Checked IR; with `data=None` and no `sets`, sizes stay symbolic."""
+    def check(self, data: DataArg = None, sets: Sequence[str] = (), fill_missing=None) -> Model:
+        """Checked IR; with `data=None` and no `sets`, sizes stay symbolic.  `fill_missing`: data
+        names that may be absent, with the value that fills them (`ppl.data.load_data`)."""
         files, objects = _split_data(data)
         if data is None and not sets:
             return check(self.program, self.source, None)
         _check_data_size(files)
 
         def loader(decls, syms):
-            return load_data(decls, files, sets, syms, objects=objects)
+            return load_data(decls, files, sets, syms, objects=objects, fill_missing=fill_missing)
         return check(self.program, self.source, loader)
 
     def graph(self, data: DataArg = None, sets: Sequence[str] = (), estimator: str = "auto",
@@ -64,6 +65,13 @@ class PplModel:
         f = run_fit(model, config, progress)
         f.timings = {"data+check": t_check, **f.timings}
         return f
+
+
+def load_fit(fit_dir: str):
+    """A fit saved by `ppl fit --out DIR` (or `fit.save(DIR)`), restored whole: draws, diagnostics,
+    and the approximation (`fit.draw`, `fit.predict`, `fit.loo`; `init=DIR` starts a new fit from it)."""
+    from .saved import load_fit as _load_fit
+    return _load_fit(fit_dir)
 
 
 def load(path: str) -> PplModel:

@@ -1,4 +1,4 @@
-"""CLI: `ppl check | graph | fit` over the Python API.
+"""CLI: `ppl check | graph | fit | predict | draws | loo | plot | summary` over the Python API.
 
 Exit codes: 0 ok; 1 the model or data is wrong (located message, no
 traceback); 2 usage; 3 inference failed numerically.  `--debug` shows a
@@ -20,7 +20,7 @@ from .outdir import write_file
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppl", description="probabilistic programs with automatic variational inference")
     p.add_argument("--version", action="version", version=f"ppl {__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="{check,graph,fit}")
+    sub = p.add_subparsers(dest="cmd", metavar="{check,graph,fit,predict,draws,loo,plot,summary}")
 
     def common(sp):
         sp.add_argument("model", help="the .ppl model file")
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--mc-samples", type=int, default=None, help="Monte Carlo samples per gradient")
     f.add_argument("--draws", type=int, default=1000, help="posterior draws to report")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--init", default="laplace", help="laplace|zero: the starting point of the fit")
+    f.add_argument("--init", default="laplace",
+                   help="laplace|zero|FIT_DIR: the starting point of the fit (FIT_DIR: a saved fit's q)")
     f.add_argument("--optimizer", default="auto",
                    help="adam: stochastic steps only; dadvi: L-BFGS on fixed draws (after 300 Adam steps "
                         "when the start is cold); auto: dadvi for meanfield/fullrank on small and medium data "
@@ -66,7 +67,55 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--format", default="table", choices=["table", "json"])
     f.add_argument("--profile", action="store_true", help="print where the time went")
     f.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
+    summary_options(f)
+
+    def fit_dir(sp, many=False):
+        sp.add_argument("fit_dir", nargs="+" if many else None, metavar="FIT_DIR",
+                        help="a directory written by `ppl fit --out`")
+        sp.add_argument("--debug", action="store_true", help="show a traceback on errors")
+
+    pr = sub.add_parser("predict", help="replicated data from a saved fit (posterior or prior predictive)")
+    pr.add_argument("model", help="the .ppl model file (the fitted one, or it with more deterministic nodes)")
+    pr.add_argument("fit_dir", metavar="FIT_DIR", help="a directory written by `ppl fit --out`")
+    pr.add_argument("data", nargs="*", metavar="DATA", help="new data (the observed columns may be left out)")
+    pr.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a scalar data value")
+    pr.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    pr.add_argument("--prior", action="store_true", help="prior predictive: every latent from its prior")
+    pr.add_argument("--draws", type=int, default=None, help="draws (default: as many as the fit kept)")
+    pr.add_argument("--seed", type=int, default=None)
+    pr.add_argument("--out", "-o", metavar="FILE", help="write the draws: FILE.csv (one row per draw) or FILE.nc")
+    summary_options(pr)
+
+    d = sub.add_parser("draws", help="more draws from a saved fit's approximation")
+    fit_dir(d)
+    d.add_argument("--draws", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=None, help="default: the fit's seed")
+    d.add_argument("--out", "-o", metavar="FILE", help="write draws.csv-style rows to FILE (default: stdout)")
+
+    lo = sub.add_parser("loo", help="PSIS-LOO of saved fits, and their comparison")
+    fit_dir(lo, many=True)
+    lo.add_argument("--plain", action="store_true",
+                    help="rank by the estimate that takes q's draws as posterior draws (as az.loo on fit.nc) "
+                         "instead of the one corrected by the importance ratios p/q; both are shown")
+
+    pl = sub.add_parser("plot", help="plots of a saved fit (needs the plot extra: matplotlib)")
+    fit_dir(pl)
+    pl.add_argument("--kind", default="marginals", help="trace|marginals|forest|ppc|pair")
+    pl.add_argument("-o", "--output", metavar="FILE", help="the PNG to write (default: FIT_DIR-KIND.png beside it)")
+    pl.add_argument("--vars", default=None, metavar="NAMES", help="the variables to plot (as ppl fit --vars)")
+
+    sm = sub.add_parser("summary", help="the summary table of a saved fit")
+    fit_dir(sm)
+    summary_options(sm)
+    sm.add_argument("--format", default="table", choices=["table", "json"])
     return p
+
+
+def summary_options(sp) -> None:
+    sp.add_argument("--vars", default=None, metavar="NAMES",
+                    help="comma-separated names, globs (sigma*) or elements (a[3], a[Carver]) to show")
+    sp.add_argument("--quantiles", default=None, metavar="P,P,...", help="quantile columns (default 0.05,0.5,0.95)")
+    sp.add_argument("--hdi", type=float, default=None, metavar="P", help="add the highest-density interval of mass P")
 
 
 _OUT_OF_MEMORY = ("the fit ran out of memory; use a smaller model or data, --method meanfield, fewer "
@@ -80,11 +129,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = p.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    args.argv = argv
     if args.cmd is None:
         p.print_help(sys.stderr)
         return EXIT_USAGE
+    if not hasattr(args, "model"):
+        args.model = args.fit_dir if isinstance(args.fit_dir, str) else args.fit_dir[0]
     try:
-        return {"check": cmd_check, "graph": cmd_graph, "fit": cmd_fit}[args.cmd](args)
+        return COMMANDS[args.cmd](args)
     except PplError as e:
         if args.debug:
             traceback.print_exc()
@@ -196,6 +248,7 @@ def cmd_fit(args) -> int:
     t_start = time.perf_counter()
     from .config import FitConfig                 # checking the options imports the registries (torch)
     config = FitConfig.from_cli(args)
+    _check_summary_options(args)
     timings = {"imports+config": time.perf_counter() - t_start}
     inputs = [args.model, *args.data]
     if args.out is not None:
@@ -215,11 +268,132 @@ def cmd_fit(args) -> int:
             bar.close()
     process = time.perf_counter() - t_start
     if args.out is not None:
-        report.write_outputs(f, args.out, args.force, inputs)
-    sys.stdout.write(report.to_json(f, process) + "\n" if args.format == "json" else report.table(f, process))
+        report.write_outputs(f, args.out, args.force, inputs, quantiles=args.quantiles, hdi=args.hdi,
+                             command=["ppl"] + list(sys.argv[1:] if args.argv is None else args.argv),
+                             process_seconds=process)
+    sys.stdout.write(report.to_json(f, process) + "\n" if args.format == "json"
+                     else report.table(f, process, _vars(args), args.quantiles, args.hdi))
     if args.profile:
         sys.stderr.write(report.profile(timings, f, process))
     return 0
+
+
+def _vars(args):
+    from .summary import parse_vars
+    return parse_vars(args.vars)
+
+
+def _check_summary_options(args) -> None:
+    """--quantiles and --hdi are checked before any work."""
+    from .summary import parse_quantiles
+    parse_quantiles(args.quantiles)
+    if args.hdi is not None and not 0 < args.hdi < 1:
+        raise UsageError(f"--hdi takes a probability between 0 and 1 (exclusive), got {args.hdi:g}")
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be at least 1, got {value}")
+
+
+def cmd_predict(args) -> int:
+    """Replicated data (and deterministic nodes) per draw, from a saved fit, for its data or new data."""
+    _check_summary_options(args)
+    _positive("--draws", args.draws)
+    from .predict import simulate
+    from .saved import load_fit
+    if args.out is not None:
+        _check_suffix(args.out, (".csv", ".nc"))
+    m = _model(args)
+    fit = load_fit(args.fit_dir)
+    new = list(args.data)
+    out, model = simulate(fit, new if (new or args.set) else None, args.set, prior=args.prior, draws=args.draws,
+                          seed=args.seed, pmodel=m)
+    from . import report
+    kind = "prior_predictive" if args.prior else ("predictions" if (new or args.set) else "posterior_predictive")
+    if args.out is not None:
+        data = report.predictive_file(out, args.out, kind, model)
+        write_file(args.out, data, inputs=[args.model, *new, args.fit_dir])
+    sys.stdout.write(report.predictive_table(out, model, kind, _vars(args), args.quantiles, args.hdi))
+    return 0
+
+
+def _check_suffix(path: str, suffixes) -> None:
+    if os.path.splitext(path)[1].lower() not in suffixes:
+        raise UsageError(f"cannot tell the format from the name '{path}': use {' or '.join(suffixes)}")
+
+
+def cmd_draws(args) -> int:
+    """More draws of a saved fit's approximation, as draws.csv rows."""
+    _positive("--draws", args.draws)
+    from . import report
+    from .saved import load_fit
+    if args.out is not None:
+        _check_suffix(args.out, (".csv",))
+    fit = load_fit(args.fit_dir)
+    seed = fit.config.seed if args.seed is None else args.seed
+    if fit.q is None:
+        raise UsageError(f"{args.fit_dir}: the fit saved there keeps no approximation to draw from")
+    values, qd = fit.q.draw(args.draws, seed)
+    text = report.draws_csv(values, qd)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        write_file(args.out, text.encode(), inputs=[args.fit_dir])
+    return 0
+
+
+def cmd_loo(args) -> int:
+    """PSIS-LOO of each saved fit and, with several, their comparison."""
+    from .loo import loo, report
+    from .saved import load_fit
+    named, other, fits = {}, {}, {}
+    for d in args.fit_dir:
+        name = d.rstrip("/") or d
+        if name in named:
+            raise UsageError(f"'{d}' is given twice")
+        fits[name] = f = load_fit(d)
+        try:
+            named[name] = loo(f, correct=not args.plain)
+            other[name] = loo(f, correct=args.plain)
+        except RuntimeError as e:
+            raise UsageError(f"{d}: {e}") from None
+    if len(named) > 1:
+        from .loo import compare
+        try:
+            compare(named)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    sys.stdout.write(report(named, fits, other))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import KINDS, plot
+    if args.kind not in KINDS:
+        raise UsageError(f"unknown kind {args.kind!r} for --kind (valid: {', '.join(KINDS)})")
+    out = args.output or (args.fit_dir.rstrip("/") + f"-{args.kind}.png")
+    _check_suffix(out, (".png",))
+    from .saved import load_fit
+    fit = load_fit(args.fit_dir)
+    data = plot(fit, args.kind, _vars(args))
+    write_file(out, data, inputs=[args.fit_dir])
+    print(out)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    _check_summary_options(args)
+    from . import report
+    from .saved import load_fit
+    fit = load_fit(args.fit_dir)
+    sys.stdout.write(report.to_json(fit) + "\n" if args.format == "json"
+                     else report.table(fit, None, _vars(args), args.quantiles, args.hdi))
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "graph": cmd_graph, "fit": cmd_fit, "predict": cmd_predict, "draws": cmd_draws,
+            "loo": cmd_loo, "plot": cmd_plot, "summary": cmd_summary}
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class FitConfig:
     mc_samples: Optional[int] = None     # Monte Carlo samples per gradient (None: from the model's size)
     draws: int = 1000                    # posterior draws reported
     seed: int = 0
-    init: str = "laplace"                # laplace | zero (cold start)
+    init: str = "laplace"                # laplace | zero (cold start) | a saved fit's directory (warm start)
     optimizer: str = "auto"              # registry ppl.infer.engine.OPTIMIZERS or auto
     gradient: str = "auto"               # registry ppl.infer.estimators.GRADIENTS or auto (Python only)
     device: str = "cpu"
@@ -162,8 +162,11 @@ class FitConfig:
         }
         for k, valid in one_of.items():
             v = getattr(self, k)
+            if k == "init" and v not in valid and is_fit_dir(v):
+                continue                       # a warm start from a saved fit (ppl.posterior.warm_start)
             if v not in valid:
-                self._fail(f"unknown {k} {v!r} for {self.opt(k)} (valid: {', '.join(valid)})")
+                also = ", or a directory written by `ppl fit --out`" if k == "init" else ""
+                self._fail(f"unknown {k} {v!r} for {self.opt(k)} (valid: {', '.join(valid)}){also}")
 
     def _check_combinations(self):
         from .infer.families import FAMILIES
@@ -184,6 +187,12 @@ class FitConfig:
             if not torch.cuda.is_available():
                 self._fail(f"{self.opt('device', 'cuda')}: no CUDA device is available here "
                            f"(use {self.opt('device', 'cpu')} or {self.opt('device', 'auto')})")
+
+
+def is_fit_dir(path: str) -> bool:
+    """A directory that `ppl fit --out` wrote (it holds a run.json)."""
+    import os
+    return isinstance(path, str) and os.path.isdir(path) and os.path.isfile(os.path.join(path, "run.json"))
 
 
 def resolved_device(config: FitConfig) -> Tuple[str, str]:

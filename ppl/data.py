@@ -49,6 +49,7 @@ class DataSet:
     dims: Dict[str, int] = field(default_factory=dict)
     dim_origin: Dict[str, str] = field(default_factory=dict)
     levels: Dict[str, List[str]] = field(default_factory=dict)
+    filled: List[str] = field(default_factory=list)     # names filled in by `fill_missing`
 
 
 # ---- reading files -----------------------------------------------------------
@@ -380,6 +381,13 @@ class _Binder:
         self.bind(k, int(v), origin, None, path)
 
     # one declaration ---------------------------------------------------------
+    def has(self, d: A.DataDecl) -> bool:
+        """Some file, object or --set gives `d`."""
+        if d.pattern is not None:
+            return any(fnmatchcase(h, d.pattern) for c in self.csvs for h in c.header)
+        return any(d.name in j.obj for j in self.jsons) or any(d.name in c.columns for c in self.csvs) \
+            or d.name in self.sets
+
     def load(self, d: A.DataDecl):
         t = d.type
         if d.pattern is not None:
@@ -653,13 +661,30 @@ def _from_object(obj: dict, i: int) -> _Json:
 
 
 def load_data(decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[str] = (),
-              dim_symbols=(), objects: Sequence[dict] = ()) -> DataSet:
-    """Read every file, then bind each declaration in source order."""
+              dim_symbols=(), objects: Sequence[dict] = (), fill_missing: Optional[Dict[str, float]] = None
+              ) -> DataSet:
+    """Read every file, then bind each declaration in source order.  `fill_missing` (name -> value):
+    declarations that may be absent (the observed columns of data for prediction), filled with that
+    value in the shape the other data give."""
     b = _Binder(decls, files, sets, dim_symbols, objects)
     b.bind_scalars()
+    fill_missing = fill_missing or {}
+    deferred = []
     # level declarations whose K is given first, so labels 1..K keep their meaning
     for d in decls:
+        if d.name in fill_missing and not b.has(d):
+            deferred.append(d)
+            continue
         b.load(d)
+    for d in deferred:
+        shape = []
+        for dim in d.type.dims:
+            n = dim.value if isinstance(dim.value, int) else b.out.dims.get(dim.value)
+            if n is None:
+                _fail(d.name_span, f"no data for '{d.name}', and no other data gives its size {dim.value}")
+            shape.append(n)
+        b.out.values[d.name] = np.full(tuple(shape), float(fill_missing[d.name]))
+        b.out.filled.append(d.name)
     for k, v in b.sets.items():
         if k in b.dim_symbols and k not in b.out.dims and v == int(v):
             b.bind(k, int(v), f"--set {k}", None, "--set")

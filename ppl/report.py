@@ -15,7 +15,8 @@ import sys
 import time
 from typing import Dict, Optional, Sequence
 
-from .config import describe as describe_config
+import numpy as np
+
 from .infer.objectives import OBJECTIVES
 
 
@@ -39,9 +40,13 @@ def _objective(fit) -> str:
     return OBJECTIVES[fit.objective].label if fit.objective in OBJECTIVES else fit.objective
 
 
-def table(fit, process_seconds: Optional[float] = None) -> str:
-    s = fit.summary()
-    w = max([len(k) for k in s] + [6])
+def table(fit, process_seconds: Optional[float] = None, vars=None, quantiles=None, hdi=None) -> str:
+    """The header, then one row per chosen element: level labels where the model has them
+    (`a[Carver]`), discrete latents as the probability of each value (ppl.summary)."""
+    from .summary import summarize
+    s = summarize(fit.model, fit.draws, vars, quantiles, hdi, discrete_names(fit), getattr(fit, "moments", None))
+    names = [r.label for r in s.rows] + [r.label for r in s.discrete]
+    w = max([len(k) for k in names] + [6])
     total = f" (whole process {process_seconds:.2f} s)" if process_seconds is not None else ""
     lines = [
         f"model      {fit.model.source.path}",
@@ -53,21 +58,37 @@ def table(fit, process_seconds: Optional[float] = None) -> str:
         f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
         f"time       {fit.seconds:.2f} s{total}" + (f" on {fit.device}" if fit.device != "cpu" else ""),
         f"verdict    {fit.verdict}",
-        "",
-        f"{'':<{w}}  {'mean':>10} {'sd':>10} {'q5':>10} {'q50':>10} {'q95':>10}",
     ]
-    for k, v in s.items():
-        lines.append(f"{k:<{w}}  " + " ".join(f"{_fmt(v[c]):>10}" for c in ("mean", "sd", "q5", "q50", "q95")))
+    if s.rows:
+        lines += ["", f"{'':<{w}}  " + " ".join(f"{c:>10}" for c in s.columns)]
+        for r in s.rows:
+            lines.append(f"{r.label:<{w}}  " + " ".join(f"{_fmt(r.values[c]):>10}" for c in s.columns))
+    if s.discrete:
+        values = sorted({v for r in s.discrete for v in r.probs})
+        lines += ["", f"{'':<{w}}  " + " ".join(f"{'P(' + str(v) + ')':>7}" for v in values)
+                  + "   (discrete: the probability of each value)"]
+        for r in s.discrete:
+            lines.append(f"{r.label:<{w}}  " + " ".join(f"{r.probs.get(v, 0.0):>7.3f}" for v in values))
+    for name, n in s.hidden:
+        lines.append(f"({name}: {n} discrete elements not shown; --vars {name} shows them)")
     return "\n".join(lines) + "\n"
+
+
+def discrete_names(fit) -> list:
+    return [n for n, node in fit.model.nodes.items() if node.kind == "latent" and node.discrete]
 
 
 def to_json(fit, process_seconds: Optional[float] = None) -> str:
     def num(x):
         return x if math.isfinite(x) else None
+    from .summary import summarize
+    disc = summarize(fit.model, fit.draws, list(fit.draws), None, None, discrete_names(fit))
     return json.dumps({
         "objective": fit.objective, "device": fit.device,
         "process_seconds": None if process_seconds is None else round(process_seconds, 3),
         "params": {k: {c: num(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")} for k, v in fit.summary().items()},
+        "discrete": {r.name: {str(k): p for k, p in r.probs.items()} for r in disc.discrete},
+        "labels": {r.name: r.label for r in disc.rows + disc.discrete if r.label != r.name},
         "elbo": num(fit.elbo), "steps": fit.steps, "converged": fit.converged, "method": fit.method,
         "method_note": fit.method_note, "estimator": fit.estimator, "khat": num(round(fit.khat, 4)), "ess": num(round(fit.ess, 4)),
         "sd_log_w": num(fit.sd_log_w), "verdict": fit.verdict_label, "verdict_text": fit.verdict,
@@ -84,29 +105,85 @@ def _csv_text(header, rows) -> str:
     return buf.getvalue()
 
 
-def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = ()) -> None:
-    """draws.csv, summary.csv, elbo.csv (elbo.png with matplotlib) and run.json into out_dir, whole or
-    not at all; only a folder ppl wrote is replaced, never an input (ppl.outdir)."""
+def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), *, quantiles=None, hdi=None,
+                  command: Optional[Sequence[str]] = None, process_seconds: Optional[float] = None,
+                  notes=None) -> None:
+    """Everything `--out DIR` holds, whole or not at all; only a folder ppl wrote is replaced, never an
+    input (ppl.outdir):
+    draws.csv      lp__ and log_q__ (log p and log q of each draw), then every latent and deterministic
+    summary.csv    name, label, mean, sd, the quantiles (and HDI) asked for, of every element
+    elbo.csv       the objective per Adam step or L-BFGS evaluation
+    fit.nc         ArviZ InferenceData (netCDF4, with the `netcdf` extra: ppl.netcdf)
+    fit.npz        the fitted approximation and the draws' theta, log p, log q (ppl.saved)
+    model.ppl, data.json   the model and its data, so `ppl.load_fit(DIR)` needs nothing else
+    elbo.png       with the `plot` extra
+    run.json       the run record"""
     from .outdir import write_dir
+    from . import saved, netcdf
+    from .summary import summarize
     names, mat = fit.draws_table()
-    s = fit.summary()
+    qd = fit.q_draws
+    if qd is not None and len(qd.log_p) == mat.shape[0]:
+        names = ["lp__", "log_q__"] + names
+        mat = np.concatenate([qd.log_p[:, None], qd.log_q[:, None], mat], 1)
+    s = summarize(fit.model, fit.draws, list(fit.draws), quantiles, hdi, moments=getattr(fit, "moments", None))
     files = {
         "draws.csv": _csv_text(names, ([repr(float(x)) for x in row] for row in mat)),
-        "summary.csv": _csv_text(["name", "mean", "sd", "q5", "q50", "q95"],
-                                 ([k] + [repr(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")]
-                                  for k, v in s.items())),
+        "summary.csv": _csv_text(["name", "label"] + s.columns,
+                                 ([r.name, r.label] + [repr(r.values[c]) for c in s.columns] for r in s.rows)),
         "elbo.csv": _csv_text(["step", "elbo"], ([i + 1, repr(e)] for i, e in enumerate(fit.elbo_trace))),
     }
     files = {k: v.encode() for k, v in files.items()}
+    notes = list(notes or [])
+    files.update(saved.files(fit))
+    nc = netcdf.fit_bytes(fit, notes)
+    if nc is not None:
+        files["fit.nc"] = nc
     png = _plot(fit)
     if png is not None:
         files["elbo.png"] = png
-    run = {"model": fit.model.source.path, "inputs": list(inputs), "method": fit.method,
-           "estimator": fit.estimator, "objective": fit.objective, "optimizer": fit.optimizer,
-           "seed": fit.config.seed, "steps": fit.steps, "converged": fit.converged, "elbo": fit.elbo,
-           "khat": fit.khat, "ess": fit.ess, "verdict": fit.verdict_label, "seconds": fit.seconds,
-           "config": describe_config(fit.config)}
-    write_dir(out_dir, files, force=force, inputs=inputs, record=run)
+    write_dir(out_dir, files, force=force, inputs=inputs,
+              record=saved.run_record(fit, inputs, command, process_seconds, notes))
+
+
+def draws_csv(values, qd=None) -> str:
+    """draws.csv's text for draws by name (and their log p, log q)."""
+    from .summary import flat_names
+    names, cols = [], []
+    if qd is not None:
+        names, cols = ["lp__", "log_q__"], [qd.log_p[:, None], qd.log_q[:, None]]
+    for k, v in values.items():
+        names += flat_names(k, v.shape[1:])
+        cols.append(np.asarray(v).reshape(v.shape[0], -1))
+    mat = np.concatenate(cols, 1) if cols else np.zeros((0, 0))
+    return _csv_text(names, ([repr(float(x)) for x in row] for row in mat))
+
+
+def predictive_table(values, model, kind: str, vars=None, quantiles=None, hdi=None) -> str:
+    """`ppl predict`'s summary: the replicated observations first, then the other nodes."""
+    from .summary import summarize
+    observed = [k for k in values if k in model.nodes and model.nodes[k].kind == "observed"]
+    order = observed + [k for k in values if k not in observed]
+    values = {k: values[k] for k in order}
+    s = summarize(model, values, vars, quantiles, hdi)
+    n = next((int(v.shape[0]) for v in values.values()), 0)
+    w = max([len(r.label) for r in s.rows] + [6])
+    what = {"posterior_predictive": "posterior predictive", "prior_predictive": "prior predictive",
+            "predictions": "posterior predictive for the new data"}[kind]
+    lines = [f"{what}: {n} draws; replicated: {', '.join(observed) or 'none'}", "",
+             f"{'':<{w}}  " + " ".join(f"{c:>10}" for c in s.columns)]
+    for r in s.rows:
+        lines.append(f"{r.label:<{w}}  " + " ".join(f"{_fmt(r.values[c]):>10}" for c in s.columns))
+    return "\n".join(lines) + "\n"
+
+
+def predictive_file(values, path: str, kind: str, model) -> bytes:
+    """`ppl predict --out`: FILE.csv (one row per draw, every element a column) or FILE.nc (an
+    InferenceData group named by `kind`: posterior_predictive, prior_predictive or predictions)."""
+    if path.lower().endswith(".nc"):
+        from .netcdf import predictive_bytes
+        return predictive_bytes(values, kind, model)
+    return draws_csv(values).encode()
 
 
 def _plot(fit) -> Optional[bytes]:

@@ -97,3 +97,30 @@ def write(tmp_path):
         p.write_text(text)
         return str(p)
     return run
+
+
+@pytest.fixture(scope="session")
+def saved_fit(tmp_path_factory):
+    """name -> the --out directory of a default fit of models/NAME.ppl (fitted once per session)."""
+    from ppl.cli import main
+    cache = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            out = tmp_path_factory.mktemp("fits") / name
+            args = ["fit", str(MODELS / f"{name}.ppl"), str(MODELS / f"{name}.csv"), "--out", str(out),
+                    "--format", "json", "--progress", "off"]
+            assert main(args) == 0
+            cache[name] = out
+        return cache[name]
+    return get
+
+
+def need(module: str):
+    """Import an optional package the test extra installs: skipped where it is missing, except in CI
+    (CI=true), where the README's test command installs it and a skip would hide a missing install."""
+    import importlib
+    import os
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

@@ -128,18 +128,19 @@ def test_out_writes_three_csvs(capsys, tmp_path):
     assert {"draws.csv", "summary.csv", "elbo.csv"} <= set(os.listdir(out))
     names = list(res["params"])
     h, rows = _read_csv(out / "draws.csv")
-    assert h == names and len(rows) == 250 and all(len(r) == len(h) for r in rows)
+    assert h == ["lp__", "log_q__"] + names and len(rows) == 250 and all(len(r) == len(h) for r in rows)
     vals = [[float(x) for x in r] for r in rows]
     assert all(math.isfinite(x) for r in vals for x in r)
+    vals = [r[2:] for r in vals]
     # the summary is of these draws
     j = names.index("tau")
     col = [r[j] for r in vals]
     assert abs(sum(col) / len(col) - res["params"]["tau"]["mean"]) < 1e-9 * max(1, abs(res["params"]["tau"]["mean"]))
     h, rows = _read_csv(out / "summary.csv")
-    assert h == ["name", "mean", "sd", "q5", "q50", "q95"]
-    assert [r[0] for r in rows] == names
+    assert h == ["name", "label", "mean", "sd", "q5", "q50", "q95"]
+    assert [r[0] for r in rows] == names and [r[1] for r in rows] == names     # no level labels here
     for r in rows:
-        assert float(r[1]) == pytest.approx(res["params"][r[0]]["mean"], rel=1e-12, abs=1e-12)
+        assert float(r[2]) == pytest.approx(res["params"][r[0]]["mean"], rel=1e-12, abs=1e-12)
     h, rows = _read_csv(out / "elbo.csv")
     assert h == ["step", "elbo"] and len(rows) == 120
     assert [int(r[0]) for r in rows] == list(range(1, 121))

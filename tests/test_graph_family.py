@@ -155,7 +155,15 @@ def _hier_data(K=12, per=15, seed=0):
     return {"y": y.tolist(), "x": x.tolist(), "g": [f"g{v:03d}" for v in g]}
 
 
-def test_graph_fit_agrees_with_fullrank_on_a_hierarchy():
+# NumPyro 0.22 NUTS on _hier_data() (float64, 2,000 warm-up + 20,000 draws, target accept 0.95): mean, sd
+NUTS_12 = {"mu": (0.9000, 0.2206), "tau": (0.6796, 0.1970), "b": (0.7407, 0.0747), "sigma": (0.9924, 0.0547),
+           "z[1]": (-1.2134, 0.5108)}
+
+
+def test_graph_fit_against_nuts_and_fullrank_on_a_small_hierarchy():
+    """12 groups: tau's posterior is wide and skewed.  The graph family's globals' covariance is the
+    Laplace-marginal one (ppl/infer/marginal.py), and its sd of tau is far closer to NUTS's than the
+    full-rank Gaussian's ELBO optimum (0.107 against 0.197: a Gaussian VI shrinks it)."""
     import ppl
     m = ppl.loads(HIER, "hier.ppl")
     data = _hier_data()
@@ -163,8 +171,8 @@ def test_graph_fit_agrees_with_fullrank_on_a_hierarchy():
     b = m.fit(data, method="fullrank", seed=1, draws=20000)
     assert a.method == "graph" and a.optimizer == "dadvi"
     sa, sb = a.summary(), b.summary()
-    # (64 fixed draws against full-rank's thousands: tau's skew shows within 15%)
-    for k in ("mu", "tau", "b", "sigma", "z[1]", "z[7]"):
-        assert abs(sa[k]["mean"] - sb[k]["mean"]) < 0.15 * sb[k]["sd"], (k, sa[k], sb[k])
-        assert abs(sa[k]["sd"] / sb[k]["sd"] - 1) < 0.15, (k, sa[k], sb[k])
-    assert a.elbo > b.elbo - 1.0          # no worse than full-rank: the posterior's couplings are the arrow
+    for k, (mean, sd) in NUTS_12.items():
+        assert abs(sa[k]["mean"] - mean) < 0.15 * sd, (k, sa[k])
+        assert abs(sa[k]["sd"] / sd - 1) < 0.15, (k, sa[k])
+    assert abs(sa["tau"]["sd"] / NUTS_12["tau"][1] - 1) < 0.5 * abs(sb["tau"]["sd"] / NUTS_12["tau"][1] - 1)
+    assert a.elbo > b.elbo - 1.0          # and its ELBO is within a nat of the full-rank optimum

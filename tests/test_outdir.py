@@ -170,8 +170,9 @@ def test_ppl_directory_replaced_with_force(capsys, work):
     assert code == 0, err
     res = json.loads(stdout)
     names = set(os.listdir(work / "res"))
-    assert names - {"elbo.png"} == {"draws.csv", "summary.csv", "elbo.csv", "run.json"}
-    assert (work / "res" / "draws.csv").read_bytes().startswith(b"mu,tau,")
+    assert names - {"elbo.png", "fit.nc"} == {"draws.csv", "summary.csv", "elbo.csv", "run.json", "fit.npz",
+                                              "model.ppl", "data.json"}
+    assert (work / "res" / "draws.csv").read_bytes().startswith(b"lp__,log_q__,mu,tau,")
     if importlib.util.find_spec("matplotlib") is None:
         assert "elbo.png" not in names                    # the old one went with the old folder
     else:

@@ -154,3 +154,17 @@ def test_the_score_path_never_draws_zero_probability_values_on_a_thinned_count()
     f = ppl.loads(MODELS["thin"], "thin.ppl").fit(data, estimator="score", seed=1, steps=150, draws=300)
     assert f.estimator == "score (n)"                     # no zero-probability draws were needed
     assert (f.draws["n"] >= np.asarray(data["y"])).all()
+
+
+def test_a_saved_fit_keeps_its_windows_and_moments(tmp_path):
+    """`--out DIR` and `ppl.load_fit`: the windows (and the conditional count q's whitening, the
+    Rao-Blackwellised moments) come back, so the restored q draws what the fitted one draws."""
+    data = simulate("rate", 4, 7)
+    f = ppl.loads(MODELS["rate"], "rate.ppl").fit(data, seed=1, draws=300)
+    f.save(str(tmp_path / "out"))
+    g = ppl.load_fit(str(tmp_path / "out"))
+    np.testing.assert_array_equal(g.q.program.window("n")[0], f.q.program.window("n")[0])
+    np.testing.assert_array_equal(g.q.program.window("n")[1], f.q.program.window("n")[1])
+    a, b = f.draw(200, seed=5), g.draw(200, seed=5)
+    np.testing.assert_allclose(a["n"], b["n"])
+    assert g.summary()["n[1]"] == f.summary()["n[1]"]

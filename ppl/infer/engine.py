@@ -66,7 +66,9 @@ class VI:
         return self.family.parameters() + [q.param for q in self.discrete.values()]
 
     def gradient(self, S: int, batch=None) -> float:
-        return self.estimator.gradient(S, batch)
+        value = self.estimator.gradient(S, batch)
+        self.family.hold()
+        return value
 
     def surrogate_loss(self, S: int, batch=None):
         return self.estimator.surrogate_loss(S, batch)
@@ -356,6 +358,7 @@ class FixedDraws(Optimizer):
                     part = eps[i:i + chunk]
                     weight = part.shape[0] / n_fixed
                     vc = vi.estimator.gradient_at(part)
+                    fam.hold()
                     if not math.isfinite(vc):
                         return math.inf, None
                     v += weight * vc

@@ -75,6 +75,7 @@ class Family:
     richer: Optional[str] = None         # the family to suggest when this one misses
     caveat: Optional[str] = None         # what a good fit of this family still cannot show
     needs_structure = False              # built with the model's coupling structure (ppl.structure)
+    frozen: Optional[torch.Tensor] = None  # bool mask over `flat`: entries every optimiser keeps fixed
 
     def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
         self.pre, self.gen, self.config = pre, generator, config
@@ -104,6 +105,11 @@ class Family:
 
     def parameters(self) -> List[torch.Tensor]:
         return [self.flat]
+
+    def hold(self) -> None:
+        """Zero the gradient of the frozen entries (after every gradient, by the engine)."""
+        if self.frozen is not None and self.flat.grad is not None:
+            self.flat.grad.masked_fill_(self.frozen, 0.0)
 
     def rsample(self, S: int) -> torch.Tensor:
         return self.pre.to_theta(self.rsample_u(S))

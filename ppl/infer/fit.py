@@ -27,8 +27,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..config import FitConfig, resolved_device
+from ..config import INITS, FitConfig, resolved_device
 from ..frontend.check import Model
+from ..posterior import PosteriorMethods, QDraws
 from ..structure import structure as structure_of
 from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import Evaluation, LogJoint
@@ -41,22 +42,22 @@ from .families import FAMILIES
 from .laplace import FULL_HESSIAN_MAX, Start, cold_start, laplace
 from .objectives import OBJECTIVES
 from .psis import psis, verdict
+from ..posterior import Approximation
 
 AUTO_FULLRANK_MAX = 200
 GRAPH_MAX_GLOBALS = 200    # auto takes the graph family when the structure has at most this many globals
-# ... and at most this many dimensions: validated against NUTS at K = 200 and 1,000 (five hierarchies);
-# at K = 10,000 its start (the joint mode of a non-centred hierarchy: tau ~ 10 against 0.5) is too far
-# for the fixed-draw optimiser, and the fit ends unreliable
-GRAPH_AUTO_MAX = 5000
+# (validated against NUTS on five hierarchies at K = 1,000 and the non-centred one at K = 10,000; its
+# start, the globals' Laplace-marginal mode, does not degrade with K as the joint mode does)
 COLD_MIN_STEPS = 1500      # no convergence check before this many steps after a cold start
 MAX_STEPS = 10000          # Adam's step cap when `steps` is not given
 MC_BUDGET = 200_000        # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
 PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations
+SAMPLE_BUDGET = 2_000_000 # elements: q's draws for the summary and PSIS are made in chunks above this
 SMALL_DATA = 1_000_000     # elements: below this, one thread beats two (thread wake-ups dominate)
 
 
-@dataclass(kw_only=True)
-class Fit:
+@dataclass(kw_only=True, repr=False)
+class Fit(PosteriorMethods):
     model: Model
     config: FitConfig
     method: str                               # the family used
@@ -82,13 +83,11 @@ class Fit:
     evals: int = 0                            # L-BFGS evaluations of the fixed-draw objective (dadvi)
     fixed_draws: int = 0
     device: str = "cpu"                       # where it ran (with how `auto` chose)
+    q: Optional[object] = None                # the fitted approximation (ppl.posterior.Approximation)
+    q_draws: Optional[QDraws] = None          # the reported draws' theta, z, log p, log q
     # enumerated latents: mean and sd of their exact conditionals averaged over q's draws (Rao-Blackwellised;
     # the summary's mean and sd, with quantiles from the draws)
     moments: Dict[str, tuple] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        return (f"<Fit {self.model.source.path}: {self.method}, ELBO {self.elbo:.4g}, k-hat {self.khat:.2f}, "
-                f"{self.verdict_label}>")
 
     def summary(self) -> Dict[str, Dict[str, float]]:
         """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95."""
@@ -185,7 +184,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["optimise"] = time.perf_counter() - t0
 
     _phase(progress, "draws")
-    draws, ps, t_draws, t_khat, moments = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
+    draws, ps, t_draws, t_khat, q_draws, moments = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
     timings["draws"], timings["khat"] = t_draws, t_khat
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
@@ -199,7 +198,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
                fixed_draws=result.fixed_draws, moments=moments,
-               device=str(rt.device) + (f" ({device_note})" if device_note else ""))
+               device=str(rt.device) + (f" ({device_note})" if device_note else ""),
+               q=Approximation(program, family, discrete, node_plans, method, structure, wins), q_draws=q_draws)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -284,14 +284,12 @@ def choose_method(method: str, dim: int, structure=None):
         return method, ""
     if dim <= AUTO_FULLRANK_MAX:
         return "fullrank", ""
-    if structure is not None and structure.n_groups and len(structure.globals) <= GRAPH_MAX_GLOBALS \
-            and dim <= GRAPH_AUTO_MAX:
+    if structure is not None and structure.n_groups and len(structure.globals) <= GRAPH_MAX_GLOBALS:
         sizes = sorted({int(b.shape[1]) for b in structure.buckets})
         return "graph", (f"auto: {dim} dimensions, {structure.n_groups} groups of "
                          f"{'/'.join(str(s) for s in sizes)} coupled only through {len(structure.globals)} "
                          f"globals")
-    return "lowrank", (f"auto: {dim} dimensions, " + ("more than the graph family is validated for"
-                                                     if dim > GRAPH_AUTO_MAX else "no sparse structure for the graph family"))
+    return "lowrank", f"auto: {dim} dimensions, no sparse structure for the graph family"
 
 
 def make_family(fam_cls, start: Start, gen, config: FitConfig, structure):
@@ -302,7 +300,10 @@ def make_family(fam_cls, start: Start, gen, config: FitConfig, structure):
     if start.arrow is not None and pre.diag:
         precision = start.arrow.scaled(pre.A, structure.buckets, structure.globals)
     try:
-        return fam_cls(pre, gen, config, structure=structure, precision=precision)
+        family = fam_cls(pre, gen, config, structure=structure, precision=precision)
+        if precision is not None and start.arrow.marginal_globals:
+            family.hold_global_marginal()      # the globals' Laplace-marginal: VI fits the groups given them
+        return family
     except (RuntimeError, torch.linalg.LinAlgError):      # the precision at the mode is not positive definite
         return fam_cls(pre, gen, config, structure=structure)
 
@@ -339,6 +340,9 @@ def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, s
     model with them summed out, where that is possible."""
     dim = program.dim
     exact_hessian = dim <= FULL_HESSIAN_MAX
+    if config.init not in INITS:                  # a saved fit's directory
+        from ..posterior import warm_start
+        return warm_start(program, config, full), program
     if config.init == "laplace" and dim > 0:
         if not program.score:
             return laplace(program, full=exact_hessian, structure=structure, on_eval=on_eval), program
@@ -422,38 +426,55 @@ def psis_draws(largest: int) -> int:
 
 
 def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
-    """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS).
-    PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is large;
-    the reported draws need only values (no densities), except to draw enumerated latents."""
+    """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS,
+    the reported draws' theta, z, log p and log q, the Rao-Blackwellised moments of enumerated latents).  PSIS needs log p at each of its draws: 1000 of
+    them, fewer when one pass over the data is large; the reported draws have theirs too (draws.csv)."""
     t0 = time.perf_counter()
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
         n_psis = psis_draws(program.largest_node())
         n_all = max(n_psis, draws)
-        theta, log_q = fam.rsample_with_log_q(n_all)
-        z = {k: q.sample(n_all, theta) for k, q in dq.items()}
-        log_q_z = sum((q.log_q(z[k], theta).reshape(n_all, -1).sum(-1) for k, q in dq.items()),
-                      torch.zeros(n_all, dtype=program.dtype, device=program.device))
         chunk = program.chunk_size()
-        # nothing continuous and nothing on the score path: every draw has the same exact conditionals,
-        # evaluated once and drawn from chunk by chunk
-        static = program.dim == 0 and not z and bool(program.enum)
-        ev0 = program.evaluate(theta[:1], {}, keep_enum=True) if static else None
+        # q's draws all at once, or chunk by chunk where they would be large (thousands of latents)
+        at_once = n_all * fam.dim <= SAMPLE_BUDGET
+        if not at_once:
+            chunk = max(1, min(chunk, SAMPLE_BUDGET // max(1, fam.dim)))
         values: Dict[str, List[np.ndarray]] = {}
         sums: Dict[str, List[torch.Tensor]] = {}
-        log_p = []
+        log_p, log_q, kept_theta, kept_z = [], [], [], {}
+
+        def sample(n):
+            theta, lq = fam.rsample_with_log_q(n)
+            z = {k: q.sample(n, theta) for k, q in dq.items()}
+            lq = lq + sum((q.log_q(z[k], theta).reshape(n, -1).sum(-1) for k, q in dq.items()),
+                          torch.zeros(n, dtype=program.dtype, device=program.device))
+            return theta, z, lq
+
+        # nothing continuous and nothing on the score path: every draw has the same exact conditionals,
+        # evaluated once and drawn from chunk by chunk
+        static = program.dim == 0 and not dq and bool(program.enum)
+        if at_once:
+            theta_all, z_all, lq_all = sample(n_all)
+        ev0 = program.evaluate(theta_all[:1] if at_once else sample(1)[0], {}, keep_enum=True) if static else None
         for i in range(0, n_all, chunk):
             need_p, need_v = i < n_psis, i < draws
+            if at_once:
+                theta, z, lq = (theta_all[i:i + chunk], {k: v[i:i + chunk] for k, v in z_all.items()},
+                                lq_all[i:i + chunk])
+            else:
+                theta, z, lq = sample(min(chunk, n_all - i))
             if static:
-                c = min(chunk, n_all - i)
+                c = theta.shape[0]
                 ev = Evaluation(ev0.total.expand(c), ev0.env, {},
                                 {k: L.expand((L.shape[0], c) + tuple(L.shape[2:])) for k, L in ev0.enum_logits.items()})
             else:
-                ev = program.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()},
-                                      keep_enum=need_v, densities=need_p or bool(program.enum))
-            if need_p:
-                log_p.append(ev.total[: n_psis - i])
+                ev = program.evaluate(theta, z, keep_enum=need_v, densities=need_p or need_v or bool(program.enum))
+            log_p.append(ev.total)
+            log_q.append(lq)
             if need_v:
+                kept_theta.append(theta[: draws - i])
+                for k, v in z.items():
+                    kept_z.setdefault(k, []).append(v[: draws - i])
                 for k, v in program.values(ev, gen).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
                 for k, (m1, m2) in program.enum_moments(ev).items():
@@ -462,13 +483,15 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                     acc[0], acc[1], acc[2] = acc[0] + m1.sum(0), acc[1] + m2.sum(0), acc[2] + m1.shape[0]
             if on_chunk is not None:
                 on_chunk(None)
-        log_p = torch.cat(log_p)
+        log_p, log_q = torch.cat(log_p), torch.cat(log_q)
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ps = psis(to_numpy(log_p - log_q[:n_psis] - log_q_z[:n_psis]))
+    ps = psis(to_numpy(log_p[:n_psis] - log_q[:n_psis]))
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
+    q_draws = QDraws(torch.cat(kept_theta)[:draws], {k: torch.cat(v)[:draws] for k, v in kept_z.items()},
+                     to_numpy(log_p[:draws]).copy(), to_numpy(log_q[:draws]).copy())
     moments = {}
     for k, (s1, s2, n) in sums.items():
         mean = s1 / n
         moments[k] = (to_numpy(mean), to_numpy(torch.sqrt(torch.clamp(s2 / n - mean * mean, min=0))))
-    return out, ps, t_draws, time.perf_counter() - t0, moments
+    return out, ps, t_draws, time.perf_counter() - t0, q_draws, moments

@@ -124,6 +124,19 @@ class GraphGaussian(GaussianFamily):
         return out
 
     # ---- the family protocol -------------------------------------------------------------------
+    def hold_global_marginal(self) -> None:
+        """Keep the globals' marginal as it is: their mean and the factor L_glob (the globals' marginal
+        precision is L_glob L_glob^T whatever the groups' blocks), so that only each group's conditional
+        given the globals is fitted."""
+        frozen = torch.zeros_like(self.flat, dtype=torch.bool)
+        a, b, _ = self._layout["glob"]
+        frozen[a:b] = True
+        self.frozen = frozen
+
+    def rewhiten(self) -> None:
+        """Keep the coordinates: the preconditioner is diagonal, and restarting at the standard normal
+        in it (as the dense families do) would drop the start's couplings."""
+
     def rsample_u(self, S: int) -> torch.Tensor:
         return self.u_from_eps(self._eps(S))
 
@@ -240,8 +253,10 @@ def _whiten(x: torch.Tensor) -> torch.Tensor:
 class ArrowPrecision:
     """A precision matrix with the arrow sparsity of a structure, by blocks (see `_from_precision`)."""
 
-    def __init__(self, loc: List[torch.Tensor], cpl: List[torch.Tensor], glob: torch.Tensor):
+    def __init__(self, loc: List[torch.Tensor], cpl: List[torch.Tensor], glob: torch.Tensor,
+                 marginal_globals: bool = False):
         self.loc, self.cpl, self.glob = loc, cpl, glob
+        self.marginal_globals = marginal_globals     # the globals' block makes their marginal psi's Laplace
 
     def diagonal(self, dim: int, buckets, glob_idx) -> torch.Tensor:
         d = torch.zeros(dim, dtype=self.glob.dtype, device=self.glob.device)
@@ -263,16 +278,15 @@ class ArrowPrecision:
         return ArrowPrecision(loc, cpl, self.glob * ag[:, None] * ag[None, :])
 
     def dense(self, dim: int, buckets, glob_idx) -> torch.Tensor:
-        """For tests: the full matrix (dim x dim)."""
-        P = torch.zeros(dim, dim, dtype=self.glob.dtype)
-        g = torch.as_tensor(glob_idx)
+        """The full matrix (dim x dim): for tests, and for the dense Laplace start of small models."""
+        P = torch.zeros(dim, dim, dtype=self.glob.dtype, device=self.glob.device)
+        g = torch.as_tensor(glob_idx, dtype=torch.long, device=P.device)
         P[g[:, None], g[None, :]] = self.glob
         for idx, Pl, Pc in zip(buckets, self.loc, self.cpl):
-            idx = torch.as_tensor(idx)
-            for j in range(idx.shape[0]):
-                P[idx[j][:, None], idx[j][None, :]] = Pl[j]
-                P[g[:, None], idx[j][None, :]] = Pc[j]
-                P[idx[j][:, None], g[None, :]] = Pc[j].T
+            idx = torch.as_tensor(idx, dtype=torch.long, device=P.device)             # (J, b)
+            P[idx[:, :, None], idx[:, None, :]] = Pl
+            P[g[None, :, None], idx[:, None, :]] = Pc
+            P[idx[:, :, None], g[None, None, :]] = Pc.transpose(-1, -2)
         return P
 
 

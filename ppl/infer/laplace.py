@@ -85,18 +85,24 @@ def laplace(lj, full: bool = True, structure=None, on_eval=None) -> Start:
     cold = cold_start(D, dtype, full, "cold start (no usable mode)", device)
     if D == 0:
         return cold
-    mode, evals = find_mode(lj, on_eval)
+    f = _negative_log_density(lj)
+    mode, arrow, evals = _marginal(f, D, dtype, device, structure, on_eval)
+    if mode is None:
+        mode, evals_joint = find_mode(lj, on_eval)
+        evals += evals_joint
+    marginal = arrow is not None
     cold.evals = evals
     if not torch.isfinite(mode).all():
         return cold
-    f = _negative_log_density(lj)
     try:
         val = f(mode)
         if not torch.isfinite(val):
             return cold
-        arrow = None if structure is None else _arrow(f, mode, structure)
+        if structure is not None and arrow is None:
+            arrow = _arrow(f, mode, structure)
         if full and D <= FULL_HESSIAN_MAX:
-            P = torch.autograd.functional.hessian(f, mode)          # precision: -H of log p
+            P = (arrow.dense(D, structure.buckets, structure.globals).to(device) if marginal
+                 else torch.autograd.functional.hessian(f, mode))    # precision: -H of log p
             P = 0.5 * (P + P.T)
             lam, V = torch.linalg.eigh(P)
         elif arrow is not None:
@@ -129,13 +135,26 @@ def laplace(lj, full: bool = True, structure=None, on_eval=None) -> Start:
         A = 1.0 / torch.sqrt(lam_c)
         cond_sd = A
     decrement = float((gw * gw).sum())
-    if decrement > 1.0:
+    if decrement > 1.0 and not marginal:      # the marginal mode is not the joint density's stationary point
         cold.note = f"cold start (mode search did not settle: Newton decrement {decrement:.2g})"
         return cold
-    note = "Laplace at the mode" + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
+    note = (f"Laplace-marginal mode of the {len(structure.globals)} globals" if marginal
+            else "Laplace at the mode") + (f" ({bad} flat or non-convex direction{'s' if bad > 1 else ''} clamped)"
                                     if bad else "")
     flat = improper.clamped_directions(lam, V, floor) if bad else None   # for improper.after_laplace
     return Start(mode, A, False, note, evals, cond_sd, flat, arrow)
+
+
+def _marginal(f, D, dtype, device, structure, on_eval):
+    """With a hierarchy's structure: the globals' Laplace-marginal mode and its precision
+    (ppl/infer/marginal.py) -> (theta, arrow, evaluations); (None, None, evaluations) without one."""
+    if structure is None or not structure.n_groups or not len(structure.globals):
+        return None, None, 0
+    from .marginal import marginal_laplace
+    try:
+        return marginal_laplace(f, torch.zeros(D, dtype=dtype, device=device), structure, on_eval)
+    except (RuntimeError, ValueError, torch.linalg.LinAlgError):
+        return None, None, 0
 
 
 def _arrow(f, mode, structure):
