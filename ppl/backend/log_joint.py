@@ -45,6 +45,7 @@ class Block:
     transform: Optional[object]                 # static bijection, or None when bounds vary
     bounds: Optional[Callable] = None           # env -> (lo, hi) for a varying bijection
     kind: str = "real"
+    per_row: bool = False                       # a local latent (rows leading): its Jacobian is a per-row term
 
 
 @dataclass
@@ -234,7 +235,8 @@ class LogJoint:
             t0 = bijection(kind, lo, hi)
         ushape = unconstrained_shape(kind, shape)
         size = int(np.prod(ushape)) if ushape else 1
-        return Block(node.name, offset, size, ushape, shape, None if varying else t0, varying, kind)
+        return Block(node.name, offset, size, ushape, shape, None if varying else t0, varying, kind,
+                     self.model.rows.is_row(node.name))
 
     # ---- evaluation -------------------------------------------------------------
     def split(self, theta: torch.Tensor) -> List[torch.Tensor]:
@@ -276,7 +278,7 @@ class LogJoint:
                 t = b.transform if b.transform is not None else bijection(b.kind, *b.bounds(env))
                 x = t(u)
                 env[name] = x
-                total = _add(total, sum_event(t.log_abs_det_jacobian(u, x)))
+                total = _add(total, _scaled(sum_event(t.log_abs_det_jacobian(u, x)), b.per_row, scale))
             elif kind == "deterministic":
                 env[name] = payload(env)
             elif kind == "score":

@@ -34,7 +34,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import budget, improper
+from . import budget, improper, minibatch
 from .discrete import discrete_families
 from .draw_stats import column_stats
 from .families import FAMILIES
@@ -128,8 +128,21 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     # the budget before anything that scales with the model (the structure's maps included)
     budget.check(model, program, choose_method(config.method, program.dim)[0], config,
                  config.mc_samples or max(1, min(64, MC_BUDGET // largest)), psis_draws(largest))
-    structure = model_structure(model, node_plans, program, config.method)
-    method, why = choose_method(config.method, program.dim, structure)
+    mb_local = False
+    if config.batch_size is not None:
+        minibatch.check(model, program, config)
+        mb_local = bool(minibatch.local_blocks(program))
+    if mb_local:                  # the globals' family: chosen by their dimension; locals get their rows
+        structure = None
+        method, why = choose_method(config.method, program.dim - sum(b.size for b in
+                                                                    minibatch.local_blocks(program)))
+        if FAMILIES[method].needs_structure:
+            from ..errors import UsageError
+            raise UsageError(f"{config.opt('method', method)} cannot serve the globals of a model with local "
+                             f"latents under {config.opt('batch_size')}")
+    else:
+        structure = model_structure(model, node_plans, program, config.method)
+        method, why = choose_method(config.method, program.dim, structure)
     announce(progress, program, method, config, largest)
     timings["compile"] = time.perf_counter() - t0
 
@@ -142,18 +155,25 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["init"] = time.perf_counter() - t0
 
     gen = rt.generator()
-    family = make_family(fam_cls, start, gen, config, structure)
+    family = minibatch.RowLocal(fam_cls, start, program, gen, config) if mb_local else \
+        make_family(fam_cls, start, gen, config, structure)
     discrete = discrete_families(model, program, node_plans, gen)
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
-    vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config, serves)
+    vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
+            "row-local" if mb_local else serves)
 
     t0 = time.perf_counter()
-    S = mc_samples(config, vi)
+    S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
     lr = step_size(config, vi, S, start.cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
     _phase(progress, "optimise")
-    result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+    if config.batch_size is None:
+        result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+    else:
+        result, optimizer = minibatch.optimise(vi, config, S, lr, watched), "adam"
+        why = "; ".join(x for x in (why, family.describe() if mb_local else "",
+                                    minibatch.describe(config, result, model.rows.size)) if x)
     improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
     timings["optimise"] = time.perf_counter() - t0
 
@@ -164,6 +184,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                           centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
+    if config.batch_size is not None:            # minibatch estimates are noisy: one pass over all rows
+        tail = [minibatch.full_elbo(vi)]
     return Fit(model=model, config=config, method=method, method_note=why, estimator=describe(node_plans),
                objective=config.objective,
                draws=draws, elbo_trace=result.trace, elbo=float(np.mean(tail)), steps=result.steps,
