@@ -306,6 +306,9 @@ class LogJoint:
             total = torch.zeros(S, dtype=self.dtype, device=self.device)
         elif total.shape != (S,):
             total = total.expand(S)
+        if batch.control is not None and densities:     # a zero-mean linear term over batches (minibatch.py)
+            flat = theta if blocks is None else torch.cat([u.reshape(S, -1) for u in us], 1)
+            total = total + flat @ batch.control
         return Evaluation(total, env, factors, enum_logits)
 
     def _enumerate(self, g: EnumGroup, env, S, batch: Batch) -> torch.Tensor:
