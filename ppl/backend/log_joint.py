@@ -308,7 +308,8 @@ class LogJoint:
             total = total.expand(S)
         if batch.control is not None and densities:     # a zero-mean linear term over batches (minibatch.py)
             flat = theta if blocks is None else torch.cat([u.reshape(S, -1) for u in us], 1)
-            total = total + flat @ batch.control
+            c, theta0 = batch.control
+            total = total + (flat - theta0) @ c
         return Evaluation(total, env, factors, enum_logits)
 
     def _enumerate(self, g: EnumGroup, env, S, batch: Batch) -> torch.Tensor:

@@ -69,7 +69,7 @@ class Batch:
     size: Optional[int] = None               # rows in this batch (None: no row axis)
     cache: Dict[Any, Any] = field(default_factory=dict)   # data-only sub-expressions of this batch
     index: Optional[torch.Tensor] = None     # the rows taken (0-based; None: all of them, in order)
-    control: Optional[torch.Tensor] = None   # (dim,) c: the log density gains theta . c (a control variate)
+    control: Optional[Any] = None            # (c, theta0): the log density gains (theta - theta0) . c
 
     @classmethod
     def full(cls, row_data: Mapping[str, torch.Tensor], size: Optional[int]) -> "Batch":

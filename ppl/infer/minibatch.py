@@ -14,6 +14,9 @@ value on a batch is not their value on the data.
 Latents:
 - global latents take the usual families (registry FAMILIES), on the Adam
   path (the fixed-draw optimiser needs the full data every evaluation);
+  without local latents every batch carries a control variate
+  (`ControlVariate`: SVRG's anchor gradient, refreshed each epoch), which
+  cancels the subsampling noise to first order;
 - a *local* latent (leading dimension the row axis, `z[N] ~ ...`) gets its own
   per-row variational parameters: `RowLocal` is q = q_global(globals) x
   prod_n N(z_n; m_n, diag s_n^2), one mean-field row per data row.  Only the
@@ -325,7 +328,7 @@ class RowLocalGradient(GradientEstimator):
 class ControlVariate:
     """The batch's gradient noise, cancelled to first order (SVRG; Baker et al. 2019's control variates):
     with the anchor theta0 (q's mean at the start of each epoch), each batch's log density gains
-    theta . (grad log p(theta0) - grad log p_batch(theta0)), whose mean over the batches of an epoch
+    (theta - theta0) . (grad log p(theta0) - grad log p_batch(theta0)), whose mean over the batches of an epoch
     is zero, so the objective and its gradient stay unbiased, and whose gradient cancels the batch's
     deviation at theta0: what is left is the deviation of the per-row gradients' change since theta0.
     Costs one pass over the data per epoch and one one-draw gradient per step."""
@@ -360,7 +363,7 @@ class ControlVariate:
         if self.theta0 is not None:
             c = self.g_full - self._grad(batch)[0]
             if bool(torch.isfinite(c).all()):
-                batch.control = c
+                batch.control = (c, self.theta0[0])
         return batch
 
 
