@@ -90,7 +90,7 @@ def test_an_epoch_of_scaled_batches_averages_to_the_full_objective_and_gradient(
         total += w * float(v.detach())
         g_total += w * g
         torch.testing.assert_close(gz * w, z_full[:, b.index], rtol=1e-10, atol=1e-12)
-    assert total == pytest.approx(float(full), rel=1e-12)
+    assert total == pytest.approx(float(full.detach()), rel=1e-12)
     torch.testing.assert_close(g_total, g_full, rtol=1e-10, atol=1e-12)
 
 
