@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="adam: stochastic steps only; dadvi: L-BFGS on fixed draws (after 300 Adam steps "
                         "when the start is cold); auto: dadvi for meanfield/fullrank on small and medium data "
                         "unless --steps, --lr or --mc-samples tune Adam")
+    f.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="minibatch stochastic VI: B rows per step, per-row terms scaled by N/B")
+    f.add_argument("--epochs", type=int, default=None, metavar="E",
+                   help="with --batch-size: at most E passes over the data (default: about 10000 steps)")
     f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
     f.add_argument("--dtype", default="float64", help="float64|float32")
     f.add_argument("--max-memory", default=None, metavar="SIZE",

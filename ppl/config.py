@@ -62,6 +62,8 @@ class FitConfig:
     dtype: str = "float64"
     max_memory: Optional[int] = None     # bytes a fit may use (None: the machine's available memory)
     min_steps: int = 300                 # no convergence check before this many Adam steps
+    batch_size: Optional[int] = None     # rows per minibatch (None: the full data every step)
+    epochs: Optional[int] = None         # passes over the data under batch_size (a cap; None: from MAX_STEPS)
     caller: str = "python"               # "cli" or "python": how options are spelled in messages
 
     # ---- spelling ---------------------------------------------------------------------------
@@ -109,7 +111,7 @@ class FitConfig:
         raise UsageError(msg)
 
     def _check_types(self):
-        ints = ("rank", "steps", "mc_samples", "draws", "seed", "min_steps")
+        ints = ("rank", "steps", "mc_samples", "draws", "seed", "min_steps", "batch_size", "epochs")
         floats = ("alpha", "tol", "lr")
         strs = ("method", "estimator", "objective", "init", "optimizer", "device", "dtype", "gradient")
         for k in ints:
@@ -131,7 +133,8 @@ class FitConfig:
                 self._fail(f"{self.opt(k)} takes a name, got {v!r}")
 
     def _check_ranges(self):
-        at_least = {"steps": 1, "mc_samples": 1, "draws": 1, "rank": 1, "min_steps": 0, "seed": 0}
+        at_least = {"steps": 1, "mc_samples": 1, "draws": 1, "rank": 1, "min_steps": 0, "seed": 0,
+                    "batch_size": 1, "epochs": 1}
         for k, lo in at_least.items():
             v = getattr(self, k)
             if v is not None and v < lo:
@@ -182,11 +185,35 @@ class FitConfig:
                            f"{self.opt(owner, getattr(self, owner))}")
         if self.optimizer != "auto":
             OPTIMIZERS[self.optimizer].check_config(self)
+        self._check_minibatch()
         if self.device == "cuda":
             import torch
             if not torch.cuda.is_available():
                 self._fail(f"{self.opt('device', 'cuda')}: no CUDA device is available here "
                            f"(use {self.opt('device', 'cpu')} or {self.opt('device', 'auto')})")
+
+
+    def _check_minibatch(self):
+        from .infer.objectives import OBJECTIVES
+        if self.epochs is not None and self.batch_size is None:
+            self._fail(f"{self.opt('epochs')} applies with {self.opt('batch_size')} (passes over the data in "
+                       f"minibatches)")
+        if self.batch_size is None:
+            return
+        if self.steps is not None:
+            self._fail(f"{self.opt('steps')} does not apply with {self.opt('batch_size')}; "
+                       f"cap the passes over the data with {self.opt('epochs')}")
+        if not OBJECTIVES[self.objective].linear:
+            self._fail(f"{self.opt('objective', self.objective)} cannot run on minibatches (its value is not "
+                       f"a sum over rows); use {self.opt('objective', 'elbo')} with {self.opt('batch_size')}")
+        if self.estimator == "score-all":
+            self._fail(f"{self.opt('estimator', 'score-all')} cannot run on minibatches")
+
+    def check_rows(self, n_rows: Optional[int]) -> None:
+        """`batch_size` against the data: at most the N rows there are (once the data are bound)."""
+        if self.batch_size is not None and n_rows is not None and self.batch_size > n_rows:
+            self._fail(f"{self.opt('batch_size', self.batch_size)} is larger than the data: "
+                       f"there are {n_rows} rows")
 
 
 def is_fit_dir(path: str) -> bool:

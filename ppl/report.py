@@ -242,6 +242,10 @@ class Progress:
         """A stage begins (mode search, optimise, draws): its own clock and counter."""
         self.name, self.start, self.count, self.last = name, time.monotonic(), 0, 0.0
 
+    def epoch(self, e: int, total: int) -> None:
+        """A pass over the data begins (minibatch fits)."""
+        self.name = f"optimise, epoch {e}/{total}"
+
     def tick(self, value=None) -> None:
         """One evaluation of a stage without a known length (L-BFGS, chunks of draws)."""
         self.count += 1

@@ -49,6 +49,7 @@ class Block:
     transform: Optional[object]                 # static bijection, or None when bounds vary
     bounds: Optional[Callable] = None           # env -> (lo, hi) for a varying bijection
     kind: str = "real"
+    per_row: bool = False                       # a local latent (rows leading): its Jacobian is a per-row term
 
 
 @dataclass
@@ -280,7 +281,8 @@ class LogJoint:
             t0 = bijection(kind, lo, hi)
         ushape = unconstrained_shape(kind, shape)
         size = int(np.prod(ushape)) if ushape else 1
-        return Block(node.name, offset, size, ushape, shape, None if varying else t0, varying, kind)
+        return Block(node.name, offset, size, ushape, shape, None if varying else t0, varying, kind,
+                     self.model.rows.is_row(node.name))
 
     # ---- evaluation -------------------------------------------------------------
     def split(self, theta: torch.Tensor) -> List[torch.Tensor]:
@@ -322,7 +324,7 @@ class LogJoint:
                 t = b.transform if b.transform is not None else bijection(b.kind, *b.bounds(env))
                 x = t(u)
                 env[name] = x
-                total = _add(total, sum_event(t.log_abs_det_jacobian(u, x)))
+                total = _add(total, _scaled(sum_event(t.log_abs_det_jacobian(u, x)), b.per_row, scale))
             elif kind == "deterministic":
                 env[name] = payload(env)
             elif kind == "score":
@@ -350,6 +352,10 @@ class LogJoint:
             total = torch.zeros(S, dtype=self.dtype, device=self.device)
         elif total.shape != (S,):
             total = total.expand(S)
+        if batch.control is not None and densities:     # a zero-mean linear term over batches (minibatch.py)
+            flat = theta if blocks is None else torch.cat([u.reshape(S, -1) for u in us], 1)
+            c, theta0 = batch.control
+            total = total + (flat - theta0) @ c
         return Evaluation(total, env, factors, enum_logits)
 
     # ---- enumeration --------------------------------------------------------------

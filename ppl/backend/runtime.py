@@ -68,6 +68,8 @@ class Batch:
     scale: float = 1.0                       # multiplies every per-row density term
     size: Optional[int] = None               # rows in this batch (None: no row axis)
     cache: Dict[Any, Any] = field(default_factory=dict)   # data-only sub-expressions of this batch
+    index: Optional[torch.Tensor] = None     # the rows taken (0-based; None: all of them, in order)
+    control: Optional[Any] = None            # (c, theta0): the log density gains (theta - theta0) . c
 
     @classmethod
     def full(cls, row_data: Mapping[str, torch.Tensor], size: Optional[int]) -> "Batch":
@@ -77,4 +79,4 @@ class Batch:
     def rows(cls, row_data: Mapping[str, torch.Tensor], index: torch.Tensor, n_total: int) -> "Batch":
         """The rows `index` (0-based) of the full data, scaled to stand for all `n_total` rows."""
         B = int(index.shape[0])
-        return cls({k: v.index_select(1, index) for k, v in row_data.items()}, n_total / B, B)
+        return cls({k: v.index_select(1, index) for k, v in row_data.items()}, n_total / B, B, index=index)

@@ -169,8 +169,8 @@ class OptimResult:
 class Averager:
     """The average of the iterates over the second half of the run (whole windows plus the open one)."""
 
-    def __init__(self, params: List[torch.Tensor]):
-        self.params = params
+    def __init__(self, params: List[torch.Tensor], window: int = WINDOW):
+        self.params, self.window = params, window
         self.values = [p.detach() for p in params]        # aliases (no autograd)
         self.avg = [torch.zeros_like(p) for p in params]
         self.n = 0
@@ -189,7 +189,7 @@ class Averager:
 
     def assign(self):
         keep = self.windows[-max(1, len(self.windows) // 2):] if self.windows else []
-        parts = [(w, WINDOW) for w in keep] + ([(self.avg, self.n)] if self.n else [])
+        parts = [(w, self.window) for w in keep] + ([(self.avg, self.n)] if self.n else [])
         total = sum(n for _, n in parts)
         with torch.no_grad():
             for i, p in enumerate(self.params):
@@ -203,29 +203,31 @@ class Convergence:
     rise hidden in the noise of two window means does not count as converged)."""
     TREND_WINDOWS = 3
 
-    def __init__(self, tol: float, min_steps: int, max_steps: int, noisy: bool = False):
-        self.tol, self.min_steps, self.max_steps, self.noisy = tol, min_steps, max_steps, noisy
+    def __init__(self, tol: float, min_steps: int, max_steps: int, window: int = WINDOW, noisy: bool = False):
+        self.tol, self.min_steps, self.max_steps = tol, min_steps, max_steps
+        self.noisy, self.window = noisy, window
         self.prev: Optional[float] = None
         self.rel_changes: List[float] = []
         self.converged = False
 
     def check(self, trace: List[float], t: int) -> bool:
-        cur = float(np.mean(trace[-WINDOW:]))
+        W = self.window
+        cur = float(np.mean(trace[-W:]))
         settled = False
         if self.prev is not None:
             self.rel_changes.append(abs(cur - self.prev) / max(abs(cur), 1.0))   # absolute when |ELBO| < 1
-            se = math.sqrt((np.var(trace[-WINDOW:]) + np.var(trace[-2 * WINDOW:-WINDOW])) / WINDOW)
+            se = math.sqrt((np.var(trace[-W:]) + np.var(trace[-2 * W:-W])) / W)
             settled = abs(cur - self.prev) <= 3 * se
         self.prev = cur
         if self.tol > 0 and t >= self.min_steps and self.rel_changes and settled:
-            recent = self.rel_changes[-max(2, int(0.1 * self.max_steps / WINDOW)):]
+            recent = self.rel_changes[-max(2, int(0.1 * self.max_steps / W)):]
             if (np.mean(recent) < self.tol or np.median(recent) < self.tol) and \
                     (not self.noisy or self.flat(trace, cur)):
                 self.converged = True
         return self.converged
 
     def flat(self, trace: List[float], cur: float) -> bool:
-        n = self.TREND_WINDOWS * WINDOW
+        n = self.TREND_WINDOWS * self.window
         if len(trace) < n:
             return False
         y = np.asarray(trace[-n:], dtype=float)
@@ -233,7 +235,7 @@ class Convergence:
         slope = float((x * (y - y.mean())).sum() / (x * x).sum())
         resid = y - y.mean() - slope * x
         se = math.sqrt(float((resid * resid).sum()) / (n - 2) / float((x * x).sum()))
-        return (slope + 2 * se) * WINDOW < self.tol * max(abs(cur), 1.0)
+        return (slope + 2 * se) * self.window < self.tol * max(abs(cur), 1.0)
 
 
 def numeric_failure(vi: VI, S: int):
@@ -297,6 +299,10 @@ class FixedDraws(Optimizer):
     def check_config(config) -> None:
         from .families import FAMILIES
         from .objectives import OBJECTIVES
+        if getattr(config, "batch_size", None) is not None:
+            raise UsageError(f"{config.opt('optimizer', 'dadvi')} fixes its draws over the full data and cannot "
+                             f"run on minibatches; with {config.opt('batch_size')} the fit takes "
+                             f"{config.opt('optimizer', 'adam')} (or {config.opt('optimizer', 'auto')})")
         fam = FAMILIES.get(config.method)
         if (fam is not None and not fam.closed_form) or not OBJECTIVES[config.objective].linear \
                 or config.estimator in ("score", "score-all"):

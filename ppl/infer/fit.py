@@ -35,7 +35,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import Evaluation, LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import budget, improper, windows
+from . import budget, improper, minibatch, windows
 from .discrete import discrete_families
 from .draw_stats import column_stats
 from .families import FAMILIES
@@ -134,8 +134,21 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     # the budget before anything that scales with the model (the structure's maps included)
     budget.check(model, program, choose_method(config.method, program.dim)[0], config,
                  config.mc_samples or max(1, min(64, MC_BUDGET // largest)), psis_draws(largest))
-    structure = model_structure(model, node_plans, program, config.method)
-    method, why = choose_method(config.method, program.dim, structure)
+    mb_local = False
+    if config.batch_size is not None:
+        minibatch.check(model, program, config)
+        mb_local = bool(minibatch.local_blocks(program))
+    if mb_local:                  # the globals' family: chosen by their dimension; locals get their rows
+        structure = None
+        method, why = choose_method(config.method, program.dim - sum(b.size for b in
+                                                                    minibatch.local_blocks(program)))
+        if FAMILIES[method].needs_structure:
+            from ..errors import UsageError
+            raise UsageError(f"{config.opt('method', method)} cannot serve the globals of a model with local "
+                             f"latents under {config.opt('batch_size')}")
+    else:
+        structure = model_structure(model, node_plans, program, config.method)
+        method, why = choose_method(config.method, program.dim, structure)
     announce(progress, program, method, config, largest)
     timings["compile"] = time.perf_counter() - t0
 
@@ -159,27 +172,34 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["init"] = time.perf_counter() - t0
 
     gen = rt.generator()
-    family = make_family(fam_cls, start, gen, config, structure)
+    family = minibatch.RowLocal(fam_cls, start, program, gen, config) if mb_local else \
+        make_family(fam_cls, start, gen, config, structure)
     discrete = discrete_families(model, program, node_plans, gen)
     for q in discrete.values():          # a conditional q whitens the continuous latents by the start
         q.center(start.mu0, start.diagonal())
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
-    vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config, serves)
+    vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
+            "row-local" if mb_local else serves)
 
     t0 = time.perf_counter()
-    S = mc_samples(config, vi)
+    S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
     lr = step_size(config, vi, S, start.cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
     _phase(progress, "optimise")
-    result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
-    for _ in range(2):   # a window that misses mass at q's draws: widened, and the fit resumed
-        if wins is None or not windows.recheck(program, family, wins):
-            break
-        wins.refits += 1
-        more, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
-        result = OptimResult(result.trace + more.trace, more.converged, result.steps + more.steps,
-                             result.evals + more.evals, more.fixed_draws)
+    if config.batch_size is None:
+        result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+        for _ in range(2):   # a window that misses mass at q's draws: widened, and the fit resumed
+            if wins is None or not windows.recheck(program, family, wins):
+                break
+            wins.refits += 1
+            more, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+            result = OptimResult(result.trace + more.trace, more.converged, result.steps + more.steps,
+                                 result.evals + more.evals, more.fixed_draws)
+    else:
+        result, optimizer = minibatch.optimise(vi, config, S, lr, watched), "adam"
+        why = "; ".join(x for x in (why, family.describe() if mb_local else "",
+                                    minibatch.describe(config, result, model.rows.size)) if x)
     improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
     timings["optimise"] = time.perf_counter() - t0
 
@@ -190,6 +210,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                           centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
+    if config.batch_size is not None:            # minibatch estimates are noisy: one pass over all rows
+        tail = [minibatch.full_elbo(vi)]
     return Fit(model=model, config=config, method=method, method_note=why,
                estimator=describe(node_plans, wins.text() if wins else None) + _zero_draws(vi),
                objective=config.objective,

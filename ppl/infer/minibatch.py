@@ -1,0 +1,523 @@
+"""Minibatch stochastic VI: `batch_size` rows per step, shuffled epochs.
+
+Stage: (compiled model, family, start, `FitConfig` with `batch_size`) ->
+optimised variational parameters, and the ELBO of the final q over the full
+data.
+
+Which terms are per row comes from the model graph (`Model.rows`, ppl.frontend.rows),
+never from the user: the compiled model multiplies every per-row density
+term by N/B for the batch at hand (B: its actual rows, so a ragged last batch
+is scaled right) and leaves global terms alone; `check` refuses, as located
+errors, nodes that mix rows (`sum(y)`, `mean(x)`, `y[1]`, `cumsum`), whose
+value on a batch is not their value on the data.
+
+Latents:
+- global latents take the usual families (registry FAMILIES), on the Adam
+  path (the fixed-draw optimiser needs the full data every evaluation);
+  without local latents every batch carries a control variate
+  (`ControlVariate`: SVRG's anchor gradient, refreshed each epoch), which
+  cancels the subsampling noise to first order;
+- a *local* latent (leading dimension the row axis, `z[N] ~ ...`) gets its own
+  per-row variational parameters: `RowLocal` is q = q_global(globals) x
+  prod_n N(z_n; m_n, diag s_n^2), one mean-field row per data row.  Only the
+  batch's rows are drawn and updated, by natural-gradient steps (see the
+  class), so a step costs O(B), never O(N).  Its gradient is the `row-local`
+  estimator (registry GRADIENTS; a kind of its own, chosen only for this
+  family).  The per-row part lives here, in one place: any registered family
+  that needs no model structure serves the globals.
+
+The run (`optimise`): shuffled batches each epoch from a generator seeded by
+the fit's seed; Stan's relative-change test (engine.Convergence) on windows
+of whole epochs (at least WINDOW steps); once it passes (or at the epoch
+cap less the averaging epochs) the step size drops by DECAY and the
+iterates are averaged over the remaining epochs (globals per step, per-row
+parameters per epoch).  Progress shows the epoch.  `full_elbo` is the
+reported ELBO: one pass over all rows, in chunks, with the final q.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, List, Optional
+
+import torch
+
+from ..errors import Diagnostic, PplError, UsageError
+from ..frontend import ast as A
+from ..frontend.rows import GLOBAL, MIXED, ROW, _rowness
+from ..backend.runtime import Batch
+from .engine import WINDOW, Averager, Convergence, OptimResult, VI
+from .estimators import GradientEstimator, register_gradient
+from .families import Preconditioner
+
+LOCAL_LR = 0.5            # per-row natural-gradient step size rho (1: the Gaussian row's optimum at once)
+DECAY = 0.5               # step size factor for the averaging epochs
+EPOCH_STEPS = 10000       # default epoch cap: about this many steps (at least MIN_EPOCHS)
+MIN_EPOCHS = 4
+ELBO_DRAWS = 100          # least draws of q for the reported ELBO over the full data
+ELBO_BUDGET = 200_000_000
+CHUNK_ELEMENTS = 4_000_000
+DRIFT_TOL = 0.1           # converged: q's means moved less than this many sds (RMS) over the last window
+_LOG2PI = math.log(2 * math.pi)
+
+
+# ---- the model under minibatches ----------------------------------------------------------------
+def check(model, program, config) -> None:
+    """Refuse what minibatches cannot serve: no row axis, B > N (usage errors), a node that mixes
+    rows (a located error), discrete latents on the score path (their q is not scaled by rows)."""
+    rows = model.rows
+    o = config.opt
+    if rows.symbol is None or rows.size is None:
+        raise UsageError(f"{o('batch_size')} needs data with rows (a leading dimension shared by the data "
+                         f"declarations); this model's data have none")
+    config.check_rows(rows.size)
+    diags = mixing_diagnostics(model, o('batch_size'))
+    if diags:
+        raise PplError(diags)
+    if program.score:
+        raise UsageError(f"{o('batch_size')} cannot fit discrete latents on the score path "
+                         f"({', '.join(program.score)}); sum them out ({o('estimator', 'enumerate')}) or fit "
+                         f"the full data")
+
+
+def mixing_diagnostics(model, flag: str) -> List[Diagnostic]:
+    """One located message per node that mixes rows, at the innermost sub-expression that does."""
+    rows = model.rows
+    kind = {n: (ROW if n in rows.per_row else MIXED if n in rows.mixes_rows else GLOBAL) for n in model.nodes}
+    out = []
+    for name in model.order:
+        if name not in rows.mixes_rows:
+            continue
+        node = model.nodes[name]
+        exprs = ([node.expr] if node.expr is not None else []) + (list(node.dist.args) if node.dist else [])
+        where = None
+        for e in exprs:
+            where = _innermost_mixing(e, kind, model.rank)
+            if where is not None:
+                break
+        if isinstance(where, A.Name):            # it reads a node already reported
+            continue
+        span = where.span if where is not None else node.span
+        what = f"'{A_text(where)}'" if where is not None else f"the density of '{name}'"
+        out.append(Diagnostic(span, f"{what} mixes the data rows (axis {rows.symbol}): under {flag} each step "
+                                    f"sees only a batch of rows, so its value would be the batch's, not the "
+                                    f"data's; compute it outside the model and pass it as data, or fit without "
+                                    f"{flag}"))
+    return out
+
+
+def _innermost_mixing(e, kind, rank):
+    if _rowness(e, kind, rank) != MIXED:
+        return None
+    for c in A.children(e):
+        inner = _innermost_mixing(c, kind, rank)
+        if inner is not None:
+            return inner
+    return e
+
+
+def A_text(e) -> str:
+    from ..frontend.check import A_text as text
+    return text(e)
+
+
+def local_blocks(program) -> list:
+    rows = program.model.rows
+    return [b for b in program.blocks if rows.is_row(b.name)]
+
+
+# ---- batches ----------------------------------------------------------------------------------
+class Epochs:
+    """Shuffled batches of B rows, epoch after epoch (the last batch of an epoch may be smaller)."""
+
+    def __init__(self, row_data, n_rows: int, batch_size: int, seed: int, device=None):
+        self.row_data, self.N, self.B = row_data, n_rows, batch_size
+        self.gen = torch.Generator().manual_seed((int(seed) * 2654435761 + 97) % (2 ** 63))
+        self.per_epoch = -(-n_rows // batch_size)
+        self.device = device
+
+    def epoch(self) -> Iterator[Batch]:
+        perm = torch.randperm(self.N, generator=self.gen)
+        if self.device is not None:
+            perm = perm.to(self.device)
+        for i in range(0, self.N, self.B):
+            yield Batch.rows(self.row_data, perm[i:i + self.B], self.N)
+
+
+# ---- per-row local latents --------------------------------------------------------------------
+class RowLocal:
+    """q = q_global(theta_g) x prod_n N(z_n; m_n, diag s_n^2) over the local latents' rows, in the
+    unconstrained space, starting at the Laplace start's mean and conditional sds.  Duck-types a
+    Family for the draws after the fit (`rsample_with_log_q`, `dim`); its gradient is `RowLocalGradient`.
+
+    The rows take natural-gradient steps (Khan & Lin 2017, the Gaussian case): with g = E_q[d log p_n/dz]
+    and h = E_q[d^2 log p_n/dz^2] (by Price's theorem, from E[g eps] / s), precision <- (1 - rho) / s^2 +
+    rho (-h) and m <- m + rho g / precision.  This needs no whitening, so a poor start (a hierarchy's
+    joint mode, where tau -> 0) costs a few epochs, not a diverging step; rho = 1 would jump to the
+    optimum of a Gaussian row given the globals."""
+    name = "row-local"
+    gaussian = closed_form = False
+    needs_structure = False
+
+    def __init__(self, global_cls, start, program, gen, config):
+        self.program, self.gen, self.config = program, gen, config
+        N = program.model.rows.size
+        self.N, self.dim = N, program.dim
+        self.dtype, self.device = program.dtype, program.device
+        locs = local_blocks(program)
+        self.local_names = [b.name for b in locs]
+        cols, self.layout, g_idx, k0, g0 = [], [], [], 0, 0
+        for b in program.blocks:
+            if b in locs:
+                assert b.ushape and b.ushape[0] == N
+                k = b.size // N
+                cols.append(torch.arange(b.offset, b.offset + b.size, device=self.device).reshape(N, k))
+                self.layout.append(("local", k0, k, b))
+                k0 += k
+            else:
+                g_idx.append(torch.arange(b.offset, b.offset + b.size, device=self.device))
+                self.layout.append(("global", g0, b.size, b))
+                g0 += b.size
+        self.K = k0
+        L = torch.cat(cols, 1)                                           # (N, K) coordinates of theta
+        g = torch.cat(g_idx) if g_idx else torch.zeros(0, dtype=torch.long, device=self.device)
+        self.g_idx, self.l_idx = g, L
+        sd = start.diagonal()
+        mu0_g = start.mu0[g]
+        if global_cls.preconditioner == "full":
+            if start.A.dim() == 2:
+                C = start.A[g]
+                A_g = torch.linalg.cholesky(C @ C.T) if g.numel() else C[:, g]
+            else:
+                A_g = torch.diag(sd[g])
+        else:
+            A_g = sd[g]
+        self.glob = global_cls(Preconditioner(mu0_g, A_g), gen, config)
+        # [m | log s] per row, in theta
+        self.loc = torch.cat([start.mu0[L], torch.log(sd[L])], 1).to(self.dtype).contiguous()
+        self.lr_scale = 1.0
+        self._avg, self._n_avg = None, 0
+
+    # family protocol (what the engine and the draws use)
+    def parameters(self) -> List[torch.Tensor]:
+        return self.glob.parameters()
+
+    def local_eps(self, B: int, S: int) -> torch.Tensor:
+        return torch.randn((S, B, self.K), generator=self.gen, dtype=self.dtype, device=self.device)
+
+    def local_theta(self, rows, eps) -> torch.Tensor:
+        return rows[:, :self.K] + eps * torch.exp(rows[:, self.K:])                  # (S, B, K)
+
+    def local_entropy(self, rows) -> torch.Tensor:
+        """Sum over `rows` of each row's q entropy (in theta)."""
+        return rows[:, self.K:].sum() + 0.5 * rows.shape[0] * self.K * (1 + _LOG2PI)
+
+    def local_log_q(self, eps, rows) -> torch.Tensor:
+        """(S, B, K) standard-normal draws -> (S,) log q of the local values they make."""
+        return (-0.5 * eps * eps - 0.5 * _LOG2PI).sum((-1, -2)) - rows[:, self.K:].sum()
+
+    def blocks(self, theta_g: torch.Tensor, z: torch.Tensor) -> List[torch.Tensor]:
+        """The compiled model's blocks (its `split`), the local ones for the rows of z only."""
+        S, B = theta_g.shape[0], z.shape[1]
+        out = []
+        for where, start, size, b in self.layout:
+            if where == "local":
+                out.append(z[:, :, start:start + size].reshape((S, B) + tuple(b.ushape[1:])))
+            elif not b.ushape:
+                out.append(theta_g[:, start])
+            else:
+                out.append(theta_g[:, start:start + size].reshape((S,) + tuple(b.ushape)))
+        return out
+
+    def rsample_with_log_q(self, S: int):
+        """Full draws of theta in the compiled model's layout (every row), and log q."""
+        theta_g, lq = self.glob.rsample_with_log_q(S)
+        eps = self.local_eps(self.N, S)
+        z = self.local_theta(self.loc, eps)
+        theta = torch.empty((S, self.dim), dtype=self.dtype, device=self.device)
+        theta[:, self.g_idx] = theta_g
+        theta[:, self.l_idx] = z
+        return theta, lq + self.local_log_q(eps, self.loc)
+
+    def rsample(self, S: int):
+        return self.rsample_with_log_q(S)[0]
+
+    # the per-row steps and their average
+    @torch.no_grad()
+    def step_rows(self, idx, eps: torch.Tensor, g: torch.Tensor) -> None:
+        """A natural-gradient step of the rows `idx` given per-draw gradients g (S, B, K) of their own
+        log densities at the draws m + s eps."""
+        K = self.K
+        rows = self.loc[idx]
+        m, s = rows[:, :K], torch.exp(rows[:, K:])
+        rho = min(1.0, LOCAL_LR * self.lr_scale)
+        grad = g.mean(0)
+        # curvature along each draw, weighted by eps^2 (Price's E[g eps] / s as a ratio: exact for a
+        # Gaussian row with the antithetic draws; the plain mean carries chi-square noise, whose bias
+        # in s^2 a hierarchy's tau amplifies)
+        neg_h = (-(g * eps).sum(0) / (s * (eps * eps).sum(0))).clamp(min=0.0)
+        prec = (1 - rho) / (s * s) + rho * neg_h
+        if rho >= 1.0:
+            prec = prec.clamp(min=1e-12)
+        m = m + rho * grad / prec
+        self.loc[idx] = torch.cat([m, -0.5 * torch.log(prec)], 1)
+
+    def start_average(self) -> None:
+        self._avg, self._n_avg = torch.zeros_like(self.loc), 0
+
+    @torch.no_grad()
+    def add_average(self) -> None:
+        if self._avg is not None:
+            self._n_avg += 1
+            self._avg.lerp_(self.loc, 1.0 / self._n_avg)
+
+    @torch.no_grad()
+    def assign_average(self) -> None:
+        if self._avg is not None and self._n_avg:
+            self.loc.copy_(self._avg)
+
+    def describe(self) -> str:
+        return (f"{self.glob.name} over the globals, mean-field per row for "
+                f"{', '.join(repr(n) for n in self.local_names)} (natural-gradient steps)")
+
+
+@register_gradient
+class RowLocalGradient(GradientEstimator):
+    """Pathwise, autograd: the globals' family's gradient, and each batch row's gradient in its own
+    local values (for the rows' natural-gradient step, RowLocal.step_rows)."""
+    name = "row-local"
+    serves = "row-local"
+
+    @classmethod
+    def applies(cls, vi) -> bool:
+        return isinstance(vi.family, RowLocal) and vi.objective.linear and not vi.discrete
+
+    def gradient(self, S: int, batch=None) -> float:
+        fam, lj = self.vi.family, self.vi.program
+        idx = batch.index if batch is not None and batch.index is not None else \
+            torch.arange(fam.N, device=fam.device)
+        scale = 1.0 if batch is None else batch.scale
+        glob = fam.glob
+        # antithetic pairs: each draw of the globals with local draws eps and -eps, so a Gaussian row's
+        # gradient and curvature (for its natural-gradient step) carry no noise of its own
+        half = max(1, (S + 1) // 2)
+        S = 2 * half
+        if glob.gaussian:
+            theta_g, ent = glob.rsample(half), glob.entropy()
+        else:
+            theta_g, lq = glob.rsample_with_log_q(half)
+            ent = -lq.mean()
+        theta_g = torch.cat([theta_g, theta_g])
+        rows = fam.loc[idx]
+        eps = fam.local_eps(rows.shape[0], half)
+        eps = torch.cat([eps, -eps])
+        z = fam.local_theta(rows, eps).requires_grad_(True)
+        total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch).total
+        value = total.mean() + ent
+        v = float(value.detach()) + scale * float(fam.local_entropy(rows))
+        if not math.isfinite(v):
+            return math.nan
+        (-value).backward()
+        g = z.grad * (S / scale)                 # each draw's gradient of its rows' own terms
+        if not bool(torch.isfinite(g).all()):
+            return math.nan
+        fam.step_rows(idx, eps, -g)
+        return v
+
+
+# ---- a control variate for the subsampling noise (no local latents) ------------------------------
+class ControlVariate:
+    """The batch's gradient noise, cancelled to first order (SVRG; Baker et al. 2019's control variates):
+    with the anchor theta0 (q's mean at the start of each epoch), each batch's log density gains
+    (theta - theta0) . (grad log p(theta0) - grad log p_batch(theta0)), whose mean over the batches of an epoch
+    is zero, so the objective and its gradient stay unbiased, and whose gradient cancels the batch's
+    deviation at theta0: what is left is the deviation of the per-row gradients' change since theta0.
+    Costs one pass over the data per epoch and one one-draw gradient per step."""
+
+    def __init__(self, program, family):
+        self.program, self.family = program, family
+        self.theta0 = self.g_full = None
+
+    def anchor(self) -> bool:
+        from .improper import q_moments
+        with torch.no_grad():
+            mom = q_moments(self.family)
+        if mom is None or not bool(torch.isfinite(mom[0]).all()):
+            self.theta0 = None
+            return False
+        self.theta0 = mom[0].detach().unsqueeze(0)
+        lj, N = self.program, self.program.model.rows.size
+        chunk = max(1, CHUNK_ELEMENTS // max(1, lj.largest_node() // N))
+        g = torch.zeros_like(self.theta0)
+        for i in range(0, N, chunk):
+            idx = torch.arange(i, min(N, i + chunk), device=lj.device)
+            g += self._grad(Batch.rows(lj.row_data, idx, N)) * (idx.shape[0] / N)
+        self.g_full = g[0]
+        return bool(torch.isfinite(self.g_full).all())
+
+    def _grad(self, batch: Batch) -> torch.Tensor:
+        x = self.theta0.clone().requires_grad_(True)
+        g, = torch.autograd.grad(self.program.log_prob(x, batch=batch).sum(), x)
+        return g
+
+    def attach(self, batch: Batch) -> Batch:
+        if self.theta0 is not None:
+            c = self.g_full - self._grad(batch)[0]
+            if bool(torch.isfinite(c).all()):
+                batch.control = (c, self.theta0[0])
+        return batch
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def mc_samples(config, program) -> int:
+    """As the full-data fit's rule (16, fewer when one step's intermediates are large), for a batch."""
+    if config.mc_samples:
+        return config.mc_samples
+    from .fit import MC_BUDGET
+    per_step = max(1, program.largest_node() * config.batch_size // max(1, program.model.rows.size))
+    return max(1, min(16, MC_BUDGET // per_step))
+
+
+def default_epochs(per_epoch: int) -> int:
+    return int(max(MIN_EPOCHS, math.ceil(EPOCH_STEPS / per_epoch)))
+
+
+def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = None) -> OptimResult:
+    """Epochs of shuffled batches; converge on windows of whole epochs; decay and average."""
+    program = vi.program
+    N = program.model.rows.size
+    batches = Epochs(program.row_data, N, config.batch_size, config.seed, program.device)
+    nb = batches.per_epoch
+    E = config.epochs or default_epochs(nb)
+    w_epochs = max(1, math.ceil(WINDOW / nb))              # a window: whole epochs, at least WINDOW steps
+    window = w_epochs * nb
+    avg_epochs = max(1, min(max(w_epochs, math.ceil(E / 5)), E // 2)) if E >= 2 else 0
+    state = vi.init(lr, S)
+    local = vi.family if isinstance(vi.family, RowLocal) else None
+    conv = Convergence(config.tol, config.min_steps, E * nb, window)
+    trace: List[float] = []
+    total_steps = E * nb
+    epoch = 0
+
+    avg = Averager(state.params, window)
+
+    cv = ControlVariate(program, vi.family) if local is None and program.dim else None
+
+    def run_epoch():
+        nonlocal epoch
+        epoch += 1
+        if hasattr(progress, "epoch"):
+            progress.epoch(epoch, E)
+        ok = cv is not None and cv.anchor()
+        for b in batches.epoch():
+            value = vi.update(state, cv.attach(b) if ok else b)
+            if value is None:
+                continue
+            trace.append(value)
+            avg.add()
+            if progress is not None:
+                progress(state.t, total_steps, value)
+        if local is not None:
+            local.add_average()
+        if epoch % w_epochs == 0:
+            avg.close_window()
+
+    # phase 1: until the windowed test passes and q's moments have settled, or the cap less the
+    # averaging epochs
+    prev = None
+    while epoch < E - avg_epochs:
+        run_epoch()
+        if epoch % w_epochs == 0 and len(trace) >= 2:
+            elbo_settled = conv.check(trace, state.t)
+            cur = window_moments(vi.family, avg)
+            settled = prev is not None and drift(prev, cur) < DRIFT_TOL
+            prev = cur
+            if elbo_settled and settled:
+                break
+            conv.converged = False
+    # phase 2: a smaller step for as many epochs again (at most to the cap); the result is the
+    # average iterate over the second half of the run
+    if state.params or local is not None:
+        state.lr_scale *= DECAY
+        if local is not None:
+            local.lr_scale *= DECAY
+            local.start_average()
+        for _ in range(min(E - epoch, max(avg_epochs, w_epochs, epoch))):
+            run_epoch()
+        if state.params and state.t >= 2:
+            avg.assign()
+        if local is not None:
+            local.assign_average()
+    return OptimResult(trace, conv.converged, state.t)
+
+
+@torch.no_grad()
+def window_moments(fam, avg: Averager):
+    """q's means and sds at the last window's average parameters (the locals: their rows now)."""
+    from .improper import q_moments
+    glob = fam.glob if isinstance(fam, RowLocal) else fam
+    live = [p.detach().clone() for p in avg.params]
+    if avg.windows:
+        for p, w in zip(avg.params, avg.windows[-1]):
+            p.copy_(w)
+    try:
+        mom = q_moments(glob)
+    finally:
+        for p, v in zip(avg.params, live):
+            p.copy_(v)
+    if mom is None:
+        return None
+    mean, sd = mom[0], mom[1].clamp(min=0).sqrt()
+    if isinstance(fam, RowLocal):
+        K = fam.K
+        mean = torch.cat([mean, fam.loc[:, :K].reshape(-1)])
+        sd = torch.cat([sd, torch.exp(fam.loc[:, K:]).reshape(-1)])
+    return mean, sd
+
+
+def drift(prev, cur) -> float:
+    """RMS over coordinates of the change in q's means, in q's sds (0 when moments are unknown)."""
+    if prev is None or cur is None:
+        return 0.0
+    d = (cur[0] - prev[0]) / cur[1].clamp(min=1e-300)
+    return float(torch.sqrt((d * d).mean())) if d.numel() else 0.0
+
+
+@torch.no_grad()
+def full_elbo(vi: VI, draws: Optional[int] = None) -> float:
+    """The ELBO of the final q over the full data: the same draws of the globals for every chunk of
+    rows, each chunk's scaled log density weighted by its share of the rows (global terms once).
+    As many draws as ELBO_BUDGET element-evaluations allow (ELBO_DRAWS to 2000): the globals' draws
+    move every row's term at once, so a small N affords the draws its noise needs."""
+    program, fam = vi.program, vi.family
+    N = program.model.rows.size
+    if draws is None:
+        draws = int(min(2000, max(ELBO_DRAWS, ELBO_BUDGET // max(1, program.largest_node()))))
+    per_row = max(1, program.largest_node() // N)
+    chunk = max(1, CHUNK_ELEMENTS // (draws * per_row))
+    local = fam if isinstance(fam, RowLocal) else None
+    if local is not None:
+        glob = local.glob
+        theta_g, lq = glob.rsample_with_log_q(draws)
+    else:
+        theta, lq = fam.rsample_with_log_q(draws)
+    acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
+    ent_local = 0.0
+    for i in range(0, N, chunk):
+        idx = torch.arange(i, min(N, i + chunk), device=program.device)
+        b = Batch.rows(program.row_data, idx, N)
+        if local is not None:
+            rows = local.loc[idx]
+            z = local.local_theta(rows, local.local_eps(rows.shape[0], draws))
+            total = program.evaluate(None, blocks=local.blocks(theta_g, z), batch=b).total
+            ent_local += float(local.local_entropy(rows))
+        else:
+            total = program.evaluate(theta, batch=b).total
+        acc += total * (idx.shape[0] / N)
+    return float((acc - lq).mean()) + ent_local
+
+
+def describe(config, result: OptimResult, N: int) -> str:
+    nb = -(-N // config.batch_size)
+    return (f"minibatches of {config.batch_size} of {N} rows: {result.steps} steps, "
+            f"{result.steps / nb:.3g} epochs")
+
