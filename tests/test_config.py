@@ -33,7 +33,7 @@ CLI_CASES = [
     (["--estimator", "enumerate"], "--estimator enumerate applies to discrete latents"),
     (["--optimizer", "dadvi", "--method", "flow"], "--optimizer dadvi needs --method meanfield or fullrank"),
     (["--optimizer", "dadvi", "--objective", "iwae"], "--optimizer dadvi needs"),
-    (["--optimizer", "sgd"], "unknown optimizer 'sgd' for --optimizer (valid: auto, adam, dadvi)"),
+    (["--optimizer", "sgd"], "unknown optimizer 'sgd' for --optimizer (valid: auto, adam, dadvi, anneal)"),
     (["--init", "mode"], "unknown init 'mode' for --init (valid: laplace, zero)"),
     (["--dtype", "float16"], "unknown dtype 'float16' for --dtype"),
     (["--device", "tpu"], "unknown device 'tpu' for --device"),
