@@ -49,6 +49,7 @@ class FitConfig:
     objective: str = "elbo"              # registry ppl.infer.objectives.OBJECTIVES
     alpha: Optional[float] = None        # objective option (renyi)
     rank: Optional[int] = None           # family option (lowrank)
+    components: Optional[int] = None     # family option (mixture)
     steps: Optional[int] = None          # Adam step cap; given: exactly a stochastic fit of at most N steps
     tol: float = 0.01                    # relative ELBO change for convergence; 0 turns the check off
     lr: Optional[float] = None           # Adam step size (None: chosen from the start and the MC samples)
@@ -109,7 +110,7 @@ class FitConfig:
         raise UsageError(msg)
 
     def _check_types(self):
-        ints = ("rank", "steps", "mc_samples", "draws", "seed", "min_steps")
+        ints = ("rank", "components", "steps", "mc_samples", "draws", "seed", "min_steps")
         floats = ("alpha", "tol", "lr")
         strs = ("method", "estimator", "objective", "init", "optimizer", "device", "dtype", "gradient")
         for k in ints:
@@ -131,7 +132,7 @@ class FitConfig:
                 self._fail(f"{self.opt(k)} takes a name, got {v!r}")
 
     def _check_ranges(self):
-        at_least = {"steps": 1, "mc_samples": 1, "draws": 1, "rank": 1, "min_steps": 0, "seed": 0}
+        at_least = {"steps": 1, "mc_samples": 1, "draws": 1, "rank": 1, "components": 1, "min_steps": 0, "seed": 0}
         for k, lo in at_least.items():
             v = getattr(self, k)
             if v is not None and v < lo:
@@ -169,7 +170,8 @@ class FitConfig:
         from .infer.families import FAMILIES
         from .infer.objectives import OBJECTIVES
         from .infer.engine import OPTIMIZERS
-        for opt_name, owner, table in (("rank", "method", FAMILIES), ("alpha", "objective", OBJECTIVES)):
+        for opt_name, owner, table in (("rank", "method", FAMILIES), ("components", "method", FAMILIES),
+                                       ("alpha", "objective", OBJECTIVES)):
             if getattr(self, opt_name) is None:
                 continue
             takers = [n for n, entry in table.items() if opt_name in getattr(entry, "options", ())]

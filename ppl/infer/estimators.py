@@ -101,7 +101,8 @@ def choose_gradient(vi, serves: str, requested: str = "auto") -> GradientEstimat
         if not cls.applies(vi):
             raise UsageError(f"{opt('gradient', requested)} does not apply to this family, objective or model")
         return cls(vi)
-    for cls in GRADIENTS.values():
+    preferred = GRADIENTS.get(getattr(vi.family, "gradient", None) or "")     # the family's own, if it has one
+    for cls in ([preferred] if preferred else []) + list(GRADIENTS.values()):
         if cls.serves == serves and cls.applies(vi):
             return cls(vi)
     raise UsageError(f"{opt('objective', vi.config.objective)} needs reparameterised gradients for every latent; "

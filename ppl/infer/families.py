@@ -8,7 +8,7 @@ scale.  `rewhiten()` moves it to the current q (the fixed-draw optimiser does). 
 log|det A| is added to entropies and log densities.
 
 Registry `FAMILIES` (name -> class): meanfield, fullrank, lowrank, graph
-(graph_family.py), flow (flows.py).  Two
+(graph_family.py), flow (flows.py), mixture (mixture.py).  Two
 declared protocols:
 - `Family` (every family): `parameters()`, `rsample(S)` (reparameterised),
   `log_q(theta)`, `rsample_with_log_q(S)`, `entropy()` (None: not analytic),
@@ -19,9 +19,9 @@ declared protocols:
   `richer` (the family the verdict suggests when this one misses),
   `caveat` (what even a good fit of it cannot show), `base_family` (a family
   fitted first, this one built from it by `from_base`), `optimizer`,
-  `mc_samples` and `lr` (its defaults for `auto`); after the optimiser,
+  `gradient`, `mc_samples`, `mc_budget` and `lr` (its defaults for `auto`); after the optimiser,
   `settle(program, generator)` may revise the fit and returns a note for the
-  verdict.
+  verdict and the ELBO of the q kept.
   The defaults are the safe ones: a new family that declares nothing is
   fitted by autograd through `rsample_with_log_q`.
 - `GaussianFamily(Family)`: theta = mu0 + A u(eps) with u affine in standard
@@ -37,7 +37,7 @@ receive.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -82,7 +82,9 @@ class Family:
     needs_structure = False              # built with the model's coupling structure (ppl.structure)
     base_family: Optional[str] = None    # a family fitted first, this one started from its q (`from_base`)
     optimizer: Optional[str] = None      # the optimiser `auto` picks for it (None: the engine's choice)
+    gradient: Optional[str] = None       # the gradient estimator `auto` tries first (registry GRADIENTS)
     mc_samples: Optional[int] = None     # MC samples per Adam step by default (None: the engine's)
+    mc_budget: Optional[int] = None      # ... at most this many elements of the largest variable per step
     lr: Optional[float] = None           # Adam's step size by default, whitened units (None: the engine's)
 
     def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
@@ -154,9 +156,10 @@ class Family:
         model `program`."""
         raise NotImplementedError
 
-    def settle(self, program, generator: torch.Generator) -> Optional[str]:
+    def settle(self, program, generator: torch.Generator) -> Optional[Tuple[str, float]]:
         """After the optimiser: a last look at the fit against the model (the flow keeps its start when
-        training did not raise the ELBO).  -> a note for the verdict, or None."""
+        training did not raise the ELBO).  -> (a note for the verdict, the ELBO of the q kept,
+        estimated on fresh draws), or None."""
         return None
 
 
@@ -332,3 +335,4 @@ class LowRank(GaussianFamily):
 
 from . import flows  # noqa: E402,F401  (registers the `flow` family and the `anneal` optimiser)
 from . import graph_family  # noqa: E402,F401  (registers the `graph` family)
+from . import mixture  # noqa: E402,F401  (registers the `mixture` family and the `stratified` gradient)

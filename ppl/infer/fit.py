@@ -170,12 +170,13 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
     if settled:
-        text += "; " + settled
+        text += "; " + settled[0]
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
     return Fit(model=model, config=config, method=method, method_note=why, estimator=describe(node_plans),
                objective=config.objective,
-               draws=draws, elbo_trace=result.trace, elbo=float(np.mean(tail)), steps=result.steps,
+               draws=draws, elbo_trace=result.trace, elbo=settled[1] if settled else float(np.mean(tail)),
+               steps=result.steps,
                converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
                verdict=text, verdict_label=label, init=init_note, seconds=time.perf_counter() - t_start,
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
@@ -328,7 +329,7 @@ def mc_samples(config: FitConfig, vi: VI) -> int:
     if config.mc_samples:
         return config.mc_samples
     default = vi.family.mc_samples or (64 if _noisy(vi) else 16)
-    return max(1, min(default, MC_BUDGET // vi.program.largest_node()))
+    return max(1, min(default, (vi.family.mc_budget or MC_BUDGET) // vi.program.largest_node()))
 
 
 def _noisy(vi: VI) -> bool:

@@ -20,7 +20,7 @@ passes per layer).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -56,7 +56,8 @@ class IAF(Family):
     preconditioner = "full"
     base_family = "fullrank"        # fitted first; this family starts at its q (ppl/infer/fit.py)
     optimizer = "anneal"
-    mc_samples = 256                # many draws per step cost little more than 16 on small models
+    mc_samples = 256                # many draws per step cost little more than 16 on small models,
+    mc_budget = 50_000              # but on data the cost grows with draws x rows
     lr = 0.03
     anneal_steps = 800              # Adam steps by default (`steps`)
     LAYERS = 4
@@ -108,7 +109,7 @@ class IAF(Family):
         flow.start = flow.flat.detach().clone()
         return flow
 
-    def settle(self, program, generator: torch.Generator) -> Optional[str]:
+    def settle(self, program, generator: torch.Generator) -> Optional[Tuple[str, float]]:
         """Keep the trained flow only where it raised the ELBO over its start (the base's q), judged on
         common draws: otherwise the flow's answer is its start, and the note says so."""
         start = getattr(self, "start", None)
@@ -118,17 +119,18 @@ class IAF(Family):
         eps = torch.randn((n, self.dim), generator=generator, dtype=self.dtype, device=self.device)
         trained = self.flat.detach().clone()
         with torch.no_grad():
-            gain = self._elbo_terms(program, eps)
+            new = self._elbo_terms(program, eps)
             self.flat.copy_(start)
-            gain = gain - self._elbo_terms(program, eps)
+            old = self._elbo_terms(program, eps)
+            gain = new - old
             d = float(gain.mean())
             se = float(gain.std()) / math.sqrt(n) if n > 1 else math.inf
             if math.isfinite(d) and d > 2 * se:
                 self.flat.copy_(trained)
                 return (f"the flow raised the ELBO by {d:.3g} ± {se:.2g} nats over its start, the "
-                        f"{self.base_name} fit")
+                        f"{self.base_name} fit"), float(new.mean())
         return (f"the flow did not raise the ELBO over its start ({d:+.2g} ± {se:.2g} nats): "
-                f"this is the {self.base_name} fit")
+                f"this is the {self.base_name} fit"), float(old.mean())
 
     def _elbo_terms(self, program, eps: torch.Tensor) -> torch.Tensor:
         u, log_q = self.forward(eps)
