@@ -179,6 +179,10 @@ class FitConfig:
                 self._fail(f"{self.opt(opt_name)} applies to {self.opt(owner)} "
                            f"{' or '.join(takers) if takers else '(none)'}, not to "
                            f"{self.opt(owner, getattr(self, owner))}")
+        takes = getattr(FAMILIES.get(self.method), "objectives", None)
+        if takes and self.objective not in takes:
+            self._fail(f"{self.opt('method', self.method)} is fitted by {' or '.join(self.opt('objective', o) for o in takes)}"
+                       f", not {self.opt('objective', self.objective)}")
         if self.optimizer != "auto":
             OPTIMIZERS[self.optimizer].check_config(self)
         if self.device == "cuda":

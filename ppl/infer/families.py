@@ -19,7 +19,8 @@ declared protocols:
   `richer` (the family the verdict suggests when this one misses),
   `caveat` (what even a good fit of it cannot show), `base_family` (a family
   fitted first, this one built from it by `from_base`), `optimizer`,
-  `gradient`, `mc_samples`, `mc_budget` and `lr` (its defaults for `auto`); after the optimiser,
+  `gradient`, `mc_samples`, `mc_budget` and `lr` (its defaults for `auto`),
+  `objectives` (those it can be fitted by); after the optimiser,
   `settle(program, generator)` may revise the fit and returns a note for the
   verdict and the ELBO of the q kept.
   The defaults are the safe ones: a new family that declares nothing is
@@ -83,6 +84,7 @@ class Family:
     base_family: Optional[str] = None    # a family fitted first, this one started from its q (`from_base`)
     optimizer: Optional[str] = None      # the optimiser `auto` picks for it (None: the engine's choice)
     gradient: Optional[str] = None       # the gradient estimator `auto` tries first (registry GRADIENTS)
+    objectives: Optional[tuple] = None   # the objectives it can be fitted by (None: any)
     mc_samples: Optional[int] = None     # MC samples per Adam step by default (None: the engine's)
     mc_budget: Optional[int] = None      # ... at most this many elements of the largest variable per step
     lr: Optional[float] = None           # Adam's step size by default, whitened units (None: the engine's)

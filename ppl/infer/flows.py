@@ -33,6 +33,9 @@ WARMUP = 50                 # steps of a linear warm-up of the step size (Adam's
                             # in every weight at once: the gates of a wide MADE collapsed without it)
 SETTLE_DRAWS = 4000         # common draws on which the trained flow is compared with its start
 SETTLE_BUDGET = 50_000_000  # elements: fewer draws when one pass over the data is large
+EARLY_AT = 0.25             # the share of the steps after which the flow must have gained
+EARLY_GAIN = 0.01           # nats over its start (and 2 standard errors) to go on
+EARLY_DRAWS = 1000
 
 
 def made_masks(order: torch.Tensor, H: int):
@@ -109,28 +112,57 @@ class IAF(Family):
         flow.start = flow.flat.detach().clone()
         return flow
 
+    def gain(self, program, n: int, generator: torch.Generator):
+        """The ELBO now against at the start, on n common draws -> (gain, its standard error, ELBO now,
+        ELBO at the start)."""
+        eps = torch.randn((n, self.dim), generator=generator, dtype=self.dtype, device=self.device)
+        now = self.flat.detach().clone()
+        with torch.no_grad():
+            new = self._elbo_terms(program, eps)
+            self.flat.copy_(self.start)
+            old = self._elbo_terms(program, eps)
+            self.flat.copy_(now)
+        g = new - old
+        d = float(g.mean())
+        return d, (float(g.std()) / math.sqrt(n) if n > 1 else math.inf), float(new.mean()), float(old.mean())
+
+    def _comparable(self, program) -> bool:
+        return getattr(self, "start", None) is not None and not program.score   # (score-path latents:
+        # log p needs their draws too)
+
+    def keep_training(self, program, generator: torch.Generator) -> bool:
+        """Part-way through: continue only while the flow has raised the ELBO over its start by more than
+        EARLY_GAIN nats and 2 standard errors; else it is set back to its start (a near-Gaussian
+        posterior: the full-rank fit is as good, and the rest of the steps would buy nothing)."""
+        if not self._comparable(program):
+            return True
+        d, se, _, _ = self.gain(program, min(EARLY_DRAWS, max(100, SETTLE_BUDGET // program.largest_node())),
+                                generator)
+        if math.isfinite(d) and d > max(EARLY_GAIN, 2 * se):
+            return True
+        with torch.no_grad():
+            self.flat.copy_(self.start)
+        self.stopped = (d, se)
+        return False
+
     def settle(self, program, generator: torch.Generator) -> Optional[Tuple[str, float]]:
         """Keep the trained flow only where it raised the ELBO over its start (the base's q), judged on
         common draws: otherwise the flow's answer is its start, and the note says so."""
-        start = getattr(self, "start", None)
-        if start is None or program.score:       # (score-path latents: log p needs their draws too)
+        if not self._comparable(program):
             return None
         n = min(SETTLE_DRAWS, max(100, SETTLE_BUDGET // program.largest_node()))
-        eps = torch.randn((n, self.dim), generator=generator, dtype=self.dtype, device=self.device)
-        trained = self.flat.detach().clone()
+        d, se, new, old = self.gain(program, n, generator)
+        if getattr(self, "stopped", None) is not None:
+            d0, se0 = self.stopped
+            return (f"the flow did not raise the ELBO over its start by {EARLY_GAIN} nats part-way "
+                    f"({d0:+.2g} ± {se0:.2g}); it stopped there: this is the {self.base_name} fit"), old
+        if math.isfinite(d) and d > 2 * se:
+            return (f"the flow raised the ELBO by {d:.3g} ± {se:.2g} nats over its start, the "
+                    f"{self.base_name} fit"), new
         with torch.no_grad():
-            new = self._elbo_terms(program, eps)
-            self.flat.copy_(start)
-            old = self._elbo_terms(program, eps)
-            gain = new - old
-            d = float(gain.mean())
-            se = float(gain.std()) / math.sqrt(n) if n > 1 else math.inf
-            if math.isfinite(d) and d > 2 * se:
-                self.flat.copy_(trained)
-                return (f"the flow raised the ELBO by {d:.3g} ± {se:.2g} nats over its start, the "
-                        f"{self.base_name} fit"), float(new.mean())
+            self.flat.copy_(self.start)
         return (f"the flow did not raise the ELBO over its start ({d:+.2g} ± {se:.2g} nats): "
-                f"this is the {self.base_name} fit"), float(old.mean())
+                f"this is the {self.base_name} fit"), old
 
     def _elbo_terms(self, program, eps: torch.Tensor) -> torch.Tensor:
         u, log_q = self.forward(eps)
@@ -206,11 +238,19 @@ class Anneal(Optimizer):
     name = "anneal"
 
     @staticmethod
-    def run(vi, S: int, lr: float, max_steps: int, tol: float, min_steps: int, progress=None, **_):
+    def run(vi, S: int, lr: float, max_steps: int, tol: float, min_steps: int, progress=None, gen=None, **_):
         steps = vi.config.steps or getattr(vi.family, "anneal_steps", 400)
         state = vi.init(lr, S, schedule=lambda t: min(1.0, (t + 1) / WARMUP) * max(0.0, 1.0 - t / steps))
+        check = getattr(vi.family, "keep_training", None)
+        first = int(EARLY_AT * steps) if check is not None and steps >= 4 * WARMUP else 0
+        trace = []
+        if first:
+            trace = vi.run(state, first, 0.0, first, progress).trace
+            if not check(vi.program, gen if gen is not None else vi.family.gen):
+                return OptimResult(trace, True, state.t)
         res = vi.run(state, steps, 0.0, steps, progress)
-        return OptimResult(res.trace, _settled(res.trace, tol), res.steps)
+        trace = trace + res.trace
+        return OptimResult(trace, _settled(trace, tol), state.t)
 
 
 def _settled(trace, tol: float) -> bool:
