@@ -65,13 +65,14 @@ class IAF(Family):
     anneal_steps = 800              # Adam steps by default (`steps`)
     LAYERS = 4
     GATE_BIAS = 1.5
-    HIDDEN_MIN = 20                 # hidden units per MADE layer: max(HIDDEN_MIN, 2 D)
+    HIDDEN_MIN = 20                 # hidden units per MADE layer: 2 D, within [HIDDEN_MIN, HIDDEN_MAX]
+    HIDDEN_MAX = 256
     BASE_MAX = 200                  # a full-rank base up to this many dimensions, mean-field above
 
     def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
         super().__init__(pre, generator, config)
         D = self.dim
-        self.H = H = max(self.HIDDEN_MIN, 2 * D)
+        self.H = H = self.hidden(D)
         c0 = 1.0 / (1.0 + math.exp(-self.GATE_BIAS))
         init: Dict[str, torch.Tensor] = {"m": self._zeros(D),
                                          "L": torch.diag(self._zeros(D) - self.LAYERS * math.log(c0))}
@@ -98,6 +99,17 @@ class IAF(Family):
         sizes = [b - a for a, b, _ in self._layout.values()]
         return {k: v.view(shape) for (k, (_, _, shape)), v in
                 zip(self._layout.items(), torch.split(self.flat, sizes))}
+
+    @classmethod
+    def hidden(cls, dim: int) -> int:
+        return max(cls.HIDDEN_MIN, min(2 * dim, cls.HIDDEN_MAX))
+
+    @classmethod
+    def parameter_count(cls, dim: int, config=None) -> int:
+        """Numbers it keeps (for the memory budget): its base and K layers, and the fitted base's."""
+        H = cls.hidden(dim)
+        dense = dim + dim * dim if cls.base_for(dim) == "fullrank" else 2 * dim
+        return 2 * dense + cls.LAYERS * (dim * H + H + H * H + H + H * 2 * dim + 2 * dim)
 
     @classmethod
     def base_for(cls, dim: int) -> str:

@@ -141,6 +141,12 @@ class Mixture(Family):
 
     # ---- started at the posterior's modes ------------------------------------------------------------
     @classmethod
+    def parameter_count(cls, dim: int, config=None) -> int:
+        K = getattr(config, "components", None) or DEFAULT_COMPONENTS
+        per = dim + (dim if dim > cls.BASE_MAX else dim * dim)
+        return K * (per + 1) + dim + dim * dim
+
+    @classmethod
     def base_for(cls, dim: int) -> str:
         return "fullrank" if dim <= cls.BASE_MAX else "meanfield"
 
