@@ -12,8 +12,8 @@ time.
 References: ../shared/reference/*/reference.json (NUTS, posteriordb); models/eight_schools and
 eight_schools_centered: the posteriordb eight schools reference (Rubin's data; mu, tau and theta
 are the same posterior in both parameterisations); models/radon, logistic, poisson, mixture:
-NumPyro NUTS, bench/results/nuts/models_NAME.json (`bench/.venv-peers/bin/python
-bench/systems/nuts_models.py` makes them); the banana's marginals are exact.  Each fit is one
+NumPyro NUTS, bench/references/models_NAME.json (committed; `bench/.venv-peers/bin/python
+bench/systems/nuts_models.py` remakes them); the banana's marginals are exact.  Each fit is one
 `ppl` process (seed 1), timed whole; the methods of a model run one after the other, so that
 machine load falls on them alike.  Run this with a python that has ppl's dependencies (the
 project's .venv), or set PPL to a `ppl` executable.
@@ -49,7 +49,7 @@ def models():
     eight = _load(os.path.join(SHARED, "eight_schools-eight_schools_noncentered", "reference.json"))
     for n in ("eight_schools", "eight_schools_centered", "radon", "logistic", "poisson", "mixture"):
         files = [os.path.join(ROOT, "models", n + ext) for ext in (".ppl", ".csv")]
-        ref = eight if n.startswith("eight") else _load(os.path.join(BENCH, "results", "nuts", f"models_{n}.json"))
+        ref = eight if n.startswith("eight") else _load(os.path.join(BENCH, "references", f"models_{n}.json"))
         out[f"models/{n}"] = (files, ref)
     d = os.path.join(BENCH, "data", "banana")
     os.makedirs(d, exist_ok=True)

@@ -3,7 +3,7 @@ family table of bench/families.py.  Eight schools needs none: Rubin's data are p
 NUTS reference is in ../shared/reference (the centred and non-centred models share mu, tau, theta).
 
     bench/.venv-peers/bin/python bench/systems/nuts_models.py [radon logistic poisson mixture]
-        [--warmup 2000] [--samples 5000] [--chains 4] [--target-accept 0.9] [--out-dir bench/results/nuts]
+        [--warmup 2000] [--samples 5000] [--chains 4] [--target-accept 0.9] [--out-dir bench/references]
 
 float64, diagonal mass matrix, target accept 0.9 (radon, a centred hierarchy: 0.99, else it
 diverges), chains one after the other; each model the same
@@ -31,7 +31,7 @@ ap.add_argument("--samples", type=int, default=5000)
 ap.add_argument("--chains", type=int, default=4)
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--target-accept", type=float, default=0.9)
-ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results", "nuts"))
+ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "references"))
 args = ap.parse_args()
 
 import jax  # noqa: E402
