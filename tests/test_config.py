@@ -26,7 +26,7 @@ CLI_CASES = [
     (["--method", "lowrank", "--rank", "0"], "--rank must be at least 1"),
     (["--alpha", "0.3"], "--alpha applies to --objective renyi, not to --objective elbo"),
     (["--objective", "iwae", "--alpha", "0.3"], "--alpha applies to --objective renyi"),
-    (["--method", "bogus"], "unknown method 'bogus' for --method (valid: auto, meanfield, fullrank, lowrank, flow, graph)"),
+    (["--method", "bogus"], "unknown method 'bogus' for --method (valid: auto, meanfield, fullrank, lowrank, flow, graph, mixture)"),
     (["--objective", "kl"], "unknown objective 'kl' for --objective"),
     (["--estimator", "score-all"], "unknown estimator 'score-all' for --estimator"),
     (["--estimator", "score"], "--estimator score applies to discrete latents, and the model has none"),
