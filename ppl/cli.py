@@ -41,11 +41,14 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit the model by variational inference")
     common(f)
-    f.add_argument("--method", default="auto", help="a variational family: auto|meanfield|fullrank|lowrank|graph|flow")
+    f.add_argument("--method", default="auto",
+                   help="a variational family: auto|meanfield|fullrank|lowrank|graph|flow|mixture")
     f.add_argument("--estimator", default="auto", help="auto|reparam|score|enumerate (for discrete latents)")
     f.add_argument("--objective", default="elbo", help="elbo|iwae|renyi|vimco")
     f.add_argument("--alpha", type=float, default=None, help="Renyi alpha (with --objective renyi; default 0.5)")
     f.add_argument("--rank", type=int, default=None, help="rank of the lowrank family (with --method lowrank)")
+    f.add_argument("--components", type=int, default=None,
+                   help="Gaussian components of the mixture family (with --method mixture; default 4)")
     f.add_argument("--steps", type=int, default=None, help="Adam step cap (default 10000)")
     f.add_argument("--tol", type=float, default=0.01, help="relative ELBO change for convergence; 0 turns it off")
     f.add_argument("--lr", type=float, default=None, help="step size (default: adaptive)")

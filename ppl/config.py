@@ -49,6 +49,7 @@ class FitConfig:
     objective: str = "elbo"              # registry ppl.infer.objectives.OBJECTIVES
     alpha: Optional[float] = None        # objective option (renyi)
     rank: Optional[int] = None           # family option (lowrank)
+    components: Optional[int] = None     # family option (mixture)
     steps: Optional[int] = None          # Adam step cap; given: exactly a stochastic fit of at most N steps
     tol: float = 0.01                    # relative ELBO change for convergence; 0 turns the check off
     lr: Optional[float] = None           # Adam step size (None: chosen from the start and the MC samples)
@@ -111,7 +112,7 @@ class FitConfig:
         raise UsageError(msg)
 
     def _check_types(self):
-        ints = ("rank", "steps", "mc_samples", "draws", "seed", "min_steps", "batch_size", "epochs")
+        ints = ("rank", "components", "steps", "mc_samples", "draws", "seed", "min_steps", "batch_size", "epochs")
         floats = ("alpha", "tol", "lr")
         strs = ("method", "estimator", "objective", "init", "optimizer", "device", "dtype", "gradient")
         for k in ints:
@@ -133,7 +134,7 @@ class FitConfig:
                 self._fail(f"{self.opt(k)} takes a name, got {v!r}")
 
     def _check_ranges(self):
-        at_least = {"steps": 1, "mc_samples": 1, "draws": 1, "rank": 1, "min_steps": 0, "seed": 0,
+        at_least = {"steps": 1, "mc_samples": 1, "draws": 1, "rank": 1, "components": 1, "min_steps": 0, "seed": 0,
                     "batch_size": 1, "epochs": 1}
         for k, lo in at_least.items():
             v = getattr(self, k)
@@ -175,7 +176,8 @@ class FitConfig:
         from .infer.families import FAMILIES
         from .infer.objectives import OBJECTIVES
         from .infer.engine import OPTIMIZERS
-        for opt_name, owner, table in (("rank", "method", FAMILIES), ("alpha", "objective", OBJECTIVES)):
+        for opt_name, owner, table in (("rank", "method", FAMILIES), ("components", "method", FAMILIES),
+                                       ("alpha", "objective", OBJECTIVES)):
             if getattr(self, opt_name) is None:
                 continue
             takers = [n for n, entry in table.items() if opt_name in getattr(entry, "options", ())]
@@ -183,6 +185,10 @@ class FitConfig:
                 self._fail(f"{self.opt(opt_name)} applies to {self.opt(owner)} "
                            f"{' or '.join(takers) if takers else '(none)'}, not to "
                            f"{self.opt(owner, getattr(self, owner))}")
+        takes = getattr(FAMILIES.get(self.method), "objectives", None)
+        if takes and self.objective not in takes:
+            self._fail(f"{self.opt('method', self.method)} is fitted by {' or '.join(self.opt('objective', o) for o in takes)}"
+                       f", not {self.opt('objective', self.objective)}")
         if self.optimizer != "auto":
             OPTIMIZERS[self.optimizer].check_config(self)
         self._check_minibatch()

@@ -73,7 +73,7 @@ def test_fixed_draw_optimum_is_adams_optimum():
     ({"lr": 0.05}, "adam"),
     ({"mc_samples": 8}, "adam"),
     ({"method": "meanfield"}, "dadvi"),
-    ({"method": "flow", "steps": 50}, "adam"),
+    ({"method": "flow", "steps": 50}, "anneal"),       # the flow: its own schedule
     ({"method": "lowrank"}, "adam"),                  # no closed-form chain rule for low-rank
     ({"objective": "iwae", "steps": 50}, "adam"),
 ])
@@ -97,7 +97,7 @@ def test_dadvi_refuses_families_without_a_closed_form_gradient():
     x, y = _regression_data()
     with pytest.raises(UsageError, match="optimizer='dadvi' needs"):
         ppl.loads(REGRESSION, "reg.ppl").fit({"x": x.tolist(), "y": y.tolist()}, method="flow", optimizer="dadvi")
-    with pytest.raises(UsageError, match=r"valid: auto, adam, dadvi"):
+    with pytest.raises(UsageError, match=r"valid: auto, adam, dadvi, anneal"):
         ppl.loads(REGRESSION, "reg.ppl").fit({"x": x.tolist(), "y": y.tolist()}, optimizer="newton")
 
 

@@ -61,7 +61,11 @@ def available_memory() -> Optional[int]:
         return None
 
 
-def family_parameters(method: str, dim: int, rank: Optional[int], structure=None) -> int:
+def family_parameters(method: str, dim: int, rank: Optional[int], structure=None, config=None) -> int:
+    from .families import FAMILIES
+    count = getattr(FAMILIES.get(method), "parameter_count", None)     # a family that says it
+    if count is not None:
+        return count(dim, config)
     if method == "meanfield":
         return 2 * dim
     if method in ("fullrank",):
@@ -69,10 +73,6 @@ def family_parameters(method: str, dim: int, rank: Optional[int], structure=None
     if method == "lowrank":
         r = min(rank or max(1, min(10, dim // 4)), max(dim, 1))
         return dim * (2 + r)
-    if method == "flow":
-        h = max(8, min(64, 2 * dim))
-        base = dim + dim * dim if dim <= 200 else 2 * dim
-        return base + 4 * (dim * h + h + h * 2 * dim + 2 * dim)
     if method == "graph":
         if structure is None:           # before the structure is known: a few numbers per coordinate
             return 8 * dim
@@ -86,7 +86,7 @@ def estimate(model, program, method: str, config, S: int, n_psis: int, structure
     bytes_per = 4 if config.dtype == "float32" else 8
     dim = program.dim
     largest = program.largest_node()
-    n_params = family_parameters(method, dim, config.rank, structure)
+    n_params = family_parameters(method, dim, config.rank, structure, config)
     reported = sum(int(np.prod(n.shape)) for n in model.nodes.values() if n.kind in ("latent", "deterministic"))
     steps = config.steps or 10000
     parts = {

@@ -74,17 +74,18 @@ class VI:
         return self.estimator.surrogate_loss(S, batch)
 
     # ---- the steppable fit -------------------------------------------------------------
-    def init(self, lr: float, S: int) -> "AdamState":
+    def init(self, lr: float, S: int, schedule: Optional[Callable[[int], float]] = None) -> "AdamState":
+        """`schedule(t)`: the step size's factor at step t (default 1 / sqrt(1 + t / 100))."""
         params = self.parameters()
         n_cont = len(self.family.parameters())
         scales = [1.0] * n_cont + [DISCRETE_LR_SCALE] * (len(params) - n_cont)
-        return AdamState(params, lr, scales, S)
+        return AdamState(params, lr, scales, S, schedule=schedule or sqrt_decay)
 
     def update(self, state: "AdamState", batch=None) -> Optional[float]:
         """One Adam step on `batch` -> the objective's value, or None when the step failed (the last
         good parameters are restored and the step size halved)."""
         params = state.params
-        decay = state.lr_scale / math.sqrt(1.0 + state.t / 100.0)
+        decay = state.lr_scale * state.schedule(state.t)
         state.opt.zero_grad()
         try:
             value = self.gradient(state.S, batch)
@@ -137,6 +138,10 @@ class VI:
         return OptimResult(trace, conv.converged, state.t)
 
 
+def sqrt_decay(t: int) -> float:
+    return 1.0 / math.sqrt(1.0 + t / 100.0)
+
+
 @dataclass
 class AdamState:
     params: List[torch.Tensor]
@@ -146,6 +151,7 @@ class AdamState:
     t: int = 0
     failures: int = 0
     lr_scale: float = 1.0
+    schedule: Callable[[int], float] = sqrt_decay     # the step size factor at step t
     opt: Adam = None
     good: List[torch.Tensor] = field(default_factory=list)
 

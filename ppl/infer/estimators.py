@@ -109,7 +109,8 @@ def choose_gradient(vi, serves: str, requested: str = "auto") -> GradientEstimat
     own = getattr(vi.objective, "gradient", None)       # an objective with its own estimator (vimco)
     if own is not None and GRADIENTS[own].applies(vi):
         return GRADIENTS[own](vi)
-    for cls in GRADIENTS.values():
+    preferred = GRADIENTS.get(getattr(vi.family, "gradient", None) or "")     # the family's own, if it has one
+    for cls in ([preferred] if preferred else []) + list(GRADIENTS.values()):
         if cls.serves == serves and cls.applies(vi):
             return cls(vi)
     raise UsageError(f"{opt('objective', vi.config.objective)} needs reparameterised gradients for every latent; "

@@ -7,7 +7,8 @@ map), so one step size suits every model: in u the posterior has roughly unit
 scale.  `rewhiten()` moves it to the current q (the fixed-draw optimiser does).  The preconditioner's
 log|det A| is added to entropies and log densities.
 
-Registry `FAMILIES` (name -> class): meanfield, fullrank, lowrank, flow.  Two
+Registry `FAMILIES` (name -> class): meanfield, fullrank, lowrank, graph
+(graph_family.py), flow (flows.py), mixture (mixture.py).  Two
 declared protocols:
 - `Family` (every family): `parameters()`, `rsample(S)` (reparameterised),
   `log_q(theta)`, `rsample_with_log_q(S)`, `entropy()` (None: not analytic),
@@ -15,8 +16,13 @@ declared protocols:
   options it takes, e.g. `rank`), `preconditioner` ("full" or "diagonal":
   which Laplace whitening it starts from), `gaussian` (analytic entropy),
   `closed_form` (it implements `GaussianFamily`'s closed-form chain rule),
-  `richer` (the family the verdict suggests when this one misses) and
-  `caveat` (what even a good fit of it cannot show).
+  `richer` (the family the verdict suggests when this one misses),
+  `caveat` (what even a good fit of it cannot show), `base_family` (a family
+  fitted first, this one built from it by `from_base`), `optimizer`,
+  `gradient`, `mc_samples`, `mc_budget` and `lr` (its defaults for `auto`),
+  `objectives` (those it can be fitted by); after the optimiser,
+  `settle(program, generator)` may revise the fit and returns a note for the
+  verdict and the ELBO of the q kept.
   The defaults are the safe ones: a new family that declares nothing is
   fitted by autograd through `rsample_with_log_q`.
 - `GaussianFamily(Family)`: theta = mu0 + A u(eps) with u affine in standard
@@ -24,7 +30,7 @@ declared protocols:
   `entropy_value()`; the closed-form gradient and the fixed-draw optimiser
   need exactly these.
 A new family is one class and one `register_family` (a test does it).  A
-flow is a `Family` with `rsample_with_log_q`.  An amortised encoder (still to
+flow is a `Family` with `rsample_with_log_q` (flows.py).  An amortised encoder (still to
 come) will be a family whose parameters map a data batch to q's parameters:
 `rsample`/`log_q` will then take the `Batch` the gradient estimators already
 receive.
@@ -32,7 +38,7 @@ receive.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -76,6 +82,13 @@ class Family:
     caveat: Optional[str] = None         # what a good fit of this family still cannot show
     needs_structure = False              # built with the model's coupling structure (ppl.structure)
     frozen: Optional[torch.Tensor] = None  # bool mask over `flat`: entries every optimiser keeps fixed
+    base_family: Optional[str] = None    # a family fitted first, this one started from its q (`from_base`)
+    optimizer: Optional[str] = None      # the optimiser `auto` picks for it (None: the engine's choice)
+    gradient: Optional[str] = None       # the gradient estimator `auto` tries first (registry GRADIENTS)
+    objectives: Optional[tuple] = None   # the objectives it can be fitted by (None: any)
+    mc_samples: Optional[int] = None     # MC samples per Adam step by default (None: the engine's)
+    mc_budget: Optional[int] = None      # ... at most this many elements of the largest variable per step
+    lr: Optional[float] = None           # Adam's step size by default, whitened units (None: the engine's)
 
     def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
         self.pre, self.gen, self.config = pre, generator, config
@@ -144,6 +157,18 @@ class Family:
 
     def rewhiten(self) -> None:
         """Move the preconditioner to the current q (families that can; others keep theirs)."""
+
+    @classmethod
+    def from_base(cls, base: "Family", program, generator: torch.Generator, config=None) -> "Family":
+        """This family started from the fitted `base` (an instance of `base_family`) of the compiled
+        model `program`."""
+        raise NotImplementedError
+
+    def settle(self, program, generator: torch.Generator) -> Optional[Tuple[str, float]]:
+        """After the optimiser: a last look at the fit against the model (the flow keeps its start when
+        training did not raise the ELBO).  -> (a note for the verdict, the ELBO of the q kept,
+        estimated on fresh draws), or None."""
+        return None
 
 
 class GaussianFamily(Family):
@@ -316,76 +341,6 @@ class LowRank(GaussianFamily):
         return 0.5 * logdet + 0.5 * self.dim * (1 + _LOG2PI)
 
 
-@register_family
-class Flow(Family):
-    """A Gaussian (full-rank, or diagonal above 200 dims) base followed by affine
-    coupling layers (RealNVP) with small tanh networks; initialised at the identity."""
-    name = "flow"
-    preconditioner = "full"
-    LAYERS = 4
-
-    def __init__(self, pre, generator, config=None):
-        super().__init__(pre, generator, config)
-        dim = self.dim
-        self.base = FullRank(pre, generator) if dim <= 200 else MeanField(pre, generator)
-        h = max(8, min(64, 2 * dim))
-        self.masks = []
-        init = {}
-        for i in range(self.LAYERS if dim > 1 else 0):
-            mask = self._zeros(dim)
-            mask[(torch.arange(dim, device=self.device) + i) % 2 == 0] = 1.0
-            self.masks.append(mask)
-            init[f"W1_{i}"] = torch.randn((dim, h), generator=generator, dtype=self.dtype,
-                                          device=self.device) / math.sqrt(dim)
-            init[f"b1_{i}"] = self._zeros(h)
-            init[f"W2_{i}"] = self._zeros(h, 2 * dim)     # identity at start
-            init[f"b2_{i}"] = self._zeros(2 * dim)
-        self._allocate(init)
-
-    def parameters(self):
-        return self.base.parameters() + [self.flat]
-
-    def _layer(self, p, i, x):
-        mask = self.masks[i]
-        hdn = torch.tanh((x * mask) @ p[f"W1_{i}"] + p[f"b1_{i}"])
-        out = hdn @ p[f"W2_{i}"] + p[f"b2_{i}"]
-        s, t = out[..., :self.dim], out[..., self.dim:]
-        s = torch.tanh(s) * (1 - mask)
-        t = t * (1 - mask)
-        return x * torch.exp(s) + t, s.sum(-1)
-
-    def _inverse_layer(self, p, i, y):
-        mask = self.masks[i]
-        x_masked = y * mask
-        hdn = torch.tanh(x_masked @ p[f"W1_{i}"] + p[f"b1_{i}"])
-        out = hdn @ p[f"W2_{i}"] + p[f"b2_{i}"]
-        s, t = torch.tanh(out[..., :self.dim]) * (1 - mask), out[..., self.dim:] * (1 - mask)
-        return (y - t) * torch.exp(-s), s.sum(-1)
-
-    def rsample_u(self, S):
-        return self._forward(self.base.rsample_u(S))[0]
-
-    def _forward(self, x):
-        logdet = self._zeros(x.shape[0])
-        p = self._params
-        for i in range(len(self.masks)):
-            x, ld = self._layer(p, i, x)
-            logdet = logdet + ld
-        return x, logdet
-
-    def rsample_with_log_q(self, S):
-        x0 = self.base.rsample_u(S)
-        x, ld = self._forward(x0)
-        return self.pre.to_theta(x), self.base.log_q_u(x0) - ld - self.pre.logdet
-
-    def log_q_u(self, u):
-        logdet = self._zeros(u.shape[0])
-        x = u
-        p = self._params
-        for i in reversed(range(len(self.masks))):
-            x, ld = self._inverse_layer(p, i, x)
-            logdet = logdet + ld
-        return self.base.log_q_u(x) - logdet
-
-
+from . import flows  # noqa: E402,F401  (registers the `flow` family and the `anneal` optimiser)
 from . import graph_family  # noqa: E402,F401  (registers the `graph` family)
+from . import mixture  # noqa: E402,F401  (registers the `mixture` family and the `stratified` gradient)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -172,13 +172,18 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["init"] = time.perf_counter() - t0
 
     gen = rt.generator()
-    family = minibatch.RowLocal(fam_cls, start, program, gen, config) if mb_local else \
-        make_family(fam_cls, start, gen, config, structure)
     discrete = discrete_families(model, program, node_plans, gen)
     for q in discrete.values():          # a conditional q whitens the continuous latents by the start
         q.center(start.mu0, start.diagonal())
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
+    if mb_local:
+        family, init_note = minibatch.RowLocal(fam_cls, start, program, gen, config), start.note
+    elif fam_cls.base_family:            # fitted on top of another family's fit (the flow: full-rank)
+        family, init_note = fit_base(fam_cls, start, gen, config, structure, program, discrete, node_plans,
+                                     serves, progress)
+    else:
+        family, init_note = make_family(fam_cls, start, gen, config, structure), start.note
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
             "row-local" if mb_local else serves)
 
@@ -203,11 +208,15 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
     timings["optimise"] = time.perf_counter() - t0
 
+    settled = family.settle(program, gen)                         # e.g. the flow against its start
+
     _phase(progress, "draws")
     draws, ps, t_draws, t_khat, q_draws, moments = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
     timings["draws"], timings["khat"] = t_draws, t_khat
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
+    if settled:
+        text += "; " + settled[0]
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
     if config.batch_size is not None:            # minibatch estimates are noisy: one pass over all rows
@@ -215,9 +224,10 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     return Fit(model=model, config=config, method=method, method_note=why,
                estimator=describe(node_plans, wins.text() if wins else None) + _zero_draws(vi),
                objective=config.objective,
-               draws=draws, elbo_trace=result.trace, elbo=float(np.mean(tail)), steps=result.steps,
+               draws=draws, elbo_trace=result.trace, elbo=settled[1] if settled else float(np.mean(tail)),
+               steps=result.steps,
                converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
-               verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
+               verdict=text, verdict_label=label, init=init_note, seconds=time.perf_counter() - t_start,
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
                fixed_draws=result.fixed_draws, moments=moments,
                device=str(rt.device) + (f" ({device_note})" if device_note else ""),
@@ -330,6 +340,23 @@ def make_family(fam_cls, start: Start, gen, config: FitConfig, structure):
         return fam_cls(pre, gen, config, structure=structure)
 
 
+def fit_base(fam_cls, start: Start, gen, config: FitConfig, structure, program, discrete, node_plans, serves,
+             progress):
+    """Fit the family `fam_cls` starts from (its `base_family`, at the engine's defaults) and build
+    `fam_cls` from it.  -> (the family, the start's note for the header)."""
+    name = fam_cls.base_for(program.dim) if hasattr(fam_cls, "base_for") else fam_cls.base_family
+    base_config = replace(config, method=name, steps=None, lr=None, mc_samples=None, optimizer="auto")
+    base = make_family(FAMILIES[name], start, gen, base_config, structure)
+    vi = VI(program, base, OBJECTIVES[config.objective](base_config), discrete, node_plans, base_config, serves)
+    S = mc_samples(base_config, vi)
+    result, optimizer = optimise(vi, base_config, S, step_size(base_config, vi, S, start.cold), start.cold,
+                                 progress, gen)
+    how = (f"{result.evals} L-BFGS evaluations" if result.evals else f"{result.steps} Adam steps")
+    tail = result.trace[-1:] if result.evals else result.trace[-100:]
+    elbo = f", ELBO {float(np.mean(tail)):.4g}" if tail else ""
+    return fam_cls.from_base(base, program, gen, config), f"{start.note}, then the {name} fit ({how}{elbo})"
+
+
 LONG_FIT = 10.0     # seconds: a fit estimated to take longer is announced before it starts
 
 
@@ -387,7 +414,8 @@ def mc_samples(config: FitConfig, vi: VI) -> int:
     64 on the score path."""
     if config.mc_samples:
         return config.mc_samples
-    return max(1, min(64 if _noisy(vi) else 16, MC_BUDGET // vi.program.largest_node()))
+    default = vi.family.mc_samples or (64 if _noisy(vi) else 16)
+    return max(1, min(default, (vi.family.mc_budget or MC_BUDGET) // vi.program.largest_node()))
 
 
 def _noisy(vi: VI) -> bool:
@@ -400,7 +428,7 @@ def step_size(config: FitConfig, vi: VI, S: int, cold: bool) -> float:
     halved on the score path."""
     if config.lr is not None:
         return config.lr
-    lr = (0.2 if cold else 0.1) * min(1.0, math.sqrt(S / 16))
+    lr = vi.family.lr or (0.2 if cold else 0.1) * min(1.0, math.sqrt(S / 16))
     if _noisy(vi):
         lr = lr * 0.5
     return lr
@@ -411,6 +439,8 @@ def choose_optimizer(config: FitConfig, vi: VI, S: int) -> str:
     samples per step; Adam when the user tunes the stochastic steps (`steps`, `lr`, `mc_samples`)
     and for large data (per-step noise is small there, and each pass over the data is dear)."""
     fixed = OPTIMIZERS["dadvi"]
+    if config.optimizer == "auto" and vi.family.optimizer:
+        return vi.family.optimizer
     if config.optimizer == "auto":
         tuned = config.steps is not None or config.lr is not None or config.mc_samples is not None
         fits = S >= 16 or vi.family.prefers_fixed_draws      # (graph: few draws whatever the data size)
