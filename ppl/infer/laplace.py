@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 FULL_HESSIAN_MAX = 400
 NEWTON_MAX = 400      # Newton with the exact Hessian up to this many dimensions; L-BFGS above
 NEWTON_ITERS = 100    # a model with a mode needs 5-40 Newton steps; a funnel's would go on for ever
+NEWTON_EVALS = 100    # evaluations (Hessians and line-search values) per Newton run: the ill-conditioned
+                      # regressions of bench/modes.py needed 20-55 from 0
+LBFGS_FIRST = 60      # L-BFGS evaluations before the first Newton run (well-conditioned models: 8-74)
 MODE_EVALS = 300      # mode search budget: MODE_EVALS + 2 D evaluations
 MODE_ITERS = 500      # and at most this many L-BFGS iterations
 MAX_SD = 1e3          # clamp on any direction's sd from a diagonal Hessian (above FULL_HESSIAN_MAX)
@@ -118,13 +121,16 @@ def value_grad_hess(lj, x: torch.Tensor):
 def find_mode(lj, on_eval=None):
     """-> (mode, evaluations, the precision -H at the mode or None, settled).
 
-    Up to NEWTON_MAX dimensions: Newton from 0; where it does not settle, L-BFGS from 0 and Newton
-    from where L-BFGS stopped.  Newton alone can dive into a funnel that L-BFGS's short first steps
-    avoid: at the start of a centred hierarchy every group effect equals the mean, so the density
-    rises as the group scale falls, and a full Newton step takes log tau to -4 before the group
-    effects have moved (the bundled radon: L-BFGS finds the local mode at tau ~ 0.35 in 40
-    evaluations, Newton alone ends at tau ~ 1e-16).  A funnel with no mode defeats both, and the
-    start is cold."""
+    Up to NEWTON_MAX dimensions: LBFGS_FIRST evaluations of L-BFGS from 0, then Newton from there
+    (a mode L-BFGS reached: one or two Hessians to confirm it and to polish); where Newton does not
+    settle, the rest of L-BFGS's budget and Newton again.  L-BFGS first because its short first
+    steps keep out of a funnel that Newton would dive into (at the start of a centred hierarchy every
+    group effect equals the mean, so the density rises as the group scale falls: a full Newton step
+    from 0 takes the bundled radon's log tau to -4 before the group effects have moved, and it ends
+    at tau ~ 1e-16; L-BFGS finds the local mode at tau ~ 0.35 in 40 evaluations), and because a
+    Hessian costs about 14 gradients at N = 1e4, D = 22.  Newton because L-BFGS cannot follow an
+    ill-conditioned posterior (bench/modes.py: uncentred flat-prior regressions, where it stopped 5
+    posterior sds off or not at all).  A funnel with no mode defeats both, and the start is cold."""
     x0 = torch.zeros(lj.dim, dtype=lj.dtype, device=lj.device)
     f = _negative_log_density(lj)
     budget = MODE_EVALS + 2 * lj.dim
@@ -142,14 +148,17 @@ def find_mode(lj, on_eval=None):
             except (RuntimeError, ValueError):
                 return math.inf
 
-    def run_newton(x):
-        return newton(value, lambda z: value_grad_hess(lj, z), x, max_iter=NEWTON_ITERS, max_evals=budget,
+    def run_newton(x, max_evals):
+        return newton(value, lambda z: value_grad_hess(lj, z), x, max_iter=NEWTON_ITERS, max_evals=max_evals,
                       on_eval=on_eval)
-    res = run_newton(x0)
-    evals = res.evals
-    if not res.converged:
-        x1, ev = lbfgs(f, x0, max_iter=MODE_ITERS, max_evals=budget, on_eval=on_eval)
-        res = run_newton(x1)
+    x1, evals, settled = lbfgs(f, x0, max_iter=MODE_ITERS, max_evals=LBFGS_FIRST, on_eval=on_eval, converged=True)
+    res = run_newton(x1, NEWTON_EVALS)
+    evals += res.evals
+    if not res.converged and not settled:
+        x2, ev, settled = lbfgs(f, x1, max_iter=MODE_ITERS, max_evals=max(1, budget - evals), on_eval=on_eval,
+                                converged=True)
+        # where L-BFGS did not settle either (a funnel, most likely), Newton gets a few steps only
+        res = run_newton(x2, NEWTON_EVALS if settled else NEWTON_EVALS // 5)
         evals += ev + res.evals
     return res.x, evals, res.hess, res.converged
 

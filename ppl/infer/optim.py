@@ -46,8 +46,9 @@ class Adam:
 
 def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter: int = 500, history: int = 10,
           gtol: float = 1e-7, ftol: float = 1e-12, max_evals: Optional[int] = None,
-          on_eval: Optional[Callable[[float], None]] = None) -> Tuple[torch.Tensor, int]:
-    """Minimise f (differentiated by autograd) from x0; returns (x, evaluations)."""
+          on_eval: Optional[Callable[[float], None]] = None, converged: bool = False):
+    """Minimise f (differentiated by autograd) from x0; returns (x, evaluations), and whether it
+    converged when `converged`."""
     def value_grad(x):
         x = x.detach().requires_grad_(True)
         v = f(x)
@@ -55,7 +56,8 @@ def lbfgs(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter:
             return math.inf, None
         g, = torch.autograd.grad(v, x)
         return float(v.detach()), g
-    return lbfgs_vg(value_grad, x0, max_iter, history, gtol, ftol, max_evals, on_eval=on_eval)[:2]
+    out = lbfgs_vg(value_grad, x0, max_iter, history, gtol, ftol, max_evals, on_eval=on_eval)
+    return out if converged else out[:2]
 
 
 def lbfgs_vg(value_grad: Callable[[torch.Tensor], Tuple[float, Optional[torch.Tensor]]], x0: torch.Tensor,
