@@ -36,10 +36,10 @@ from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
 from . import budget, improper
 from .discrete import discrete_families
-from .draw_stats import column_stats
+from .draw_stats import column_stats, weighted_column_stats
 from .families import FAMILIES
 from .laplace import FULL_HESSIAN_MAX, Start, cold_start, laplace
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, log_evidence
 from .psis import psis, verdict
 
 AUTO_FULLRANK_MAX = 200
@@ -53,6 +53,7 @@ MAX_STEPS = 10000          # Adam's step cap when `steps` is not given
 MC_BUDGET = 200_000        # elements per step: S = min(16, MC_BUDGET / size of the largest variable)
 PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations
 SMALL_DATA = 1_000_000     # elements: below this, one thread beats two (thread wake-ups dominate)
+PSIS_CORRECT_KHAT = 0.7    # below this k-hat the summaries are importance-weighted (Yao et al. 2018)
 
 
 @dataclass(kw_only=True)
@@ -82,17 +83,37 @@ class Fit:
     evals: int = 0                            # L-BFGS evaluations of the fixed-draw objective (dadvi)
     fixed_draws: int = 0
     device: str = "cpu"                       # where it ran (with how `auto` chose)
+    weights: Optional[np.ndarray] = None      # PSIS-smoothed normalised importance weights of the first
+                                              # len(weights) draws (None: not computed)
+    log_weights: Optional[np.ndarray] = None  # raw log p(y, theta) - log q(theta) of those draws
+    objective_note: str = ""                  # what the objective is (with K or alpha), for the header
+    objective_value: float = float("nan")     # the objective at the fitted q, from fresh draws ...
+    objective_se: float = float("nan")        # ... and its Monte Carlo error
+    log_evidence: float = float("nan")        # log p(y) by importance sampling over the draws of q ...
+    log_evidence_se: float = float("nan")     # ... and its Monte Carlo error (nan where k-hat >= 0.7)
+
+    @property
+    def corrected(self) -> bool:
+        """Whether `summary()` is PSIS-corrected: the weights exist and k-hat < PSIS_CORRECT_KHAT."""
+        return self.weights is not None and self.khat < PSIS_CORRECT_KHAT
 
     def __repr__(self) -> str:
         return (f"<Fit {self.model.source.path}: {self.method}, ELBO {self.elbo:.4g}, k-hat {self.khat:.2f}, "
                 f"{self.verdict_label}>")
 
-    def summary(self) -> Dict[str, Dict[str, float]]:
-        """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95."""
+    def summary(self, corrected: Optional[bool] = None) -> Dict[str, Dict[str, float]]:
+        """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95.  `corrected` (default: where
+        k-hat < 0.7, `self.corrected`): the draws of q weighted by their PSIS-smoothed importance
+        weights (Yao et al. 2018), which moves q's answers towards the posterior's; False: q's own."""
+        use = self.corrected if corrected is None else (corrected and self.weights is not None)
         out = {}
         for name, arr in self.draws.items():
             flat = arr.reshape(arr.shape[0], -1)
-            q, mean, sd = column_stats(flat)     # inf or huge draws without NumPy warnings
+            if use:
+                n = min(len(self.weights), flat.shape[0])
+                q, mean, sd = weighted_column_stats(flat[:n], self.weights[:n])
+            else:
+                q, mean, sd = column_stats(flat)     # inf or huge draws without NumPy warnings
             for j, key in enumerate(_flat_names(name, arr.shape[1:])):
                 out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
                             "q50": float(q[1, j]), "q95": float(q[2, j])}
@@ -159,8 +180,13 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     timings["optimise"] = time.perf_counter() - t0
 
     _phase(progress, "draws")
-    draws, ps, t_draws, t_khat = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
+    draws, ps, t_draws, t_khat, log_w, pw = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
     timings["draws"], timings["khat"] = t_draws, t_khat
+    obj = vi.objective
+    obj_value, obj_se = obj.estimate(log_w, S)
+    evidence, evidence_se = log_evidence(log_w)
+    if not ps.khat < PSIS_CORRECT_KHAT:
+        evidence_se = float("nan")
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
@@ -172,7 +198,10 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                verdict=text, verdict_label=label, init=start.note, seconds=time.perf_counter() - t_start,
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
                fixed_draws=result.fixed_draws,
-               device=str(rt.device) + (f" ({device_note})" if device_note else ""))
+               device=str(rt.device) + (f" ({device_note})" if device_note else ""),
+               weights=pw.weights, log_weights=log_w, objective_note=obj.describe(S),
+               objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
+               log_evidence_se=evidence_se)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -357,14 +386,19 @@ def psis_draws(largest: int) -> int:
 
 
 def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
-    """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS).
+    """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS,
+    log importance ratios, the PSIS result whose weights correct the summaries).
     PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is large;
-    the reported draws need only values (no densities), except to draw enumerated latents."""
+    the reported draws need only values (no densities), except to draw enumerated latents.  The
+    diagnostics (k-hat, ESS) come from the first `psis_draws` draws, as always; the weights that
+    correct the summaries cover every reported draw where the budget allows their densities."""
     t0 = time.perf_counter()
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
-        n_psis = psis_draws(program.largest_node())
-        n_all = max(n_psis, draws)
+        largest = program.largest_node()
+        n_psis = psis_draws(largest)
+        n_dens = max(n_psis, min(draws, PSIS_BUDGET // largest))     # draws whose density is computed
+        n_all = max(n_dens, draws)
         theta, log_q = fam.rsample_with_log_q(n_all)
         z = {k: q.sample(n_all) for k, q in dq.items()}
         log_q_z = sum((q.log_q(z[k]).reshape(n_all, -1).sum(-1) for k, q in dq.items()),
@@ -373,11 +407,13 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         values: Dict[str, List[np.ndarray]] = {}
         log_p = []
         for i in range(0, n_all, chunk):
-            need_p, need_v = i < n_psis, i < draws
+            need_p, need_v = i < n_dens, i < draws
+            if not (need_p or need_v):
+                break
             ev = program.evaluate(theta[i:i + chunk], {k: v[i:i + chunk] for k, v in z.items()},
                                   keep_enum=need_v, densities=need_p or bool(program.enum))
             if need_p:
-                log_p.append(ev.total[: n_psis - i])
+                log_p.append(ev.total[: n_dens - i])
             if need_v:
                 for k, v in program.values(ev, gen).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
@@ -386,6 +422,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         log_p = torch.cat(log_p)
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ps = psis(to_numpy(log_p - log_q[:n_psis] - log_q_z[:n_psis]))
+    log_w = to_numpy(log_p - log_q[:n_dens] - log_q_z[:n_dens])
+    ps = psis(log_w[:n_psis])
+    pw = ps if n_dens == n_psis else psis(log_w)
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
-    return out, ps, t_draws, time.perf_counter() - t0
+    return out, ps, t_draws, time.perf_counter() - t0, log_w, pw
