@@ -207,32 +207,6 @@ class GraphGaussian(GaussianFamily):
         b = max([int(idx.shape[1]) for idx in self.buckets] + [0])
         return max(64, 2 * (int(self.glob.numel()) + b) + 8)
 
-    def rewhiten(self) -> None:
-        """Move the preconditioner to q's mean and marginal sds, keeping q: u = m + s u' makes the
-        precision of u' diag(s) P diag(s), whose arrow factor is L with its rows scaled by s (the
-        arrow and the triangles survive).  (GaussianFamily's reset to the standard normal would
-        throw q's correlations away: the Laplace precision the fit started from, and an intercept's
-        -0.9999 correlation with the slope of an uncentred predictor, which L-BFGS then had to learn
-        again and stopped before it had: the intercept's sd 170 times too small.)"""
-        with torch.no_grad():
-            m, s = self.mean_scale_u()
-            mu0 = self.pre.to_theta(m.unsqueeze(0))[0]
-            self.pre = Preconditioner(mu0, self.pre.A * s)
-            raw = self._raw
-            log_s = torch.log(s)
-            sg = s[self.glob]
-            for i, idx in enumerate(self.buckets):
-                sl = s[idx]                                                  # (J, b): the rows' scales
-                loc = raw[f"loc{i}"]
-                diag = torch.diagonal(loc, dim1=-2, dim2=-1)
-                loc.copy_(torch.tril(loc, -1) * sl[:, :, None] + torch.diag_embed(diag + log_s[idx]))
-                raw[f"cpl{i}"].mul_(sg[None, :, None])
-            if self.glob.numel():
-                g = raw["glob"]
-                diag = torch.diagonal(g)
-                g.copy_(torch.tril(g, -1) * sg[:, None] + torch.diag_embed(diag + log_s[self.glob]))
-            raw["m"].zero_()
-
     # ---- the start: the Laplace precision, as the arrow's Cholesky factor ------------------------------
     def _from_precision(self, P) -> dict:
         """The arrow factor L0 of a precision given by blocks (`P.loc[i]` (J, b, b), `P.cpl[i]`
