@@ -92,3 +92,16 @@ def test_no_correction_where_khat_is_high_and_outputs_say_which():
     assert out["params"][par]["sd"] != out["params_q"][par]["sd"]
     text = table(_iwae_fit(_gamma_poisson))
     assert "summary    PSIS-corrected" in text and "q mean" in text
+
+
+def test_weights_csv_matches_the_draws_and_reproduces_the_table(tmp_path):
+    from ppl.report import write_outputs
+    src, data, par, *_ = _gamma_poisson()
+    fit = ppl.loads(src, "skewed.ppl").fit(data, seed=0, draws=300, objective="iwae", steps=300)
+    assert fit.corrected and len(fit.weights) == 300                  # fewer draws than PSIS's 1000
+    write_outputs(fit, str(tmp_path / "out"), force=False)
+    draws = np.genfromtxt(tmp_path / "out" / "draws.csv", delimiter=",", names=True)
+    w = np.loadtxt(tmp_path / "out" / "weights.csv", skiprows=1)
+    assert len(w) == len(draws) == 300
+    assert np.average(draws[par], weights=w) == pytest.approx(fit.summary()[par]["mean"], rel=1e-9)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["summary"] == "psis"

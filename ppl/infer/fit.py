@@ -187,6 +187,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     evidence, evidence_se = log_evidence(log_w)
     if not ps.khat < PSIS_CORRECT_KHAT:
         evidence_se = float("nan")
+    weights = pw.weights[:config.draws] / pw.weights[:config.draws].sum()    # the reported draws' own
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
@@ -199,7 +200,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
                fixed_draws=result.fixed_draws,
                device=str(rt.device) + (f" ({device_note})" if device_note else ""),
-               weights=pw.weights, log_weights=log_w, objective_note=obj.describe(S),
+               weights=weights, log_weights=log_w, objective_note=obj.describe(S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
                log_evidence_se=evidence_se)
 
