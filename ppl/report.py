@@ -40,6 +40,32 @@ def _objective(fit) -> str:
     return OBJECTIVES[fit.objective].label if fit.objective in OBJECTIVES else fit.objective
 
 
+def _value(fit) -> str:
+    """The objective at the fitted q from fresh draws, with its Monte Carlo error (the optimiser's own
+    last value where there is none)."""
+    v, se = getattr(fit, "objective_value", float("nan")), getattr(fit, "objective_se", float("nan"))
+    if not math.isfinite(v):
+        return f"{fit.elbo:.4f}"
+    return f"{v:.4f}" + (f" ± {se:.2g}" if math.isfinite(se) else "")
+
+
+def _evidence(fit) -> Optional[str]:
+    """log p(y) by importance sampling, where k-hat says the weights can be trusted."""
+    v, se = getattr(fit, "log_evidence", float("nan")), getattr(fit, "log_evidence_se", float("nan"))
+    if not (math.isfinite(v) and math.isfinite(se)):
+        return None
+    n = len(fit.log_weights) if getattr(fit, "log_weights", None) is not None else 0
+    return f"log p(y)   {v:.4f} ± {se:.2g} (importance sampling over {n} draws of q)"
+
+
+def summary_note(fit) -> str:
+    """Which summary the table shows, for its header and run records."""
+    if getattr(fit, "corrected", False):
+        return (f"PSIS-corrected: the draws of q weighted by their smoothed importance weights "
+                f"(k-hat {fit.khat:.2f} < 0.7); q's own mean and sd beside")
+    return f"q's draws, unweighted (k-hat {fit.khat:.2f} >= 0.7: the importance weights cannot correct them)"
+
+
 def table(fit, process_seconds: Optional[float] = None, vars=None, quantiles=None, hdi=None) -> str:
     """The header, then one row per chosen element: level labels where the model has them
     (`a[Carver]`), discrete latents as the probability of each value (ppl.summary)."""
@@ -47,22 +73,38 @@ def table(fit, process_seconds: Optional[float] = None, vars=None, quantiles=Non
     s = summarize(fit.model, fit.draws, vars, quantiles, hdi, discrete_names(fit), getattr(fit, "moments", None))
     names = [r.label for r in s.rows] + [r.label for r in s.discrete]
     w = max([len(k) for k in names] + [6])
+    corrected = getattr(fit, "corrected", False)
+    raw = {}
+    if corrected:                          # PSIS-weighted moments and quantiles in place of q's own
+        weighted = fit.summary()
+        for r in s.rows:
+            if r.name in weighted:
+                raw[r.name] = (r.values["mean"], r.values["sd"])
+                r.values.update({c: weighted[r.name][c] for c in r.values if c in weighted[r.name]})
     total = f" (whole process {process_seconds:.2f} s)" if process_seconds is not None else ""
     lines = [
         f"model      {fit.model.source.path}",
         f"method     {fit.method} (ADVI, start: {fit.init})" + (f"; {fit.method_note}" if fit.method_note else ""),
         f"estimator  {fit.estimator}",
-        f"objective  {fit.objective}",
+        f"objective  {getattr(fit, 'objective_note', '') or fit.objective}",
         f"steps      {_steps(fit)}",
-        f"{_objective(fit):<10} {fit.elbo:.4f}",
+        f"{_objective(fit):<10} {_value(fit)}",
+    ]
+    ev = _evidence(fit)
+    if ev is not None:
+        lines.append(ev)
+    lines += [
         f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
         f"time       {fit.seconds:.2f} s{total}" + (f" on {fit.device}" if fit.device != "cpu" else ""),
         f"verdict    {fit.verdict}",
+        f"summary    {summary_note(fit)}",
     ]
     if s.rows:
-        lines += ["", f"{'':<{w}}  " + " ".join(f"{c:>10}" for c in s.columns)]
+        lines += ["", f"{'':<{w}}  " + " ".join(f"{c:>10}" for c in s.columns)
+                  + ("  " + f"{'q mean':>10} {'q sd':>10}" if raw else "")]
         for r in s.rows:
-            lines.append(f"{r.label:<{w}}  " + " ".join(f"{_fmt(r.values[c]):>10}" for c in s.columns))
+            lines.append(f"{r.label:<{w}}  " + " ".join(f"{_fmt(r.values[c]):>10}" for c in s.columns)
+                         + (f"  {_fmt(raw[r.name][0]):>10} {_fmt(raw[r.name][1]):>10}" if r.name in raw else ""))
     if s.discrete:
         values = sorted({v for r in s.discrete for v in r.probs})
         lines += ["", f"{'':<{w}}  " + " ".join(f"{'P(' + str(v) + ')':>7}" for v in values)
@@ -83,10 +125,20 @@ def to_json(fit, process_seconds: Optional[float] = None) -> str:
         return x if math.isfinite(x) else None
     from .summary import summarize
     disc = summarize(fit.model, fit.draws, list(fit.draws), None, None, discrete_names(fit))
+
+    def params(s):
+        return {k: {c: num(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")} for k, v in s.items()}
+    corrected = getattr(fit, "corrected", False)
     return json.dumps({
-        "objective": fit.objective, "device": fit.device,
+        "objective": fit.objective, "objective_description": getattr(fit, "objective_note", fit.objective),
+        "objective_value": num(getattr(fit, "objective_value", float("nan"))),
+        "objective_se": num(getattr(fit, "objective_se", float("nan"))),
+        "log_evidence": num(getattr(fit, "log_evidence", float("nan"))),
+        "log_evidence_se": num(getattr(fit, "log_evidence_se", float("nan"))),
+        "summary": "psis" if corrected else "q", "device": fit.device,
         "process_seconds": None if process_seconds is None else round(process_seconds, 3),
-        "params": {k: {c: num(v[c]) for c in ("mean", "sd", "q5", "q50", "q95")} for k, v in fit.summary().items()},
+        "params": params(fit.summary()),
+        "params_q": params(fit.summary(corrected=False)) if corrected else None,
         "discrete": {r.name: {str(k): p for k, p in r.probs.items()} for r in disc.discrete},
         "labels": {r.name: r.label for r in disc.rows + disc.discrete if r.label != r.name},
         "elbo": num(fit.elbo), "steps": fit.steps, "converged": fit.converged, "method": fit.method,
@@ -133,6 +185,8 @@ def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), *,
                                  ([r.name, r.label] + [repr(r.values[c]) for c in s.columns] for r in s.rows)),
         "elbo.csv": _csv_text(["step", "elbo"], ([i + 1, repr(e)] for i, e in enumerate(fit.elbo_trace))),
     }
+    if getattr(fit, "corrected", False):     # the weights of the first rows of draws.csv
+        files["weights.csv"] = _csv_text(["psis_weight"], ([repr(float(x))] for x in fit.weights))
     files = {k: v.encode() for k, v in files.items()}
     notes = list(notes or [])
     files.update(saved.files(fit))

@@ -5,6 +5,7 @@ verdict other than 'good').  A mean-field fit of a strongly correlated
 regression must not be called 'good'.  And the shared check.py passes."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -25,9 +26,10 @@ def _reference(name):
     return json.loads((REFERENCE / name / "reference.json").read_text())["params"]
 
 
+@functools.lru_cache(maxsize=None)
 def _fit(name, method):
     model, data = reference_paths(name)
-    return ppl.load(model).fit(data, method=method, seed=1)
+    return ppl.load(model).fit(data, method=method, seed=1, draws=4000)
 
 
 def _misses(fit, ref):
@@ -48,6 +50,27 @@ def test_fullrank_matches_nuts_or_says_so(name):
     misses = _misses(f, _reference(name))
     flagged = f.khat > 0.7 or f.verdict_label != "good"
     assert not misses or flagged, f"{name}: {misses}, yet verdict {f.verdict_label} (k-hat {f.khat:.2f})"
+
+
+GOLDEN = ROOT / "tests" / "data" / "reference_errors.json"
+WORSE = 0.07        # a parameter's |mean error| (in sds) or |sd ratio - 1| may grow this much at most
+                    # (4000 draws: the difference of two fits' Monte Carlo errors has sd 0.023)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fullrank_is_no_worse_than_the_recorded_fit(name):
+    """Against the errors recorded before the Newton mode search and the adaptive fixed draws
+    (tests/data/reference_errors.json): no parameter got worse by more than WORSE."""
+    golden = json.loads(GOLDEN.read_text())
+    if name not in golden:
+        pytest.skip(f"no recorded errors for {name}")
+    s, ref = _fit(name, "fullrank").summary(), _reference(name)
+    worse = []
+    for k, (err0, ratio0) in golden[name].items():
+        err, ratio = (s[k]["mean"] - ref[k]["mean"]) / ref[k]["sd"], s[k]["sd"] / ref[k]["sd"]
+        if abs(err) > abs(err0) + WORSE or abs(ratio - 1) > abs(ratio0 - 1) + WORSE:
+            worse.append(f"{k}: mean err {err:+.3f} (was {err0:+.3f}), sd ratio {ratio:.3f} (was {ratio0:.3f})")
+    assert not worse, worse
 
 
 def test_meanfield_on_a_correlated_regression_is_not_good():

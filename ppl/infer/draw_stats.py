@@ -84,3 +84,35 @@ def spread(x: np.ndarray) -> float:
     if s > HUGE:
         return float(s * np.std(x / s))
     return float(np.std(x))
+
+
+def weighted_column_stats(flat: np.ndarray, w: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, k) draws with normalised importance weights w (n,) -> (quantiles (3, k), means, sds), the
+    weighted counterparts of `column_stats`: mean sum w x; variance sum w (x - mean)^2 / (1 - sum w^2)
+    (unbiased for reliability weights: ddof 1 when the weights are equal); quantiles from the weighted
+    empirical distribution, each draw's mass centred on it.  Columns that are not all finite keep
+    `column_stats`'s unweighted answer."""
+    flat = np.asarray(flat, dtype=float)
+    w = np.asarray(w, dtype=float)
+    w = w / w.sum()
+    q, mean, sd = column_stats(flat)
+    n, k = flat.shape
+    if n < 2 or k == 0:
+        return q, mean, sd
+    finite = np.isfinite(flat).all(0) & (np.abs(flat).max(0, initial=0.0) <= HUGE)
+    if not finite.any():
+        return q, mean, sd
+    x = flat[:, finite]
+    m = w @ x
+    denom = 1.0 - float(w @ w)
+    var = (w @ (x - m) ** 2) / denom if denom > 0 else np.zeros_like(m)
+    mean[finite], sd[finite] = m, np.sqrt(np.maximum(var, 0.0))
+    order = np.argsort(x, axis=0, kind="stable")
+    xs = np.take_along_axis(x, order, 0)
+    ws = w[order]
+    cum = np.cumsum(ws, 0) - 0.5 * ws                     # each draw's mass centred on it
+    qs = np.empty((len(PROBS), x.shape[1]))
+    for j in range(x.shape[1]):
+        qs[:, j] = np.interp(PROBS, cum[:, j], xs[:, j])
+    q[:, finite] = qs
+    return q, mean, sd

@@ -290,6 +290,8 @@ class AdamOptimizer(Optimizer):
 
 
 FIXED_DRAW_MAX = 16384
+FIXED_DRAW_START = 256          # draws of the first fixed-draw stage (at least the family's least)
+FIXED_DRAW_SETTLE = 0.02        # q moved less than this many of its sds when the draws doubled: enough
 FIXED_DRAW_BUDGET = 1_000_000   # elements per evaluation of the fixed-draw objective
 FIXED_DRAW_CHUNK = 250_000      # elements per chunk of draws (bounds the memory of one evaluation)
 FIXED_DRAW_ITERS = 1000
@@ -341,12 +343,35 @@ class FixedDraws(Optimizer):
         warm = min(max_steps, WARMUP_STEPS if cold else 0)
         res = vi.run(vi.init(lr, S), warm, tol, warm, progress)
         largest = vi.program.largest_node()
-        n_fixed = min(cls.draw_count(vi.family.min_fixed_draws(), largest),
-                      max(vi.family.min_fixed_draws(), vi.family.max_fixed_draws))
+        fam = vi.family
+        least = fam.min_fixed_draws()
+        n_max = min(cls.draw_count(least, largest), max(least, fam.max_fixed_draws))
+        n_fixed = min(n_max, max(least, FIXED_DRAW_START)) if hasattr(fam, "mean_scale_u") else n_max
         evals, converged, values = cls.finish(vi, n_fixed, gen, largest, on_eval)
         if not values:   # the fixed-draw objective was not finite at the start: stochastic steps after all
             return None
+        # as many draws as the posterior needs: doubled until q moves less than FIXED_DRAW_SETTLE of its
+        # own sds when they double (a Gaussian posterior: at once; eight schools' heavy tau: thousands)
+        while n_fixed < n_max:
+            n_fixed = min(n_max, 2 * n_fixed)
+            ev, conv, more = cls.finish(vi, n_fixed, gen, largest, on_eval)
+            evals += ev
+            if not more:             # not finite on the new draws: keep the last optimum
+                break
+            values += more
+            converged = conv
+            if cls.moved(fam) < FIXED_DRAW_SETTLE:
+                break
         return OptimResult(res.trace + values, converged, res.steps, evals, n_fixed)
+
+    @staticmethod
+    def moved(fam) -> float:
+        """How far the last `finish` moved q from where it started (the previous stage's q, which its
+        whitening made the standard normal): the largest change of a mean in sds, or of a scale
+        entry, relative."""
+        m, C = fam.mean_scale_u()
+        dev = (C - 1.0) if C.dim() == 1 else (C - torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
+        return float(torch.maximum(m.abs().max(), dev.abs().max())) if m.numel() else 0.0
 
     @staticmethod
     def finish(vi: VI, n_fixed: int, gen: torch.Generator, largest: int, on_eval=None):

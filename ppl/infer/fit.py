@@ -37,10 +37,10 @@ from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
 from . import budget, improper, minibatch, windows
 from .discrete import discrete_families
-from .draw_stats import column_stats
+from .draw_stats import column_stats, weighted_column_stats
 from .families import FAMILIES
 from .laplace import FULL_HESSIAN_MAX, Start, cold_start, laplace
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, log_evidence
 from .psis import psis, verdict
 from ..posterior import Approximation
 
@@ -54,6 +54,7 @@ MC_BUDGET = 200_000        # elements per step: S = min(16, MC_BUDGET / size of 
 PSIS_BUDGET = 200_000_000  # elements: the draws for k-hat cost at most about this many element-evaluations
 SAMPLE_BUDGET = 2_000_000 # elements: q's draws for the summary and PSIS are made in chunks above this
 SMALL_DATA = 1_000_000     # elements: below this, one thread beats two (thread wake-ups dominate)
+PSIS_CORRECT_KHAT = 0.7    # below this k-hat the summaries are importance-weighted (Yao et al. 2018)
 
 
 @dataclass(kw_only=True, repr=False)
@@ -88,15 +89,35 @@ class Fit(PosteriorMethods):
     # enumerated latents: mean and sd of their exact conditionals averaged over q's draws (Rao-Blackwellised;
     # the summary's mean and sd, with quantiles from the draws)
     moments: Dict[str, tuple] = field(default_factory=dict)
+    weights: Optional[np.ndarray] = None      # PSIS-smoothed normalised importance weights of the first
+                                              # len(weights) draws (None: not computed)
+    log_weights: Optional[np.ndarray] = None  # raw log p(y, theta) - log q(theta) of those draws
+    objective_note: str = ""                  # what the objective is (with K or alpha), for the header
+    objective_value: float = float("nan")     # the objective at the fitted q, from fresh draws ...
+    objective_se: float = float("nan")        # ... and its Monte Carlo error
+    log_evidence: float = float("nan")        # log p(y) by importance sampling over the draws of q ...
+    log_evidence_se: float = float("nan")     # ... and its Monte Carlo error (nan where k-hat >= 0.7)
 
-    def summary(self) -> Dict[str, Dict[str, float]]:
-        """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95."""
+    @property
+    def corrected(self) -> bool:
+        """Whether `summary()` is PSIS-corrected: the weights exist and k-hat < PSIS_CORRECT_KHAT."""
+        return self.weights is not None and self.khat < PSIS_CORRECT_KHAT
+
+    def summary(self, corrected: Optional[bool] = None) -> Dict[str, Dict[str, float]]:
+        """Stan-style flattened names (1-based) -> mean, sd, q5, q50, q95.  `corrected` (default: where
+        k-hat < 0.7, `self.corrected`): the draws of q weighted by their PSIS-smoothed importance
+        weights (Yao et al. 2018), which moves q's answers towards the posterior's; False: q's own."""
+        use = self.corrected if corrected is None else (corrected and self.weights is not None)
         out = {}
         for name, arr in self.draws.items():
             flat = arr.reshape(arr.shape[0], -1)
-            q, mean, sd = column_stats(flat)     # inf or huge draws without NumPy warnings
-            if name in self.moments:
-                mean, sd = (np.asarray(a).reshape(-1) for a in self.moments[name])
+            if use:
+                n = min(len(self.weights), flat.shape[0])
+                q, mean, sd = weighted_column_stats(flat[:n], self.weights[:n])
+            else:
+                q, mean, sd = column_stats(flat)     # inf or huge draws without NumPy warnings
+                if name in self.moments:
+                    mean, sd = (np.asarray(a).reshape(-1) for a in self.moments[name])
             for j, key in enumerate(_flat_names(name, arr.shape[1:])):
                 out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
                             "q50": float(q[1, j]), "q95": float(q[2, j])}
@@ -211,8 +232,15 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     settled = family.settle(program, gen)                         # e.g. the flow against its start
 
     _phase(progress, "draws")
-    draws, ps, t_draws, t_khat, q_draws, moments = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
+    draws, ps, t_draws, t_khat, q_draws, moments, log_w, pw = draw_and_diagnose(vi, config.draws, gen,
+                                                                                _ticker(progress))
     timings["draws"], timings["khat"] = t_draws, t_khat
+    obj = vi.objective
+    obj_value, obj_se = obj.estimate(log_w, S)
+    evidence, evidence_se = log_evidence(log_w)
+    if not ps.khat < PSIS_CORRECT_KHAT:
+        evidence_se = float("nan")
+    weights = pw.weights[:config.draws] / pw.weights[:config.draws].sum()    # the reported draws' own
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
     if settled:
@@ -231,7 +259,10 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
                fixed_draws=result.fixed_draws, moments=moments,
                device=str(rt.device) + (f" ({device_note})" if device_note else ""),
-               q=Approximation(program, family, discrete, node_plans, method, structure, wins), q_draws=q_draws)
+               q=Approximation(program, family, discrete, node_plans, method, structure, wins), q_draws=q_draws,
+               weights=weights, log_weights=log_w, objective_note=obj.describe(S),
+               objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
+               log_evidence_se=evidence_se)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -479,8 +510,11 @@ def psis_draws(largest: int) -> int:
 
 def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
     """-> (draws by name in constrained space, PSIS result, seconds for the draws, seconds for PSIS,
-    the reported draws' theta, z, log p and log q, the Rao-Blackwellised moments of enumerated latents).  PSIS needs log p at each of its draws: 1000 of
-    them, fewer when one pass over the data is large; the reported draws have theirs too (draws.csv)."""
+    the reported draws' theta, z, log p and log q, the Rao-Blackwellised moments of enumerated latents,
+    the log importance ratios of all draws, the PSIS result whose weights correct the summaries).
+    PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is large;
+    the reported draws have theirs too (draws.csv, and the weights that correct the summaries).  The
+    diagnostics (k-hat, ESS) come from the first `psis_draws` draws, as always."""
     t0 = time.perf_counter()
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
@@ -538,7 +572,9 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         log_p, log_q = torch.cat(log_p), torch.cat(log_q)
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ps = psis(to_numpy(log_p[:n_psis] - log_q[:n_psis]))
+    log_w = to_numpy(log_p - log_q)
+    ps = psis(log_w[:n_psis])
+    pw = ps if n_all == n_psis else psis(log_w)
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
     q_draws = QDraws(torch.cat(kept_theta)[:draws], {k: torch.cat(v)[:draws] for k, v in kept_z.items()},
                      to_numpy(log_p[:draws]).copy(), to_numpy(log_q[:draws]).copy())
@@ -546,4 +582,4 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
     for k, (s1, s2, n) in sums.items():
         mean = s1 / n
         moments[k] = (to_numpy(mean), to_numpy(torch.sqrt(torch.clamp(s2 / n - mean * mean, min=0))))
-    return out, ps, t_draws, time.perf_counter() - t0, q_draws, moments
+    return out, ps, t_draws, time.perf_counter() - t0, q_draws, moments, log_w, pw

@@ -46,6 +46,7 @@ import torch
 from ..errors import EXIT_NUMERIC, Diagnostic, PplError
 
 LAPLACE_PROBES = (10.0, 100.0, 1e3, 1e4, 1e5)   # distances (unconstrained units) from the mode or q's mean
+SD_PROBES = (3.0, 10.0, 100.0)                   # ... and in sds of the start along the direction
 NEED = 2                  # the nearest probes that must be finite for a side to count as flat
 FLAT_DROP = 0.01          # log p may fall at most this much along a flat ray ...
 FLAT_RISE = 1.0           # ... and rise at most this much (more: the start was not a mode; a funnel)
@@ -118,15 +119,24 @@ def _log_p(lj, pts: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 # ---- 1. at the Laplace start ---------------------------------------------------------------
-def clamped_directions(lam: torch.Tensor, V: Optional[torch.Tensor], floor: float) -> Optional[torch.Tensor]:
+def clamped_directions(lam: torch.Tensor, V: Optional[torch.Tensor], floor: float,
+                       exclude: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The Laplace start's clamped directions as (k, D) unit rows (eigenvectors of the Hessian, or
-    coordinate axes when only its diagonal is known), flattest first, at most MAX_DIRECTIONS."""
+    coordinate axes when only its diagonal is known), flattest first, at most MAX_DIRECTIONS.
+    `exclude`: (j, D) unit rows already taken; directions within them are left out."""
     idx = torch.nonzero(lam <= floor).reshape(-1)
     if idx.numel() == 0:
         return None
     idx = idx[torch.argsort(lam[idx])][:MAX_DIRECTIONS]
     if V is not None:
-        return V[:, idx].T.contiguous()
+        rows = V[:, idx].T.contiguous()
+        if exclude is not None:
+            # the part outside the span of the excluded rows: nothing much left means already taken
+            Q = torch.linalg.qr(exclude.T).Q
+            rest = rows - (rows @ Q) @ Q.T
+            keep = rest.norm(dim=1) > 0.5
+            rows = rows[keep]
+        return rows if rows.shape[0] else None
     rows = torch.zeros((idx.numel(), lam.shape[0]), dtype=lam.dtype)
     rows[torch.arange(idx.numel()), idx] = 1.0
     return rows
@@ -141,7 +151,7 @@ def after_laplace(lj, lap) -> None:
         extra = _flat_subspace(lj, lap.mu0, _flat_coordinates(lj))
         if extra is not None:
             dirs = extra if dirs is None else torch.cat([dirs, extra])
-    _raise_if_flat(lj, lap.mu0, dirs, None)
+    _raise_if_flat(lj, lap.mu0, dirs, None, getattr(lap, "flat_sd", None))
 
 
 def check_q(lj, fam, cold: bool = False) -> None:
@@ -175,12 +185,20 @@ def check_q(lj, fam, cold: bool = False) -> None:
         _raise_if_flat(lj, mean, _flat_subspace(lj, mean, G), None)
 
 
-def _raise_if_flat(lj, x0: torch.Tensor, dirs: Optional[torch.Tensor], wide: Optional[torch.Tensor]) -> None:
+def _raise_if_flat(lj, x0: torch.Tensor, dirs: Optional[torch.Tensor], wide: Optional[torch.Tensor],
+                   sd: Optional[torch.Tensor] = None) -> None:
     """Probe `dirs` from x0; raise naming the latents of the flat ones.  `wide`: the coordinates
-    whose q scale grew (for the message), None when the directions come from a Hessian alone."""
+    whose q scale grew (for the message), None when the directions come from a Hessian alone.
+    `sd`: (k,) the start's sd along each direction (inf where it was clamped): a direction with a
+    finite sd is also probed at SD_PROBES of it, so a proper direction wider than LAPLACE_PROBES
+    reach (a coefficient in dollars, sd 1e6) falls there, while an improper one stays flat."""
     if dirs is None or dirs.shape[0] == 0:
         return
     dist = torch.tensor(LAPLACE_PROBES, dtype=x0.dtype).expand(dirs.shape[0], -1)
+    if sd is not None:
+        rel = torch.where(torch.isfinite(sd), sd, torch.zeros_like(sd))[:, None] * \
+            torch.tensor(SD_PROBES, dtype=x0.dtype)
+        dist = torch.sort(torch.cat([dist, torch.where(rel > 0, rel, dist[:, -1:])], 1), 1).values
     hit = [dirs[i] for i, f in enumerate(flat_rays(lj, x0, dirs, dist)) if f]
     if not hit:
         return

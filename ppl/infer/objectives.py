@@ -7,13 +7,24 @@ Registry `OBJECTIVES` (name -> class).  An objective is a class with
   ELBO): it then splits into E_q[log p] + entropy, so a family's analytic
   entropy, the closed-form Gaussian gradient, the fixed-draw optimiser and
   score-function gradients all apply;
-- `__call__(log_w) -> scalar tensor` (differentiable).
+- `__call__(log_w) -> scalar tensor` (differentiable);
+- `describe(K)`: what it is, for the fit's header ("iwae: importance-weighted
+  bound, K = 16 draws per estimate");
+- `estimate(log_w, K) -> (value, Monte Carlo error)`: its value at the fitted
+  q from fresh draws' log weights (numpy), estimated as it was trained: from
+  batches of K draws (K = the Monte Carlo samples per step).
 A new objective is one class here (or anywhere) and one `register_objective`.
+
+`log_evidence(log_w)`: the importance-sampling estimate of log p(y) from all
+the draws (the IWAE bound with K = all of them), with its delta-method
+Monte Carlo error; every bound here lies below it in expectation.
 """
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
+import numpy as np
 import torch
 
 from ..registry import Registry
@@ -31,6 +42,45 @@ class Objective:
     def __call__(self, log_w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def describe(self, K: int) -> str:
+        return self.name
+
+    def estimate(self, log_w: np.ndarray, K: int) -> Tuple[float, float]:
+        """The objective at q from draws' log weights, as trained: the mean over batches of K draws of
+        the objective on each batch, and its Monte Carlo error (sd of the batch values / sqrt(batches))."""
+        with torch.no_grad():
+            vals = np.array([float(self(torch.as_tensor(b))) for b in _batches(log_w, K)])
+        return _mean_se(vals)
+
+
+def _batches(log_w: np.ndarray, K: int):
+    lw = np.asarray(log_w, dtype=float)
+    K = max(1, min(int(K), lw.size))
+    n = lw.size // K
+    return lw[: n * K].reshape(n, K)
+
+
+def _mean_se(vals: np.ndarray) -> Tuple[float, float]:
+    vals = vals[np.isfinite(vals)] if np.isfinite(vals).any() else vals
+    if vals.size == 0:
+        return float("nan"), float("nan")
+    se = float(np.std(vals, ddof=1) / math.sqrt(vals.size)) if vals.size > 1 else float("nan")
+    return float(np.mean(vals)), se
+
+
+def log_evidence(log_w: np.ndarray) -> Tuple[float, float]:
+    """log p(y) by importance sampling over all the draws: log mean w, and its Monte Carlo error by the
+    delta method, sd(w) / (sqrt(n) mean(w)).  Trust it where PSIS k-hat < 0.7 (with larger k-hat the
+    weights' variance is infinite or nearly so, and the error is understated)."""
+    lw = np.asarray(log_w, dtype=float)
+    lw = lw[np.isfinite(lw)]
+    if lw.size < 2:
+        return float("nan"), float("nan")
+    m = lw.max()
+    w = np.exp(lw - m)
+    mean = w.mean()
+    return float(m + math.log(mean)), float(w.std(ddof=1) / (math.sqrt(lw.size) * mean))
+
 
 OBJECTIVES = Registry()
 register_objective = OBJECTIVES.register
@@ -47,6 +97,13 @@ class ELBO(Objective):
     def __call__(self, log_w):
         return log_w.mean()
 
+    def describe(self, K: int) -> str:
+        return "elbo (evidence lower bound: E_q[log p(y, theta) - log q(theta)])"
+
+    def estimate(self, log_w, K):
+        lw = np.asarray(log_w, dtype=float)
+        return _mean_se(lw)
+
 
 @register_objective
 class IWAE(Objective):
@@ -55,6 +112,9 @@ class IWAE(Objective):
 
     def __call__(self, log_w):
         return logmeanexp(log_w)
+
+    def describe(self, K: int) -> str:
+        return f"iwae (importance-weighted bound, Burda et al. 2016: K = {K} draws per estimate)"
 
 
 @register_objective
@@ -71,6 +131,9 @@ class Renyi(Objective):
         if abs(1 - self.alpha) < 1e-9:
             return log_w.mean()
         return logmeanexp((1 - self.alpha) * log_w) / (1 - self.alpha)
+
+    def describe(self, K: int) -> str:
+        return f"renyi (Renyi bound, Li & Turner 2016: alpha {self.alpha:g}, K = {K} draws per estimate)"
 
 
 @register_objective
