@@ -88,7 +88,7 @@ def run_record(fit, inputs: Sequence[str], command: Optional[Sequence[str]], pro
             "seed": fit.config.seed, "steps": fit.steps, "evaluations": fit.evals, "fixed_draws": fit.fixed_draws,
             "lr": fit.lr, "mc_samples": fit.mc_samples, "converged": fit.converged, "elbo": fit.elbo,
             "khat": fit.khat, "ess": fit.ess, "sd_log_w": fit.sd_log_w, "verdict": fit.verdict_label,
-            "verdict_text": fit.verdict, "seconds": fit.seconds, "process_seconds": process_seconds,
+            "verdict_text": fit.verdict, "summary": "psis" if getattr(fit, "corrected", False) else "q", "seconds": fit.seconds, "process_seconds": process_seconds,
             "timings": dict(fit.timings), "draws": next((int(v.shape[0]) for v in fit.draws.values()), 0),
             "notes": list(notes), "config": describe(fit.config)}
 

@@ -122,7 +122,7 @@ def test_loo_of_a_conjugate_model_equals_the_exact_leave_one_out_density():
     y = rng.normal(1.0, 2.0, 12)
     y[0] = 7.5                                              # one far observation: a long LOO tail
     fit = ppl.loads("data y: real[N]\nmu ~ normal(0, 3)\ny ~ normal(mu, 2)\n").fit({"y": y.tolist()},
-                                                                                  draws=4000, seed=1)
+                                                                                  draws=20000, seed=1)
     exact = []
     for i in range(len(y)):
         rest = np.delete(y, i)

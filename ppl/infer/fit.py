@@ -116,8 +116,8 @@ class Fit(PosteriorMethods):
                 q, mean, sd = weighted_column_stats(flat[:n], self.weights[:n])
             else:
                 q, mean, sd = column_stats(flat)     # inf or huge draws without NumPy warnings
-                if name in self.moments:
-                    mean, sd = (np.asarray(a).reshape(-1) for a in self.moments[name])
+            if name in self.moments:            # enumerated latents: their exact conditionals' moments
+                mean, sd = (np.asarray(a).reshape(-1) for a in self.moments[name])
             for j, key in enumerate(_flat_names(name, arr.shape[1:])):
                 out[key] = {"mean": float(mean[j]), "sd": float(sd[j]), "q5": float(q[0, j]),
                             "q50": float(q[1, j]), "q95": float(q[2, j])}
@@ -459,7 +459,7 @@ def step_size(config: FitConfig, vi: VI, S: int, cold: bool) -> float:
     halved on the score path."""
     if config.lr is not None:
         return config.lr
-    lr = vi.family.lr or (0.2 if cold else 0.1) * min(1.0, math.sqrt(S / 16))
+    lr = getattr(vi.family, "lr", None) or (0.2 if cold else 0.1) * min(1.0, math.sqrt(S / 16))
     if _noisy(vi):
         lr = lr * 0.5
     return lr

@@ -198,6 +198,16 @@ class RowLocal:
         self._avg, self._n_avg = None, 0
 
     # family protocol (what the engine and the draws use)
+    lr = None                     # Adam's step size: the engine's default
+
+    def hold(self) -> None:
+        """The globals' family keeps what it holds fixed; the rows hold nothing."""
+        self.glob.hold()
+
+    def settle(self, program, gen):
+        """Nothing to compare against (the flow's check against its start does not apply here)."""
+        return None
+
     def parameters(self) -> List[torch.Tensor]:
         return self.glob.parameters()
 
