@@ -63,6 +63,9 @@ def summary_note(fit) -> str:
     if getattr(fit, "corrected", False):
         return (f"PSIS-corrected: the draws of q weighted by their smoothed importance weights "
                 f"(k-hat {fit.khat:.2f} < 0.7); q's own mean and sd beside")
+    if fit.khat < 0.7 and getattr(fit, "weights", None) is not None:
+        return (f"q's draws, unweighted (the importance weights leave {fit.weights_ess:.0f} effective draws of "
+                f"{len(fit.weights)}: too few to correct them; more --draws may)")
     return f"q's draws, unweighted (k-hat {fit.khat:.2f} >= 0.7: the importance weights cannot correct them)"
 
 

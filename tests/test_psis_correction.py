@@ -79,6 +79,13 @@ def test_corrected_answers_are_closer_to_the_exact_skewed_posterior(case):
     assert abs(c["mean"] - m) < abs(r["mean"] - m) and abs(c["sd"] - sd) < abs(r["sd"] - sd), (c, r, m, sd)
 
 
+def test_no_correction_with_too_few_effective_draws():
+    src, data, *_ = _gamma_poisson()
+    fit = ppl.loads(src, "skewed.ppl").fit(data, seed=0, draws=200, objective="iwae", steps=300)
+    assert fit.khat < 0.7 and fit.weights_ess < 500 and not fit.corrected
+    assert "effective draws of 200: too few" in table(fit)
+
+
 def test_no_correction_where_khat_is_high_and_outputs_say_which():
     src, data, par, m, sd = _gamma_poisson()
     fit = ppl.loads(src, "skewed.ppl").fit(data, seed=0, draws=500)     # the ELBO's q: k-hat ~1.2 here
@@ -97,11 +104,11 @@ def test_no_correction_where_khat_is_high_and_outputs_say_which():
 def test_weights_csv_matches_the_draws_and_reproduces_the_table(tmp_path):
     from ppl.report import write_outputs
     src, data, par, *_ = _gamma_poisson()
-    fit = ppl.loads(src, "skewed.ppl").fit(data, seed=0, draws=300, objective="iwae", steps=300)
-    assert fit.corrected and len(fit.weights) == 300                  # fewer draws than PSIS's 1000
+    fit = ppl.loads(src, "skewed.ppl").fit(data, seed=0, draws=800, objective="iwae", steps=300)
+    assert fit.corrected and len(fit.weights) == 800                  # fewer draws than PSIS's 1000
     write_outputs(fit, str(tmp_path / "out"), force=False)
     draws = np.genfromtxt(tmp_path / "out" / "draws.csv", delimiter=",", names=True)
     w = np.loadtxt(tmp_path / "out" / "weights.csv", skiprows=1)
-    assert len(w) == len(draws) == 300
+    assert len(w) == len(draws) == 800
     assert np.average(draws[par], weights=w) == pytest.approx(fit.summary()[par]["mean"], rel=1e-9)
     assert json.loads((tmp_path / "out" / "run.json").read_text())["summary"] == "psis"
