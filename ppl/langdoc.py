@@ -125,7 +125,8 @@ def functions() -> str:
 
 def supports() -> str:
     rows = [[f"`{s.name}`", s.text, "discrete" if s.discrete else "continuous",
-             s.transform or ("summed out or score-function q (" + (s.q or "none") + ")" if s.discrete else "")]
+             s.transform or (("summed out (over a window of likely values when unbounded)" if s.window else "summed out")
+                             + " or score-function q (" + (s.q or "none") + ")" if s.discrete else "")]
             for s in SUPPORTS.values()]
     return _table(["support", "set", "kind", "unconstraining transform / how it is fitted"], rows)
 
