@@ -168,3 +168,13 @@ def test_a_saved_fit_keeps_its_windows_and_moments(tmp_path):
     a, b = f.draw(200, seed=5), g.draw(200, seed=5)
     np.testing.assert_allclose(a["n"], b["n"])
     assert g.summary()["n[1]"] == f.summary()["n[1]"]
+
+
+def test_draws_of_probability_zero_on_the_score_path_are_counted_and_reported_never_nan():
+    """Zero-inflated count on the score path: independent q's for z and n draw pairs the data rule out
+    (z = 0 with n != y); they are dropped from the continuous part, penalised for the discrete q's and
+    counted in the header, and the fit ends (the sum over windows is exact: this is the fallback)."""
+    data = simulate("zip", 6, 1)
+    f = ppl.loads(MODELS["zip"], "zip.ppl").fit(data, estimator="score", seed=1, steps=150, draws=300)
+    assert f.estimator.startswith("reparam + score (z, n); ") and "draws of probability zero dropped" in f.estimator
+    assert all(np.isfinite(v).all() for v in f.draws.values())
