@@ -100,7 +100,7 @@ def test_header_and_graph_say_truncated_enumeration_with_the_bound():
     assert g.nodes["n"]["estimator"] == "truncated enumeration"
     assert g.nodes["n"]["bounds"] == "n >= y (binomial trials)"
     assert "mass outside" in g.nodes["n"]["window"]
-    assert g.graph["estimators"] == "truncated enumeration (n)"
+    assert g.graph["estimators"] == "truncated enumeration (n)" and "summed_with" not in g.nodes["n"]
     f = m.fit(data, seed=1)
     assert f.estimator.startswith("truncated enumeration (n: ") and f.optimizer == "exact"
 
@@ -113,6 +113,7 @@ def test_a_count_that_is_the_upper_limit_of_another_is_summed_jointly():
     m = ppl.loads(src, "nk.ppl")
     f = m.fit({"y": yv}, seed=1)
     assert "truncated enumeration (n: " in f.estimator and "k: " in f.estimator
+    assert m.graph({"y": yv}).nodes["k"]["summed_with"] == ["n"]
     s = f.summary()
     nn, kk = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
     lg = np.vectorize(math.lgamma)
