@@ -63,6 +63,10 @@ def build_graph(model: Model, estimator: str = "auto", opt: Callable = python_op
             attrs["estimator"] = "truncated enumeration" if node_plans[name].window else node_plans[name].estimator
             if name in windows:
                 attrs["window"] = windows[name]
+            grp = node_plans[name].group
+            others = [n for n, p in node_plans.items() if p.group and p.group == grp and n != name]
+            if grp and others:
+                attrs["summed_with"] = others
         if node.kind == "latent" and node.discrete and model.has_data:
             b = bounds_of(model, name)
             if b.why or b.relations:
@@ -116,6 +120,8 @@ def to_text(g: nx.DiGraph) -> str:
                 extra.append(f"transform {a['transform']}")
             if "estimator" in a:
                 extra.append(f"estimator {a['estimator']}")
+            if "summed_with" in a:
+                extra.append(f"summed jointly with {', '.join(a['summed_with'])}")
             if "bounds" in a:
                 extra.append(f"bounds {a['bounds']}")
             if "window" in a:

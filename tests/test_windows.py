@@ -100,7 +100,7 @@ def test_header_and_graph_say_truncated_enumeration_with_the_bound():
     assert g.nodes["n"]["estimator"] == "truncated enumeration"
     assert g.nodes["n"]["bounds"] == "n >= y (binomial trials)"
     assert "mass outside" in g.nodes["n"]["window"]
-    assert g.graph["estimators"] == "truncated enumeration (n)"
+    assert g.graph["estimators"] == "truncated enumeration (n)" and "summed_with" not in g.nodes["n"]
     f = m.fit(data, seed=1)
     assert f.estimator.startswith("truncated enumeration (n: ") and f.optimizer == "exact"
 
@@ -113,6 +113,7 @@ def test_a_count_that_is_the_upper_limit_of_another_is_summed_jointly():
     m = ppl.loads(src, "nk.ppl")
     f = m.fit({"y": yv}, seed=1)
     assert "truncated enumeration (n: " in f.estimator and "k: " in f.estimator
+    assert m.graph({"y": yv}).nodes["k"]["summed_with"] == ["n"]
     s = f.summary()
     nn, kk = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
     lg = np.vectorize(math.lgamma)
@@ -168,3 +169,13 @@ def test_a_saved_fit_keeps_its_windows_and_moments(tmp_path):
     a, b = f.draw(200, seed=5), g.draw(200, seed=5)
     np.testing.assert_allclose(a["n"], b["n"])
     assert g.summary()["n[1]"] == f.summary()["n[1]"]
+
+
+def test_draws_of_probability_zero_on_the_score_path_are_counted_and_reported_never_nan():
+    """Zero-inflated count on the score path: independent q's for z and n draw pairs the data rule out
+    (z = 0 with n != y); they are dropped from the continuous part, penalised for the discrete q's and
+    counted in the header, and the fit ends (the sum over windows is exact: this is the fallback)."""
+    data = simulate("zip", 6, 1)
+    f = ppl.loads(MODELS["zip"], "zip.ppl").fit(data, estimator="score", seed=1, steps=150, draws=300)
+    assert f.estimator.startswith("reparam + score (z, n); ") and "draws of probability zero dropped" in f.estimator
+    assert all(np.isfinite(v).all() for v in f.draws.values())

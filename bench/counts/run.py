@@ -9,7 +9,8 @@ count latents (tests/count_models.py), side by side.
 
 ppl runs as a user runs it, `ppl fit MODEL DATA.json --format json --seed 1` (its defaults), with the
 project's .venv (or PPL_PYTHON); Pyro runs bench/counts/pyro_counts.py in bench/.venv-peers
-(`bash bench/setup.sh`).  One thread per process (OMP_NUM_THREADS=1); seconds are the whole process,
+(`bash bench/setup.sh`).  `ppl-score` is ppl with `--estimator score`: its score-function path (BBVI) on
+the same models, the closest to what Pyro does.  One thread per process (OMP_NUM_THREADS=1); seconds are the whole process,
 wall clock, measured here (ppl: the faster of two runs; Pyro: one run, its fit dominates).  "accurate" is the issue's bar: every latent's mean within 0.1 exact sd and
 its sd within 15% (latents whose exact sd is 0, a count pinned by the data, must match to 1e-6).
 """
@@ -54,7 +55,7 @@ def _run(cmd, env, timeout, cwd=None):
     return p, None, time.perf_counter() - t0
 
 
-def run_ppl(model: str, root: str, label: str, timeout: int):
+def run_ppl(model: str, root: str, label: str, timeout: int, extra=()):
     d = data_dir(model)
     py = os.environ.get("PPL_PYTHON", os.path.join("/work/main/.venv/bin/python"))
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
@@ -62,7 +63,7 @@ def run_ppl(model: str, root: str, label: str, timeout: int):
     walls = []
     for _ in range(REPEAT):
         p, err, wall = _run([py, "-m", "ppl", "fit", os.path.join(d, "model.ppl"), os.path.join(d, "data.json"),
-                             "--format", "json", "--seed", "1"], env, timeout, cwd=root)
+                             "--format", "json", "--seed", "1", *extra], env, timeout, cwd=root)
         walls.append(wall)
     wall = min(walls)
     out = {"system": label, "model": model, "wall": wall, "params": {}, "status": "ok", "error": err}
@@ -161,7 +162,7 @@ def report(results) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--systems", default="ppl,pyro")
+    ap.add_argument("--systems", default="ppl,ppl-score,pyro")
     ap.add_argument("--before", help="another ppl checkout to run too, labelled 'ppl (before)'")
     ap.add_argument("--pyro-steps", type=int, default=3000)
     ap.add_argument("--timeout", type=int, default=900)
@@ -179,6 +180,8 @@ def main():
                 new.append(run_ppl(model, ROOT, "ppl", a.timeout))
                 if a.before:
                     new.append(run_ppl(model, a.before, "ppl (before)", a.timeout))
+            if "ppl-score" in systems:        # ppl's BBVI, side by side with Pyro's
+                new.append(run_ppl(model, ROOT, "ppl (--estimator score)", a.timeout, ("--estimator", "score")))
             if "pyro" in systems:
                 for guide in (("poisson",) if model == "noisy" else ("poisson", "shifted")):
                     new.append(run_pyro(model, guide, a.timeout, a.pyro_steps))

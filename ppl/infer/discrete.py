@@ -51,6 +51,10 @@ class DiscreteQ:
     def center(self, mu0: torch.Tensor, sd: torch.Tensor) -> None:
         """Where the continuous latents' q starts and its scale (a conditional q whitens by them)."""
 
+    def match(self, mean: torch.Tensor, sd: torch.Tensor) -> None:
+        """Start at (about) this mean and sd per element (the exact conditional at the start point);
+        a q that cannot is left where it is."""
+
     def _rand(self, shape) -> torch.Tensor:
         return torch.rand(shape, generator=self.gen, dtype=self.dtype, device=self.device)
 
@@ -103,6 +107,10 @@ class BernoulliQ(DiscreteQ):
             probs = torch.sigmoid(self.param).expand((S,) + self.shape)
             return (self._rand(probs.shape) < probs).to(self.dtype)
 
+    def match(self, mean, sd):
+        with torch.no_grad():
+            self.param.copy_(torch.logit(mean.clamp(1e-4, 1 - 1e-4)).to(self.dtype).expand(self.shape))
+
     def grid(self, theta=None):
         v = torch.tensor([0.0, 1.0], dtype=self.dtype, device=self.device).reshape((2,) + (1,) * len(self.shape))
         lq = torch.stack([torch.nn.functional.logsigmoid(-self.param), torch.nn.functional.logsigmoid(self.param)])
@@ -145,6 +153,7 @@ class PoissonQ(DiscreteQ):
 
 BIG = 1e15          # an unbounded side, finite (an infinite bound would make NaN gradients)
 GRID_MAX = 512      # values listed per element for the control variate (a wider q: none there)
+MATCH_MIN_SD = 0.3  # a count q started at a point mass keeps this sd (a draw off it must stay possible)
 GRID_SDS = 40       # ... covering the location +- this many scales (the logistic's tails: exp(-40))
 
 
@@ -201,6 +210,13 @@ class CountQ(DiscreteQ):
 
     def _param_shape(self, size):
         return self.shape + (2 + len(self.coords),)
+
+    def match(self, mean, sd):
+        with torch.no_grad():
+            m = torch.minimum(torch.maximum(mean.to(self.dtype), self.lo), self.hi)
+            self.param[..., 0] = ((m - self.m0) / self.sd0).expand(self.shape)
+            s = torch.clamp(sd.to(self.dtype), min=MATCH_MIN_SD) * math.sqrt(3.0) / math.pi
+            self.param[..., 1] = (torch.log(s) - self.log_s0).expand(self.shape)
 
     def loc_scale(self, theta=None):
         loc = self.param[..., 0]

@@ -207,6 +207,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     discrete = discrete_families(model, program, node_plans, gen)
     for q in discrete.values():          # a conditional q whitens the continuous latents by the start
         q.center(start.mu0, start.diagonal())
+    score_start(model, config, program, start, start_program, discrete)
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
     if mb_local:
@@ -449,6 +450,31 @@ def find_start(model: Model, program: LogJoint, config: FitConfig, full: bool, s
                 summed_program
     note = "cold start" + (" (score-function latents)" if program.score else "")
     return cold_start(dim, program.dtype, full, note, program.device), program
+
+
+def score_start(model: Model, config: FitConfig, program: LogJoint, start: Start, start_program: LogJoint,
+                discrete) -> None:
+    """Discrete q's on the score path start at the exact conditionals of their latents at the start point
+    (the model with them summed out, where it can be: its mean and sd per element), not at the prior:
+    draws that the data rule out jointly (a zero-inflated count: n = y unless z = 1) are then rare from
+    the first step."""
+    if not discrete or start.cold and program.dim:
+        return
+    summed = start_program if start_program is not program else None
+    if summed is None:
+        plan_s = make_plan(model, "auto", config.opt)
+        if any(p.estimator == "score" for p in plan_s.values()):
+            return
+        summed = LogJoint(model, plan_s, program.rt)
+        if any(p.window for p in plan_s.values()) and windows.initial(summed, program.rt.generator()).too_wide:
+            return
+    with torch.no_grad():
+        ev = summed.evaluate(start.mu0.unsqueeze(0), keep_enum=True)
+        moments = summed.enum_moments(ev)
+    for name, q in discrete.items():
+        if name in moments:
+            m1, m2 = moments[name]
+            q.match(m1[0], torch.sqrt(torch.clamp(m2[0] - m1[0] * m1[0], min=0.0)))
 
 
 def mc_samples(config: FitConfig, vi: VI) -> int:
