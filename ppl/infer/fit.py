@@ -155,10 +155,11 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
 
     t0 = time.perf_counter()
     S = mc_samples(config, vi)
-    lr = step_size(config, vi, S, start.cold)
+    cold = start.cold and not fam_cls.base_family       # (a family built on a fit starts warm)
+    lr = step_size(config, vi, S, cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
     _phase(progress, "optimise")
-    result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+    result, optimizer = optimise(vi, config, S, lr, cold, watched, gen)
     improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
     timings["optimise"] = time.perf_counter() - t0
 
