@@ -147,8 +147,10 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
     if fam_cls.base_family:              # fitted on top of another family's fit (the flow: full-rank)
+        t0 = time.perf_counter()
         family, init_note = fit_base(fam_cls, start, gen, config, structure, program, discrete, node_plans,
                                      serves, progress)
+        timings["base fit"] = time.perf_counter() - t0
     else:
         family, init_note = make_family(fam_cls, start, gen, config, structure), start.note
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config, serves)

@@ -39,7 +39,9 @@ EARLY_GAIN = 0.01           # at the first, it must have gained this many nats o
                             # second, as much since the first, else its schedule ends early
 FINISH = 0.1                # (over this share of the steps, the step size decaying to zero)
 EARLY_DRAWS = 1000
-MODE_STARTS = 6             # L-BFGS starts of the mode census (mixture.find_modes)
+MODE_STARTS = 4             # L-BFGS starts of the mode census (mixture.find_modes): the full-rank
+MODE_EVALS = 80             # mean, its mirror image and two spread points, 80 evaluations each (models
+                            # with a mode settle in 8-74; a funnel never does, and costs 4 x 80)
 MODE_GAP = 5.0              # modes within this many nats of the best's Laplace evidence count
 
 
@@ -128,7 +130,8 @@ class IAF(Family):
         # a census of the posterior's modes: a flow started at one mode stays there, and PSIS cannot
         # see a mode that q never visits, so the verdict must say so
         from .mixture import find_modes
-        modes = [] if program is None or program.score else find_modes(program, pre, MODE_STARTS, generator)
+        modes = [] if program is None or program.score else \
+            find_modes(program, pre, MODE_STARTS, generator, MODE_EVALS)
         flow = cls(pre, generator, config)
         flow.base_name = base.name
         flow.start = flow.flat.detach().clone()
