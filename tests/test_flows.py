@@ -149,6 +149,17 @@ def test_on_a_gaussian_posterior_the_flow_keeps_the_full_rank_fit():
         assert abs(s[k]["mean"] - float(mean[i])) < 0.05 * sd and abs(s[k]["sd"] / sd - 1) < 0.05
 
 
+def test_a_flow_on_one_of_two_modes_says_so():
+    """y ~ normal(a b, 1) has two modes; the flow, started at the full-rank fit, covers one, where
+    k-hat looks fine: the verdict names the modes its census found and the mixture family."""
+    y = [2.0, 1.1, 1.6, 2.4, 1.3, 0.6, 1.9, 1.5]
+    m = ppl.loads("data y: real[N]\na ~ normal(0, 1)\nb ~ normal(0, 1)\ny ~ normal(a * b, 1)\n", "ab.ppl")
+    f = m.fit({"y": y}, method="flow", seed=1, draws=2000, steps=200)
+    assert "2 separate modes" in f.verdict and "method='mixture'" in f.verdict
+    f = ppl.loads(BANANA, "banana.ppl").fit(method="flow", seed=1, draws=200, steps=200)
+    assert "separate modes" not in f.verdict
+
+
 def test_flow_is_registered_with_its_facts():
     cls = FAMILIES["flow"]
     assert cls is IAF and cls.base_family == "fullrank" and cls.optimizer == "anneal"

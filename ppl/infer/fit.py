@@ -213,8 +213,10 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     if mb_local:
         family, init_note = minibatch.RowLocal(fam_cls, start, program, gen, config), start.note
     elif fam_cls.base_family:            # fitted on top of another family's fit (the flow: full-rank)
+        t0 = time.perf_counter()
         family, init_note = fit_base(fam_cls, start, gen, config, structure, program, discrete, node_plans,
                                      serves, progress)
+        timings["base fit"] = time.perf_counter() - t0
     else:
         family, init_note = make_family(fam_cls, start, gen, config, structure), start.note
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
@@ -222,16 +224,17 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
 
     t0 = time.perf_counter()
     S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
-    lr = step_size(config, vi, S, start.cold)
+    cold = start.cold and not fam_cls.base_family       # (a family built on a fit starts warm)
+    lr = step_size(config, vi, S, cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
     _phase(progress, "optimise")
     if config.batch_size is None:
-        result, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+        result, optimizer = optimise(vi, config, S, lr, cold, watched, gen)
         for _ in range(2):   # a window that misses mass at q's draws: widened, and the fit resumed
             if wins is None or not windows.recheck(program, family, wins):
                 break
             wins.refits += 1
-            more, optimizer = optimise(vi, config, S, lr, start.cold, watched, gen)
+            more, optimizer = optimise(vi, config, S, lr, cold, watched, gen)
             result = OptimResult(result.trace + more.trace, more.converged, result.steps + more.steps,
                                  result.evals + more.evals, more.fixed_draws)
     else:

@@ -39,6 +39,10 @@ EARLY_GAIN = 0.01           # at the first, it must have gained this many nats o
                             # second, as much since the first, else its schedule ends early
 FINISH = 0.1                # (over this share of the steps, the step size decaying to zero)
 EARLY_DRAWS = 1000
+MODE_STARTS = 4             # L-BFGS starts of the mode census (mixture.find_modes): the full-rank
+MODE_EVALS = 80             # mean, its mirror image and two spread points, 80 evaluations each (models
+                            # with a mode settle in 8-74; a funnel never does, and costs 4 x 80)
+MODE_GAP = 5.0              # modes within this many nats of the best's Laplace evidence count
 
 
 def made_masks(order: torch.Tensor, H: int):
@@ -122,9 +126,16 @@ class IAF(Family):
     def from_base(cls, base: Family, program, generator: torch.Generator, config=None) -> "IAF":
         """The flow in the coordinates of the fitted Gaussian `base`: at its start the flow is that q."""
         base.rewhiten()
-        flow = cls(Preconditioner(base.pre.mu0, base.pre.A), generator, config)
+        pre = Preconditioner(base.pre.mu0, base.pre.A)
+        # a census of the posterior's modes: a flow started at one mode stays there, and PSIS cannot
+        # see a mode that q never visits, so the verdict must say so
+        from .mixture import find_modes
+        modes = [] if program is None or program.score else \
+            find_modes(program, pre, MODE_STARTS, generator, MODE_EVALS)
+        flow = cls(pre, generator, config)
         flow.base_name = base.name
         flow.start = flow.flat.detach().clone()
+        flow.modes = sum(1 for m in modes if m[2] >= -MODE_GAP)
         return flow
 
     def terms(self, program, eps: torch.Tensor, at: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -181,17 +192,22 @@ class IAF(Family):
             return None
         n = min(SETTLE_DRAWS, max(100, SETTLE_BUDGET // program.largest_node()))
         d, se, new, old = self.gain(program, n, generator)
+        modes = getattr(self, "modes", 0)
+        several = (f"; the posterior has {modes} separate modes of comparable mass (L-BFGS from {MODE_STARTS} "
+                   f"starts) and the flow covers the one it started at, which k-hat cannot see: try "
+                   f"{self.config.opt('method', 'mixture') if self.config is not None else 'method mixture'}"
+                   ) if modes > 1 else ""
         if getattr(self, "stopped", None) is not None:
             d0, se0 = self.stopped
             return (f"the flow did not raise the ELBO over its start by {EARLY_GAIN} nats part-way "
-                    f"({d0:+.2g} ± {se0:.2g}); it stopped there: this is the {self.base_name} fit"), old
+                    f"({d0:+.2g} ± {se0:.2g}); it stopped there: this is the {self.base_name} fit{several}"), old
         if math.isfinite(d) and d > 2 * se:
             return (f"the flow raised the ELBO by {d:.3g} ± {se:.2g} nats over its start, the "
-                    f"{self.base_name} fit"), new
+                    f"{self.base_name} fit{several}"), new
         with torch.no_grad():
             self.flat.copy_(self.start)
         return (f"the flow did not raise the ELBO over its start ({d:+.2g} ± {se:.2g} nats): "
-                f"this is the {self.base_name} fit"), old
+                f"this is the {self.base_name} fit{several}"), old
 
     def _elbo_terms(self, program, eps: torch.Tensor) -> torch.Tensor:
         u, log_q = self.forward(eps)

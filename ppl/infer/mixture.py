@@ -204,7 +204,7 @@ def _log_diag(C: torch.Tensor) -> torch.Tensor:
     return torch.tril(C, -1) + torch.diag_embed(torch.log(torch.diagonal(C)))
 
 
-def find_modes(program, pre: Preconditioner, n_starts: int, generator: torch.Generator):
+def find_modes(program, pre: Preconditioner, n_starts: int, generator: torch.Generator, evals: int = MODE_EVALS):
     """Local modes of log p by L-BFGS from `n_starts` starts, in the whitened coordinates u:
     -> [(mode, Cholesky factor of the Laplace covariance or None, log evidence)], the best first,
     one per mode (those within DISTINCT of a better one's Laplace metric dropped).  A search that
@@ -221,7 +221,7 @@ def find_modes(program, pre: Preconditioner, n_starts: int, generator: torch.Gen
     found = []
     for x0 in starts:
         try:
-            x, _ = lbfgs(f, x0, max_iter=MODE_EVALS, max_evals=MODE_EVALS)
+            x, _ = lbfgs(f, x0, max_iter=evals, max_evals=evals)
             if not torch.isfinite(x).all():
                 continue
             value = f(x)
