@@ -79,6 +79,7 @@ class Family:
     gaussian = False
     closed_form = False
     richer: Optional[str] = None         # the family to suggest when this one misses
+    escalates_to: tuple = ()             # what `auto` fits next when this one misses (ppl/infer/escalate.py)
     caveat: Optional[str] = None         # what a good fit of this family still cannot show
     needs_structure = False              # built with the model's coupling structure (ppl.structure)
     frozen: Optional[torch.Tensor] = None  # bool mask over `flat`: entries every optimiser keeps fixed
@@ -213,6 +214,7 @@ register_family = FAMILIES.register
 @register_family
 class MeanField(GaussianFamily):
     name = "meanfield"
+    escalates_to = ("fullrank",)
     closed_form = True
     richer = "fullrank"
     caveat = "mean-field ignores correlations: where parameters correlate its sds are too small"
@@ -252,6 +254,8 @@ class MeanField(GaussianFamily):
 class FullRank(GaussianFamily):
     name = "fullrank"
     preconditioner = "full"
+    richer = "flow"
+    escalates_to = ("flow", "mixture")
     closed_form = True
 
     def __init__(self, pre, generator, config=None):
@@ -304,6 +308,7 @@ class LowRank(GaussianFamily):
     name = "lowrank"
     options = ("rank",)
     richer = "fullrank"
+    escalates_to = ("fullrank",)
 
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)

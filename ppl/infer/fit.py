@@ -150,8 +150,62 @@ def _flat_names(name: str, shape) -> List[str]:
     return [f"{name}[{','.join(str(i + 1) for i in idx)}]" for idx in np.ndindex(*shape)]
 
 
+@dataclass
+class Prepared:
+    """The compiled model and what every family's fit of it shares."""
+    model: Model
+    config: FitConfig
+    rt: Runtime
+    device_note: str
+    node_plans: dict
+    program: LogJoint
+    wins: Optional[object]
+    largest: int
+    structure: Optional[object]
+    mb_local: bool
+    timings: Dict[str, float]
+    t_start: float
+
+
+@dataclass
+class Attempt:
+    """One family's fit, diagnosed: what `Fit` is made of (escalation compares these)."""
+    method: str
+    why: str
+    family: object
+    vi: VI
+    result: OptimResult
+    optimizer: str
+    init_note: str
+    S: int
+    lr: float
+    settled: Optional[tuple]
+    node_plans: dict
+    program: LogJoint
+    wins: Optional[object]
+    diagnosed: tuple                  # draw_and_diagnose's result
+    label: str
+    text: str
+    elbo: float
+    seconds: float
+    timings: Dict[str, float]
+
+
 def fit(model: Model, config: FitConfig, progress=None) -> Fit:
-    """Fit `model` as `config` says (`progress(step, max_steps, value)` is called after each Adam step)."""
+    """Fit `model` as `config` says (`progress(step, max_steps, value)` is called after each Adam step).
+    `method=auto` fits the family that suits the model's size and, where its diagnostics say it misses,
+    richer ones within a time bound (ppl/infer/escalate.py), keeping the best."""
+    prep = prepare(model, config, progress)
+    method, why = first_method(prep)
+    attempt = fit_family(prep, method, why, progress)
+    if config.method == "auto" and config.batch_size is None:
+        from .escalate import escalate
+        attempt = escalate(prep, attempt, progress)
+    return make_fit(prep, attempt)
+
+
+def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
+    """Plan the estimators, compile the log joint, check the budget and find the posterior's structure."""
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
     device, device_note = resolved_device(config)
@@ -170,48 +224,76 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     if config.batch_size is not None:
         minibatch.check(model, program, config)
         mb_local = bool(minibatch.local_blocks(program))
-    if mb_local:                  # the globals' family: chosen by their dimension; locals get their rows
-        structure = None
-        method, why = choose_method(config.method, program.dim - sum(b.size for b in
-                                                                    minibatch.local_blocks(program)))
-        if FAMILIES[method].needs_structure:
-            from ..errors import UsageError
-            raise UsageError(f"{config.opt('method', method)} cannot serve the globals of a model with local "
-                             f"latents under {config.opt('batch_size')}")
-    else:
-        structure = model_structure(model, node_plans, program, config.method)
-        method, why = choose_method(config.method, program.dim, structure)
-    announce(progress, program, method, config, largest)
+    structure = None if mb_local else model_structure(model, node_plans, program, config.method)
     timings["compile"] = time.perf_counter() - t0
+    return Prepared(model, config, rt, device_note, node_plans, program, wins, largest, structure, mb_local,
+                    timings, t_start)
 
-    t0 = time.perf_counter()
-    _phase(progress, "mode search")
+
+def first_method(prep: Prepared):
+    """-> (family name, why): the user's, or auto's pick for the model's size and structure."""
+    config, program = prep.config, prep.program
+    if not prep.mb_local:
+        return choose_method(config.method, program.dim, prep.structure)
+    # the globals' family: chosen by their dimension; locals get their rows
+    method, why = choose_method(config.method, program.dim - sum(b.size for b in
+                                                                minibatch.local_blocks(program)))
+    if FAMILIES[method].needs_structure:
+        from ..errors import UsageError
+        raise UsageError(f"{config.opt('method', method)} cannot serve the globals of a model with local "
+                         f"latents under {config.opt('batch_size')}")
+    return method, why
+
+
+def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) -> Attempt:
+    """Fit the family `method` and diagnose it.  `base`: an earlier Attempt whose fitted family this one
+    may start from (the flow and the mixture start from a full-rank fit)."""
+    t_fit = time.perf_counter()
+    model, config, rt = prep.model, prep.config, prep.rt
+    node_plans, program, wins, structure, mb_local = (prep.node_plans, prep.program, prep.wins,
+                                                       prep.structure, prep.mb_local)
+    timings: Dict[str, float] = dict(prep.timings)
+    announce(progress, program, method, config, prep.largest)
+
     fam_cls = FAMILIES[method]
-    start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
-                                      structure if fam_cls.needs_structure else None, _ticker(progress))
-    for _ in range(2):   # windows from the Laplace draws; wider than the mode was found with: search again
-        if wins is None or start_program is not program:
-            break
-        status = windows.refine(program, start, wins, rt.generator())
-        if status == "same":
-            break
-        if status == "too wide":     # those latents go to the score path
-            node_plans, program, wins = count_windows(model, node_plans, program, config, rt,
-                                                      frozenset(wins.too_wide))
+    reuse = base is not None and fam_cls.base_family == base.method
+    t0 = time.perf_counter()
+    if reuse:
+        node_plans, program, wins = base.node_plans, base.program, base.wins
+        start, start_program = None, program
+    else:
+        _phase(progress, "mode search")
         start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
                                           structure if fam_cls.needs_structure else None, _ticker(progress))
-    improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
+        for _ in range(2):   # windows from the Laplace draws; wider than the mode was found with: search again
+            if wins is None or start_program is not program:
+                break
+            status = windows.refine(program, start, wins, rt.generator())
+            if status == "same":
+                break
+            if status == "too wide":     # those latents go to the score path
+                node_plans, program, wins = count_windows(model, node_plans, program, config, rt,
+                                                          frozenset(wins.too_wide))
+            start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
+                                              structure if fam_cls.needs_structure else None, _ticker(progress))
+        improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
     timings["init"] = time.perf_counter() - t0
 
     gen = rt.generator()
-    discrete = discrete_families(model, program, node_plans, gen)
-    for q in discrete.values():          # a conditional q whitens the continuous latents by the start
-        q.center(start.mu0, start.diagonal())
-    score_start(model, config, program, start, start_program, discrete)
+    if reuse:
+        discrete = base.vi.discrete
+    else:
+        discrete = discrete_families(model, program, node_plans, gen)
+        for q in discrete.values():          # a conditional q whitens the continuous latents by the start
+            q.center(start.mu0, start.diagonal())
+        score_start(model, config, program, start, start_program, discrete)
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
     if mb_local:
         family, init_note = minibatch.RowLocal(fam_cls, start, program, gen, config), start.note
+    elif reuse:                          # built on the fit already made
+        family = fam_cls.from_base(base.family, program, gen, config)
+        init_note = f"from the {base.method} fit above ({base.init_note})"
     elif fam_cls.base_family:            # fitted on top of another family's fit (the flow: full-rank)
         t0 = time.perf_counter()
         family, init_note = fit_base(fam_cls, start, gen, config, structure, program, discrete, node_plans,
@@ -224,7 +306,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
 
     t0 = time.perf_counter()
     S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
-    cold = start.cold and not fam_cls.base_family       # (a family built on a fit starts warm)
+    cold = (start is not None and start.cold) and not fam_cls.base_family   # (a family built on a fit starts warm)
     lr = step_size(config, vi, S, cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
     _phase(progress, "optimise")
@@ -241,21 +323,15 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
         result, optimizer = minibatch.optimise(vi, config, S, lr, watched), "adam"
         why = "; ".join(x for x in (why, family.describe() if mb_local else "",
                                     minibatch.describe(config, result, model.rows.size)) if x)
-    improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
+    improper.check_q(start_program, family, start is not None and start.cold)   # q grew along a flat direction
     timings["optimise"] = time.perf_counter() - t0
 
     settled = family.settle(program, gen)                         # e.g. the flow against its start
 
     _phase(progress, "draws")
-    draws, ps, t_draws, t_khat, q_draws, moments, log_w, pw = draw_and_diagnose(vi, config.draws, gen,
-                                                                                _ticker(progress))
-    timings["draws"], timings["khat"] = t_draws, t_khat
-    obj = vi.objective
-    obj_value, obj_se = obj.estimate(log_w, S)
-    evidence, evidence_se = log_evidence(log_w)
-    if not ps.khat < PSIS_CORRECT_KHAT:
-        evidence_se = float("nan")
-    weights = pw.weights[:config.draws] / pw.weights[:config.draws].sum()    # the reported draws' own
+    diagnosed = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
+    ps = diagnosed[1]
+    timings["draws"], timings["khat"] = diagnosed[2], diagnosed[3]
     label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
                           centred_latents(model), config.opt)
     if settled:
@@ -264,18 +340,33 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
     if config.batch_size is not None:            # minibatch estimates are noisy: one pass over all rows
         tail = [minibatch.full_elbo(vi)]
-    return Fit(model=model, config=config, method=method, method_note=why,
-               estimator=describe(node_plans, wins.text() if wins else None) + _zero_draws(vi),
+    elbo = settled[1] if settled else float(np.mean(tail))
+    return Attempt(method, why, family, vi, result, optimizer, init_note, S, lr, settled, node_plans, program,
+                   wins, diagnosed, label, text, elbo, time.perf_counter() - t_fit, timings)
+
+
+def make_fit(prep: Prepared, a: Attempt) -> Fit:
+    """The chosen attempt as the user's `Fit`."""
+    config = prep.config
+    draws, ps, _, _, q_draws, moments, log_w, pw = a.diagnosed
+    obj = a.vi.objective
+    obj_value, obj_se = obj.estimate(log_w, a.S)
+    evidence, evidence_se = log_evidence(log_w)
+    if not ps.khat < PSIS_CORRECT_KHAT:
+        evidence_se = float("nan")
+    weights = pw.weights[:config.draws] / pw.weights[:config.draws].sum()    # the reported draws' own
+    return Fit(model=prep.model, config=config, method=a.method, method_note=a.why,
+               estimator=describe(a.node_plans, a.wins.text() if a.wins else None) + _zero_draws(a.vi),
                objective=config.objective,
-               draws=draws, elbo_trace=result.trace, elbo=settled[1] if settled else float(np.mean(tail)),
-               steps=result.steps,
-               converged=result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
-               verdict=text, verdict_label=label, init=init_note, seconds=time.perf_counter() - t_start,
-               timings=timings, lr=lr, mc_samples=S, optimizer=optimizer, evals=result.evals,
-               fixed_draws=result.fixed_draws, moments=moments,
-               device=str(rt.device) + (f" ({device_note})" if device_note else ""),
-               q=Approximation(program, family, discrete, node_plans, method, structure, wins), q_draws=q_draws,
-               weights=weights, log_weights=log_w, objective_note=obj.describe(S),
+               draws=draws, elbo_trace=a.result.trace, elbo=a.elbo, steps=a.result.steps,
+               converged=a.result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
+               verdict=a.text, verdict_label=a.label, init=a.init_note,
+               seconds=time.perf_counter() - prep.t_start,
+               timings=a.timings, lr=a.lr, mc_samples=a.S, optimizer=a.optimizer, evals=a.result.evals,
+               fixed_draws=a.result.fixed_draws, moments=moments,
+               device=str(prep.rt.device) + (f" ({prep.device_note})" if prep.device_note else ""),
+               q=Approximation(a.program, a.family, a.vi.discrete, a.node_plans, a.method, prep.structure, a.wins),
+               q_draws=q_draws, weights=weights, log_weights=log_w, objective_note=obj.describe(a.S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
                log_evidence_se=evidence_se)
 

@@ -108,7 +108,8 @@ def _weights_ess(lw: np.ndarray):
 
 
 def verdict(khat: float, ess: float, family, converged: bool, ess_raw: float = None,
-            sd_log_w: float = None, centred: Sequence[str] = (), opt: Callable = python_opt):
+            sd_log_w: float = None, centred: Sequence[str] = (), opt: Callable = python_opt,
+            tried: Sequence[str] = ()):
     """(label, plain-words verdict with what to try next).
 
     k-hat alone misleads on nearly exact fits (it swings between 0.2 and 0.9
@@ -116,7 +117,8 @@ def verdict(khat: float, ess: float, family, converged: bool, ess_raw: float = N
     relative ESS of the importance weights.  The advice fits the model: a
     richer family only where one exists, non-centring only for the latents of a
     centred hierarchy (`centred`), more steps only when the fit had not
-    converged.  `opt` spells an option as the caller does."""
+    converged.  `opt` spells an option as the caller does; `tried`: the families `auto` fitted
+    already (not suggested again)."""
     notes = []
     # the "nearly uniform weights" override must hold for the raw weights too: smoothing can hide
     # one draw that carries all the weight; and it overrides a k-hat of 1 or more only when the log
@@ -139,7 +141,7 @@ def verdict(khat: float, ess: float, family, converged: bool, ess_raw: float = N
         text = (f"fair: use with care (k-hat {khat:.2f}, ESS {100 * ess:.0f}%); tails and sds may be off")
     if label != "good":
         tries = []
-        if getattr(family, "richer", None):
+        if getattr(family, "richer", None) and family.richer not in tried:
             tries.append(f"{opt('method', family.richer)} ({family.name} cannot show every correlation)")
         if centred:
             names = ", ".join(f"'{n}'" for n in centred)
@@ -148,6 +150,9 @@ def verdict(khat: float, ess: float, family, converged: bool, ess_raw: float = N
             tries.append(f"more {opt('steps')}")
         if tries:
             notes.append("try " + ", ".join(tries))
+        elif len(tried) > 1:
+            notes.append(f"auto tried {', '.join(tried)}: none fits this posterior better; read the sds as "
+                         f"approximate")
         else:
             notes.append("no family here fits this posterior better than this one: it is far from Gaussian "
                          "(skewed, heavy-tailed or bounded); read the sds as approximate")
