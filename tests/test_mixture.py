@@ -166,3 +166,13 @@ def test_components_belongs_to_the_mixture():
         ppl.loads("mu ~ normal(0, 1)\n", "m.ppl").fit(method="fullrank", components=2)
     with pytest.raises(UsageError, match="components= must be at least 1"):
         ppl.loads("mu ~ normal(0, 1)\n", "m.ppl").fit(method="mixture", components=0)
+
+
+def test_the_fixed_draw_optimiser_serves_the_mixture_when_asked():
+    """auto fits the mixture by fixed draws; asking for them is not refused (the flow's are Adam's only)."""
+    y = [1.2, 0.4, 2.1, 1.7, 0.9, 1.5]
+    m = ppl.loads("data y: real[N]\nmu ~ normal(0, 2)\ny ~ normal(mu, 1)\n", "c.ppl")
+    f = m.fit({"y": y}, method="mixture", optimizer="dadvi", components=2, seed=0, draws=200)
+    assert f.optimizer == "dadvi" and f.evals > 0
+    with pytest.raises(UsageError, match="optimizer='dadvi' needs"):
+        m.fit({"y": y}, method="flow", optimizer="dadvi")

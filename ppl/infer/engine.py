@@ -312,7 +312,8 @@ class FixedDraws(Optimizer):
                              f"run on minibatches; with {config.opt('batch_size')} the fit takes "
                              f"{config.opt('optimizer', 'adam')} (or {config.opt('optimizer', 'auto')})")
         fam = FAMILIES.get(config.method)
-        if (fam is not None and not fam.closed_form) or not OBJECTIVES[config.objective].linear \
+        own = fam is not None and config.objective in (fam.objectives or ())     # (the mixture's SIWAE)
+        if (fam is not None and not fam.fixed_draws) or not (OBJECTIVES[config.objective].linear or own) \
                 or config.estimator in ("score", "score-all"):
             FixedDraws.refuse(config)
 
@@ -320,7 +321,7 @@ class FixedDraws(Optimizer):
     def refuse(config):
         from .families import FAMILIES
         o = config.opt
-        closed = [n for n, f in FAMILIES.items() if f.closed_form]
+        closed = [n for n, f in FAMILIES.items() if f.fixed_draws]
         raise UsageError(f"{o('optimizer', 'dadvi')} needs {o('method', closed[0])}"
                          f"{''.join(' or ' + n for n in closed[1:])}, {o('objective', 'elbo')}, and no discrete "
                          f"latents on the score path")

@@ -78,6 +78,7 @@ class Family:
     preconditioner = "diagonal"
     gaussian = False
     closed_form = False
+    fixed_draws = False                  # `optimizer=dadvi` can fit it (its gradient serves fixed draws)
     richer: Optional[str] = None         # the family to suggest when this one misses
     escalates_to: tuple = ()             # what `auto` fits next when this one misses (ppl/infer/escalate.py)
     caveat: Optional[str] = None         # what a good fit of this family still cannot show
@@ -175,6 +176,7 @@ class Family:
 class GaussianFamily(Family):
     """A Gaussian q: analytic entropy; with `closed_form`, the closed-form pathwise gradient."""
     gaussian = True
+    fixed_draws = True
 
     def entropy(self) -> Optional[torch.Tensor]:
         return self.entropy_u() + self.pre.logdet
@@ -309,6 +311,7 @@ class LowRank(GaussianFamily):
     options = ("rank",)
     richer = "fullrank"
     escalates_to = ("fullrank",)
+    fixed_draws = False                  # (its gradient is Adam's only)
 
     def __init__(self, pre, generator, config=None):
         super().__init__(pre, generator, config)

@@ -57,6 +57,7 @@ class Mixture(Family):
     preconditioner = "full"
     base_family = "fullrank"
     gradient = "stratified"
+    fixed_draws = True
     objectives = ("elbo", "iwae")   # the stratified ELBO and SIWAE
     caveat = None
     BASE_MAX = 200                  # full-rank components up to this many dimensions, diagonal above
