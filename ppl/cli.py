@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="minibatch stochastic VI: B rows per step, per-row terms scaled by N/B")
     f.add_argument("--epochs", type=int, default=None, metavar="E",
                    help="with --batch-size: at most E passes over the data (default: about 10000 steps)")
+    f.add_argument("--procs", type=int, default=1, metavar="W",
+                   help="a data-parallel fit: W local processes (torch.distributed, gloo), each with its share "
+                        "of the rows; under torchrun the group comes from the environment")
     f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
     f.add_argument("--dtype", default="float64", help="float64|float32")
     f.add_argument("--max-memory", default=None, metavar="SIZE",
@@ -256,9 +259,16 @@ def cmd_fit(args) -> int:
     from .config import FitConfig                 # checking the options imports the registries (torch)
     config = FitConfig.from_cli(args)
     _check_summary_options(args)
+    from . import dist
+    if config.procs > 1 and dist.current() is None:     # start the workers; each runs this command
+        return dist.launch(_worker_argv(args), config.procs)
+    torchrun = dist.from_environment()
+    if torchrun is not None and dist.current() is None:
+        dist.init(*torchrun)
+    leader = dist.current() is None or dist.current().leader
     timings = {"imports+config": time.perf_counter() - t_start}
     inputs = [args.model, *args.data]
-    if args.out is not None:
+    if args.out is not None and leader:
         from .outdir import check_target
         check_target(args.out, args.force, inputs)         # refused before the fit, not after
     from . import report
@@ -274,6 +284,8 @@ def cmd_fit(args) -> int:
         if bar is not None:
             bar.close()
     process = time.perf_counter() - t_start
+    if not leader:                                     # the outputs are the first process's
+        return 0
     if args.out is not None:
         report.write_outputs(f, args.out, args.force, inputs, quantiles=args.quantiles, hdi=args.hdi,
                              command=["ppl"] + list(sys.argv[1:] if args.argv is None else args.argv),
@@ -283,6 +295,12 @@ def cmd_fit(args) -> int:
     if args.profile:
         sys.stderr.write(report.profile(timings, f, process))
     return 0
+
+
+def _worker_argv(args) -> List[str]:
+    """The command each worker of --procs runs: the same, without a progress display."""
+    argv = list(sys.argv[1:] if args.argv is None else args.argv)
+    return argv + ["--progress", "off"]
 
 
 def _vars(args):

@@ -65,6 +65,7 @@ class FitConfig:
     min_steps: int = 300                 # no convergence check before this many Adam steps
     batch_size: Optional[int] = None     # rows per minibatch (None: the full data every step)
     epochs: Optional[int] = None         # passes over the data under batch_size (a cap; None: from MAX_STEPS)
+    procs: int = 1                       # data-parallel processes (ppl.dist; the command line starts them)
     caller: str = "python"               # "cli" or "python": how options are spelled in messages
 
     # ---- spelling ---------------------------------------------------------------------------
@@ -112,7 +113,8 @@ class FitConfig:
         raise UsageError(msg)
 
     def _check_types(self):
-        ints = ("rank", "components", "steps", "mc_samples", "draws", "seed", "min_steps", "batch_size", "epochs")
+        ints = ("rank", "components", "steps", "mc_samples", "draws", "seed", "min_steps", "batch_size", "epochs",
+                "procs")
         floats = ("alpha", "tol", "lr")
         strs = ("method", "estimator", "objective", "init", "optimizer", "device", "dtype", "gradient")
         for k in ints:
@@ -192,6 +194,11 @@ class FitConfig:
         if self.optimizer != "auto":
             OPTIMIZERS[self.optimizer].check_config(self)
         self._check_minibatch()
+        if self.procs < 1:
+            self._fail(f"{self.opt('procs')} must be at least 1, got {self.procs}")
+        if self.procs > 1 and self.caller == "python":
+            self._fail(f"{self.opt('procs')} starts worker processes from the command line "
+                       f"(ppl fit --procs {self.procs}); from Python, run under torchrun")
         if self.device == "cuda":
             import torch
             if not torch.cuda.is_available():

@@ -122,7 +122,8 @@ class LogJoint:
             known.setdefault(k, rt.tensor([float(v)]))
         self.known = known                       # folded into the compiled model
         self.row_data = rows                     # per-row data: passed in each `Batch`
-        self.batch = Batch.full(rows, model.rows.size)   # the full data
+        self.batch = Batch.full(rows, model.rows.size)   # the full data (a data-parallel fit: this process's)
+        self.full_batch = self.batch
         self.blocks: List[Block] = []
         self.score: List[str] = []
         self.enum: List[EnumGroup] = []
@@ -307,6 +308,11 @@ class LogJoint:
         the full data); per-row terms are multiplied by its scale (`factors` stay unscaled)."""
         batch = self.batch if batch is None else batch
         scale = batch.scale if batch.scale != 1.0 else None      # None: no per-row term is scaled
+        shard = batch.shard if densities else None               # a data-parallel fit: see ppl.dist
+        if shard is not None:
+            from ..dist import Replicate
+            theta = None if theta is None else Replicate.apply(theta)
+            blocks = None if blocks is None else [Replicate.apply(u) for u in blocks]
         us = self.split(theta) if blocks is None else blocks
         S = theta.shape[0] if blocks is None else (us[0].shape[0] if us else 1)
         env: Dict = dict(self.known)
@@ -318,23 +324,30 @@ class LogJoint:
             if kind == "block":
                 i, b = payload
                 u = us[i]
+                if shard is not None and b.per_row and u.shape[1] != shard[1] - shard[0]:
+                    u = u[:, shard[0]:shard[1]]      # a local latent: this process's rows
                 if b.kind == "real":
                     env[name] = u                    # identity: no transform, no Jacobian
                     continue
                 t = b.transform if b.transform is not None else bijection(b.kind, *b.bounds(env))
                 x = t(u)
                 env[name] = x
-                total = _add(total, _scaled(sum_event(t.log_abs_det_jacobian(u, x)), b.per_row, scale))
+                if b.per_row or batch.global_terms:
+                    total = _add(total, _scaled(sum_event(t.log_abs_det_jacobian(u, x)), b.per_row, scale))
             elif kind == "deterministic":
                 env[name] = payload(env)
             elif kind == "score":
                 z = discrete[name]
+                if shard is not None and payload.per_row and z.shape[1] != shard[1] - shard[0]:
+                    z = z[:, shard[0]:shard[1]]
                 env[name] = z
+                if not (payload.per_row or batch.global_terms):
+                    continue
                 lp = payload.log_prob(env, z)
                 if keep_factors:
                     factors[name] = lp
                 total = _add(total, _scaled(sum_event(lp), payload.per_row, scale))
-            elif densities:   # factor
+            elif densities and (payload.per_row or batch.global_terms):   # factor
                 if payload.log_prob_sum is not None and not keep_factors:
                     total = _add(total, _scaled(payload.log_prob_sum(env, payload.value(env)), payload.per_row, scale))
                     continue
@@ -344,6 +357,8 @@ class LogJoint:
                 total = _add(total, _scaled(sum_event(lp), payload.per_row, scale))
         enum_logits = {}
         for g in (self.enum if densities else ()):
+            if not (g.prior.per_row or batch.global_terms):
+                continue
             L = self._enumerate(g, env, S, batch)
             if keep_enum:
                 enum_logits[g.name] = L
@@ -356,6 +371,9 @@ class LogJoint:
             flat = theta if blocks is None else torch.cat([u.reshape(S, -1) for u in us], 1)
             c, theta0 = batch.control
             total = total + (flat - theta0) @ c
+        if shard is not None:
+            from ..dist import AllReduce
+            total = AllReduce.apply(total)
         return Evaluation(total, env, factors, enum_logits)
 
     # ---- enumeration --------------------------------------------------------------
@@ -472,6 +490,15 @@ class LogJoint:
                 u = t.inv(x)
             out.append(u.reshape(S, -1))
         return torch.cat(out, 1) if out else torch.zeros((S, 0), dtype=self.dtype, device=self.device)
+
+    def use_shard(self, lo: int, hi: int, global_terms: bool) -> None:
+        """Evaluate this process's rows [lo, hi) of the data (a data-parallel fit, ppl.dist): every
+        evaluation is then summed over the processes; `full_batch` keeps the whole data."""
+        rows = {k: v[:, lo:hi] for k, v in self.full_batch.data.items()}
+        self.batch = Batch(rows, 1.0, hi - lo, shard=(lo, hi), global_terms=global_terms)
+
+    def use_full_data(self) -> None:
+        self.batch = self.full_batch
 
     def log_prob(self, theta: torch.Tensor, discrete=None, batch: Optional[Batch] = None) -> torch.Tensor:
         return self.evaluate(theta, discrete, batch=batch).total

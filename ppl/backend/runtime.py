@@ -70,6 +70,9 @@ class Batch:
     cache: Dict[Any, Any] = field(default_factory=dict)   # data-only sub-expressions of this batch
     index: Optional[torch.Tensor] = None     # the rows taken (0-based; None: all of them, in order)
     control: Optional[Any] = None            # (c, theta0): the log density gains (theta - theta0) . c
+    shard: Optional[Any] = None              # (lo, hi): this process's rows of a data-parallel fit (ppl.dist):
+                                             # its log density is summed over the processes
+    global_terms: bool = True                # global density terms are added here (one process of a group)
 
     @classmethod
     def full(cls, row_data: Mapping[str, torch.Tensor], size: Optional[int]) -> "Batch":

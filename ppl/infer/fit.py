@@ -225,9 +225,33 @@ def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
         minibatch.check(model, program, config)
         mb_local = bool(minibatch.local_blocks(program))
     structure = None if mb_local else model_structure(model, node_plans, program, config.method)
+    shard(model, program, wins, config)
     timings["compile"] = time.perf_counter() - t0
     return Prepared(model, config, rt, device_note, node_plans, program, wins, largest, structure, mb_local,
                     timings, t_start)
+
+
+def _procs() -> str:
+    from .. import dist
+    g = dist.current()
+    return f", {g.world} processes (torch.distributed, {dist.backend()})" if g is not None else ""
+
+
+def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
+    """In a data-parallel fit (ppl.dist), this process evaluates its share of the rows."""
+    from .. import dist
+    group = dist.current()
+    if group is None:
+        return
+    from ..errors import UsageError
+    why = ("discrete latents on the score path" if program.score else
+           "counts summed over windows" if wins is not None else
+           f"{config.opt('batch_size')}" if config.batch_size is not None else
+           "no row axis in the data" if model.rows.size is None else None)
+    if why:
+        raise UsageError(f"{config.opt('procs')} cannot split this fit over processes yet: {why}")
+    lo, hi = dist.share(model.rows.size, group.rank, group.world)
+    program.use_shard(lo, hi, group.leader)
 
 
 def first_method(prep: Prepared):
@@ -355,6 +379,7 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
     if not ps.khat < PSIS_CORRECT_KHAT:
         evidence_se = float("nan")
     weights = pw.weights[:config.draws] / pw.weights[:config.draws].sum()    # the reported draws' own
+    a.program.use_full_data()        # (a data-parallel fit: what follows is the first process's, alone)
     return Fit(model=prep.model, config=config, method=a.method, method_note=a.why,
                estimator=describe(a.node_plans, a.wins.text() if a.wins else None) + _zero_draws(a.vi),
                objective=config.objective,
@@ -364,7 +389,7 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
                seconds=time.perf_counter() - prep.t_start,
                timings=a.timings, lr=a.lr, mc_samples=a.S, optimizer=a.optimizer, evals=a.result.evals,
                fixed_draws=a.result.fixed_draws, moments=moments,
-               device=str(prep.rt.device) + (f" ({prep.device_note})" if prep.device_note else ""),
+               device=str(prep.rt.device) + (f" ({prep.device_note})" if prep.device_note else "") + _procs(),
                q=Approximation(a.program, a.family, a.vi.discrete, a.node_plans, a.method, prep.structure, a.wins),
                q_draws=q_draws, weights=weights, log_weights=log_w, objective_note=obj.describe(a.S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
@@ -659,6 +684,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         values: Dict[str, List[np.ndarray]] = {}
         sums: Dict[str, List[torch.Tensor]] = {}
         log_p, log_q, kept_theta, kept_z = [], [], [], {}
+        values_gen = gen if program.batch.shard is None else \
+            torch.Generator(device=program.device).manual_seed(program.rt.seed + 1)
 
         def sample(n):
             theta, lq = fam.rsample_with_log_q(n)
@@ -688,13 +715,18 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                 ev = program.evaluate(theta, z, keep_enum=need_v, densities=need_p or need_v or bool(program.enum))
             log_p.append(ev.total)
             log_q.append(lq)
+            if need_v and program.batch.shard is not None:
+                # a data-parallel fit: the values of every row, on the first process only (its own
+                # generator: the shared one must advance alike on every process)
+                ev = program.evaluate(theta, z, keep_enum=True, batch=program.full_batch) \
+                    if program.batch.global_terms else Evaluation(ev.total, {}, {}, {})
             if need_v:
                 kept_theta.append(theta[: draws - i])
                 for k, v in z.items():
                     kept_z.setdefault(k, []).append(v[: draws - i])
-                for k, v in program.values(ev, gen).items():
+                for k, v in (program.values(ev, values_gen) if ev.env else {}).items():
                     values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
-                for k, (m1, m2) in program.enum_moments(ev).items():
+                for k, (m1, m2) in (program.enum_moments(ev) if ev.env else {}).items():
                     m1, m2 = m1[: draws - i], m2[: draws - i]
                     acc = sums.setdefault(k, [0.0, 0.0, 0])
                     acc[0], acc[1], acc[2] = acc[0] + m1.sum(0), acc[1] + m2.sum(0), acc[2] + m1.shape[0]

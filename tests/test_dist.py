@@ -1,0 +1,180 @@
+"""Data-parallel fits (ppl/dist.py): two gloo processes on 127.0.0.1 (a free port, every collective
+with a timeout) compute the one-process log density, gradient and Hessian on the same draws, with N
+odd so the ranks own unequal rows; `ppl fit --procs 2` gives the one-process answer; a rank that
+fails ends the fit with its located message and exit 1 within seconds."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import ppl
+from ppl import dist
+from ppl.backend.log_joint import LogJoint
+from ppl.backend.runtime import Runtime
+from ppl.plan import plan as make_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LOCAL = """data y: real[N]
+data x: real[N]
+mu ~ normal(0, 5)
+beta ~ normal(0, 2)
+tau ~ half_normal(2)
+z[N] ~ normal(mu + beta * x, tau)
+y ~ normal(z, 0.5)
+"""
+MIXTURE = """data y: real[N]
+mu: ordered[2] ~ normal(0, 2)
+sigma[2] ~ half_normal(2)
+theta ~ beta(5, 5)
+z[N] ~ categorical([theta, 1 - theta])
+y ~ normal(mu[z], sigma[z])
+"""
+N = 101      # odd: rank 0 owns 51 rows, rank 1 owns 50
+
+
+def _data():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=N)
+    y = np.where(rng.random(N) < 0.4, -1.0, 2.0) + 0.5 * x + rng.normal(size=N)
+    return {"y": y.tolist(), "x": x.tolist()}
+
+
+def _program(text):
+    model = ppl.loads(text, "m.ppl").check(_data() if "data x" in text else {"y": _data()["y"]})
+    return LogJoint(model, make_plan(model, "auto"), Runtime.make("cpu", "float64", 0))
+
+
+def _value_grad_hessian(program):
+    g = torch.Generator().manual_seed(7)
+    theta = (0.3 * torch.randn((3, program.dim), generator=g, dtype=torch.float64)).requires_grad_(True)
+    value = program.log_prob(theta)
+    grad, = torch.autograd.grad(value.sum(), theta)
+    point = theta[0].detach().clone()
+    hess = torch.autograd.functional.hessian(lambda t: program.log_prob(t.unsqueeze(0)).sum(), point)
+    return value.detach().numpy(), grad.numpy(), hess.numpy()
+
+
+def _group_worker(rank, world, port, out, model, data):
+    """Everything the in-process tests compare, in one group of two (one start-up of the workers)."""
+    torch.set_num_threads(1)
+    dist.init(rank, world, port, timeout=60)
+    try:
+        results = {}
+        for key, text in (("local", LOCAL), ("mixture", MIXTURE)):
+            program = _program(text)
+            lo, hi = dist.share(program.model.rows.size, rank, world)
+            program.use_shard(lo, hi, rank == 0)
+            results[key] = _value_grad_hessian(program) + (hi - lo,)
+        f = ppl.load(model).fit(data, seed=2, draws=200, steps=200)
+        results["adam"] = (f.summary(), f.elbo, f.device)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.close()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    model, data = _csv(tmp)
+    out = str(tmp / "results.pt")
+    mp.start_processes(_group_worker, args=(2, dist.free_port(), out, model, data), nprocs=2, join=True,
+                       start_method="spawn")
+    return torch.load(out, weights_only=False), model, data
+
+
+def test_share_splits_rows_contiguously_and_unequally():
+    assert [dist.share(101, r, 2) for r in range(2)] == [(0, 51), (51, 101)]
+    parts = [dist.share(10, r, 4) for r in range(4)]
+    assert parts[0][0] == 0 and parts[-1][1] == 10 and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+
+
+@pytest.mark.parametrize("key", ["local", "mixture"], ids=["local-latents", "enumerated-mixture"])
+def test_two_processes_give_the_one_process_density_gradient_and_hessian(key, two_processes):
+    got = two_processes[0][key]
+    want = _value_grad_hessian(_program({"local": LOCAL, "mixture": MIXTURE}[key]))
+    assert got[3] == 51
+    for a, b in zip(got[:3], want):
+        assert np.max(np.abs(a - b)) <= 1e-10 * max(1.0, np.max(np.abs(b))), np.max(np.abs(a - b))
+
+
+def test_200_adam_steps_on_two_processes_are_the_one_process_fit(two_processes):
+    (summary, elbo, device), model, data = two_processes[0]["adam"], two_processes[1], two_processes[2]
+    one = ppl.load(model).fit(data, seed=2, draws=200, steps=200)
+    assert "2 processes" in device
+    _same(summary, elbo, one)
+
+
+def _same(summary, elbo, one):
+    s = one.summary()
+    for k in ("mu", "beta", "tau", "z[1]", "z[101]"):
+        for stat in ("mean", "sd"):
+            assert abs(summary[k][stat] - s[k][stat]) < 1e-6, (k, stat, summary[k][stat], s[k][stat])
+    assert abs(elbo - one.elbo) < 1e-6
+
+
+def _ppl(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "ppl", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _csv(tmp_path):
+    d = _data()
+    path = tmp_path / "d.csv"
+    path.write_text("y,x\n" + "".join(f"{a!r},{b!r}\n" for a, b in zip(d["y"], d["x"])))
+    model = tmp_path / "local.ppl"
+    model.write_text(LOCAL)
+    return str(model), str(path)
+
+
+def test_ppl_fit_procs_2_is_the_one_process_fit_and_writes_once(tmp_path):
+    """The default path (the mode search, then fixed draws and L-BFGS) on the all-reduced log joint."""
+    model, data = _csv(tmp_path)
+    p = _ppl("fit", model, data, "--seed", "2", "--draws", "200", "--format", "json", "--procs", "2",
+             "--out", str(tmp_path / "out"))
+    assert p.returncode == 0, p.stderr
+    two = json.loads(p.stdout)
+    assert "2 processes" in two["device"]
+    _same(two["params"], two["elbo"], ppl.load(model).fit(data, seed=2, draws=200))
+    # the first process wrote the outputs, whole: every row's latent is in the draws
+    header = open(tmp_path / "out" / "draws.csv").readline().strip().split(",")
+    assert "z[101]" in header and "z[1]" in header and "z[52]" in header
+
+
+def _failing_worker(rank, world, port, argv, errdir, threads):
+    """Rank 1 raises a located model error part-way through the fit (after a few evaluations)."""
+    if rank == 1:
+        from ppl.errors import Diagnostic, PplError, Source, Span
+        calls = {"n": 0}
+        real = LogJoint.evaluate
+
+        def evaluate(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                src = Source("bad.ppl", "y ~ normal(z, 0.5)\n")
+                raise PplError(Diagnostic(Span(src, 1, 1, 1, 2), "the density of 'y' is not finite here"))
+            return real(self, *a, **k)
+        LogJoint.evaluate = evaluate
+    dist._worker(rank, world, port, argv, errdir, threads)
+
+
+def test_a_failing_rank_ends_the_fit_with_its_message(tmp_path, capsys):
+    model, data = _csv(tmp_path)
+    t0 = time.perf_counter()
+    code = dist.launch(["fit", model, data, "--seed", "1"], 2,
+                       worker=_failing_worker)
+    took = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "bad.ppl:1:1: error: the density of 'y' is not finite here" in err
+    assert took < 60                       # not the collectives' timeout (rank 0 waits in one)
