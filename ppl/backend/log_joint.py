@@ -129,6 +129,7 @@ class LogJoint:
         self.enum: List[EnumGroup] = []
         self.steps: List[Tuple[str, str, object]] = []   # (kind, name, payload)
         self.deterministic: Dict[str, Callable] = {}     # name -> env -> value
+        self.work = 0                                    # draws evaluated with densities (a cost count)
         self._compile()
 
     # ---- compilation ----------------------------------------------------------
@@ -315,6 +316,8 @@ class LogJoint:
             blocks = None if blocks is None else [Replicate.apply(u) for u in blocks]
         us = self.split(theta) if blocks is None else blocks
         S = theta.shape[0] if blocks is None else (us[0].shape[0] if us else 1)
+        if densities:
+            self.work += S
         env: Dict = dict(self.known)
         env.update(batch.data)
         env[CACHE] = batch.cache

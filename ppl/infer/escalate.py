@@ -18,15 +18,17 @@ higher by more than twice the two estimates' Monte Carlo errors; a tie keeps
 the cheaper fit.  The header says what was tried, each one's grade and ELBO,
 and which was kept.
 
-The bound: the whole fit may take ESCALATE_FACTOR times the first fit's time
-(at least ESCALATE_MIN_SECONDS).  An attempt that reaches it is stopped
-(`Deadline`, checked at every optimiser step and evaluation) and dropped; one
-that cannot start before it is not tried; the header says which.
+The bound is on work, not on the clock, so that one seed gives one answer on
+any machine (and on every process of a data-parallel fit): the escalation
+may evaluate the log density at ESCALATE_FACTOR times as many draws as the
+first fit did (`LogJoint.work`: draws evaluated, each a pass over the data).
+An attempt that reaches the bound is stopped (`Deadline`, checked at every
+optimiser step and evaluation) and dropped; one that would start past it is
+not tried; the header says which.
 """
 from __future__ import annotations
 
 import math
-import time
 from typing import List, Optional
 
 import numpy as np
@@ -36,24 +38,24 @@ from .families import FAMILIES
 from .psis import verdict
 from ..plan import centred_latents
 
-ESCALATE_FACTOR = 10.0       # the whole fit within this many times the first family's fit ...
-ESCALATE_MIN_SECONDS = 20.0  # ... or this, whichever is longer (a 1 s fit may still try a flow)
+ESCALATE_FACTOR = 10.0       # the escalation's draws of the log density: this many times the first fit's
 GRADE = {"good": 0, "fair": 1, "unreliable": 2}
 
 
 class OutOfTime(Exception):
-    """An escalation attempt reached the time bound."""
+    """An escalation attempt reached the work bound."""
 
 
 class Deadline:
     """A progress callback that passes everything on to `inner` and stops the fit (OutOfTime) once
-    `t_end` has passed: Adam's steps call it, and so do the fixed-draw optimiser's evaluations."""
+    `program` has evaluated more than `limit` draws: Adam's steps call it, and so do the fixed-draw
+    optimiser's evaluations."""
 
-    def __init__(self, inner, t_end: float):
-        self.inner, self.t_end = inner, t_end
+    def __init__(self, inner, program, limit: int):
+        self.inner, self.program, self.limit = inner, program, limit
 
     def _check(self) -> None:
-        if time.perf_counter() > self.t_end:
+        if self.program.work > self.limit:
             raise OutOfTime
 
     def __call__(self, *args):
@@ -101,19 +103,20 @@ def escalate(prep, first, progress=None):
     from .fit import fit_family
     if first.label == "good" or not _ladder(first.method):
         return first
-    bound = max(ESCALATE_FACTOR * first.seconds, ESCALATE_MIN_SECONDS)
-    t_end = time.perf_counter() - first.seconds + bound
+    program = prep.program
+    limit = program.work + int(ESCALATE_FACTOR * first.work)
+    bound = f"{ESCALATE_FACTOR:g}x the first fit's {_count(first.work)} draws of the log density"
     attempts, notes, queue, best = [first], [], _ladder(first.method), first
     while queue and best.label != "good":
         name = queue.pop(0)
-        if time.perf_counter() >= t_end:
-            notes.append(f"{name} not tried (time bound {bound:.0f} s)")
+        if program.work >= limit:
+            notes.append(f"{name} not tried (bound: {bound})")
             continue
         base = next((a for a in reversed(attempts) if a.method == FAMILIES[name].base_family), None)
         try:
-            a = fit_family(prep, name, "", Deadline(progress, t_end), base=base)
+            a = fit_family(prep, name, "", Deadline(progress, program, limit), base=base)
         except OutOfTime:
-            notes.append(f"{name} stopped at the time bound ({bound:.0f} s)")
+            notes.append(f"{name} stopped at the bound ({bound})")
             continue
         except (PplError, UsageError) as e:
             notes.append(f"{name} not applicable ({_first_line(e)})")
@@ -132,6 +135,10 @@ def escalate(prep, first, progress=None):
     best.why = "; ".join(x for x in (first.why, why) if x)
     best.timings = dict(best.timings, escalation=sum(a.seconds for a in attempts if a is not first))
     return best
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
 
 def _verdict_args(prep, a):

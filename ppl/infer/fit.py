@@ -189,6 +189,7 @@ class Attempt:
     elbo: float
     seconds: float
     timings: Dict[str, float]
+    work: int = 0                     # draws of the log density it evaluated (LogJoint.work)
 
 
 def fit(model: Model, config: FitConfig, progress=None) -> Fit:
@@ -272,7 +273,7 @@ def first_method(prep: Prepared):
 def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) -> Attempt:
     """Fit the family `method` and diagnose it.  `base`: an earlier Attempt whose fitted family this one
     may start from (the flow and the mixture start from a full-rank fit)."""
-    t_fit = time.perf_counter()
+    t_fit, work0 = time.perf_counter(), prep.program.work
     model, config, rt = prep.model, prep.config, prep.rt
     node_plans, program, wins, structure, mb_local = (prep.node_plans, prep.program, prep.wins,
                                                        prep.structure, prep.mb_local)
@@ -366,7 +367,8 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
         tail = [minibatch.full_elbo(vi)]
     elbo = settled[1] if settled else float(np.mean(tail))
     return Attempt(method, why, family, vi, result, optimizer, init_note, S, lr, settled, node_plans, program,
-                   wins, diagnosed, label, text, elbo, time.perf_counter() - t_fit, timings)
+                   wins, diagnosed, label, text, elbo, time.perf_counter() - t_fit, timings,
+                   prep.program.work - work0 + (program.work if program is not prep.program else 0))
 
 
 def make_fit(prep: Prepared, a: Attempt) -> Fit:
