@@ -38,6 +38,14 @@ theta ~ beta(5, 5)
 z[N] ~ categorical([theta, 1 - theta])
 y ~ normal(mu[z], sigma[z])
 """
+REGRESSION = """data y: real[N]
+data x: real[N]
+mu ~ normal(0, 5)
+beta ~ normal(0, 2)
+sigma ~ half_normal(2)
+y ~ normal(mu + beta * x, sigma)
+"""
+MINIBATCH = dict(seed=2, draws=200, method="meanfield", batch_size=16, epochs=4)
 N = 101      # odd: rank 0 owns 51 rows, rank 1 owns 50
 
 
@@ -72,10 +80,12 @@ def _group_worker(rank, world, port, out, model, data):
         for key, text in (("local", LOCAL), ("mixture", MIXTURE)):
             program = _program(text)
             lo, hi = dist.share(program.model.rows.size, rank, world)
-            program.use_shard(lo, hi, rank == 0)
+            program.use_shard(lo, hi, rank == 0, world)
             results[key] = _value_grad_hessian(program) + (hi - lo,)
-        f = ppl.load(model).fit(data, seed=2, draws=200, steps=200)
+        f = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
         results["adam"] = (f.summary(), f.elbo, f.device)
+        f = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **MINIBATCH)
+        results["minibatch"] = (f.summary(), f.elbo, f.steps)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -109,14 +119,23 @@ def test_two_processes_give_the_one_process_density_gradient_and_hessian(key, tw
 
 def test_200_adam_steps_on_two_processes_are_the_one_process_fit(two_processes):
     (summary, elbo, device), model, data = two_processes[0]["adam"], two_processes[1], two_processes[2]
-    one = ppl.load(model).fit(data, seed=2, draws=200, steps=200)
+    one = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
     assert "2 processes" in device
     _same(summary, elbo, one)
 
 
-def _same(summary, elbo, one):
+def test_minibatches_on_two_processes_are_the_one_process_minibatches(two_processes):
+    """Each process evaluates the rows it owns of the one-process batch (scale N / B of the whole
+    batch); the control variate's pass and the final ELBO's pass are split the same way."""
+    summary, elbo, steps = two_processes[0]["minibatch"]
+    one = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **MINIBATCH)
+    assert steps == one.steps > 0
+    _same(summary, elbo, one, ("mu", "beta", "sigma"))
+
+
+def _same(summary, elbo, one, names=("mu", "beta", "tau", "z[1]", "z[101]")):
     s = one.summary()
-    for k in ("mu", "beta", "tau", "z[1]", "z[101]"):
+    for k in names:
         for stat in ("mean", "sd"):
             assert abs(summary[k][stat] - s[k][stat]) < 1e-6, (k, stat, summary[k][stat], s[k][stat])
     assert abs(elbo - one.elbo) < 1e-6

@@ -310,6 +310,9 @@ class LogJoint:
         batch = self.batch if batch is None else batch
         scale = batch.scale if batch.scale != 1.0 else None      # None: no per-row term is scaled
         shard = batch.shard if densities else None               # a data-parallel fit: see ppl.dist
+        own = theta if blocks is None else None          # (the control term below: added once, not summed)
+        if own is None and batch.control is not None:
+            own = torch.cat([u.reshape(u.shape[0], -1) for u in blocks], 1)
         if shard is not None:
             from ..dist import Replicate
             theta = None if theta is None else Replicate.apply(theta)
@@ -370,13 +373,12 @@ class LogJoint:
             total = torch.zeros(S, dtype=self.dtype, device=self.device)
         elif total.shape != (S,):
             total = total.expand(S)
-        if batch.control is not None and densities:     # a zero-mean linear term over batches (minibatch.py)
-            flat = theta if blocks is None else torch.cat([u.reshape(S, -1) for u in us], 1)
-            c, theta0 = batch.control
-            total = total + (flat - theta0) @ c
         if shard is not None:
             from ..dist import AllReduce
             total = AllReduce.apply(total)
+        if batch.control is not None and densities:     # a zero-mean linear term over batches (minibatch.py)
+            c, theta0 = batch.control
+            total = total + (own - theta0) @ c
         return Evaluation(total, env, factors, enum_logits)
 
     # ---- enumeration --------------------------------------------------------------
@@ -494,11 +496,11 @@ class LogJoint:
             out.append(u.reshape(S, -1))
         return torch.cat(out, 1) if out else torch.zeros((S, 0), dtype=self.dtype, device=self.device)
 
-    def use_shard(self, lo: int, hi: int, global_terms: bool) -> None:
+    def use_shard(self, lo: int, hi: int, global_terms: bool, world: int) -> None:
         """Evaluate this process's rows [lo, hi) of the data (a data-parallel fit, ppl.dist): every
         evaluation is then summed over the processes; `full_batch` keeps the whole data."""
         rows = {k: v[:, lo:hi] for k, v in self.full_batch.data.items()}
-        self.batch = Batch(rows, 1.0, hi - lo, shard=(lo, hi), global_terms=global_terms)
+        self.batch = Batch(rows, 1.0, hi - lo, shard=(lo, hi), global_terms=global_terms, world=world)
 
     def use_full_data(self) -> None:
         self.batch = self.full_batch

@@ -73,6 +73,7 @@ class Batch:
     shard: Optional[Any] = None              # (lo, hi): this process's rows of a data-parallel fit (ppl.dist):
                                              # its log density is summed over the processes
     global_terms: bool = True                # global density terms are added here (one process of a group)
+    world: int = 1                           # processes sharing the rows (with `shard`)
 
     @classmethod
     def full(cls, row_data: Mapping[str, torch.Tensor], size: Optional[int]) -> "Batch":

@@ -247,12 +247,13 @@ def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
     from ..errors import UsageError
     why = ("discrete latents on the score path" if program.score else
            "counts summed over windows" if wins is not None else
-           f"{config.opt('batch_size')}" if config.batch_size is not None else
+           f"{config.opt('batch_size')} with local latents" if config.batch_size is not None and
+           minibatch.local_blocks(program) else
            "no row axis in the data" if model.rows.size is None else None)
     if why:
         raise UsageError(f"{config.opt('procs')} cannot split this fit over processes yet: {why}")
     lo, hi = dist.share(model.rows.size, group.rank, group.world)
-    program.use_shard(lo, hi, group.leader)
+    program.use_shard(lo, hi, group.leader, group.world)
 
 
 def first_method(prep: Prepared):

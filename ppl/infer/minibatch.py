@@ -129,18 +129,46 @@ def local_blocks(program) -> list:
 class Epochs:
     """Shuffled batches of B rows, epoch after epoch (the last batch of an epoch may be smaller)."""
 
-    def __init__(self, row_data, n_rows: int, batch_size: int, seed: int, device=None):
+    def __init__(self, row_data, n_rows: int, batch_size: int, seed: int, device=None, shard: Batch = None):
         self.row_data, self.N, self.B = row_data, n_rows, batch_size
         self.gen = torch.Generator().manual_seed((int(seed) * 2654435761 + 97) % (2 ** 63))
         self.per_epoch = -(-n_rows // batch_size)
         self.device = device
+        self.shard = shard if shard is not None and shard.shard is not None else None
 
     def epoch(self) -> Iterator[Batch]:
         perm = torch.randperm(self.N, generator=self.gen)
         if self.device is not None:
             perm = perm.to(self.device)
         for i in range(0, self.N, self.B):
-            yield Batch.rows(self.row_data, perm[i:i + self.B], self.N)
+            rows = perm[i:i + self.B]
+            if self.shard is None:
+                yield Batch.rows(self.row_data, rows, self.N)
+                continue
+            # a data-parallel fit (ppl.dist): the one-process batch, of which this process evaluates
+            # the rows it owns (scaled by N / the whole batch; the sum over processes is that batch's)
+            lo, hi = self.shard.shard
+            own = rows[(rows >= lo) & (rows < hi)]
+            yield Batch({k: v.index_select(1, own) for k, v in self.row_data.items()}, self.N / rows.shape[0],
+                        int(own.shape[0]), index=own, shard=self.shard.shard,
+                        global_terms=self.shard.global_terms)
+
+
+def pass_batches(program, chunk: int) -> Iterator[Batch]:
+    """One pass over all rows in chunks of at most `chunk` rows: per-row terms unscaled, the global
+    terms in the first chunk only (the chunks' log densities add up to the full one).  In a
+    data-parallel fit: this process's rows, in as many chunks as every process makes (each
+    evaluation is collective)."""
+    N = program.model.rows.size
+    shard = program.batch.shard
+    lo, hi = shard if shard is not None else (0, N)
+    longest = -(-N // program.batch.world) if shard is not None else N
+    for k in range(max(1, -(-longest // chunk))):
+        a = min(hi, lo + k * chunk)
+        idx = torch.arange(a, min(hi, a + chunk), device=program.device)
+        yield Batch({name: v.index_select(1, idx) for name, v in program.row_data.items()}, 1.0,
+                    int(idx.shape[0]), index=idx, shard=shard,
+                    global_terms=k == 0 and (shard is None or program.batch.global_terms))
 
 
 # ---- per-row local latents --------------------------------------------------------------------
@@ -358,9 +386,8 @@ class ControlVariate:
         lj, N = self.program, self.program.model.rows.size
         chunk = max(1, CHUNK_ELEMENTS // max(1, lj.largest_node() // N))
         g = torch.zeros_like(self.theta0)
-        for i in range(0, N, chunk):
-            idx = torch.arange(i, min(N, i + chunk), device=lj.device)
-            g += self._grad(Batch.rows(lj.row_data, idx, N)) * (idx.shape[0] / N)
+        for b in pass_batches(lj, chunk):
+            g += self._grad(b)
         self.g_full = g[0]
         return bool(torch.isfinite(self.g_full).all())
 
@@ -395,7 +422,7 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     """Epochs of shuffled batches; converge on windows of whole epochs; decay and average."""
     program = vi.program
     N = program.model.rows.size
-    batches = Epochs(program.row_data, N, config.batch_size, config.seed, program.device)
+    batches = Epochs(program.row_data, N, config.batch_size, config.seed, program.device, program.batch)
     nb = batches.per_epoch
     E = config.epochs or default_epochs(nb)
     w_epochs = max(1, math.ceil(WINDOW / nb))              # a window: whole epochs, at least WINDOW steps
@@ -512,17 +539,15 @@ def full_elbo(vi: VI, draws: Optional[int] = None) -> float:
         theta, lq = fam.rsample_with_log_q(draws)
     acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
     ent_local = 0.0
-    for i in range(0, N, chunk):
-        idx = torch.arange(i, min(N, i + chunk), device=program.device)
-        b = Batch.rows(program.row_data, idx, N)
+    for b in pass_batches(program, chunk):
         if local is not None:
-            rows = local.loc[idx]
+            rows = local.loc[b.index]
             z = local.local_theta(rows, local.local_eps(rows.shape[0], draws))
             total = program.evaluate(None, blocks=local.blocks(theta_g, z), batch=b).total
             ent_local += float(local.local_entropy(rows))
         else:
             total = program.evaluate(theta, batch=b).total
-        acc += total * (idx.shape[0] / N)
+        acc += total
     return float((acc - lq).mean()) + ent_local
 
 
