@@ -14,7 +14,7 @@ EIGHT = os.path.join(HERE, "..", "models", "eight_schools.csv")
 
 
 def test_funnel_falls_back_to_a_cold_start_and_is_not_called_good():
-    fit = ppl.loads(CENTERED, "centered.ppl").fit(EIGHT, seed=1)
+    fit = ppl.loads(CENTERED, "centered.ppl").fit(EIGHT, seed=1, method="fullrank")   # (auto escalates)
     assert fit.init.startswith("cold start")
     assert fit.verdict_label != "good", fit.verdict
 
