@@ -68,6 +68,16 @@ def test_param_mean_and_sd_are_the_sample_moments():
     assert "m" not in fit.draws and "s" not in fit.draws
 
 
+def test_minibatch_epochs_fit_a_param():
+    """The minibatch path steps params too (Adam over epochs of batches of half the rows)."""
+    y = np.random.default_rng(0).normal(0.5, 1.0, 100)
+    fit = ppl.loads("data y: real[N]\nparam m: real\ny ~ normal(m, 1)\n").fit(
+        {"y": y.tolist()}, batch_size=50, epochs=150, seed=1)
+    assert float(fit.params["m"]) == pytest.approx(y.mean(), abs=2e-3)
+    loglik = float(np.sum(-0.5 * (y - y.mean()) ** 2 - 0.5 * math.log(2 * math.pi)))
+    assert fit.elbo == pytest.approx(loglik, abs=1e-3)        # one full pass: the log-likelihood
+
+
 def test_type2_ml_of_a_hierarchy_matches_the_closed_form_marginal():
     rng = np.random.default_rng(4)
     J = 30

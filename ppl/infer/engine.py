@@ -125,17 +125,24 @@ class VI:
         avg = Averager(state.params)
         trace: List[float] = []
         conv = Convergence(tol, min_steps, max_steps, noisy=self.estimator.noisy or bool(self.discrete))
+        drift = ParamDrift(self.program.params.tensors()) if self.program.params else None
         while state.t < max_steps:
             value = self.update(state, None if batches is None else next(batches))
             if value is None:
                 continue
             trace.append(value)
             avg.add()
+            if drift is not None:
+                drift.add()
             if progress is not None:
                 progress(state.t, max_steps, value)
             if state.t % WINDOW == 0:
                 if conv.check(trace, state.t):
-                    break
+                    if drift is None or drift.settled():
+                        break
+                    conv.converged = False          # the params still move: the ELBO's test is not enough
+                if drift is not None:
+                    drift.reset()
                 avg.close_window()
         if state.t >= 2:
             avg.assign()
@@ -204,6 +211,46 @@ class Averager:
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p.copy_(sum(w[i] * (n / total) for w, n in parts))
+
+
+class ParamDrift:
+    """Whether the `param`s have stopped moving: over a window of steps, their gradient's mean is
+    indistinguishable from zero.  Per element, z = mean / (its standard error + PARAM_GTOL / 3); settled
+    when the mean of z^2 over all elements is below DRIFT_Z2 (about 1 in pure noise; a param still
+    climbing has a mean gradient that stands out of its noise).  The ELBO's relative change alone
+    stops too early: a slowly moving param changes the ELBO little per window."""
+    DRIFT_Z2 = 1.5
+    PARAM_GTOL = 1e-3             # |mean gradient| below this counts as zero (a deterministic gradient)
+
+    def __init__(self, params: List[torch.Tensor]):
+        self.params = params
+        self.reset()
+
+    def reset(self):
+        self.n = 0
+        self.s1 = [torch.zeros_like(p) for p in self.params]
+        self.s2 = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def add(self):
+        self.n += 1
+        for p, a, b in zip(self.params, self.s1, self.s2):
+            if p.grad is not None:
+                a.add_(p.grad)
+                b.addcmul_(p.grad, p.grad)
+
+    @torch.no_grad()
+    def settled(self) -> bool:
+        if self.n < 2:
+            return True
+        z2, count = 0.0, 0
+        for a, b in zip(self.s1, self.s2):
+            mean = a / self.n
+            var = (b / self.n - mean * mean).clamp(min=0) * (self.n / (self.n - 1))
+            se = torch.sqrt(var / self.n) + self.PARAM_GTOL / 3
+            z2 += float(((mean / se) ** 2).sum())
+            count += mean.numel()
+        return not count or z2 / count < self.DRIFT_Z2
 
 
 class Convergence:
@@ -402,6 +449,8 @@ class FixedDraws(Optimizer):
                 for i in range(0, n_fixed, chunk):
                     part = eps[i:i + chunk]
                     weight = part.shape[0] / n_fixed
+                    for p in params.tensors():      # (estimators that accumulate would add to the last chunk's)
+                        p.grad = None
                     vc = vi.estimator.gradient_at(part)
                     fam.hold()
                     if not math.isfinite(vc):
