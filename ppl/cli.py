@@ -201,8 +201,10 @@ def cmd_check(args) -> int:
         return 0
     nl = sum(1 for n in model.nodes.values() if n.kind == "latent")
     no = sum(1 for n in model.nodes.values() if n.kind == "observed")
+    n_par = sum(1 for n in model.nodes.values() if n.kind == "param")
     sizes = ", ".join(f"{k}={v}" for k, v in model.dims.items())
-    print(f"{args.model}: ok ({nl} latent, {no} observed" + (f"; {sizes}" if sizes else "") + ")")
+    print(f"{args.model}: ok ({nl} latent, " + (f"{n_par} param, " if n_par else "") + f"{no} observed"
+          + (f"; {sizes}" if sizes else "") + ")")
     _print_warnings(model)
     return 0
 

@@ -247,6 +247,12 @@ def warm_start(program, config, full: bool):
         if o.size != b.size or o.kind != b.kind:
             raise UsageError(f"{where}: the latent '{b.name}' has {b.size} unconstrained values here and "
                              f"{o.size} in the saved fit; a warm start needs the same sizes")
+    if program.params:              # the saved point estimates of the params the two models share
+        have = {k: v for k, v in (saved.params or {}).items() if k in program.params.shapes and
+                tuple(np.shape(v)) == program.params.shapes[k]}
+        current = program.params.values()
+        current.update(have)
+        program.params.load(current)
     mean, L = saved.q.moments()
     idx = torch.cat([torch.arange(old[b.name].offset, old[b.name].offset + b.size) for b in program.blocks]
                     + [torch.zeros(0, dtype=torch.long)])

@@ -35,7 +35,9 @@ from ..plan import NodePlan
 from ..supports import SUPPORTS
 from . import dists as D
 from .ops import TorchOps
+from .params import Params
 from .runtime import Batch, as_runtime
+from ..dist import Replicate
 from .transforms import bijection, sum_event, unconstrained_shape
 
 
@@ -124,6 +126,7 @@ class LogJoint:
         self.row_data = rows                     # per-row data: passed in each `Batch`
         self.batch = Batch.full(rows, model.rows.size)   # the full data (a data-parallel fit: this process's)
         self.full_batch = self.batch
+        self.params = Params(model, known, rt)           # `param` declarations: point estimates
         self.blocks: List[Block] = []
         self.score: List[str] = []
         self.enum: List[EnumGroup] = []
@@ -201,6 +204,9 @@ class LogJoint:
         for name in m.order:
             node = m.nodes[name]
             if node.kind in ("data", "constant"):
+                continue
+            if node.kind == "param":
+                self.steps.append(("param", name, None))
                 continue
             owner = next((tainted[d] for d in node.deps if d in tainted), None)
             if node.kind == "deterministic":
@@ -314,7 +320,6 @@ class LogJoint:
         if own is None and batch.control is not None:
             own = torch.cat([u.reshape(u.shape[0], -1) for u in blocks], 1)
         if shard is not None:
-            from ..dist import Replicate
             theta = None if theta is None else Replicate.apply(theta)
             blocks = None if blocks is None else [Replicate.apply(u) for u in blocks]
         us = self.split(theta) if blocks is None else blocks
@@ -342,6 +347,10 @@ class LogJoint:
                     total = _add(total, _scaled(sum_event(t.log_abs_det_jacobian(u, x)), b.per_row, scale))
             elif kind == "deterministic":
                 env[name] = payload(env)
+            elif kind == "param":
+                env[name] = self.params.value(name)          # a point estimate: no Jacobian, no density
+                if shard is not None:                          # (its gradient: summed over the processes)
+                    env[name] = Replicate.apply(env[name])
             elif kind == "score":
                 z = discrete[name]
                 if shard is not None and payload.per_row and z.shape[1] != shard[1] - shard[0]:
@@ -590,6 +599,9 @@ class LogJoint:
             node = self.model.nodes[name]
             if node.kind == "deterministic":
                 env[name] = out[name] = _full(self.deterministic[name], env, S)
+                continue
+            if node.kind == "param":
+                env[name] = self.params.value(name).detach()
                 continue
             if node.kind not in ("latent", "observed") or (node.dist is None and name not in given):
                 continue

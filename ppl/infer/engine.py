@@ -49,6 +49,7 @@ from ..registry import Registry
 from .optim import Adam, lbfgs_vg, plateau
 
 DISCRETE_LR_SCALE = 4.0  # discrete q's logits take larger steps: small score gradients, far-off start
+PARAM_LR_SCALE = 0.1     # `param`s take smaller steps: raw units, not whitened (a relu layer's units die at 0.2)
 MAX_FAILURES = 8
 WINDOW = 100             # steps per convergence window
 MAX_WINDOWS = 50         # window averages kept for the final iterate average
@@ -63,7 +64,10 @@ class VI:
         self.estimator = choose_gradient(self, serves, getattr(config, "gradient", "auto"))
 
     def parameters(self) -> List[torch.Tensor]:
-        return self.family.parameters() + [q.param for q in self.discrete.values()]
+        """Everything the optimisers step: q's parameters (the family's, then the discrete q's) and the
+        model's `param` point estimates (`program.params`, ppl/backend/params.py), last."""
+        return self.family.parameters() + [q.param for q in self.discrete.values()] + \
+            self.program.params.tensors()
 
     def gradient(self, S: int, batch=None) -> float:
         value = self.estimator.gradient(S, batch)
@@ -77,8 +81,8 @@ class VI:
     def init(self, lr: float, S: int, schedule: Optional[Callable[[int], float]] = None) -> "AdamState":
         """`schedule(t)`: the step size's factor at step t (default 1 / sqrt(1 + t / 100))."""
         params = self.parameters()
-        n_cont = len(self.family.parameters())
-        scales = [1.0] * n_cont + [DISCRETE_LR_SCALE] * (len(params) - n_cont)
+        n_cont, n_disc = len(self.family.parameters()), len(self.discrete)
+        scales = [1.0] * n_cont + [DISCRETE_LR_SCALE] * n_disc + [PARAM_LR_SCALE] * (len(params) - n_cont - n_disc)
         return AdamState(params, lr, scales, S, schedule=schedule or sqrt_decay)
 
     def update(self, state: "AdamState", batch=None) -> Optional[float]:
@@ -121,17 +125,24 @@ class VI:
         avg = Averager(state.params)
         trace: List[float] = []
         conv = Convergence(tol, min_steps, max_steps, noisy=self.estimator.noisy or bool(self.discrete))
+        drift = ParamDrift(self.program.params.tensors()) if self.program.params else None
         while state.t < max_steps:
             value = self.update(state, None if batches is None else next(batches))
             if value is None:
                 continue
             trace.append(value)
             avg.add()
+            if drift is not None:
+                drift.add()
             if progress is not None:
                 progress(state.t, max_steps, value)
             if state.t % WINDOW == 0:
                 if conv.check(trace, state.t):
-                    break
+                    if drift is None or drift.settled():
+                        break
+                    conv.converged = False          # the params still move: the ELBO's test is not enough
+                if drift is not None:
+                    drift.reset()
                 avg.close_window()
         if state.t >= 2:
             avg.assign()
@@ -200,6 +211,46 @@ class Averager:
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p.copy_(sum(w[i] * (n / total) for w, n in parts))
+
+
+class ParamDrift:
+    """Whether the `param`s have stopped moving: over a window of steps, their gradient's mean is
+    indistinguishable from zero.  Per element, z = mean / (its standard error + PARAM_GTOL / 3); settled
+    when the mean of z^2 over all elements is below DRIFT_Z2 (about 1 in pure noise; a param still
+    climbing has a mean gradient that stands out of its noise).  The ELBO's relative change alone
+    stops too early: a slowly moving param changes the ELBO little per window."""
+    DRIFT_Z2 = 1.5
+    PARAM_GTOL = 1e-3             # |mean gradient| below this counts as zero (a deterministic gradient)
+
+    def __init__(self, params: List[torch.Tensor]):
+        self.params = params
+        self.reset()
+
+    def reset(self):
+        self.n = 0
+        self.s1 = [torch.zeros_like(p) for p in self.params]
+        self.s2 = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def add(self):
+        self.n += 1
+        for p, a, b in zip(self.params, self.s1, self.s2):
+            if p.grad is not None:
+                a.add_(p.grad)
+                b.addcmul_(p.grad, p.grad)
+
+    @torch.no_grad()
+    def settled(self) -> bool:
+        if self.n < 2:
+            return True
+        z2, count = 0.0, 0
+        for a, b in zip(self.s1, self.s2):
+            mean = a / self.n
+            var = (b / self.n - mean * mean).clamp(min=0) * (self.n / (self.n - 1))
+            se = torch.sqrt(var / self.n) + self.PARAM_GTOL / 3
+            z2 += float(((mean / se) ** 2).sum())
+            count += mean.numel()
+        return not count or z2 / count < self.DRIFT_Z2
 
 
 class Convergence:
@@ -387,32 +438,42 @@ class FixedDraws(Optimizer):
         chunk_elements = getattr(fam, "fixed_draw_chunk", FIXED_DRAW_CHUNK)
         chunk = max(1, chunk_elements // max(1, largest))       # memory: like one step of 16 MC samples
 
+        params = vi.program.params            # the model's point estimates: extra coordinates of x
+        n_q = fam.flat.numel()
+
         def value_grad(x):
             with torch.no_grad():
-                fam.flat.copy_(x)
+                fam.flat.copy_(x[:n_q])
+            params.assign(x[n_q:])
             v, g = 0.0, None
             try:
                 for i in range(0, n_fixed, chunk):
                     part = eps[i:i + chunk]
                     weight = part.shape[0] / n_fixed
+                    for p in params.tensors():      # (estimators that accumulate would add to the last chunk's)
+                        p.grad = None
                     vc = vi.estimator.gradient_at(part)
                     fam.hold()
                     if not math.isfinite(vc):
                         return math.inf, None
                     v += weight * vc
-                    g = fam.flat.grad * weight if g is None else g.add_(fam.flat.grad, alpha=weight)
+                    gc = torch.cat([fam.flat.grad, params.grad()]) if params else fam.flat.grad
+                    g = gc * weight if g is None else g.add_(gc, alpha=weight)
             except (ValueError, RuntimeError, torch.linalg.LinAlgError):
                 return math.inf, None
             values.append(v)
             return -v, g
 
-        x0 = fam.flat.detach().clone()
+        x0 = torch.cat([fam.flat.detach(), params.flat()]) if params else fam.flat.detach().clone()
         plateau_rule = getattr(fam, "fixed_draw_plateau", None)     # (window, nats): stop on a plateau
         x, evals, converged = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20,
                                        gtol=FIXED_DRAW_GTOL, ftol=1e-10,
                                        stop=plateau(*plateau_rule) if plateau_rule else None,
                                        on_eval=None if on_eval is None else (lambda v: on_eval(-v)))
         with torch.no_grad():
-            fam.flat.copy_(x)
+            fam.flat.copy_(x[:n_q])
+        params.assign(x[n_q:])
         fam.flat.grad = None
+        for p in params.tensors():
+            p.grad = None
         return evals, converged, values

@@ -100,6 +100,7 @@ class Fit(PosteriorMethods):
     objective_se: float = float("nan")        # ... and its Monte Carlo error
     log_evidence: float = float("nan")        # log p(y) by importance sampling over the draws of q ...
     log_evidence_se: float = float("nan")     # ... and its Monte Carlo error (nan where k-hat >= 0.7)
+    params: Dict[str, np.ndarray] = field(default_factory=dict)   # `param` point estimates: name -> value
 
     @property
     def weights_ess(self) -> float:
@@ -396,7 +397,7 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
                q=Approximation(a.program, a.family, a.vi.discrete, a.node_plans, a.method, prep.structure, a.wins),
                q_draws=q_draws, weights=weights, log_weights=log_w, objective_note=obj.describe(a.S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
-               log_evidence_se=evidence_se)
+               log_evidence_se=evidence_se, params=program.params.values())
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

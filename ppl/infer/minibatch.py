@@ -45,7 +45,7 @@ from ..errors import Diagnostic, PplError, UsageError
 from ..frontend import ast as A
 from ..frontend.rows import GLOBAL, MIXED, ROW, _rowness
 from ..backend.runtime import Batch
-from .engine import WINDOW, Averager, Convergence, OptimResult, VI
+from .engine import WINDOW, Averager, Convergence, OptimResult, ParamDrift, VI
 from .estimators import GradientEstimator, register_gradient
 from .families import Preconditioner
 
@@ -436,8 +436,10 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     epoch = 0
 
     avg = Averager(state.params, window)
+    pdrift = ParamDrift(program.params.tensors()) if program.params else None     # `param`s still moving?
 
-    cv = ControlVariate(program, vi.family) if local is None and program.dim else None
+    # (not with `param`s: the anchor's gradient would go stale as they move within an epoch)
+    cv = ControlVariate(program, vi.family) if local is None and program.dim and not program.params else None
 
     def run_epoch():
         nonlocal epoch
@@ -451,6 +453,8 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
                 continue
             trace.append(value)
             avg.add()
+            if pdrift is not None:
+                pdrift.add()
             if progress is not None:
                 progress(state.t, total_steps, value)
         if local is not None:
@@ -468,8 +472,10 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
             cur = window_moments(vi.family, avg)
             settled = prev is not None and drift(prev, cur) < DRIFT_TOL
             prev = cur
-            if elbo_settled and settled:
+            if elbo_settled and settled and (pdrift is None or pdrift.settled()):
                 break
+            if pdrift is not None:
+                pdrift.reset()
             conv.converged = False
     # phase 2: a smaller step for as many epochs again (at most to the cap); the result is the
     # average iterate over the second half of the run
