@@ -78,7 +78,8 @@ class VI:
         """`schedule(t)`: the step size's factor at step t (default 1 / sqrt(1 + t / 100))."""
         params = self.parameters()
         n_cont = len(self.family.parameters())
-        scales = [1.0] * n_cont + [DISCRETE_LR_SCALE] * (len(params) - n_cont)
+        d_scale = getattr(self.estimator, "discrete_lr_scale", DISCRETE_LR_SCALE)
+        scales = [1.0] * n_cont + [d_scale] * (len(params) - n_cont)
         return AdamState(params, lr, scales, S, schedule=schedule or sqrt_decay)
 
     def update(self, state: "AdamState", batch=None) -> Optional[float]:

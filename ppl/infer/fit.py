@@ -35,7 +35,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import Evaluation, LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import budget, improper, minibatch, windows
+from . import budget, improper, minibatch, relaxed, windows
 from .discrete import discrete_families
 from .draw_stats import column_stats, weighted_column_stats
 from .families import FAMILIES
@@ -209,7 +209,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
         q.center(start.mu0, start.diagonal())
     score_start(model, config, program, start, start_program, discrete)
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
-                            if not n.discrete) else "reparam"
+                            if not n.discrete) else "relaxed" if any(p.estimator == "relaxed"
+                                                                     for p in node_plans.values()) else "reparam"
     if mb_local:
         family, init_note = minibatch.RowLocal(fam_cls, start, program, gen, config), start.note
     elif fam_cls.base_family:            # fitted on top of another family's fit (the flow: full-rank)
@@ -222,8 +223,18 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
             "row-local" if mb_local else serves)
 
-    t0 = time.perf_counter()
     S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
+    relax_note = ""
+    if config.estimator == "auto" and config.batch_size is None and config.gradient == "auto" and \
+            relaxed.candidates(model, node_plans):        # score path or relaxed, by gradient variance
+        relaxed_plans = make_plan(model, "auto", config.opt, relax=frozenset(relaxed.candidates(model, node_plans)))
+        vi_relaxed = VI(program, family, vi.objective, discrete, relaxed_plans, config, "relaxed")
+        relax, relax_note = relaxed.choose(vi, vi_relaxed, S)
+        if relax:
+            node_plans, vi = relaxed_plans, vi_relaxed
+            S = mc_samples(config, vi)
+
+    t0 = time.perf_counter()
     cold = start.cold and not fam_cls.base_family       # (a family built on a fit starts warm)
     lr = step_size(config, vi, S, cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
@@ -265,7 +276,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     if config.batch_size is not None:            # minibatch estimates are noisy: one pass over all rows
         tail = [minibatch.full_elbo(vi)]
     return Fit(model=model, config=config, method=method, method_note=why,
-               estimator=describe(node_plans, wins.text() if wins else None) + _zero_draws(vi),
+               estimator=describe(node_plans, wins.text() if wins else None) + _zero_draws(vi) +
+               (f"; {relax_note}" if relax_note else ""),
                objective=config.objective,
                draws=draws, elbo_trace=result.trace, elbo=settled[1] if settled else float(np.mean(tail)),
                steps=result.steps,
@@ -490,8 +502,8 @@ def mc_samples(config: FitConfig, vi: VI) -> int:
 
 
 def _noisy(vi: VI) -> bool:
-    """Score-function gradients somewhere (the continuous block's estimator, or discrete q's)."""
-    return vi.estimator.noisy or bool(vi.discrete)
+    """Score-function gradients somewhere (the continuous block's estimator, or discrete q's not relaxed)."""
+    return vi.estimator.noisy or (bool(vi.discrete) and vi.estimator.serves != "relaxed")
 
 
 def step_size(config: FitConfig, vi: VI, S: int, cold: bool) -> float:
@@ -534,6 +546,7 @@ def optimise(vi: VI, config: FitConfig, S: int, lr: float, cold: bool, progress,
     # a cold start begins far from the optimum, where Stan's relative tolerance stops too early
     # (radon-like K=85: 600 steps left sigma_a 0.23 sd off the long run; 1600 steps: 0.03)
     min_steps = max(config.min_steps, COLD_MIN_STEPS) if cold else config.min_steps
+    min_steps = max(min_steps, getattr(vi.estimator, "min_steps", 0))    # (relaxed: after the annealing)
     args = dict(S=S, lr=lr, max_steps=max_steps, tol=config.tol, min_steps=min_steps, progress=progress,
                 cold=cold, gen=gen, on_eval=_ticker(progress))
     result: Optional[OptimResult] = OPTIMIZERS[name].run(vi, **args)
