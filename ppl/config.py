@@ -45,7 +45,7 @@ DTYPES = ("float64", "float32")
 @dataclass(frozen=True)
 class FitConfig:
     method: str = "auto"                 # a family name (registry ppl.infer.families.FAMILIES) or auto
-    estimator: str = "auto"              # auto | reparam | score | enumerate (| score-all from Python)
+    estimator: str = "auto"              # auto | reparam | score | enumerate | relaxed (| score-all from Python)
     objective: str = "elbo"              # registry ppl.infer.objectives.OBJECTIVES
     alpha: Optional[float] = None        # objective option (renyi)
     rank: Optional[int] = None           # family option (lowrank)

@@ -54,6 +54,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def _close(a, b, rtol=1e-7, atol=1e-9):
+    """(torch.testing.assert_close's first call imports for seconds)"""
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol), (a, b)
+
+
 def _mixture_data(N, seed=0):
     rng = np.random.default_rng(seed)
     z = rng.choice(3, N, p=W)
@@ -85,10 +90,10 @@ def test_soft_index_is_the_weighted_sum_and_a_one_hot_is_the_gather():
         for o in np.ndindex(*got.shape):       # out[s, pre, i, post] = sum_k w[s, i, k] x[s, pre, k, post]
             s, pre, i, post = o[0], o[1:axis], o[axis], o[axis + 1:]
             want[o] = sum(w[s, i, k] * xs[(s,) + pre + (k,) + post] for k in range(3))
-        torch.testing.assert_close(got, want)
+        _close(got, want)
         idx = torch.randint(0, 3, (4, 7), generator=g)
         onehot = torch.nn.functional.one_hot(idx, 3).to(DT)
-        torch.testing.assert_close(ops.soft_index(x, onehot, axis), ops.index(x, idx, axis))
+        _close(ops.soft_index(x, onehot, axis), ops.index(x, idx, axis))
 
 
 def test_relaxed_objective_by_hand_and_its_gradient_against_finite_differences():
@@ -126,8 +131,55 @@ def test_relaxed_objective_by_hand_and_its_gradient_against_finite_differences()
                 q.param[i] = base[i] + sgn * h
                 fd[i] += sgn * est.surrogate_at(T, noise, value=False).value / (2 * h)
             q.param[i] = base[i]
-    torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-6)
+    _close(grad, fd, rtol=1e-5, atol=1e-6)
     assert grad.abs().max() > 0.1
+
+
+BERNOULLI = """
+data y: real[N]
+data a: real
+data b: real
+z[N] ~ bernoulli(0.3)
+y ~ normal(z * a + (1 - z) * b, 1)
+"""
+
+
+def test_relaxed_bernoulli_objective_by_hand_and_its_gradient():
+    """A relaxed bernoulli in arithmetic: the model reads sigmoid((l + logistic noise) / T)."""
+    y = np.array([2.9, -1.2, 0.4, 3.3, -0.7, 1.1])
+    vi = _vi(BERNOULLI, {"y": y.tolist(), "a": 3.0, "b": -1.0})
+    est = vi.estimator
+    q = vi.discrete["z"]
+    with torch.no_grad():
+        q.param.copy_(torch.tensor([1.5, -2.0, 0.1, 2.5, -1.0, 0.3], dtype=DT))
+    g = torch.Generator().manual_seed(6)
+    S, T = 4, 0.3
+    noise = {"z": RELAXATIONS["binary-concrete"].noise(q.param.shape, S, g, DT, "cpu")}
+
+    def by_hand(l):
+        u = noise["z"]
+        zr = torch.sigmoid((l + torch.log(u) - torch.log1p(-u)) / T)
+        m = zr * 3.0 + (1 - zr) * -1.0
+        lik = (-0.5 * (torch.tensor(y, dtype=DT) - m) ** 2 - 0.5 * math.log(2 * math.pi)).sum(-1).mean()
+        p = torch.sigmoid(l)
+        return lik + (p * (math.log(0.3) - torch.log(p)) + (1 - p) * (math.log(0.7) - torch.log1p(-p))).sum()
+
+    l0 = q.param.detach().clone().requires_grad_(True)
+    want = by_hand(l0)
+    want.backward()
+    sur = est.surrogate_at(T, noise, value=False)
+    assert sur.value == pytest.approx(float(want.detach()), rel=1e-12)
+    q.param.grad = None
+    sur.loss.backward()
+    _close(-q.param.grad, l0.grad, rtol=1e-10, atol=1e-12)
+    # the value is the discrete model's ELBO at the rounded draws (an exact draw of q per sample)
+    v = est.surrogate_at(T, noise).value
+    hard = (torch.log(noise["z"]) - torch.log1p(-noise["z"]) + q.param.detach() > 0).to(DT)
+    m = hard * 3.0 + (1 - hard) * -1.0
+    lw = (-0.5 * (torch.tensor(y, dtype=DT) - m) ** 2 - 0.5 * math.log(2 * math.pi)).sum(-1) + \
+        torch.distributions.Bernoulli(probs=torch.tensor(0.3, dtype=DT)).log_prob(hard).sum(-1) - \
+        torch.distributions.Bernoulli(logits=q.param.detach()).log_prob(hard).sum(-1)
+    assert v == pytest.approx(float(lw.mean()), rel=1e-12)
 
 
 def test_gradient_through_a_latent_mean_against_finite_differences():
@@ -170,11 +222,11 @@ def test_relaxations_densities_and_rounding(name):
         ref = torch.distributions.relaxed_categorical.ExpRelaxedCategorical(torch.tensor(T, dtype=DT), logits=logits)
         freq = torch.stack([(d.hard == k).to(DT).mean(0) for k in (1, 2, 3)], -1)
         probs = torch.softmax(logits, -1)
-        torch.testing.assert_close(d.weights.sum(-1), torch.ones_like(d.hard))
+        _close(d.weights.sum(-1), torch.ones_like(d.hard))
     else:
         ref = torch.distributions.relaxed_bernoulli.LogitRelaxedBernoulli(torch.tensor(T, dtype=DT), logits=logits)
         freq, probs = d.hard.mean(0), torch.sigmoid(logits)
-    torch.testing.assert_close(R.log_density(logits, d.x[:50], T), ref.log_prob(d.x[:50]))
+    _close(R.log_density(logits, d.x[:50], T), ref.log_prob(d.x[:50]))
     # rounding is an exact draw of the discrete q (Gumbel-max): frequencies within 4.5 standard errors
     se = torch.sqrt(probs * (1 - probs) / 20000)
     assert bool((torch.abs(freq - probs) < 4.5 * se + 1e-9).all())
@@ -185,7 +237,7 @@ def test_relaxations_densities_and_rounding(name):
     else:
         want = torch.distributions.Bernoulli(logits=logits).probs * torch.log(torch.sigmoid(p_logits)) + \
             (1 - torch.sigmoid(logits)) * torch.log(torch.sigmoid(-p_logits))
-    torch.testing.assert_close(R.cross_entropy(logits, p_logits), want)
+    _close(R.cross_entropy(logits, p_logits), want)
 
 
 def _exact_responsibilities(y, mu_draws):

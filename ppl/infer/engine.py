@@ -314,7 +314,7 @@ class FixedDraws(Optimizer):
                              f"{config.opt('optimizer', 'adam')} (or {config.opt('optimizer', 'auto')})")
         fam = FAMILIES.get(config.method)
         if (fam is not None and not fam.closed_form) or not OBJECTIVES[config.objective].linear \
-                or config.estimator in ("score", "score-all"):
+                or config.estimator in ("score", "score-all", "relaxed"):
             FixedDraws.refuse(config)
 
     @staticmethod
