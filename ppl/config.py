@@ -189,6 +189,9 @@ class FitConfig:
         if takes and self.objective not in takes:
             self._fail(f"{self.opt('method', self.method)} is fitted by {' or '.join(self.opt('objective', o) for o in takes)}"
                        f", not {self.opt('objective', self.objective)}")
+        if self.estimator == "relaxed" and not OBJECTIVES[self.objective].linear:
+            self._fail(f"{self.opt('estimator', 'relaxed')} fits the ELBO only, not "
+                       f"{self.opt('objective', self.objective)}; use {self.opt('objective', 'elbo')}")
         if self.optimizer != "auto":
             OPTIMIZERS[self.optimizer].check_config(self)
         self._check_minibatch()

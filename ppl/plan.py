@@ -144,11 +144,12 @@ def relax_refusal(model: Model, name: str) -> Optional[Tuple[str, Optional[A.Exp
     tainted = {name}
 
     def bad(e: A.Expr, as_index: bool = False) -> Optional[Tuple[str, A.Expr]]:
+        whole = isinstance(e, A.Name) and e.id == name and categorical     # x[z]: the soft index
+        if as_index and not whole and any(x.id in tainted for x in A.names_in(e)):
+            return "its relaxed value cannot be an index", e
         if isinstance(e, A.Name):
             if e.id == name and categorical and not as_index:
                 return "a relaxed categorical can only be an index (x[z])", e
-            if e.id in tainted and as_index and not (e.id == name and categorical):
-                return "its relaxed value cannot be an index", e
             return None
         if isinstance(e, A.BinOp) and e.op in ("==", "!=", "<", "<=", ">", ">=") and \
                 any(x.id in tainted for x in A.names_in(e)):

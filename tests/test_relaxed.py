@@ -302,3 +302,25 @@ def test_relaxed_usage_errors(tmp_path, capsys):
     assert "u.ppl:3:12" in str(e.value) and "can only be an index" in str(e.value)
     with pytest.raises(UsageError, match="relaxed"):
         FitConfig.from_python(estimator="relaxe")
+    for objective in ("vimco", "iwae"):
+        with pytest.raises(UsageError, match="fits the ELBO only"):
+            FitConfig.from_python(estimator="relaxed", objective=objective)
+
+
+@pytest.mark.parametrize("line,z_why,b_why", [
+    ("y ~ normal(mu[z] + b, 1)", None, None),
+    ("m = mu[z]\ny ~ normal(m * b + sum(mu[z]), 1)", None, None),
+    ("y ~ normal(x[ix[z]], 1)", "cannot be an index", None),          # the soft x[z] is a number: no index
+    ("y ~ normal(mu[z + 1], 1)", "cannot be an index", None),
+    ("y ~ normal(mu[1] * z, 1)", "can only be an index", None),
+    ("y ~ normal(mu[b], 1)", None, "cannot be an index"),
+    ("y ~ normal(mu[z] * (b > 0), 1)", None, "comparison"),
+])
+def test_which_uses_can_be_relaxed(line, z_why, b_why):
+    from ppl.plan import relax_refusal
+    src = ("data y: real[N]\ndata x: real[3]\ndata ix: int[3]\nK = 3\nmu[K] ~ normal(0, 1)\n"
+           "z[N] ~ categorical([0.2, 0.3, 0.5])\nb[N] ~ bernoulli(0.4)\n" + line + "\n")
+    model = ppl.loads(src, "m.ppl").check({"y": [0.1, 0.2], "x": [1.0, 2.0, 3.0], "ix": [1, 2, 3]})
+    for name, why in (("z", z_why), ("b", b_why)):
+        got = relax_refusal(model, name)
+        assert (got is None) if why is None else (got is not None and why in got[0]), (name, got)

@@ -48,8 +48,6 @@ import torch.nn.functional as Fnn
 from ..registry import Registry
 
 
-
-
 @dataclass
 class RelaxedDraw:
     """S relaxed draws of one latent: what the compiled model reads in place of its values."""

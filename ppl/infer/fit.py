@@ -226,7 +226,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
     relax_note = ""
     if config.estimator == "auto" and config.batch_size is None and config.gradient == "auto" and \
-            relaxed.candidates(model, node_plans):        # score path or relaxed, by gradient variance
+            vi.objective.linear and relaxed.candidates(model, node_plans):   # score or relaxed, by gradient variance
         relaxed_plans = make_plan(model, "auto", config.opt, relax=frozenset(relaxed.candidates(model, node_plans)))
         vi_relaxed = VI(program, family, vi.objective, discrete, relaxed_plans, config, "relaxed")
         relax, relax_note = relaxed.choose(vi, vi_relaxed, S)
