@@ -15,6 +15,7 @@ from typing import List, Optional
 from . import __version__
 from .errors import EXIT_USAGE, EXIT_USER, PplError, UsageError
 from .outdir import write_file
+from .plan import ESTIMATORS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,13 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--format", default=None, choices=["text", "dot", "json", "png", "svg"],
                    help="default: from -o FILE's suffix (.txt .dot .gv .json .png .svg), else text")
     g.add_argument("-o", "--output", metavar="FILE", help="write to FILE (png/svg need it)")
-    g.add_argument("--estimator", default="auto", choices=["auto", "reparam", "score", "enumerate"])
+    g.add_argument("--estimator", default="auto", choices=list(ESTIMATORS))
 
     f = sub.add_parser("fit", help="fit the model by variational inference")
     common(f)
     f.add_argument("--method", default="auto",
                    help="a variational family: auto|meanfield|fullrank|lowrank|graph|flow|mixture")
-    f.add_argument("--estimator", default="auto", help="auto|reparam|score|enumerate (for discrete latents)")
+    f.add_argument("--estimator", default="auto", help="|".join(ESTIMATORS) + " (for discrete latents)")
     f.add_argument("--objective", default="elbo", help="elbo|iwae|renyi|vimco")
     f.add_argument("--alpha", type=float, default=None, help="Renyi alpha (with --objective renyi; default 0.5)")
     f.add_argument("--rank", type=int, default=None, help="rank of the lowrank family (with --method lowrank)")

@@ -45,7 +45,7 @@ DTYPES = ("float64", "float32")
 @dataclass(frozen=True)
 class FitConfig:
     method: str = "auto"                 # a family name (registry ppl.infer.families.FAMILIES) or auto
-    estimator: str = "auto"              # auto | reparam | score | enumerate (| score-all from Python)
+    estimator: str = "auto"              # auto | reparam | score | enumerate | relaxed (| score-all from Python)
     objective: str = "elbo"              # registry ppl.infer.objectives.OBJECTIVES
     alpha: Optional[float] = None        # objective option (renyi)
     rank: Optional[int] = None           # family option (lowrank)
@@ -191,6 +191,9 @@ class FitConfig:
         if takes and self.objective not in takes:
             self._fail(f"{self.opt('method', self.method)} is fitted by {' or '.join(self.opt('objective', o) for o in takes)}"
                        f", not {self.opt('objective', self.objective)}")
+        if self.estimator == "relaxed" and not OBJECTIVES[self.objective].linear:
+            self._fail(f"{self.opt('estimator', 'relaxed')} fits the ELBO only, not "
+                       f"{self.opt('objective', self.objective)}; use {self.opt('objective', 'elbo')}")
         if self.optimizer != "auto":
             OPTIMIZERS[self.optimizer].check_config(self)
         self._check_minibatch()

@@ -36,6 +36,22 @@ class Compiled:
     data: bool = False      # uses batch data and constants only (no latent): cached per batch
 
 
+def soft_key(name: str):
+    """env key of a relaxed categorical latent's one-hot weights (S, *shape, K) (ppl.backend.relax)."""
+    return ("ppl", "soft index", name)
+
+
+def _soft_or_hard(f, fi, axis, key, ops):
+    """x[z] for a latent index z: a gather, or, when the env holds z's relaxed one-hot weights w (a
+    Gumbel-softmax draw), the weighted sum over the axis, sum_k w_k x[k] (w @ x)."""
+    def get(env):
+        w = env.get(key)
+        if w is None:
+            return ops.index(f(env), fi(env), axis)
+        return ops.soft_index(f(env), w, axis)
+    return get
+
+
 def _cached(key, fn):
     def get(env):
         cache = env[CACHE]
@@ -113,7 +129,10 @@ def compile_expr(e: A.Expr, rank: Callable[[A.Expr], int], known: Mapping[str, A
                         fi = _cached((id(ix), "index"), (lambda fi: lambda env: ops.as_index(fi(env)))(fi))
                     else:
                         fi = (lambda fi: lambda env: ops.as_index(fi(env)))(fi)
-                    fn = (lambda f, fi, axis: lambda env: ops.index(f(env), fi(env), axis))(fn, fi, axis)
+                    if isinstance(ix, A.Name) and not ci.data:
+                        fn = _soft_or_hard(fn, fi, axis, soft_key(ix.id), ops)
+                    else:
+                        fn = (lambda f, fi, axis: lambda env: ops.index(f(env), fi(env), axis))(fn, fi, axis)
                 const = const and ci.const
                 axis += ri
             return Compiled(fn, const, data_of(*parts))

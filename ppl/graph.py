@@ -170,7 +170,7 @@ def to_dot(g: nx.DiGraph) -> str:
             label += f"\\n~ {_dot_escape(a['dist'])}"
         elif a.get("expr"):
             label += f"\\n= {_dot_escape(a['expr'])}"
-        if a.get("estimator") in ("enumerate", "truncated enumeration", "score"):
+        if a.get("estimator") in ("enumerate", "truncated enumeration", "score", "relaxed"):
             label += f"\\n[{a['estimator']}]"
         out.append(f'  "{_dot_escape(n)}" [label="{label}", {_STYLE[a["kind"]]}];')
     for u, v in g.edges():

@@ -12,7 +12,11 @@ enumeration, ppl/infer/windows.py); a window found too wide sends it back here
 (`too_wide`).  Discrete latents that use one another or share a factor form one
 group, summed jointly over the product of their values or not at all
 (`group`).  Otherwise a latent gets `score` (BBVI: score-function gradients,
-Rao-Blackwellised with its Markov blanket, plus a baseline).  The plan also
+Rao-Blackwellised with its Markov blanket, plus a baseline), or `relaxed`
+(Gumbel-softmax / concrete, ppl/infer/relaxed.py) when asked for, or when
+`auto` measured the score path too noisy at the start (`relax`); a latent can
+be relaxed when its support has a relaxation (categorical, bernoulli) and
+every use of it stays smooth in the relaxed value (`relax_refusal`).  The plan also
 names, for each discrete latent, the factors in its Markov blanket.
 """
 from __future__ import annotations
@@ -23,19 +27,19 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 from . import distributions as DS
 from . import functions as FN
 from .config import python_opt
-from .errors import UsageError
+from .errors import EXIT_USAGE, Diagnostic, PplError, UsageError
 from .frontend import ast as A
 from .frontend.check import Model, Node
 from .supports import SUPPORTS
 
-ESTIMATORS = ("auto", "reparam", "score", "enumerate")
+ESTIMATORS = ("auto", "reparam", "score", "enumerate", "relaxed")
 # "score-all" (API only): the score-function estimator for continuous latents too (for tests and study)
 MAX_ENUM = 64
 
 
 @dataclass(frozen=True)
 class NodePlan:
-    estimator: str                    # reparam | enumerate | score
+    estimator: str                    # reparam | enumerate | score | relaxed
     factors: Tuple[str, ...] = ()     # nodes whose densities depend on this latent (its Markov blanket);
                                       # for an enumerated group: the group's, on its first member only
     local: bool = False               # factors line up element by element with the latent
@@ -126,13 +130,65 @@ def _clusters(model: Model, discrete: List[Node], info) -> List[List[Node]]:
     return list(out.values())
 
 
+def relax_refusal(model: Model, name: str) -> Optional[Tuple[str, Optional[A.Expr]]]:
+    """Why the discrete latent `name` cannot be relaxed (the reason, and the expression at fault), or None.
+    Its support needs a relaxation; a relaxed categorical's value is a one-hot of weights, so it may only
+    index (`x[z]`, the whole index: a weighted sum); a relaxed bernoulli's value is a number in (0, 1),
+    used in arithmetic but never as an index.  Nothing computed from it may be compared or used as an
+    index (a step function: no gradient, or no meaning, at a relaxed value)."""
+    node = model.nodes[name]
+    support = SUPPORTS[DS.REGISTRY[node.dist.spec].support]
+    if support.relaxation is None:
+        return f"its support {support.text} has no continuous relaxation", None
+    categorical = support.relaxation == "concrete"
+    tainted = {name}
+
+    def bad(e: A.Expr, as_index: bool = False) -> Optional[Tuple[str, A.Expr]]:
+        whole = isinstance(e, A.Name) and e.id == name and categorical     # x[z]: the soft index
+        if as_index and not whole and any(x.id in tainted for x in A.names_in(e)):
+            return "its relaxed value cannot be an index", e
+        if isinstance(e, A.Name):
+            if e.id == name and categorical and not as_index:
+                return "a relaxed categorical can only be an index (x[z])", e
+            return None
+        if isinstance(e, A.BinOp) and e.op in ("==", "!=", "<", "<=", ">", ">=") and \
+                any(x.id in tainted for x in A.names_in(e)):
+            return "a comparison has no gradient at a relaxed value", e
+        if isinstance(e, A.Index):
+            return bad(e.base) or next((r for r in (bad(i, True) for i in e.indices) if r), None)
+        return next((r for r in (bad(c) for c in A.children(e)) if r), None)
+
+    for n in model.order:
+        other = model.nodes[n]
+        if n == name:
+            continue
+        exprs = [other.expr] if other.expr is not None and other.kind == "deterministic" else \
+            list(other.dist.args) if other.dist is not None else []
+        if other.constraint is not None:
+            exprs += [b for b in (other.constraint.lower, other.constraint.upper) if b is not None]
+        for e in exprs:
+            if not any(x.id in tainted for x in A.names_in(e)):
+                continue
+            why = bad(e)
+            if why:
+                return why
+            if other.kind == "deterministic":
+                tainted.add(n)
+    return None
+
+
+def relaxable(model: Model, name: str) -> bool:
+    return relax_refusal(model, name) is None
+
+
 def plan(model: Model, requested: str = "auto", opt: Callable = python_opt,
-         too_wide: frozenset = frozenset()) -> Dict[str, NodePlan]:
+         too_wide: frozenset = frozenset(), relax: frozenset = frozenset()) -> Dict[str, NodePlan]:
     """`opt(name[, value])` spells an option as the caller does (`ppl.config.cli_opt` / `python_opt`).
-    `too_wide`: count latents whose window was found too wide at fit time (they go to the score path)."""
+    `too_wide`: count latents whose window was found too wide at fit time (they go to the score path).
+    `relax`: discrete latents that `auto` sends to the relaxed estimator instead of the score path."""
     if requested not in ESTIMATORS + ("score-all",):
         raise UsageError(f"unknown estimator '{requested}' for {opt('estimator')} (valid: {', '.join(ESTIMATORS)})")
-    if requested in ("score", "enumerate") and not any(n.discrete for n in model.latents()):
+    if requested in ("score", "enumerate", "relaxed") and not any(n.discrete for n in model.latents()):
         raise UsageError(f"{opt('estimator', requested)} applies to discrete latents, and the model has none "
                          f"(continuous latents use reparameterised gradients)")
     out: Dict[str, NodePlan] = {}
@@ -168,7 +224,17 @@ def plan(model: Model, requested: str = "auto", opt: Callable = python_opt,
             raise UsageError(f"cannot enumerate '{node.name}': {why}; use {opt('estimator', 'auto')} or score")
         if requested == "reparam":
             raise UsageError(f"'{cluster[0].name}' is discrete, so it has no reparameterised gradient; "
-                             f"use {opt('estimator', 'auto')}, enumerate or score")
+                             f"use {opt('estimator', 'auto')}, enumerate, score or relaxed")
+        if requested == "relaxed":
+            for n in cluster:
+                refusal = relax_refusal(model, n.name)
+                if refusal is not None:
+                    why, where = refusal
+                    raise PplError([Diagnostic(where.span if where is not None else n.span,
+                                               f"{opt('estimator', 'relaxed')} cannot relax '{n.name}': {why}; "
+                                               f"relaxed applies to categorical and bernoulli latents used "
+                                               f"smoothly (valid: {', '.join(ESTIMATORS)}; use "
+                                               f"{opt('estimator', 'auto')} or score)")], EXIT_USAGE)
         if can_enum and requested in ("auto", "enumerate"):
             owner = cluster[0].name
             group_factors = tuple(f for f in model.order
@@ -178,7 +244,8 @@ def plan(model: Model, requested: str = "auto", opt: Callable = python_opt,
                                        sizes[n.name] or 0, sizes[n.name] is None, owner)
         else:
             for n in cluster:
-                out[n.name] = NodePlan("score", tuple(info[n.name][0]), aligned[n.name], sizes[n.name] or 0)
+                est = "relaxed" if requested == "relaxed" or n.name in relax else "score"
+                out[n.name] = NodePlan(est, tuple(info[n.name][0]), aligned[n.name], sizes[n.name] or 0)
     return {n: out[n] for n in model.order if n in out}
 
 
@@ -215,7 +282,7 @@ def describe(p: Dict[str, NodePlan], windows: Optional[Dict[str, str]] = None) -
         est = "truncated enumeration" if np_.estimator == "enumerate" and np_.window else np_.estimator
         groups.setdefault(est, []).append(name + (f": {windows[name]}" if windows and name in windows else ""))
     parts = []
-    for est in ("reparam", "enumerate", "truncated enumeration", "score"):
+    for est in ("reparam", "enumerate", "truncated enumeration", "score", "relaxed"):
         if est in groups:
             names = groups[est]
             sep = "; " if windows else ", "

@@ -19,6 +19,8 @@ One `Support` per kind, keyed by the names distributions give their support
   counts), found at fit time;
 - `q`: the variational family of a discrete latent on the score path (the
   registry `ppl.infer.discrete.DISCRETE_QS`);
+- `relaxation`: its continuous relaxation for `--estimator relaxed` (the
+  registry `ppl.backend.relax.RELAXATIONS`; None: it has none);
 - `transform`: the bijection's name, as `ppl graph` shows it.
 
 A new support is one entry.
@@ -44,6 +46,7 @@ class Support:
     q: Optional[str] = None
     window: bool = False
     transform: Optional[str] = None                    # the bijection's name, for `ppl graph`
+    relaxation: Optional[str] = None                   # ppl.backend.relax.RELAXATIONS (Gumbel-softmax / concrete)
 
 
 def _t(x):
@@ -101,9 +104,9 @@ _ALL = [
             transform="corr-Cholesky"),
     # ---- discrete ---------------------------------------------------------------------------------
     Support("boolean", "{0, 1}", True, (lambda x: (x == 0) | (x == 1), "0 or 1"),
-            count=lambda model, dist: 2, q="bernoulli"),
+            count=lambda model, dist: 2, q="bernoulli", relaxation="binary-concrete"),
     Support("categorical", "{1, ..., K}", True, (lambda x: x >= 1, "1 or more (categories are numbered from 1)"),
-            first=1, count=_categories, q="categorical"),
+            first=1, count=_categories, q="categorical", relaxation="concrete"),
     Support("binomial", "{0, ..., n}", True, (lambda x: x >= 0, "non-negative"), count=_trials, q="binomial",
             window=True),
     Support("nonneg_int", "{0, 1, 2, ...}", True, (lambda x: x >= 0, "non-negative"), q="count",

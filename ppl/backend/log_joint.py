@@ -13,7 +13,10 @@ cache of data-only sub-expressions; expressions are closures from
 when they share factors (a group: the product of their values); a count
 latent is summed over a window of values per element (truncated
 enumeration: `set_window`, chosen by `ppl.infer.windows`); discrete latents on
-the score path take their values from the caller.
+the score path take their values from the caller: discrete values, or relaxed
+draws (`ppl.backend.relax.RelaxedDraw`, Gumbel-softmax) for a latent whose
+support has a relaxation (its density is then the relaxed one, and `x[z]` a
+weighted sum).
 
 Input: `Model`, plan, `Runtime`.  Output: `LogJoint`, with
 `log_prob(theta[, z], batch=None) -> (S,)` (None: the full data).
@@ -29,13 +32,14 @@ import torch
 
 from .. import distributions as DS
 from ..errors import Diagnostic, PplError
-from ..expr import CACHE, compile_expr
+from ..expr import CACHE, compile_expr, soft_key
 from ..frontend.check import Model, Node
 from ..plan import NodePlan
 from ..supports import SUPPORTS
 from . import dists as D
 from .ops import TorchOps
 from .params import Params
+from .relax import RELAXATIONS, RelaxedDraw
 from .runtime import Batch, as_runtime
 from ..dist import Replicate
 from .transforms import bijection, sum_event, unconstrained_shape
@@ -129,6 +133,7 @@ class LogJoint:
         self.params = Params(model, known, rt)           # `param` declarations: point estimates
         self.blocks: List[Block] = []
         self.score: List[str] = []
+        self.relaxed: Dict[str, Tuple[object, Callable]] = {}   # score latent -> (relaxation, its distribution)
         self.enum: List[EnumGroup] = []
         self.steps: List[Tuple[str, str, object]] = []   # (kind, name, payload)
         self.deterministic: Dict[str, Callable] = {}     # name -> env -> value
@@ -244,6 +249,9 @@ class LogJoint:
                 else:
                     self.score.append(name)
                     self.steps.append(("score", name, prior))
+                    relaxation = SUPPORTS[DS.REGISTRY[node.dist.spec].support].relaxation
+                    if relaxation is not None:
+                        self.relaxed[name] = (RELAXATIONS[relaxation], self.distribution(node))
                 continue
             if node.kind == "latent":
                 block = self._block(node, offset)
@@ -355,10 +363,14 @@ class LogJoint:
                 z = discrete[name]
                 if shard is not None and payload.per_row and z.shape[1] != shard[1] - shard[0]:
                     z = z[:, shard[0]:shard[1]]
-                env[name] = z
                 if not (payload.per_row or batch.global_terms):
+                    env[name] = z
                     continue
-                lp = payload.log_prob(env, z)
+                if isinstance(z, RelaxedDraw):
+                    lp = self._relaxed(name, z, env)
+                else:
+                    env[name] = z
+                    lp = payload.log_prob(env, z)
                 if keep_factors:
                     factors[name] = lp
                 total = _add(total, _scaled(sum_event(lp), payload.per_row, scale))
@@ -389,6 +401,26 @@ class LogJoint:
             c, theta0 = batch.control
             total = total + (own - theta0) @ c
         return Evaluation(total, env, factors, enum_logits)
+
+    def relaxed_prior_logits(self, name: str, env, shape) -> torch.Tensor:
+        """The logits of latent `name`'s distribution given its parents in `env`, for draws of `shape`."""
+        relaxation, make = self.relaxed[name]
+        return relaxation.logits_of(make(env, tuple(shape)))
+
+    def _relaxed(self, name: str, z: RelaxedDraw, env) -> torch.Tensor:
+        """A relaxed (Gumbel-softmax) draw of a score latent: the model reads its relaxed value (and an
+        index reads its one-hot weights); its own term is E_q[log p(z)] in closed form (or the concrete
+        density at the prior's logits: `ppl.backend.relax`)."""
+        if name not in self.relaxed:
+            raise ValueError(f"'{name}' has no continuous relaxation")
+        env[name] = z.value
+        if z.weights is not None:
+            env[soft_key(name)] = z.weights
+        relaxation, _ = self.relaxed[name]
+        prior = self.relaxed_prior_logits(name, env, z.shape)
+        if z.q_logits is not None:           # E_q[log p(z)], summed over z's values
+            return relaxation.cross_entropy(z.q_logits, prior).expand(z.shape)
+        return relaxation.log_density(prior, z.x, z.T)
 
     # ---- enumeration --------------------------------------------------------------
     def _set_bounds(self, m: EnumMember, lo: torch.Tensor, hi: torch.Tensor) -> None:

@@ -70,6 +70,23 @@ class TorchOps:
         return out.reshape((B,) + pre + ishape + post)
 
     @staticmethod
+    def soft_index(x, w, axis):
+        """x: (B, *pre, K, *post); w: (Bw, *ishape, K) relaxed one-hot weights -> (B', *pre, *ishape, *post):
+        sum_k w[..., k] x[.., k, ..] (a gather's shape, differentiable in w)."""
+        pre, post = x.shape[1:axis], x.shape[axis + 1:]
+        ishape = w.shape[1:-1]
+        K = w.shape[-1]
+        if not pre and not post:                      # a vector indexed: one matrix product per sample
+            if x.shape[0] == 1:
+                return w @ x[0]
+            B = max(x.shape[0], w.shape[0])
+            wf = w.expand((B,) + tuple(w.shape[1:])).reshape(B, -1, K)
+            return (wf @ x.expand(B, K).unsqueeze(-1)).reshape((B,) + tuple(ishape))
+        xv = x.reshape((x.shape[0],) + tuple(pre) + (1,) * len(ishape) + (K,) + tuple(post))
+        wv = w.reshape((w.shape[0],) + (1,) * len(pre) + tuple(ishape) + (K,) + (1,) * len(post))
+        return (xv * wv).sum(1 + len(pre) + len(ishape))
+
+    @staticmethod
     def stack(items):
         items = torch.broadcast_tensors(*items)
         return torch.stack(items, dim=1)

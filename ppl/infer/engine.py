@@ -82,7 +82,8 @@ class VI:
         """`schedule(t)`: the step size's factor at step t (default 1 / sqrt(1 + t / 100))."""
         params = self.parameters()
         n_cont, n_disc = len(self.family.parameters()), len(self.discrete)
-        scales = [1.0] * n_cont + [DISCRETE_LR_SCALE] * n_disc + [PARAM_LR_SCALE] * (len(params) - n_cont - n_disc)
+        d_scale = getattr(self.estimator, "discrete_lr_scale", DISCRETE_LR_SCALE)
+        scales = [1.0] * n_cont + [d_scale] * n_disc + [PARAM_LR_SCALE] * (len(params) - n_cont - n_disc)
         return AdamState(params, lr, scales, S, schedule=schedule or sqrt_decay)
 
     def update(self, state: "AdamState", batch=None) -> Optional[float]:
@@ -365,7 +366,7 @@ class FixedDraws(Optimizer):
         fam = FAMILIES.get(config.method)
         own = fam is not None and config.objective in (fam.objectives or ())     # (the mixture's SIWAE)
         if (fam is not None and not fam.fixed_draws) or not (OBJECTIVES[config.objective].linear or own) \
-                or config.estimator in ("score", "score-all"):
+                or config.estimator in ("score", "score-all", "relaxed"):
             FixedDraws.refuse(config)
 
     @staticmethod

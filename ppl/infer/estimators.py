@@ -416,3 +416,5 @@ class VIMCOGradient(GradientEstimator):
             signal = (torch.logsumexp(lw, 0) - math.log(S)) - _leave_one_out_bounds(lw)
         loss = -(bound + (signal * lqz).sum()) if vi.discrete else -bound
         return Surrogate(loss, float(bound.detach()))
+
+from . import relaxed as _relaxed  # noqa: E402,F401  (registers `relaxed`: Gumbel-softmax / concrete)

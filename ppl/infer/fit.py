@@ -35,7 +35,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import Evaluation, LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import budget, improper, minibatch, windows
+from . import budget, improper, minibatch, relaxed, windows
 from .discrete import discrete_families
 from .draw_stats import column_stats, weighted_column_stats
 from .families import FAMILIES
@@ -191,6 +191,7 @@ class Attempt:
     seconds: float
     timings: Dict[str, float]
     work: int = 0                     # draws of the log density it evaluated (LogJoint.work)
+    relax_note: str = ""              # why auto chose the relaxed estimator (or not)
 
 
 def fit(model: Model, config: FitConfig, progress=None) -> Fit:
@@ -315,7 +316,8 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
             q.center(start.mu0, start.diagonal())
         score_start(model, config, program, start, start_program, discrete)
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
-                            if not n.discrete) else "reparam"
+                            if not n.discrete) else "relaxed" if any(p.estimator == "relaxed"
+                                                                     for p in node_plans.values()) else "reparam"
     if mb_local:
         family, init_note = minibatch.RowLocal(fam_cls, start, program, gen, config), start.note
     elif reuse:                          # built on the fit already made
@@ -331,8 +333,18 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
             "row-local" if mb_local else serves)
 
-    t0 = time.perf_counter()
     S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
+    relax_note = ""
+    if config.estimator == "auto" and config.batch_size is None and config.gradient == "auto" and \
+            vi.objective.linear and relaxed.candidates(model, node_plans):   # score or relaxed, by gradient variance
+        relaxed_plans = make_plan(model, "auto", config.opt, relax=frozenset(relaxed.candidates(model, node_plans)))
+        vi_relaxed = VI(program, family, vi.objective, discrete, relaxed_plans, config, "relaxed")
+        relax, relax_note = relaxed.choose(vi, vi_relaxed, S)
+        if relax:
+            node_plans, vi = relaxed_plans, vi_relaxed
+            S = mc_samples(config, vi)
+
+    t0 = time.perf_counter()
     cold = (start is not None and start.cold) and not fam_cls.base_family   # (a family built on a fit starts warm)
     lr = step_size(config, vi, S, cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
@@ -370,7 +382,7 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
     elbo = settled[1] if settled else float(np.mean(tail))
     return Attempt(method, why, family, vi, result, optimizer, init_note, S, lr, settled, node_plans, program,
                    wins, diagnosed, label, text, elbo, time.perf_counter() - t_fit, timings,
-                   prep.program.work - work0 + (program.work if program is not prep.program else 0))
+                   prep.program.work - work0 + (program.work if program is not prep.program else 0), relax_note)
 
 
 def make_fit(prep: Prepared, a: Attempt) -> Fit:
@@ -385,7 +397,8 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
     weights = pw.weights[:config.draws] / pw.weights[:config.draws].sum()    # the reported draws' own
     a.program.use_full_data()        # (a data-parallel fit: what follows is the first process's, alone)
     return Fit(model=prep.model, config=config, method=a.method, method_note=a.why,
-               estimator=describe(a.node_plans, a.wins.text() if a.wins else None) + _zero_draws(a.vi),
+               estimator=describe(a.node_plans, a.wins.text() if a.wins else None) + _zero_draws(a.vi) +
+               (f"; {a.relax_note}" if a.relax_note else ""),
                objective=config.objective,
                draws=draws, elbo_trace=a.result.trace, elbo=a.elbo, steps=a.result.steps,
                converged=a.result.converged, khat=float(ps.khat), ess=float(ps.ess), sd_log_w=float(ps.sd_log_w),
@@ -397,7 +410,7 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
                q=Approximation(a.program, a.family, a.vi.discrete, a.node_plans, a.method, prep.structure, a.wins),
                q_draws=q_draws, weights=weights, log_weights=log_w, objective_note=obj.describe(a.S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
-               log_evidence_se=evidence_se, params=program.params.values())
+               log_evidence_se=evidence_se, params=a.program.params.values())
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -610,8 +623,8 @@ def mc_samples(config: FitConfig, vi: VI) -> int:
 
 
 def _noisy(vi: VI) -> bool:
-    """Score-function gradients somewhere (the continuous block's estimator, or discrete q's)."""
-    return vi.estimator.noisy or bool(vi.discrete)
+    """Score-function gradients somewhere (the continuous block's estimator, or discrete q's not relaxed)."""
+    return vi.estimator.noisy or (bool(vi.discrete) and vi.estimator.serves != "relaxed")
 
 
 def step_size(config: FitConfig, vi: VI, S: int, cold: bool) -> float:
@@ -654,6 +667,7 @@ def optimise(vi: VI, config: FitConfig, S: int, lr: float, cold: bool, progress,
     # a cold start begins far from the optimum, where Stan's relative tolerance stops too early
     # (radon-like K=85: 600 steps left sigma_a 0.23 sd off the long run; 1600 steps: 0.03)
     min_steps = max(config.min_steps, COLD_MIN_STEPS) if cold else config.min_steps
+    min_steps = max(min_steps, getattr(vi.estimator, "min_steps", 0))    # (relaxed: after the annealing)
     args = dict(S=S, lr=lr, max_steps=max_steps, tol=config.tol, min_steps=min_steps, progress=progress,
                 cold=cold, gen=gen, on_eval=_ticker(progress))
     result: Optional[OptimResult] = OPTIMIZERS[name].run(vi, **args)
