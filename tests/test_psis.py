@@ -153,9 +153,13 @@ def test_verdict_advice():
     assert "method='fullrank'" in t and "--" not in t           # Python spelling by default
     _, t = verdict(0.9, 0.2, FAMILIES["meanfield"], True, opt=cli_opt)
     assert "--method fullrank" in t and "non-centring" not in t and "--steps" not in t
-    _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], True)
-    assert "--method" not in t and "no family here fits this posterior better" in t
-    _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], True, centred=["a"])
+    _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], True, opt=cli_opt)
+    assert "try --method flow" in t                                # full-rank's richer family
+    _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], True, tried=["fullrank", "flow", "mixture"])
+    assert "method=" not in t and "auto tried fullrank, flow, mixture: none fits this posterior better" in t
+    _, t = verdict(0.9, 0.2, FAMILIES["flow"], True)
+    assert "method=" not in t and "no family here fits this posterior better" in t
+    _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], True, centred=["a"], tried=["fullrank", "flow"])
     assert "non-centring 'a'" in t and "flow" not in t
     _, t = verdict(0.9, 0.2, FAMILIES["fullrank"], False, opt=lambda n, v=None: f"{n}=" if v is None else f"{n}={v!r}")
     assert "more steps=" in t and "--" not in t

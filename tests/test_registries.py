@@ -85,7 +85,7 @@ def test_a_new_objective(registries):
     m, sd = exact()
     s = f.summary()["mu"]
     assert abs(s["mean"] - m) < 0.1 * sd and abs(s["sd"] / sd - 1) < 0.15
-    with pytest.raises(UsageError, match="needs method='meanfield' or fullrank, objective='elbo'"):
+    with pytest.raises(UsageError, match="needs method='meanfield' or fullrank or graph or mixture, objective='elbo'"):
         fit(objective="iwae2", optimizer="dadvi")
 
 

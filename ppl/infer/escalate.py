@@ -94,7 +94,7 @@ def _ladder(method: str) -> List[str]:
 
 
 def _short(a) -> str:
-    return f"{a.method} {a.label} (k-hat {a.diagnosed[1].khat:.2f}, ELBO {a.elbo:.4g}, {a.seconds:.1f} s)"
+    return f"{a.method} {a.label} (k-hat {a.diagnosed[1].khat:.2f}, ELBO {a.elbo:.4g})"
 
 
 def escalate(prep, first, progress=None):
