@@ -265,10 +265,9 @@ def cmd_fit(args) -> int:
     from . import dist
     if config.procs > 1 and dist.current() is None:     # start the workers; each runs this command
         return dist.launch(_worker_argv(args), config.procs)
-    torchrun = dist.from_environment()
-    if torchrun is not None and dist.current() is None:
-        dist.init(*torchrun)
-    leader = dist.current() is None or dist.current().leader
+    from .config import resolved_device
+    group = dist.join(resolved_device(config)[0])      # a --procs worker, or under torchrun: its group
+    leader = group is None or group.leader
     timings = {"imports+config": time.perf_counter() - t_start}
     inputs = [args.model, *args.data]
     if args.out is not None and leader:

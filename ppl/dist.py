@@ -27,9 +27,11 @@ differentiable) without the fit knowing:
 flat buffer; the group is made with a timeout, so a rank that dies ends the
 fit with an error, never a hang.  Outputs are written by rank 0.
 
-`--procs W` starts W local workers (torch.multiprocessing, gloo on
-127.0.0.1, a free port); under `torchrun` (RANK and WORLD_SIZE in the
-environment) the group comes from the environment, across hosts.
+`--procs W` starts W local workers (torch.multiprocessing, rendezvous on
+127.0.0.1 at a free port); under `torchrun` (RANK and WORLD_SIZE in the
+environment) the group comes from the environment, across hosts.  The
+backend follows the device: gloo on the CPU, NCCL between GPUs (each
+process on the GPU of its local rank).
 """
 from __future__ import annotations
 
@@ -69,12 +71,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_PENDING: Optional[Tuple[int, int, int]] = None     # (rank, world, port) of a worker not yet in its group
+
+
+def join(device: str) -> Optional[Group]:
+    """Join this process's group, if it is one of several (a `--procs` worker, or started by torchrun),
+    with the backend for `device`: NCCL between GPUs (each process on its own, by its local rank), gloo
+    on the CPU.  -> the group (None: one process)."""
+    if _GROUP is not None:
+        return _GROUP
+    where = _PENDING or ((*from_environment(), None) if from_environment() else None)
+    if where is None:
+        return None
+    rank, world, port = where
+    backend = "gloo"
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        backend = "nccl"
+    return init(rank, world, port, backend=backend)
+
+
 def init(rank: int, world: int, port: Optional[int] = None, timeout: float = TIMEOUT_SECONDS,
-         backend: Optional[str] = None) -> Group:
+         backend: str = "gloo") -> Group:
     """Join the group: local workers rendezvous on 127.0.0.1:`port`; without a port, from torchrun's
     environment (MASTER_ADDR, MASTER_PORT)."""
     global _GROUP
-    backend = backend or ("nccl" if torch.cuda.is_available() and os.environ.get("PPL_NCCL") else "gloo")
     kw = dict(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     if port is not None:
         tdist.init_process_group(init_method=f"tcp://127.0.0.1:{port}", **kw)
@@ -99,10 +121,10 @@ def from_environment() -> Optional[Tuple[int, int]]:
 
 
 def close() -> None:
-    global _GROUP
+    global _GROUP, _PENDING
     if _GROUP is not None and tdist.is_initialized():
         tdist.destroy_process_group()
-    _GROUP = None
+    _GROUP = _PENDING = None
 
 
 def share(n: int, rank: int, world: int) -> Tuple[int, int]:
@@ -150,7 +172,9 @@ def agree(flag: bool) -> bool:
 
 # ---- the launcher: `ppl fit --procs W` ------------------------------------------------------------
 def _worker(rank: int, world: int, port: int, argv, errdir: str, threads: int) -> None:
-    """One worker: join the group, run `ppl fit` as asked; a failure leaves its message for the parent."""
+    """One worker: run `ppl fit` as asked, which joins the group; a failure leaves its message for the
+    parent."""
+    global _PENDING
     import sys
     torch.set_num_threads(threads)
     from . import cli
@@ -160,8 +184,8 @@ def _worker(rank: int, world: int, port: int, argv, errdir: str, threads: int) -
         sys.stderr = err
         if out is not None:
             sys.stdout = out
+        _PENDING = (rank, world, port)            # the command joins the group (`join`), with its device
         try:
-            init(rank, world, port)
             code = cli.main(list(argv))
         finally:
             close()
