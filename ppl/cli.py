@@ -188,7 +188,7 @@ def cmd_check(args) -> int:
     m = _model(args)
     if args.dump == "ast":
         from .frontend.ast import dump
-        print(dump(m.program.statements))
+        print(dump(m.program.statements + m.program.encoders))
         return 0
     model = m.check(_data_arg(args), args.set)
     if args.dump == "ir":
