@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="minibatch stochastic VI: B rows per step, per-row terms scaled by N/B")
     f.add_argument("--epochs", type=int, default=None, metavar="E",
                    help="with --batch-size: at most E passes over the data (default: about 10000 steps)")
+    f.add_argument("--refine-local", type=int, default=None, metavar="K",
+                   help="after a fit with encoders (amortize): K steps of each row's own q from the encoder's "
+                        "output; reports the amortisation gap (ELBO after minus before)")
     f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
     f.add_argument("--dtype", default="float64", help="float64|float32")
     f.add_argument("--max-memory", default=None, metavar="SIZE",

@@ -65,6 +65,7 @@ class FitConfig:
     min_steps: int = 300                 # no convergence check before this many Adam steps
     batch_size: Optional[int] = None     # rows per minibatch (None: the full data every step)
     epochs: Optional[int] = None         # passes over the data under batch_size (a cap; None: from MAX_STEPS)
+    refine_local: Optional[int] = None   # after a fit with encoders: steps of each row's own q (the amortisation gap)
     caller: str = "python"               # "cli" or "python": how options are spelled in messages
 
     # ---- spelling ---------------------------------------------------------------------------
@@ -112,7 +113,8 @@ class FitConfig:
         raise UsageError(msg)
 
     def _check_types(self):
-        ints = ("rank", "components", "steps", "mc_samples", "draws", "seed", "min_steps", "batch_size", "epochs")
+        ints = ("rank", "components", "steps", "mc_samples", "draws", "seed", "min_steps", "batch_size", "epochs",
+                "refine_local")
         floats = ("alpha", "tol", "lr")
         strs = ("method", "estimator", "objective", "init", "optimizer", "device", "dtype", "gradient")
         for k in ints:
@@ -135,7 +137,7 @@ class FitConfig:
 
     def _check_ranges(self):
         at_least = {"steps": 1, "mc_samples": 1, "draws": 1, "rank": 1, "components": 1, "min_steps": 0, "seed": 0,
-                    "batch_size": 1, "epochs": 1}
+                    "batch_size": 1, "epochs": 1, "refine_local": 1}
         for k, lo in at_least.items():
             v = getattr(self, k)
             if v is not None and v < lo:

@@ -96,6 +96,10 @@ def table(fit, process_seconds: Optional[float] = None, vars=None, quantiles=Non
     ev = _evidence(fit)
     if ev is not None:
         lines.append(ev)
+    gap = getattr(fit, "amortization", None)
+    if gap:
+        lines.append(f"amortized  encoder ELBO {gap['elbo_encoder']:.4f}; after {gap['steps']} steps per row "
+                     f"{gap['elbo_refined']:.4f}: gap {gap['gap']:.4g} nats ({gap['gap_per_row']:.3g} per row)")
     lines += [
         f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
         f"time       {fit.seconds:.2f} s{total}" + (f" on {fit.device}" if fit.device != "cpu" else ""),
@@ -149,6 +153,8 @@ def to_json(fit, process_seconds: Optional[float] = None) -> str:
         "sd_log_w": num(fit.sd_log_w), "verdict": fit.verdict_label, "verdict_text": fit.verdict,
         "init": fit.init, "seconds": round(fit.seconds, 3),
         "optimizer": fit.optimizer, "evaluations": fit.evals, "fixed_draws": fit.fixed_draws,
+        "amortization": {k: num(v) if isinstance(v, float) else v
+                         for k, v in getattr(fit, "amortization", {}).items()} or None,
     })
 
 

@@ -78,7 +78,8 @@ class VI:
         """`schedule(t)`: the step size's factor at step t (default 1 / sqrt(1 + t / 100))."""
         params = self.parameters()
         n_cont = len(self.family.parameters())
-        scales = [1.0] * n_cont + [DISCRETE_LR_SCALE] * (len(params) - n_cont)
+        own = getattr(self.family, "lr_scales", None)         # a family whose parameters differ in scale
+        scales = (own() if own is not None else [1.0] * n_cont) + [DISCRETE_LR_SCALE] * (len(params) - n_cont)
         return AdamState(params, lr, scales, S, schedule=schedule or sqrt_decay)
 
     def update(self, state: "AdamState", batch=None) -> Optional[float]:

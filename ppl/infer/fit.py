@@ -35,7 +35,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import Evaluation, LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import budget, improper, minibatch, windows
+from . import amortized, budget, improper, minibatch, windows
 from .discrete import discrete_families
 from .draw_stats import column_stats, weighted_column_stats
 from .families import FAMILIES
@@ -100,6 +100,7 @@ class Fit(PosteriorMethods):
     objective_se: float = float("nan")        # ... and its Monte Carlo error
     log_evidence: float = float("nan")        # log p(y) by importance sampling over the draws of q ...
     log_evidence_se: float = float("nan")     # ... and its Monte Carlo error (nan where k-hat >= 0.7)
+    amortization: Dict[str, float] = field(default_factory=dict)   # encoders: refine_local's gap (amortized.py)
 
     @property
     def weights_ess(self) -> float:
@@ -167,9 +168,19 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     budget.check(model, program, choose_method(config.method, program.dim)[0], config,
                  config.mc_samples or max(1, min(64, MC_BUDGET // largest)), psis_draws(largest))
     mb_local = False
+    amortized_ = bool(model.encoders)             # encoders declared in the model (amortized.py)
     if config.batch_size is not None:
         minibatch.check(model, program, config)
         mb_local = bool(minibatch.local_blocks(program))
+    if amortized_:
+        amortized.check(program, config)
+        mb_local = True
+    elif config.refine_local is not None:
+        from ..errors import UsageError
+        raise UsageError(f"{config.opt('refine_local')} refines the rows of encoders; this model declares none "
+                         f"(amortize LATENT from DATA ...)")
+    mb_config = config if config.batch_size is not None or not amortized_ else \
+        replace(config, batch_size=model.rows.size, epochs=config.epochs or config.steps)
     if mb_local:                  # the globals' family: chosen by their dimension; locals get their rows
         structure = None
         method, why = choose_method(config.method, program.dim - sum(b.size for b in
@@ -211,7 +222,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     serves = "score" if any(node_plans[n.name].estimator == "score" for n in model.latents()
                             if not n.discrete) else "reparam"
     if mb_local:
-        family, init_note = minibatch.RowLocal(fam_cls, start, program, gen, config), start.note
+        local_cls = amortized.Amortized if amortized_ else minibatch.RowLocal
+        family, init_note = local_cls(fam_cls, start, program, gen, config), start.note
     elif fam_cls.base_family:            # fitted on top of another family's fit (the flow: full-rank)
         t0 = time.perf_counter()
         family, init_note = fit_base(fam_cls, start, gen, config, structure, program, discrete, node_plans,
@@ -220,15 +232,15 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     else:
         family, init_note = make_family(fam_cls, start, gen, config, structure), start.note
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
-            "row-local" if mb_local else serves)
+            ("amortized" if amortized_ else "row-local") if mb_local else serves)
 
     t0 = time.perf_counter()
-    S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
+    S = mc_samples(config, vi) if mb_config.batch_size is None else minibatch.mc_samples(mb_config, program)
     cold = start.cold and not fam_cls.base_family       # (a family built on a fit starts warm)
     lr = step_size(config, vi, S, cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
     _phase(progress, "optimise")
-    if config.batch_size is None:
+    if mb_config.batch_size is None:
         result, optimizer = optimise(vi, config, S, lr, cold, watched, gen)
         for _ in range(2):   # a window that misses mass at q's draws: widened, and the fit resumed
             if wins is None or not windows.recheck(program, family, wins):
@@ -238,9 +250,11 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
             result = OptimResult(result.trace + more.trace, more.converged, result.steps + more.steps,
                                  result.evals + more.evals, more.fixed_draws)
     else:
-        result, optimizer = minibatch.optimise(vi, config, S, lr, watched), "adam"
+        result, optimizer = minibatch.optimise(vi, mb_config, S, lr, watched), "adam"
         why = "; ".join(x for x in (why, family.describe() if mb_local else "",
-                                    minibatch.describe(config, result, model.rows.size)) if x)
+                                    minibatch.describe(config, result, model.rows.size)
+                                    if config.batch_size is not None else f"{result.steps} steps on all rows")
+                        if x)
     improper.check_q(start_program, family, start.cold)           # q grew along a flat direction: exit 3
     timings["optimise"] = time.perf_counter() - t0
 
@@ -262,8 +276,15 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
         text += "; " + settled[0]
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
-    if config.batch_size is not None:            # minibatch estimates are noisy: one pass over all rows
+    if mb_config.batch_size is not None:         # minibatch estimates are noisy: one pass over all rows
         tail = [minibatch.full_elbo(vi)]
+    gap = {}
+    if config.refine_local is not None:
+        t0 = time.perf_counter()
+        _phase(progress, "refine rows")
+        r = amortized.refine(family, program, config.refine_local, config.seed)
+        gap = {k: v for k, v in r.items() if not k.startswith("rows_")}
+        timings["refine"] = time.perf_counter() - t0
     return Fit(model=model, config=config, method=method, method_note=why,
                estimator=describe(node_plans, wins.text() if wins else None) + _zero_draws(vi),
                objective=config.objective,
@@ -277,7 +298,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                q=Approximation(program, family, discrete, node_plans, method, structure, wins), q_draws=q_draws,
                weights=weights, log_weights=log_w, objective_note=obj.describe(S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
-               log_evidence_se=evidence_se)
+               log_evidence_se=evidence_se, amortization=gap)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

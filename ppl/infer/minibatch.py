@@ -136,7 +136,8 @@ class Epochs:
         self.device = device
 
     def epoch(self) -> Iterator[Batch]:
-        perm = torch.randperm(self.N, generator=self.gen)
+        # one batch of every row: in order (the same objective; a node that mixes rows sees the data)
+        perm = torch.arange(self.N) if self.B >= self.N else torch.randperm(self.N, generator=self.gen)
         if self.device is not None:
             perm = perm.to(self.device)
         for i in range(0, self.N, self.B):
@@ -499,6 +500,8 @@ def full_elbo(vi: VI, draws: Optional[int] = None) -> float:
     As many draws as ELBO_BUDGET element-evaluations allow (ELBO_DRAWS to 2000): the globals' draws
     move every row's term at once, so a small N affords the draws its noise needs."""
     program, fam = vi.program, vi.family
+    if hasattr(fam, "full_elbo"):              # a family with rows of its own making (amortized.py)
+        return fam.full_elbo(vi, draws)
     N = program.model.rows.size
     if draws is None:
         draws = int(min(2000, max(ELBO_DRAWS, ELBO_BUDGET // max(1, program.largest_node()))))

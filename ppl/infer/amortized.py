@@ -1,0 +1,566 @@
+"""Amortised local latents: q(z_n | x_n) from an encoder of row n's data, declared in the model
+(`amortize z from x hidden [64] activation tanh`, `amortize z from y linear`).
+
+Stage: (compiled model, the checked `amortize` declarations, the start) -> the `Amortized` family
+and its gradient estimator (registry GRADIENTS, kind `amortized`); after the fit, `encode` gives
+q(z_n | x_n) for new rows, and `refine` the amortisation gap.
+
+`Amortized` is `RowLocal` (ppl/infer/minibatch.py) with some local latents' rows taken from
+encoders: q = q_global(globals) x prod_n [prod_{amortised z} q_phi(z_n | x_n)] x [per-row
+mean-field rows of the other local latents].  Globals: any registered family that needs no model
+structure.  Per-row rows: RowLocal's natural-gradient steps.  Encoders: Gaussian in z's
+unconstrained space (the compiled model adds the Jacobian of biject_to, as for any latent):
+- MLP: [mu, log sd](x_n) = MLP(x_n) with the declared hidden sizes and activation (registry
+  ppl.frontend.encoders.ACTIVATIONS), diagonal;
+- linear: mu = A x_n + b with a full covariance L L^T shared by the rows, which is exact wherever
+  the posterior of z_n is Gaussian with a mean linear in x_n and a covariance that does not depend
+  on it (a linear Gaussian model, probabilistic PCA).
+Inputs are standardised by the fitted data's column means and sds (kept with the encoder, so new
+rows are standardised the same way); a level column enters one-hot.  The encoders' weights are
+trained with everything else by Adam on the reparameterised ELBO (only the batch's rows are
+encoded per step), at ENCODER_LR_SCALE of the globals' step size (those are whitened, the weights
+are not).
+
+The fit runs through minibatch.optimise whether or not `batch_size` is given (without it: one
+batch of all rows in order each step; the epoch is a step).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..backend.runtime import Batch
+from ..frontend.encoders import ACTIVATIONS, EncoderSpec, encoder_of
+from .estimators import GradientEstimator, register_gradient
+from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal
+
+ENCODER_LR_SCALE = 0.1
+RIDGE = 1e-6          # relative ridge of the least-squares start of an encoder's mean head
+_LOG2PI = math.log(2 * math.pi)
+
+
+def check(program, config) -> None:
+    """What encoders cannot serve: discrete latents on the score path (a usage error)."""
+    from ..errors import UsageError
+    if program.score:
+        raise UsageError(f"a model with an encoder (amortize) cannot fit discrete latents on the score path "
+                         f"({', '.join(program.score)}); sum them out ({config.opt('estimator', 'enumerate')})")
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+class Features:
+    """Row data -> the encoder's input matrix (B, P): the declared inputs flattened per row and
+    concatenated, levels one-hot, standardised by the fitted data's means and sds."""
+
+    def __init__(self, model, names, row_data: Dict[str, torch.Tensor], mean=None, sd=None):
+        self.names = tuple(names)
+        self.levels = {}
+        for n in self.names:
+            decl = model.nodes[n].decl
+            if decl is not None and decl.base == "level":
+                self.levels[n] = int(model.dims[decl.levels.value]) if isinstance(decl.levels.value, str) \
+                    else int(decl.levels.value)
+        if mean is None:
+            x = self.raw(row_data)
+            mean = x.mean(0)
+            sd = x.std(0, correction=0)
+            sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        self.mean, self.sd = mean, sd
+
+    def raw(self, data: Dict[str, torch.Tensor]) -> torch.Tensor:
+        cols = []
+        for n in self.names:
+            v = data[n][0]
+            v = v.reshape(v.shape[0], -1)
+            if n in self.levels:
+                v = torch.nn.functional.one_hot(v[:, 0].long() - 1, self.levels[n]).to(data[n].dtype)
+            cols.append(v)
+        return torch.cat(cols, 1)
+
+    def __call__(self, data: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self.raw(data) - self.mean) / self.sd
+
+    @property
+    def size(self) -> int:
+        return int(self.mean.shape[0])
+
+
+# ---- one encoder ----------------------------------------------------------------------------------
+class Encoder:
+    """q(z_n | x_n) for one local latent with k unconstrained values per row."""
+
+    def __init__(self, spec: EncoderSpec, k: int, features: Features, m0: torch.Tensor, sd0: torch.Tensor,
+                 gen: torch.Generator, x_train: Optional[torch.Tensor] = None):
+        self.spec, self.k, self.features = spec, k, features
+        dtype, device = m0.dtype, m0.device
+        P = features.size
+        self.act = ACTIVATIONS[spec.activation]()
+        self.params: Dict[str, torch.Tensor] = {}
+        if spec.linear:
+            self.params["A"] = torch.zeros(P, k, dtype=dtype, device=device)
+            self.params["b"] = m0.mean(0).clone()
+            L = torch.zeros(k, k, dtype=dtype, device=device)
+            L.diagonal().copy_(torch.log(sd0.mean(0)))
+            self.params["L"] = L                         # strict lower triangle, log of the diagonal
+            self._least_squares(x_train, m0, "A", "b", lambda x: x)
+        else:
+            sizes = [P] + list(spec.hidden)
+            for i in range(len(spec.hidden)):
+                fan_in = sizes[i]
+                gain = math.sqrt(2.0) if spec.activation in ("relu", "elu") else 1.0
+                self.params[f"W{i}"] = torch.randn(fan_in, sizes[i + 1], generator=gen, dtype=dtype,
+                                                   device=device) * (gain / math.sqrt(max(1, fan_in)))
+                self.params[f"b{i}"] = torch.zeros(sizes[i + 1], dtype=dtype, device=device)
+            h = sizes[-1]
+            self.params["Wm"] = torch.zeros(h, k, dtype=dtype, device=device)
+            self.params["bm"] = m0.mean(0).clone()
+            self.params["Ws"] = torch.zeros(h, k, dtype=dtype, device=device)
+            self.params["bs"] = torch.log(sd0.mean(0)).clone()
+            self._least_squares(x_train, m0, "Wm", "bm", self.hidden)
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    @torch.no_grad()
+    def _least_squares(self, x: Optional[torch.Tensor], m0: torch.Tensor, W: str, b: str, hidden) -> None:
+        """The mean head's start: least squares of the start's per-row means on the (last hidden)
+        features of the rows, so the encoder starts where the start point put each row."""
+        if x is None:
+            return
+        H = hidden(x)
+        Hc = H - H.mean(0)
+        mc = m0 - m0.mean(0)
+        G = Hc.T @ Hc
+        G = G + RIDGE * float(torch.diagonal(G).mean().clamp(min=1e-300)) * torch.eye(G.shape[0], dtype=G.dtype,
+                                                                                      device=G.device)
+        try:
+            Wv = torch.linalg.solve(G, Hc.T @ mc)
+        except (RuntimeError, torch.linalg.LinAlgError):
+            return
+        if bool(torch.isfinite(Wv).all()):
+            self.params[W].copy_(Wv)
+            self.params[b].copy_(m0.mean(0) - H.mean(0) @ Wv)
+
+    def parameters(self) -> List[torch.Tensor]:
+        return list(self.params.values())
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        h = x
+        for i in range(len(self.spec.hidden)):
+            h = self.act(torch.addmm(p[f"b{i}"], h, p[f"W{i}"]))
+        return h
+
+    def scale_tril(self) -> torch.Tensor:
+        L = self.params["L"]
+        return torch.tril(L, -1) + torch.diag_embed(torch.exp(torch.diagonal(L)))
+
+    def moments(self, x: torch.Tensor):
+        """x (B, P) standardised -> (mean (B, k), sd (B, k) or a shared Cholesky factor (k, k))."""
+        p = self.params
+        if self.spec.linear:
+            return torch.addmm(p["b"], x, p["A"]), self.scale_tril()
+        h = self.hidden(x)
+        return torch.addmm(p["bm"], h, p["Wm"]), torch.addmm(p["bs"], h, p["Ws"])
+
+    def draw(self, x: torch.Tensor, eps: torch.Tensor):
+        """eps (S, B, k) -> (z (S, B, k), log q of each draw's rows (S,), the entropy of the rows'
+        q (analytic))."""
+        mu, s = self.moments(x)
+        B, k = mu.shape
+        base = (-0.5 * eps * eps).sum((-1, -2)) - 0.5 * B * k * _LOG2PI
+        if self.spec.linear:
+            z = mu + eps @ s.T
+            logdet = B * torch.log(torch.diagonal(s)).sum()
+        else:
+            z = mu + eps * torch.exp(s)
+            logdet = s.sum()
+        return z, base - logdet, logdet + 0.5 * B * k * (1 + _LOG2PI)
+
+    @torch.no_grad()
+    def mean_sd(self, x: torch.Tensor):
+        """Each row's q mean and marginal sds (B, k)."""
+        mu, s = self.moments(x)
+        if self.spec.linear:
+            sd = torch.sqrt((s * s).sum(1)).expand_as(mu)
+        else:
+            sd = torch.exp(s)
+        return mu, sd
+
+
+# ---- the family ---------------------------------------------------------------------------------
+class Amortized(RowLocal):
+    """RowLocal with the rows of the declared latents from encoders (see the module docstring)."""
+    name = "amortized"
+
+    def __init__(self, global_cls, start, program, gen, config, state: Optional[Dict[str, np.ndarray]] = None):
+        super().__init__(global_cls, start, program, gen, config)
+        model = program.model
+        K_full = self.K
+        full = self.loc
+        row_cols: List[int] = []
+        self.encoders: List[Tuple[Encoder, int, int, str]] = []
+        for where, k0, k, b in self.layout:
+            if where != "local":
+                continue
+            spec = encoder_of(model, b.name)
+            if spec is None:
+                row_cols += list(range(k0, k0 + k))
+                continue
+            feats = Features(model, spec.inputs, program.row_data)
+            x_train = None
+            if state is not None:
+                feats.mean = program.rt.tensor(state[f"q.enc.{b.name}.x_mean"])
+                feats.sd = program.rt.tensor(state[f"q.enc.{b.name}.x_sd"])
+            else:
+                x_train = feats(program.row_data)
+            m0, sd0 = full[:, k0:k0 + k], torch.exp(full[:, K_full + k0:K_full + k0 + k])
+            enc = Encoder(spec, k, feats, m0, sd0, gen, x_train)
+            self.encoders.append((enc, k0, k, b.name))
+        rc = torch.as_tensor(row_cols, dtype=torch.long, device=self.device)
+        self.loc = torch.cat([full[:, rc], full[:, K_full + rc]], 1).contiguous()
+        self.K, self.K_full = len(row_cols), K_full
+        order = row_cols + [c for _, k0, k, _ in self.encoders for c in range(k0, k0 + k)]
+        self.perm = torch.as_tensor(np.argsort(order), dtype=torch.long, device=self.device)
+        self.identity = order == list(range(K_full))
+
+    def parameters(self) -> List[torch.Tensor]:
+        return self.glob.parameters() + [p for e, *_ in self.encoders for p in e.parameters()]
+
+    def lr_scales(self) -> List[float]:
+        n = len(self.glob.parameters())
+        return [1.0] * n + [ENCODER_LR_SCALE] * (len(self.parameters()) - n)
+
+    def encoder_eps(self, B: int, S: int) -> List[torch.Tensor]:
+        return [torch.randn((S, B, k), generator=self.gen, dtype=self.dtype, device=self.device)
+                for _, _, k, _ in self.encoders]
+
+    def assemble(self, z_rows: torch.Tensor, z_enc: List[torch.Tensor]) -> torch.Tensor:
+        z = torch.cat([z_rows] + z_enc, -1)
+        return z if self.identity else z[..., self.perm]
+
+    def encode_rows(self, data: Dict[str, torch.Tensor], eps: List[torch.Tensor]):
+        """-> (each encoder's draws (S, B, k), log q of the draws (S,), analytic entropy)."""
+        zs, lq, ent = [], 0.0, 0.0
+        for (enc, _, _, _), e in zip(self.encoders, eps):
+            z, l, h = enc.draw(enc.features(data), e)
+            zs.append(z)
+            lq, ent = lq + l, ent + h
+        return zs, lq, ent
+
+    def rsample_with_log_q(self, S: int):
+        """Full draws of theta in the compiled model's layout (every row), and log q."""
+        theta_g, lq = self.glob.rsample_with_log_q(S)
+        eps = self.local_eps(self.N, S)
+        z_r = self.local_theta(self.loc, eps)
+        z_e, lq_e, _ = self.encode_rows(self.program.row_data, self.encoder_eps(self.N, S))
+        theta = torch.empty((S, self.dim), dtype=self.dtype, device=self.device)
+        theta[:, self.g_idx] = theta_g
+        theta[:, self.l_idx] = self.assemble(z_r, z_e)
+        return theta, lq + self.local_log_q(eps, self.loc) + lq_e
+
+    @torch.no_grad()
+    def full_elbo(self, vi, draws: Optional[int] = None) -> float:
+        """minibatch.full_elbo with the encoders' rows: one pass over all rows in chunks, the same
+        draws of the globals for every chunk."""
+        return elbo_of(self, vi.program, draws)
+
+    def describe(self) -> str:
+        parts = [f"{self.glob.name} over the globals"]
+        parts += [f"encoder {e.spec.describe()}" for e, *_ in self.encoders]
+        rest = [n for n in self.local_names if n not in {name for *_, name in self.encoders}]
+        if rest:
+            parts.append(f"mean-field per row for {', '.join(repr(n) for n in rest)} (natural-gradient steps)")
+        return "; ".join(parts)
+
+    # ---- saved fits ----------------------------------------------------------------------------
+    def state_arrays(self) -> Dict[str, np.ndarray]:
+        out = {"q.amortized": np.asarray(1), "q.rows.loc": _np(self.loc)}
+        pre = getattr(self.glob, "pre", None)
+        if pre is not None:
+            out["q.pre.mu0"], out["q.pre.A"] = _np(pre.mu0), _np(pre.A)
+        for enc, _, _, name in self.encoders:
+            out[f"q.enc.{name}.x_mean"], out[f"q.enc.{name}.x_sd"] = _np(enc.features.mean), _np(enc.features.sd)
+        return out
+
+    def restore_arrays(self, state: Dict[str, np.ndarray]) -> None:
+        rt = self.program.rt
+        loc = state.get("q.rows.loc")
+        if loc is None or tuple(loc.shape) != tuple(self.loc.shape):
+            raise ValueError("the saved per-row parameters do not fit the model's rows")
+        self.loc = rt.tensor(loc).contiguous()
+
+
+def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> Amortized:
+    """The family of a saved fit (its parameters are copied in by the caller, in `parameters()` order)."""
+    from .families import Preconditioner
+    from .laplace import Start
+    rt = program.rt
+    start = Start(rt.zeros(program.dim), rt.zeros(program.dim) + 1.0, False, "")
+    fam = Amortized(global_cls, start, program, gen, config, state=state)
+    if "q.pre.mu0" in state and hasattr(fam.glob, "pre"):
+        fam.glob.pre = Preconditioner(rt.tensor(state["q.pre.mu0"]), rt.tensor(state["q.pre.A"]))
+    fam.restore_arrays(state)
+    return fam
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+# ---- the ELBO over all rows, and new rows ---------------------------------------------------------
+@torch.no_grad()
+def elbo_of(fam: Amortized, program, draws: Optional[int] = None, loc: Optional[torch.Tensor] = None,
+            row_data: Optional[Dict[str, torch.Tensor]] = None) -> float:
+    """The ELBO of q over the rows of `row_data` (default: the fitted data), per-row parameters
+    `loc` (default: the family's)."""
+    row_data = program.row_data if row_data is None else row_data
+    loc = fam.loc if loc is None else loc
+    N = next(iter(row_data.values())).shape[1]
+    if draws is None:
+        draws = int(min(2000, max(ELBO_DRAWS, ELBO_BUDGET // max(1, program.largest_node()))))
+    per_row = max(1, program.largest_node() // max(1, program.model.rows.size or N))
+    chunk = max(1, CHUNK_ELEMENTS // (draws * per_row))
+    theta_g, lq = fam.glob.rsample_with_log_q(draws)
+    acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
+    ent_rows = 0.0
+    for i in range(0, N, chunk):
+        idx = torch.arange(i, min(N, i + chunk), device=program.device)
+        b = Batch.rows(row_data, idx, N)
+        rows = loc[idx]
+        eps = fam.local_eps(rows.shape[0], draws)
+        z_r = fam.local_theta(rows, eps)
+        z_e, lq_e, _ = fam.encode_rows(b.data, fam.encoder_eps(rows.shape[0], draws))
+        total = program.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=b).total
+        acc += total * (idx.shape[0] / N) - lq_e
+        ent_rows += float(fam.local_entropy(rows))
+    return float((acc - lq).mean()) + ent_rows
+
+
+@register_gradient
+class AmortizedGradient(GradientEstimator):
+    """Pathwise, autograd: the globals' family and the encoders' weights get the gradient of the batch's
+    ELBO (the encoders' entropy analytic); the per-row rows take RowLocal's natural-gradient step."""
+    name = "amortized"
+    serves = "amortized"
+
+    @classmethod
+    def applies(cls, vi) -> bool:
+        return isinstance(vi.family, Amortized) and vi.objective.linear and not vi.discrete
+
+    def gradient(self, S: int, batch=None) -> float:
+        fam, lj = self.vi.family, self.vi.program
+        idx = batch.index if batch is not None and batch.index is not None else \
+            torch.arange(fam.N, device=fam.device)
+        scale = 1.0 if batch is None else batch.scale
+        data = lj.row_data if batch is None else batch.data
+        glob = fam.glob
+        half = max(1, (S + 1) // 2)
+        S = 2 * half
+        if glob.gaussian:
+            theta_g, ent = glob.rsample(half), glob.entropy()
+        else:
+            theta_g, lq = glob.rsample_with_log_q(half)
+            ent = -lq.mean()
+        theta_g = torch.cat([theta_g, theta_g])
+        rows = fam.loc[idx]
+        B = rows.shape[0]
+        eps = fam.local_eps(B, half)
+        eps = torch.cat([eps, -eps])
+        z_r = fam.local_theta(rows, eps).requires_grad_(fam.K > 0)
+        eps_e = [torch.cat([e, -e]) for e in fam.encoder_eps(B, half)]
+        z_e, _, ent_e = fam.encode_rows(data, eps_e)
+        total = lj.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=batch).total
+        value = total.mean() + ent + scale * ent_e
+        v = float(value.detach()) + scale * float(fam.local_entropy(rows))
+        if not math.isfinite(v):
+            return math.nan
+        (-value).backward()
+        if fam.K:
+            g = z_r.grad * (S / scale)
+            if not bool(torch.isfinite(g).all()):
+                return math.nan
+            fam.step_rows(idx, eps, -g)
+        return v
+
+
+# ---- after the fit: new rows, refinement ------------------------------------------------------------
+def encode_data(fit, data=None, sets=()) -> Dict[str, Dict[str, np.ndarray]]:
+    """`Fit.encode`: q(z_n | x_n) of the fitted encoders for the rows of `data` (files or a mapping of
+    column names to values, as `fit` takes them; None: the fitted data).  Columns the encoders do not
+    read may be left out where the model allows it (observed columns, as for `predict`)."""
+    from ..api import PplModel
+    from ..errors import UsageError
+    from ..predict import new_data_model
+    fam = getattr(fit.q, "family", None) if fit.q is not None else None
+    if not isinstance(fam, Amortized):
+        raise UsageError("this fit has no encoder: declare one in the model (amortize LATENT from DATA ...)")
+    if data is None and not sets:
+        return encode(fam, fit.q.program, fit.model)
+    model, filled = new_data_model(PplModel(fit.model.source), fit.model, data, sets)
+    need = sorted({n for enc, *_ in fam.encoders for n in enc.features.names} & set(filled))
+    if need:
+        raise UsageError(f"the encoders read {', '.join(repr(n) for n in need)}, which the new data do not have")
+    for enc, *_ in fam.encoders:
+        for n, K in enc.features.levels.items():
+            if int(np.max(model.values[n])) > K:
+                raise UsageError(f"'{n}' has levels the fit never saw; the encoder knows {K}")
+    return encode(fam, fit.q.program, model)
+
+
+def encode(fam: Amortized, program, model_new) -> Dict[str, Dict[str, np.ndarray]]:
+    """q(z_n | x_n) for the rows of `model_new` (the model checked with new data): latent ->
+    {"mean": (rows, *shape), "sd": (rows, *shape)} in z's unconstrained space."""
+    rt = program.rt
+    out = {}
+    for enc, _, k, name in fam.encoders:
+        data = {}
+        for n in enc.features.names:
+            v = np.asarray(model_new.values[n], dtype=np.float64)
+            data[n] = rt.tensor(v).unsqueeze(0)
+        x = enc.features(data)
+        mu, sd = enc.mean_sd(x)
+        shape = tuple(int(d) for d in model_new.nodes[name].shape[1:])
+        B = x.shape[0]
+        out[name] = {"mean": _np(mu).reshape((B,) + shape), "sd": _np(sd).reshape((B,) + shape)}
+    return out
+
+
+REFINE_DRAWS = 16         # MC draws per refinement step, antithetic pairs (each row's own Gaussian; globals from q)
+REFINE_DECAY = 25.0       # the step size falls as 1 / (1 + t / REFINE_DECAY): the rows settle, not wander
+REFINE_LR = 0.05          # Adam's step size, in coordinates whitened by the encoder's q of the row
+GAP_DRAWS = 500           # draws for the ELBO before and after (common random numbers: the same draws)
+
+
+class RefinedRows:
+    """Each row's own Gaussian over the amortised latents' values, started at the encoder's output:
+    z_n = m_n + C_n eps with m_n = mu_n + L_n a_n and C_n = L_n tril_exp(T_n), where (mu_n, L_n) is the
+    encoder's q of row n (a diagonal L_n for an MLP, the shared factor for `linear`)."""
+
+    def __init__(self, fam: Amortized, row_data: Dict[str, torch.Tensor]):
+        self.fam = fam
+        mus, Ls = [], []
+        with torch.no_grad():
+            for enc, _, k, _ in fam.encoders:
+                mu, s = enc.moments(enc.features(row_data))
+                L = s.expand(mu.shape[0], k, k) if enc.spec.linear else torch.diag_embed(torch.exp(s))
+                mus.append(mu)
+                Ls.append(L)
+        self.mu = torch.cat(mus, 1)
+        kt = self.mu.shape[1]
+        self.L = torch.zeros(self.mu.shape[0], kt, kt, dtype=self.mu.dtype, device=self.mu.device)
+        o = 0
+        for L in Ls:
+            k = L.shape[-1]
+            self.L[:, o:o + k, o:o + k] = L
+            o += k
+        N, k = self.mu.shape
+        self.a = torch.zeros(N, k, dtype=self.mu.dtype, device=self.mu.device, requires_grad=True)
+        self.T = torch.zeros(N, k, k, dtype=self.mu.dtype, device=self.mu.device, requires_grad=True)
+        self.sizes = [k for _, _, k, _ in fam.encoders]
+
+    def factor(self, idx):
+        T = self.T[idx]
+        C = torch.tril(T, -1) + torch.diag_embed(torch.exp(torch.diagonal(T, dim1=-2, dim2=-1)))
+        return self.mu[idx] + (self.L[idx] @ self.a[idx].unsqueeze(-1)).squeeze(-1), self.L[idx] @ C
+
+    def draw(self, idx, eps: torch.Tensor):
+        """eps (S, B, k) -> (each encoder's columns of z (S, B, k_e), log q (S,), entropy)."""
+        m, C = self.factor(idx)
+        z = m + torch.einsum("bij,sbj->sbi", C, eps)
+        logdet = torch.log(torch.diagonal(C, dim1=-2, dim2=-1).abs()).sum()
+        B, k = m.shape
+        lq = (-0.5 * eps * eps).sum((-1, -2)) - 0.5 * B * k * _LOG2PI - logdet
+        return list(torch.split(z, self.sizes, -1)), lq, logdet + 0.5 * B * k * (1 + _LOG2PI)
+
+    @torch.no_grad()
+    def mean_sd(self):
+        m, C = self.factor(slice(None))
+        return m, torch.sqrt((C * C).sum(-1))
+
+
+def _elbo_rows(fam: Amortized, program, draw_enc, gen_seed: int, draws: int) -> float:
+    """The ELBO over all rows with the amortised latents' rows from `draw_enc(data, idx, eps list)`,
+    on the draws of a private generator seeded `gen_seed` (two calls with one seed: common draws)."""
+    saved = fam.gen, fam.glob.gen
+    g = torch.Generator(device=fam.device).manual_seed(gen_seed)
+    fam.gen = fam.glob.gen = g
+    try:
+        with torch.no_grad():
+            N = fam.N
+            per_row = max(1, program.largest_node() // N)
+            chunk = max(1, CHUNK_ELEMENTS // (draws * per_row))
+            theta_g, lq = fam.glob.rsample_with_log_q(draws)
+            acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
+            ent_rows = 0.0
+            for i in range(0, N, chunk):
+                idx = torch.arange(i, min(N, i + chunk), device=program.device)
+                b = Batch.rows(program.row_data, idx, N)
+                rows = fam.loc[idx]
+                z_r = fam.local_theta(rows, fam.local_eps(rows.shape[0], draws))
+                z_e, lq_e = draw_enc(b.data, idx, fam.encoder_eps(rows.shape[0], draws))
+                total = program.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=b).total
+                acc += total * (idx.shape[0] / N) - lq_e
+                ent_rows += float(fam.local_entropy(rows))
+            return float((acc - lq).mean()) + ent_rows
+    finally:
+        fam.gen, fam.glob.gen = saved
+
+
+def refine(fam: Amortized, program, steps: int, seed: int = 0) -> Dict[str, float]:
+    """`steps` Adam steps of every row's own Gaussian (the amortised latents; the globals' q and the
+    other rows held), from the encoder's output; -> the ELBO before and after, on common draws, and
+    their difference: the amortisation gap (Cremer et al. 2018) as far as the steps close it."""
+    from .optim import Adam
+    rows = RefinedRows(fam, program.row_data)
+    gen = torch.Generator(device=fam.device).manual_seed(int(seed) * 7919 + 13)
+
+    def enc_draw(data, idx, eps):
+        zs, lq, _ = fam.encode_rows(data, eps)
+        return zs, lq
+
+    def row_draw(data, idx, eps):
+        z, lq, _ = rows.draw(idx, torch.cat(eps, -1))
+        return z, lq
+
+    before = _elbo_rows(fam, program, enc_draw, int(seed) + 101, GAP_DRAWS)
+    opt = Adam([rows.a, rows.T], [REFINE_LR, REFINE_LR])
+    N = fam.N
+    per_row = max(1, program.largest_node() // N)
+    chunk = max(1, CHUNK_ELEMENTS // (REFINE_DRAWS * per_row))
+    saved = fam.gen, fam.glob.gen
+    fam.gen = fam.glob.gen = gen
+    avg_a, avg_T, n_avg = rows.a.detach().clone(), rows.T.detach().clone(), 0
+    try:
+        for t in range(steps):
+            opt.zero_grad()
+            for i in range(0, N, chunk):
+                idx = torch.arange(i, min(N, i + chunk), device=program.device)
+                b = Batch.rows(program.row_data, idx, N)
+                with torch.no_grad():
+                    theta_g = fam.glob.rsample(REFINE_DRAWS)
+                    r = fam.loc[idx]
+                    z_r = fam.local_theta(r, fam.local_eps(r.shape[0], REFINE_DRAWS))
+                eps = torch.randn((REFINE_DRAWS // 2, idx.shape[0], rows.mu.shape[1]), generator=gen,
+                                  dtype=program.dtype, device=program.device)
+                eps = torch.cat([eps, -eps])            # antithetic: a Gaussian row's mean gradient is exact
+                z_e, _, ent = rows.draw(idx, eps)
+                total = program.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=b).total
+                (-(total.mean() + ent) / N).backward()
+            opt.step(1.0 / (1.0 + t / REFINE_DECAY))
+            if t >= steps // 2:                     # the average iterate over the second half
+                n_avg += 1
+                with torch.no_grad():
+                    avg_a.lerp_(rows.a, 1.0 / n_avg)
+                    avg_T.lerp_(rows.T, 1.0 / n_avg)
+        with torch.no_grad():
+            rows.a.copy_(avg_a)
+            rows.T.copy_(avg_T)
+    finally:
+        fam.gen, fam.glob.gen = saved
+    after = _elbo_rows(fam, program, row_draw, int(seed) + 101, GAP_DRAWS)
+    m, sd = rows.mean_sd()
+    return {"steps": steps, "elbo_encoder": before, "elbo_refined": after, "gap": after - before,
+            "gap_per_row": (after - before) / N, "rows_mean": m, "rows_sd": sd}
