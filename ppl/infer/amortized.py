@@ -10,8 +10,9 @@ encoders: q = q_global(globals) x prod_n [prod_{amortised z} q_phi(z_n | x_n)] x
 mean-field rows of the other local latents].  Globals: any registered family that needs no model
 structure.  Per-row rows: RowLocal's natural-gradient steps.  Encoders: Gaussian in z's
 unconstrained space (the compiled model adds the Jacobian of biject_to, as for any latent):
-- MLP: [mu, log sd](x_n) = MLP(x_n) with the declared hidden sizes and activation (registry
-  ppl.frontend.encoders.ACTIVATIONS), diagonal;
+- MLP: hidden layers h(x_n) with the declared sizes and activation (registry
+  ppl.frontend.encoders.ACTIVATIONS), mu = [h, x_n] W_m + b_m (a linear skip from the inputs, so
+  the MLP encoder holds every linear one), log sd = h W_s + b_s, diagonal;
 - linear: mu = A x_n + b with a full covariance L L^T shared by the rows, which is exact wherever
   the posterior of z_n is Gaussian with a mean linear in x_n and a covariance that does not depend
   on it (a linear Gaussian model, probabilistic PCA).
@@ -115,18 +116,19 @@ class Encoder:
                                                    device=device) * (gain / math.sqrt(max(1, fan_in)))
                 self.params[f"b{i}"] = torch.zeros(sizes[i + 1], dtype=dtype, device=device)
             h = sizes[-1]
-            self.params["Wm"] = torch.zeros(h, k, dtype=dtype, device=device)
+            self.params["Wm"] = torch.zeros(h + P, k, dtype=dtype, device=device)   # [hidden | x]: a linear skip
             self.params["bm"] = m0.mean(0).clone()
             self.params["Ws"] = torch.zeros(h, k, dtype=dtype, device=device)
             self.params["bs"] = torch.log(sd0.mean(0)).clone()
-            self._least_squares(x_train, m0, "Wm", "bm", self.hidden)
+            self._least_squares(x_train, m0, "Wm", "bm", lambda x: torch.cat([self.hidden(x), x], 1))
         for p in self.params.values():
             p.requires_grad_(True)
 
     @torch.no_grad()
     def _least_squares(self, x: Optional[torch.Tensor], m0: torch.Tensor, W: str, b: str, hidden) -> None:
-        """The mean head's start: least squares of the start's per-row means on the (last hidden)
-        features of the rows, so the encoder starts where the start point put each row."""
+        """The mean head's start: least squares of the start's per-row means on the mean head's
+        inputs (the last hidden layer and the skip), so the encoder starts near where the start point
+        put each row."""
         if x is None:
             return
         H = hidden(x)
@@ -163,7 +165,7 @@ class Encoder:
         if self.spec.linear:
             return torch.addmm(p["b"], x, p["A"]), self.scale_tril()
         h = self.hidden(x)
-        return torch.addmm(p["bm"], h, p["Wm"]), torch.addmm(p["bs"], h, p["Ws"])
+        return torch.addmm(p["bm"], torch.cat([h, x], 1), p["Wm"]), torch.addmm(p["bs"], h, p["Ws"])
 
     def draw(self, x: torch.Tensor, eps: torch.Tensor):
         """eps (S, B, k) -> (z (S, B, k), log q of each draw's rows (S,), the entropy of the rows'
@@ -260,6 +262,21 @@ class Amortized(RowLocal):
         theta[:, self.g_idx] = theta_g
         theta[:, self.l_idx] = self.assemble(z_r, z_e)
         return theta, lq + self.local_log_q(eps, self.loc) + lq_e
+
+    DRIFT_ROWS = 512
+
+    @torch.no_grad()
+    def encoder_moments(self):
+        """The encoders' q means and sds of the first DRIFT_ROWS rows, flat (for the drift test of
+        minibatch.optimise: training has settled when these stop moving too)."""
+        n = min(self.N, self.DRIFT_ROWS)
+        data = {k: v[:, :n] for k, v in self.program.row_data.items()}
+        ms, ss = [], []
+        for enc, *_ in self.encoders:
+            m, s = enc.mean_sd(enc.features(data))
+            ms.append(m.reshape(-1))
+            ss.append(s.reshape(-1))
+        return torch.cat(ms), torch.cat(ss)
 
     @torch.no_grad()
     def full_elbo(self, vi, draws: Optional[int] = None) -> float:

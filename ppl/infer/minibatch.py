@@ -472,7 +472,8 @@ def window_moments(fam, avg: Averager):
             p.copy_(w)
     try:
         mom = q_moments(glob)
-    finally:
+        rows = fam.encoder_moments() if hasattr(fam, "encoder_moments") else None   # encoders: at the window's
+    finally:                                                                       # average weights
         for p, v in zip(avg.params, live):
             p.copy_(v)
     if mom is None:
@@ -482,6 +483,8 @@ def window_moments(fam, avg: Averager):
         K = fam.K
         mean = torch.cat([mean, fam.loc[:, :K].reshape(-1)])
         sd = torch.cat([sd, torch.exp(fam.loc[:, K:]).reshape(-1)])
+    if rows is not None:
+        mean, sd = torch.cat([mean, rows[0]]), torch.cat([sd, rows[1]])
     return mean, sd
 
 
