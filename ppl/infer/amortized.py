@@ -39,6 +39,9 @@ from .estimators import GradientEstimator, register_gradient
 from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal
 
 ENCODER_LR_SCALE = 0.1
+IAF_HIDDEN_MIN = 16       # hidden units per IAF step's MADE layer: 2 k, at least this
+IAF_GATE_BIAS = 1.5       # each step starts near the identity (sigma ~ 0.82, the shift's weights zero)
+IAF_MOMENT_DRAWS = 2000
 RIDGE = 1e-6          # relative ridge of the least-squares start of an encoder's mean head
 _LOG2PI = math.log(2 * math.pi)
 
@@ -121,6 +124,23 @@ class Encoder:
             self.params["Ws"] = torch.zeros(h, k, dtype=dtype, device=device)
             self.params["bs"] = torch.log(sd0.mean(0)).clone()
             self._least_squares(x_train, m0, "Wm", "bm", lambda x: torch.cat([self.hidden(x), x], 1))
+        # IAF steps (Kingma et al. 2016) over the row's k values, with the row's context (the last
+        # hidden layer; the standardised inputs for `linear`) entering each MADE's first layer
+        self.masks: Dict[str, torch.Tensor] = {}
+        ctx = P if spec.linear else sizes[-1]
+        H = max(IAF_HIDDEN_MIN, 2 * k)
+        for t in range(spec.iaf):
+            order = torch.arange(k) if t % 2 == 0 else torch.arange(k - 1, -1, -1)
+            m1, m2, m3 = (m.to(dtype=dtype, device=device) for m in context_made_masks(order, H))
+            self.masks.update({f"F1_{t}": m1, f"F2_{t}": m2, f"F3_{t}": m3})
+            self.params[f"F1_{t}"] = m1 * torch.randn(k, H, generator=gen, dtype=dtype, device=device) / math.sqrt(k)
+            self.params[f"C_{t}"] = torch.randn(ctx, H, generator=gen, dtype=dtype, device=device) / math.sqrt(ctx)
+            self.params[f"c1_{t}"] = torch.zeros(H, dtype=dtype, device=device)
+            self.params[f"F2_{t}"] = m2 * torch.randn(H, H, generator=gen, dtype=dtype, device=device) / math.sqrt(H)
+            self.params[f"c2_{t}"] = torch.zeros(H, dtype=dtype, device=device)
+            self.params[f"F3_{t}"] = torch.zeros(H, 2 * k, dtype=dtype, device=device)   # starts at the Gaussian
+            self.params[f"c3_{t}"] = torch.cat([torch.zeros(k, dtype=dtype, device=device),
+                                                torch.full((k,), IAF_GATE_BIAS, dtype=dtype, device=device)])
         for p in self.params.values():
             p.requires_grad_(True)
 
@@ -167,24 +187,54 @@ class Encoder:
         h = self.hidden(x)
         return torch.addmm(p["bm"], torch.cat([h, x], 1), p["Wm"]), torch.addmm(p["bs"], h, p["Ws"])
 
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.spec.linear else self.hidden(x)
+
     def draw(self, x: torch.Tensor, eps: torch.Tensor):
-        """eps (S, B, k) -> (z (S, B, k), log q of each draw's rows (S,), the entropy of the rows'
-        q (analytic))."""
+        """eps (S, B, k) -> (z (S, B, k), log q of each draw's rows (S,), the entropy of the rows' q:
+        analytic for the Gaussian, -log q of the draws with IAF steps).  The IAF steps act on the
+        standard-normal draws u before the Gaussian's affine map z = mu + sd u (z = mu + L u), each
+        u' = sigma u + (1 - sigma) shift(u_<i, context); their start, sigma = sigmoid(IAF_GATE_BIAS)
+        and no shift, is undone by a constant factor, so q starts exactly at the Gaussian."""
         mu, s = self.moments(x)
         B, k = mu.shape
-        base = (-0.5 * eps * eps).sum((-1, -2)) - 0.5 * B * k * _LOG2PI
+        lq = (-0.5 * eps * eps).sum((-1, -2)) - 0.5 * B * k * _LOG2PI
+        u = eps
+        T = self.spec.iaf
+        if T:
+            p, m = self.params, self.masks
+            ctx = torch.matmul(self.context(x), torch.stack([p[f"C_{t}"] for t in range(T)]))   # (T, B, H)
+            for t in range(T):
+                h = _elu(torch.matmul(u, p[f"F1_{t}"] * m[f"F1_{t}"]) + ctx[t] + p[f"c1_{t}"])
+                h = _elu(torch.matmul(h, p[f"F2_{t}"] * m[f"F2_{t}"]) + p[f"c2_{t}"])
+                out = torch.matmul(h, p[f"F3_{t}"] * m[f"F3_{t}"]) + p[f"c3_{t}"]
+                shift, gate = out[..., :k], out[..., k:]
+                u = torch.addcmul(shift, torch.sigmoid(gate), u - shift)
+                lq = lq - torch.nn.functional.logsigmoid(gate).sum((-1, -2))
+            log_c = -T * math.log(1.0 / (1.0 + math.exp(-IAF_GATE_BIAS)))
+            u = u * math.exp(log_c)
+            lq = lq - B * k * log_c
         if self.spec.linear:
-            z = mu + eps @ s.T
+            z = mu + u @ s.T
             logdet = B * torch.log(torch.diagonal(s)).sum()
         else:
-            z = mu + eps * torch.exp(s)
+            z = mu + u * torch.exp(s)
             logdet = s.sum()
-        return z, base - logdet, logdet + 0.5 * B * k * (1 + _LOG2PI)
+        lq = lq - logdet
+        if not T:
+            return z, lq, logdet + 0.5 * B * k * (1 + _LOG2PI)
+        return z, lq, -lq.mean()
 
     @torch.no_grad()
-    def mean_sd(self, x: torch.Tensor):
-        """Each row's q mean and marginal sds (B, k)."""
+    def mean_sd(self, x: torch.Tensor, draws: int = IAF_MOMENT_DRAWS):
+        """Each row's q mean and marginal sds (B, k) (after IAF steps: from `draws` draws, with a
+        private generator)."""
         mu, s = self.moments(x)
+        if self.spec.iaf:
+            g = torch.Generator(device=mu.device).manual_seed(0)
+            eps = torch.randn((draws,) + tuple(mu.shape), generator=g, dtype=mu.dtype, device=mu.device)
+            z = self.draw(x, eps)[0]
+            return z.mean(0), z.std(0)
         if self.spec.linear:
             sd = torch.sqrt((s * s).sum(1)).expand_as(mu)
         else:
@@ -321,6 +371,23 @@ def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> A
         fam.glob.pre = Preconditioner(rt.tensor(state["q.pre.mu0"]), rt.tensor(state["q.pre.A"]))
     fam.restore_arrays(state)
     return fam
+
+
+def context_made_masks(order: torch.Tensor, H: int):
+    """MADE masks (Germain et al. 2015) for weights of shape (in, out), two hidden layers of H units,
+    with a context that every hidden unit sees: hidden degrees 0..k-1 (degree d sees the values in
+    positions < d, degree 0 the context alone), so output i (position order[i]) depends on the
+    values before it and on the context.  -> (values->hidden, hidden->hidden, hidden->[shift|gate])."""
+    k = order.shape[0]
+    deg = torch.arange(H) % k
+    m1 = order[:, None] < deg[None, :]
+    m2 = deg[:, None] <= deg[None, :]
+    m3 = deg[:, None] <= order[None, :]
+    return m1, m2, torch.cat([m3, m3], 1)
+
+
+def _elu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.elu(x)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -461,8 +528,13 @@ class RefinedRows:
         mus, Ls = [], []
         with torch.no_grad():
             for enc, _, k, _ in fam.encoders:
-                mu, s = enc.moments(enc.features(row_data))
-                L = s.expand(mu.shape[0], k, k) if enc.spec.linear else torch.diag_embed(torch.exp(s))
+                x = enc.features(row_data)
+                if enc.spec.iaf:                     # a Gaussian from the flow's moments
+                    mu, sd = enc.mean_sd(x)
+                    L = torch.diag_embed(sd)
+                else:
+                    mu, s = enc.moments(x)
+                    L = s.expand(mu.shape[0], k, k) if enc.spec.linear else torch.diag_embed(torch.exp(s))
                 mus.append(mu)
                 Ls.append(L)
         self.mu = torch.cat(mus, 1)
