@@ -196,3 +196,18 @@ def test_iaf_steps_make_a_linear_encoder_follow_a_poisson_row_posterior():
     assert exact - 0.05 * len(y) < fits["linear iaf 2"].elbo < exact + 0.5
     e = fits["linear iaf 2"].encode({"y": [0, 3, 10]})["z"]
     assert np.all(np.diff(e["mean"]) > 0) and np.all(e["sd"] > 0)
+
+
+def test_predict_draws_new_rows_latents_from_their_encoder_and_graph_says_so(one_fit):
+    y, fit = one_fit
+    mu = fit.summary(corrected=False)["mu"]["mean"]
+    new = np.array([-3.0, 0.0, 5.0])
+    p = fit.predict({"y": new.tolist()}, draws=4000, seed=2)
+    # z_n | y_n ~ N((mu + 4 y_n) / 5, 0.2) (the prior would give mean mu, sd 1); y_rep adds sd 0.5
+    assert np.allclose(p["z"].mean(0), (mu + 4 * new) / 5, atol=0.04)
+    assert np.allclose(p["z"].std(0), math.sqrt(0.2), rtol=0.06)
+    assert np.allclose(p["y"].std(0), math.sqrt(0.45), rtol=0.06)
+    from ppl.graph import build_graph, to_text
+    g = build_graph(fit.model)
+    assert g.nodes["z"]["encoder"].startswith("linear Gaussian") and "encoder" not in g.nodes["mu"]
+    assert "q from an encoder: linear Gaussian" in to_text(g)

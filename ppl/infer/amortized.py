@@ -494,6 +494,32 @@ def encode_data(fit, data=None, sets=()) -> Dict[str, Dict[str, np.ndarray]]:
     return encode(fam, fit.q.program, model)
 
 
+@torch.no_grad()
+def encoded_rows(fit, model_new, program_new, filled, S: int, gen) -> Dict[str, torch.Tensor]:
+    """For `ppl predict` with new rows: each amortised latent's S draws from q(z_n | x_n) of the new
+    rows (constrained), where the encoder's inputs are in the new data; a latent left out here is
+    drawn from its prior, as any new row's latent."""
+    fam = getattr(fit.q, "family", None) if fit.q is not None else None
+    if not isinstance(fam, Amortized):
+        return {}
+    blocks = {b.name: b for b in program_new.blocks}
+    out = {}
+    for enc, _, k, name in fam.encoders:
+        b = blocks.get(name)
+        if b is None or b.transform is None and b.kind != "real" or set(enc.features.names) & set(filled):
+            continue
+        if any(n in enc.features.levels and int(np.max(model_new.values[n])) > enc.features.levels[n]
+               for n in enc.features.names):
+            continue
+        data = {n: program_new.rt.tensor(np.asarray(model_new.values[n], dtype=np.float64)).unsqueeze(0)
+                for n in enc.features.names}
+        x = enc.features(data)
+        eps = torch.randn((S, x.shape[0], k), generator=gen, dtype=x.dtype, device=x.device)
+        u = enc.draw(x, eps)[0].reshape((S,) + tuple(b.ushape))
+        out[name] = u if b.transform is None else b.transform(u)
+    return out
+
+
 def encode(fam: Amortized, program, model_new) -> Dict[str, Dict[str, np.ndarray]]:
     """q(z_n | x_n) for the rows of `model_new` (the model checked with new data): latent ->
     {"mean": (rows, *shape), "sd": (rows, *shape)} in z's unconstrained space."""
