@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--refine-local", type=int, default=None, metavar="K",
                    help="after a fit with encoders (amortize): K steps of each row's own q from the encoder's "
                         "output; reports the amortisation gap (ELBO after minus before)")
+    f.add_argument("--holdout", type=float, default=None, metavar="F",
+                   help="set aside a seeded random share F of the rows; after the fit, report the ELBO per row "
+                        "of those rows under the encoders' q(z_n | x_n) (a model with encoders)")
     f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
     f.add_argument("--dtype", default="float64", help="float64|float32")
     f.add_argument("--max-memory", default=None, metavar="SIZE",

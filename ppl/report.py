@@ -100,6 +100,10 @@ def table(fit, process_seconds: Optional[float] = None, vars=None, quantiles=Non
     if gap:
         lines.append(f"amortized  encoder ELBO {gap['elbo_encoder']:.4f}; after {gap['steps']} steps per row "
                      f"{gap['elbo_refined']:.4f}: gap {gap['gap']:.4g} nats ({gap['gap_per_row']:.3g} per row)")
+    held = getattr(fit, "holdout", None)
+    if held:
+        lines.append(f"held out   {held['rows']} rows ({100 * held['fraction']:.3g}%): ELBO per row "
+                     f"{held['elbo_per_row']:.4f} under the encoders (at the start {held['elbo_per_row_start']:.4f})")
     lines += [
         f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
         f"time       {fit.seconds:.2f} s{total}" + (f" on {fit.device}" if fit.device != "cpu" else ""),
@@ -155,6 +159,7 @@ def to_json(fit, process_seconds: Optional[float] = None) -> str:
         "optimizer": fit.optimizer, "evaluations": fit.evals, "fixed_draws": fit.fixed_draws,
         "amortization": {k: num(v) if isinstance(v, float) else v
                          for k, v in getattr(fit, "amortization", {}).items()} or None,
+        "holdout": {k: num(v) if isinstance(v, float) else v for k, v in getattr(fit, "holdout", {}).items()} or None,
     })
 
 

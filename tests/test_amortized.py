@@ -211,3 +211,23 @@ def test_predict_draws_new_rows_latents_from_their_encoder_and_graph_says_so(one
     g = build_graph(fit.model)
     assert g.nodes["z"]["encoder"].startswith("linear Gaussian") and "encoder" not in g.nodes["mu"]
     assert "q from an encoder: linear Gaussian" in to_text(g)
+
+
+def test_holdout_scores_the_rows_set_aside_under_the_encoder():
+    y = _one(N=150, seed=5)
+    fit = ppl.loads(ONE, "one.ppl").fit({"y": y.tolist()}, seed=0, steps=300, holdout=0.2)
+    h = fit.holdout
+    assert h["rows"] == 30 and fit.model.rows.size == 120 and h["fraction"] == 0.2
+    held = np.setdiff1d(np.round(y, 12), np.round(fit.model.values["y"], 12))
+    assert len(held) == 30
+    q = fit.summary(corrected=False)["mu"]
+    m, v = q["mean"], q["sd"] ** 2
+    # per row: E_q(mu) log N(y_n; mu, 1.25) - KL(q(z_n | y_n) || p(z_n | y_n, mu)), with q(z_n | y_n) the
+    # exact conditional at mu = m: the KL's mean is v / 10
+    exact = np.mean(-0.5 * np.log(2 * np.pi * 1.25) - 0.5 * (held - m) ** 2 / 1.25) - v / 2.5 - v / 10
+    assert h["elbo_per_row"] == pytest.approx(exact, abs=0.01)
+    assert math.isfinite(h["elbo_per_row_start"])
+    with pytest.raises(UsageError, match="holdout="):
+        ppl.loads(ONE, "one.ppl").fit({"y": y.tolist()}, holdout=1.5)
+    with pytest.raises(UsageError, match="every local latent"):
+        ppl.loads(ONE.replace("amortize z from y linear\n", ""), "m.ppl").fit({"y": y.tolist()}, holdout=0.2)

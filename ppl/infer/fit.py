@@ -101,6 +101,7 @@ class Fit(PosteriorMethods):
     log_evidence: float = float("nan")        # log p(y) by importance sampling over the draws of q ...
     log_evidence_se: float = float("nan")     # ... and its Monte Carlo error (nan where k-hat >= 0.7)
     amortization: Dict[str, float] = field(default_factory=dict)   # encoders: refine_local's gap (amortized.py)
+    holdout: Dict[str, float] = field(default_factory=dict)        # encoders: the held-out rows' ELBO per row
 
     @property
     def weights_ess(self) -> float:
@@ -155,6 +156,9 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     """Fit `model` as `config` says (`progress(step, max_steps, value)` is called after each Adam step)."""
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
+    held_model = None
+    if config.holdout is not None:             # the fit sees the other rows (amortized.split_holdout)
+        model, held_model = amortized.split_holdout(model, config)
     device, device_note = resolved_device(config)
     rt = Runtime.make(device, config.dtype, config.seed)
     set_threads(model)
@@ -233,6 +237,10 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
         family, init_note = make_family(fam_cls, start, gen, config, structure), start.note
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
             ("amortized" if amortized_ else "row-local") if mb_local else serves)
+    held = {}
+    if held_model is not None:
+        held = {"rows": held_model.rows.size, "fraction": config.holdout,
+                "elbo_per_row_start": amortized.heldout_elbo(family, program, held_model, seed=config.seed)}
 
     t0 = time.perf_counter()
     S = mc_samples(config, vi) if mb_config.batch_size is None else minibatch.mc_samples(mb_config, program)
@@ -278,6 +286,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
     if mb_config.batch_size is not None:         # minibatch estimates are noisy: one pass over all rows
         tail = [minibatch.full_elbo(vi)]
+    if held:
+        held["elbo_per_row"] = amortized.heldout_elbo(family, program, held_model, seed=config.seed)
     gap = {}
     if config.refine_local is not None:
         t0 = time.perf_counter()
@@ -298,7 +308,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                q=Approximation(program, family, discrete, node_plans, method, structure, wins), q_draws=q_draws,
                weights=weights, log_weights=log_w, objective_note=obj.describe(S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
-               log_evidence_se=evidence_se, amortization=gap)
+               log_evidence_se=evidence_se, amortization=gap, holdout=held)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
