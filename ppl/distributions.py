@@ -138,6 +138,8 @@ LINK_FOLDS: Dict[Tuple[str, int, str], str] = {
     ("poisson", 0, "exp"): "poisson_log",
     ("bernoulli", 0, "inv_logit"): "bernoulli_logit",
     ("binomial", 1, "inv_logit"): "binomial_logit",
+    ("bernoulli", 0, "sigmoid"): "bernoulli_logit",
+    ("binomial", 1, "sigmoid"): "binomial_logit",
 }
 
 

@@ -199,6 +199,10 @@ class NumpyOps:
         return np.log(x) - np.log1p(-x)
 
     @staticmethod
+    def relu(x):
+        return np.maximum(x, 0.0)
+
+    @staticmethod
     def softplus(x):
         return np.logaddexp(0.0, x)
 

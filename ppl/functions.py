@@ -81,6 +81,8 @@ REGISTRY: Dict[str, Function] = {f.name: f for f in [
     Function("logit", ("p",), _same, lambda o, x: o.logit(x), axes="elementwise"),
     Function("softplus", ("x",), _same, lambda o, x: o.softplus(x), axes="elementwise"),
     Function("tanh", ("x",), _same, lambda o, x: o.tanh(x), axes="elementwise"),
+    Function("relu", ("x",), _same, lambda o, x: o.relu(x), axes="elementwise"),
+    Function("sigmoid", ("x",), _same, lambda o, x: o.sigmoid(x), axes="elementwise"),
     Function("sum", ("x",), _scalar, lambda o, x: o.sum(x), int_result=True),
     Function("mean", ("x",), _scalar, lambda o, x: o.mean(x)),
     Function("sd", ("x",), _scalar, lambda o, x: o.sd(x)),

@@ -28,7 +28,7 @@ from .supports import SUPPORTS
 
 
 def transform_name(node: Node) -> Optional[str]:
-    if node.kind != "latent" or node.discrete:
+    if node.kind not in ("latent", "param") or node.discrete:
         return None
     kind = node.constraint.kind if node.constraint is not None else \
         DS.REGISTRY[node.dist.spec].support if node.dist else "real"
@@ -47,7 +47,7 @@ def build_graph(model: Model, estimator: str = "auto", opt: Callable = python_op
             node_plans = plan(model, estimator, opt, frozenset(too_wide))
     for name, node in model.nodes.items():
         attrs = dict(kind=node.kind, shape=[d for d in node.shape], line=node.span.line,
-                     support=node.support if node.kind in ("latent",) or node.dist else "data")
+                     support=node.support if node.kind in ("latent", "param") or node.dist else "data")
         if node.kind == "deterministic":
             del attrs["support"]   # a function of latents: no support of its own (not "data")
         if node.dist is not None:
@@ -73,6 +73,8 @@ def build_graph(model: Model, estimator: str = "auto", opt: Callable = python_op
                 attrs["bounds"] = "; ".join(b.why + b.relations)
         if node.kind == "latent" and node.dist is None:
             attrs["dist"] = "flat"
+        if node.kind == "param":
+            attrs["dist"] = "point estimate"
         if node.declared and node.constraint is not None:
             attrs["declared"] = node.constraint.text()
         enc = next((e for e in getattr(model, "encoders", ()) if e.latent == name), None)
@@ -117,6 +119,10 @@ def to_text(g: nx.DiGraph) -> str:
         desc = f"{n}{_shape_text(a['shape'])}"
         what = a.get("dist") or a.get("expr") or a.get("type", "")
         extra = []
+        if a["kind"] == "param":
+            extra.append(f"set {a['support']}")
+            if "transform" in a:
+                extra.append(f"transform {a['transform']} (no Jacobian)")
         if a["kind"] == "latent":
             extra.append(f"support {a['support']}")
             if "transform" in a:
@@ -146,6 +152,7 @@ _STYLE = {
     "constant": 'shape=box, style=dashed',
     "latent": 'shape=ellipse',
     "deterministic": 'shape=ellipse, style=dashed',
+    "param": 'shape=box, style="rounded,bold"',       # a point estimate: no distribution, no circle
 }
 
 
@@ -162,7 +169,9 @@ def to_dot(g: nx.DiGraph) -> str:
     for n in g.graph["order"]:
         a = g.nodes[n]
         label = f"{n}{_shape_text(a['shape'])}"
-        if a.get("dist"):
+        if a["kind"] == "param":
+            label = f"param {label}\\n(point estimate)"
+        elif a.get("dist"):
             label += f"\\n~ {_dot_escape(a['dist'])}"
         elif a.get("expr"):
             label += f"\\n= {_dot_escape(a['expr'])}"

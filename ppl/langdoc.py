@@ -60,7 +60,8 @@ FUNCTION_MEANING: Dict[str, str] = {
     "exp": "e^x", "log": "natural logarithm", "log1p": "log(1 + x)", "expm1": "e^x - 1",
     "sqrt": "square root", "square": "x * x", "abs": "absolute value",
     "inv_logit": "1 / (1 + e^-x)", "logit": "log(p / (1 - p))", "softplus": "log(1 + e^x)",
-    "tanh": "hyperbolic tangent", "sum": "sum of all elements", "mean": "mean of all elements",
+    "tanh": "hyperbolic tangent", "relu": "max(x, 0) (rectified linear unit)",
+    "sigmoid": "1 / (1 + e^-x) (the same as inv_logit)", "sum": "sum of all elements", "mean": "mean of all elements",
     "sd": "sample standard deviation of all elements (n - 1)", "log_sum_exp": "log(sum(exp(x))), stably",
     "dot": "sum(a * b) of two vectors of one length", "cumsum": "cumulative sum along the last axis",
     "softmax": "exp(x) / sum(exp(x)) along the last axis", "ones": "a vector of n ones (n a known integer)",
@@ -135,6 +136,8 @@ def types() -> str:
     from .frontend.check import DATA_TYPES, LATENT_TYPES
     rows = [[f"`{t}`", "data", DATA_TYPES_DOC.get(t, "")] for t in sorted(DATA_TYPES)]
     rows += [[f"`{t}`", "latent", LATENT_TYPES_DOC.get(t, "")] for t in sorted(LATENT_TYPES)]
+    rows += [[f"`{t}`", "param", "as for a latent (a param is continuous: `int` is an error)"]
+             for t in sorted(LATENT_TYPES)]
     return _table(["type", "for", "meaning"], rows)
 
 

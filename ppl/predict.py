@@ -137,6 +137,11 @@ def simulate(fit, data=None, sets: Sequence[str] = (), *, prior: bool = False, d
     S = draws or next((int(v.shape[0]) for v in fit.draws.values()), config.draws)
     rt = Runtime.make("cpu", config.dtype, config.seed if seed is None else seed)
     program = LogJoint(model, make_plan(model, config.estimator, config.opt), rt)
+    if program.params:          # the fitted point estimates (prior or posterior predictive alike)
+        try:
+            program.params.load(getattr(fit, "params", None) or {})
+        except ValueError as e:
+            raise PplError([Diagnostic(model.params()[0].name_span, f"the fit has {e}")]) from None
     gen = rt.generator()
     if not prior:
         _check_latents(model, fit)

@@ -124,7 +124,41 @@ def table(fit, process_seconds: Optional[float] = None, vars=None, quantiles=Non
             lines.append(f"{r.label:<{w}}  " + " ".join(f"{r.probs.get(v, 0.0):>7.3f}" for v in values))
     for name, n in s.hidden:
         lines.append(f"({name}: {n} discrete elements not shown; --vars {name} shows them)")
+    lines += _point_estimates(fit, w)
     return "\n".join(lines) + "\n"
+
+
+PARAM_ROWS = 20     # a param with more elements (a weight matrix) gets one line, not a row per element
+
+
+def _point_estimates(fit, w: int) -> list:
+    """The `param` declarations: a value each (a point estimate has no sd and no quantiles)."""
+    from .summary import flat_labels
+    params = getattr(fit, "params", None) or {}
+    if not params:
+        return []
+    rows, notes = [], []
+    for name, v in params.items():
+        v = np.asarray(v)
+        if v.size > PARAM_ROWS:
+            notes.append(f"({name}: {v.size} values, from {_fmt(float(v.min()))} to {_fmt(float(v.max()))}; "
+                         f"all in --json and --out fit.npz)")
+            continue
+        rows += list(zip(flat_labels(fit.model, name, v.shape), v.reshape(-1)))
+    w = max([w] + [len(k) for k, _ in rows])
+    out = ["", f"{'':<{w}}  {'value':>10}   (param: point estimates, maximum marginal likelihood)"]
+    out += [f"{k:<{w}}  {_fmt(float(x)):>10}" for k, x in rows]
+    return out + notes
+
+
+def point_estimates(fit) -> dict:
+    """Flattened names of the `param` elements -> their values (for the JSON output)."""
+    from .summary import flat_names
+    out = {}
+    for name, v in (getattr(fit, "params", None) or {}).items():
+        v = np.asarray(v)
+        out.update(zip(flat_names(name, v.shape), (float(x) for x in v.reshape(-1))))
+    return out
 
 
 def discrete_names(fit) -> list:
@@ -149,6 +183,7 @@ def to_json(fit, process_seconds: Optional[float] = None) -> str:
         "summary": "psis" if corrected else "q", "device": fit.device,
         "process_seconds": None if process_seconds is None else round(process_seconds, 3),
         "params": params(fit.summary()),
+        "point_estimates": point_estimates(fit),
         "params_q": params(fit.summary(corrected=False)) if corrected else None,
         "discrete": {r.name: {str(k): p for k, p in r.probs.items()} for r in disc.discrete},
         "labels": {r.name: r.label for r in disc.rows + disc.discrete if r.label != r.name},

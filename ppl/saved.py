@@ -57,6 +57,8 @@ def files(fit) -> Dict[str, bytes]:
         arrays[f"values.{k}"] = np.asarray(v)
     for k, (mean, sd) in (getattr(fit, "moments", None) or {}).items():     # enumerated latents (Fit.moments)
         arrays[f"moments.{k}.mean"], arrays[f"moments.{k}.sd"] = np.asarray(mean), np.asarray(sd)
+    for k, v in (getattr(fit, "params", None) or {}).items():               # `param` point estimates
+        arrays[f"param.{k}"] = np.asarray(v)
     if fit.q is not None:
         arrays.update(fit.q.state())
     qd = fit.q_draws
@@ -172,6 +174,12 @@ def load_fit(fit_dir: str):
             q = Approximation.restore(model, config, arrays)
         except ValueError as e:
             raise _fail(os.path.join(fit_dir, "fit.npz"), f"does not fit its model: {e}") from None
+    params = {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
+    if q is not None and q.program.params:
+        try:
+            q.program.params.load(params)
+        except ValueError as e:
+            raise _fail(os.path.join(fit_dir, "fit.npz"), f"does not fit its model: {e}") from None
     draws = {k[len("values."):]: v for k, v in arrays.items() if k.startswith("values.")}
     order = [n for n in model.order if n in draws]
     draws = {k: draws[k] for k in order}
@@ -194,6 +202,6 @@ def load_fit(fit_dir: str):
                seconds=num("seconds"), timings=dict(rec.get("timings") or {}), lr=float(rec.get("lr") or 0.0),
                mc_samples=int(rec.get("mc_samples") or 0), optimizer=rec.get("optimizer", ""),
                evals=int(rec.get("evaluations") or 0), fixed_draws=int(rec.get("fixed_draws") or 0),
-               device="cpu", q=q, q_draws=q_draws,
+               device="cpu", q=q, q_draws=q_draws, params=params,
                moments={k[len("moments."):-len(".mean")]: (v, arrays[k[:-len(".mean")] + ".sd"])
                         for k, v in arrays.items() if k.startswith("moments.") and k.endswith(".mean")})

@@ -55,7 +55,7 @@ def test_example(kind, text, expected):
         return
     m = ppl.loads(text, "example.ppl")
     model = m.check()
-    assert any(n.kind == "latent" for n in model.nodes.values())
+    assert any(n.kind in ("latent", "param") for n in model.nodes.values())
     notes = [w.render() for w in warnings(m.program)]
     if kind == "warning":
         assert "\n".join(notes).strip() == expected.strip()

@@ -35,6 +35,7 @@ from ..plan import NodePlan
 from ..supports import SUPPORTS
 from . import dists as D
 from .ops import TorchOps
+from .params import Params
 from .runtime import Batch, as_runtime
 from .transforms import bijection, sum_event, unconstrained_shape
 
@@ -123,6 +124,7 @@ class LogJoint:
         self.known = known                       # folded into the compiled model
         self.row_data = rows                     # per-row data: passed in each `Batch`
         self.batch = Batch.full(rows, model.rows.size)   # the full data
+        self.params = Params(model, known, rt)           # `param` declarations: point estimates
         self.blocks: List[Block] = []
         self.score: List[str] = []
         self.enum: List[EnumGroup] = []
@@ -199,6 +201,9 @@ class LogJoint:
         for name in m.order:
             node = m.nodes[name]
             if node.kind in ("data", "constant"):
+                continue
+            if node.kind == "param":
+                self.steps.append(("param", name, None))
                 continue
             owner = next((tainted[d] for d in node.deps if d in tainted), None)
             if node.kind == "deterministic":
@@ -327,6 +332,8 @@ class LogJoint:
                 total = _add(total, _scaled(sum_event(t.log_abs_det_jacobian(u, x)), b.per_row, scale))
             elif kind == "deterministic":
                 env[name] = payload(env)
+            elif kind == "param":
+                env[name] = self.params.value(name)          # a point estimate: no Jacobian, no density
             elif kind == "score":
                 z = discrete[name]
                 env[name] = z
@@ -558,6 +565,9 @@ class LogJoint:
             node = self.model.nodes[name]
             if node.kind == "deterministic":
                 env[name] = out[name] = _full(self.deterministic[name], env, S)
+                continue
+            if node.kind == "param":
+                env[name] = self.params.value(name).detach()
                 continue
             if node.kind not in ("latent", "observed") or (node.dist is None and name not in given):
                 continue

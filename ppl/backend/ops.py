@@ -82,6 +82,7 @@ class TorchOps:
                                                torch.abs, torch.tanh)
     mul = staticmethod(torch.mul)
     sigmoid = staticmethod(torch.sigmoid)
+    relu = staticmethod(torch.relu)
 
     @staticmethod
     def logit(x):

@@ -141,6 +141,15 @@ class FlatDecl:
 
 
 @dataclass(frozen=True)
+class ParamDecl:
+    """`param NAME: TYPE`: a point-estimated quantity (no prior, no draws)."""
+    name: str
+    type: TypeSpec
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True)
 class Assign:
     name: str
     expr: Expr
@@ -148,7 +157,7 @@ class Assign:
     name_span: Span
 
 
-Stmt = Union[DataDecl, Sample, FlatDecl, Assign]
+Stmt = Union[DataDecl, ParamDecl, Sample, FlatDecl, Assign]
 
 
 @dataclass(frozen=True)

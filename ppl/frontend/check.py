@@ -107,6 +107,10 @@ class Model:
     def latents(self) -> List[Node]:
         return [self.nodes[n] for n in self.order if self.nodes[n].kind == "latent"]
 
+    def params(self) -> List[Node]:
+        """The `param` declarations (point estimates), in source order."""
+        return [n for n in self.nodes.values() if n.kind == "param"]
+
 
 def A_text(e: Optional[A.Expr]) -> str:
     """Unparse an expression (for graph labels and messages)."""
@@ -204,6 +208,7 @@ class _Checker:
         self.node_int: Dict[str, bool] = {}
         self.dims: Dict[str, int] = {}
         self.ops = NumpyOps()
+        self.kinds: Dict[str, str] = {}
 
     # ---- phase 1: definitions ----------------------------------------------
     def definitions(self):
@@ -223,6 +228,10 @@ class _Checker:
             if prev is None:
                 self.defs[s.name] = s
                 first_line[s.name] = s.span.line
+            elif isinstance(prev, A.ParamDecl):
+                self.err.add(s.name_span, f"'{s.name}' is declared `param` at line {first_line[s.name]} (a point "
+                             f"estimate, with no prior); give it either `param {s.name}: ...` or `{s.name} ~ ...` "
+                             f"(a latent with a prior), not both")
             elif isinstance(prev, (A.DataDecl, A.Assign)) and s.name not in self.obs:
                 if s.type is not None:
                     self.err.add(s.type.span, f"'{s.name}' is data; its type is given by its declaration at line "
@@ -239,12 +248,17 @@ class _Checker:
         syms = dim_symbols(self.p)
         self.syms = syms
         known = set(self.defs) | set(syms)
+        params = {n: d for n, d in self.defs.items() if isinstance(d, A.ParamDecl)}
         for s in self.p.statements:
             for e in _all_exprs(s):
                 for n in A.walk(e):
                     if isinstance(n, A.Name) and n.id not in known:
                         hint = did_you_mean(n.id, known)
                         self.err.add(n.span, f"unknown name '{n.id}'{hint}")
+                    elif isinstance(n, A.Name) and n.id in params and \
+                            (n.span.line, n.span.col) < (params[n.id].span.line, params[n.id].span.col):
+                        self.err.add(n.span, f"'{n.id}' is used before its `param` declaration at line "
+                                     f"{params[n.id].span.line}; declare a param before the statements that use it")
                     elif isinstance(n, A.Call):
                         self.check_function(n)
             if isinstance(s, A.Sample):
@@ -260,7 +274,7 @@ class _Checker:
             if not ok:
                 span = next(dm.span for s in self.p.statements for dm in self._dims_of(s) if dm.value == sym)
                 self.err.add(span, f"'{sym}' is used as a size, but it is "
-                             f"{'a latent' if isinstance(d, (A.Sample, A.FlatDecl)) else 'not an integer scalar'} "
+                             f"{'a latent' if isinstance(d, (A.Sample, A.FlatDecl)) else 'a param' if isinstance(d, A.ParamDecl) else 'not an integer scalar'} "
                              f"(defined at line {d.span.line})")
 
     @staticmethod
@@ -303,6 +317,9 @@ class _Checker:
             if isinstance(s, A.DataDecl) or t.base not in DATA_TYPES:
                 hint = did_you_mean(t.base, allowed)
                 self.err.add(t.span, f"unknown type '{t.base}'{hint}" + ("" if hint else f" (types: {one_of(allowed)})"))
+            elif isinstance(s, A.ParamDecl):
+                self.err.add(t.span, f"a param declared '{t.base}' would be discrete; a param is a continuous point "
+                             f"estimate, optimised by gradient (declare it real)")
             elif isinstance(s, A.FlatDecl):
                 self.err.add(t.span, f"a latent declared '{t.base}' would be discrete; a flat latent must be continuous "
                              f"(declare it real, or give it a discrete distribution with '~')")
@@ -591,18 +608,21 @@ class _Checker:
                     kinds[name] = "observed"
                 else:
                     kinds[name] = "constant" if const else "deterministic"
+            elif isinstance(s, A.ParamDecl):
+                kinds[name] = "param"
             else:
                 kinds[name] = "latent"
 
+        self.kinds = kinds
         nodes: Dict[str, Node] = {}
         for name in topo:
             node = self.check_node(name, kinds[name], tuple(g.predecessors(name)))
             if node is not None:
                 nodes[name] = node
-        if not any(k == "latent" for k in kinds.values()):
+        if not any(k in ("latent", "param") for k in kinds.values()):
             first = self.p.statements[0]
             self.err.add(first.span, "nothing to infer: the model has no latent variable "
-                         "(a '~' on a name that is not data, or a 'NAME: TYPE' declaration)")
+                         "(a '~' on a name that is not data, a 'NAME: TYPE' declaration, or a 'param')")
         if not self.err.items:          # on a model otherwise sound (no cascades from earlier errors)
             for node, msg in improper_flat_latents(nodes, self.const_value):
                 self.err.add(node.name_span, msg)
@@ -648,11 +668,17 @@ class _Checker:
                                          f"(for example, log of a non-positive number)")
                         else:
                             self.values[name] = np.asarray(v)
-        elif isinstance(s, A.FlatDecl):
+        elif isinstance(s, (A.FlatDecl, A.ParamDecl)):
             decl = s.type
             shape = self.resolve_dims(s.type.dims)
             constraint = self.constraint_of(s.type)
             declared = True
+            if isinstance(s, A.ParamDecl):
+                for b in s.type.bounds:
+                    if any(self.kinds.get(n.id) not in (None, "data", "constant") and
+                           not isinstance(self.defs.get(n.id), A.DataDecl) for n in A.names_in(b.value)):
+                        self.err.add(b.value.span, "a param's bound must be a constant (numbers, data or "
+                                     "constants), not a latent or another param")
         elif isinstance(s, A.Sample):
             decl = s.type
             dims = s.dims if s.dims else (s.type.dims if s.type is not None else ())

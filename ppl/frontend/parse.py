@@ -280,6 +280,9 @@ class _ToAst(Transformer):
         name = c[0]
         return A.Sample(str(name), c[1].dims, c[1], c[2], self._m(meta), self._t(name))
 
+    def param_decl(self, meta, c):
+        return A.ParamDecl(str(c[0]), c[1], self._m(meta), self._t(c[0]))
+
     def flat_decl(self, meta, c):
         return A.FlatDecl(str(c[0]), c[1], self._m(meta), self._t(c[0]))
 

@@ -49,6 +49,7 @@ from ..registry import Registry
 from .optim import Adam, lbfgs_vg, plateau
 
 DISCRETE_LR_SCALE = 4.0  # discrete q's logits take larger steps: small score gradients, far-off start
+PARAM_LR_SCALE = 0.1     # `param`s take smaller steps: raw units, not whitened (a relu layer's units die at 0.2)
 MAX_FAILURES = 8
 WINDOW = 100             # steps per convergence window
 MAX_WINDOWS = 50         # window averages kept for the final iterate average
@@ -63,7 +64,10 @@ class VI:
         self.estimator = choose_gradient(self, serves, getattr(config, "gradient", "auto"))
 
     def parameters(self) -> List[torch.Tensor]:
-        return self.family.parameters() + [q.param for q in self.discrete.values()]
+        """Everything the optimisers step: q's parameters (the family's, then the discrete q's) and the
+        model's `param` point estimates (`program.params`, ppl/backend/params.py), last."""
+        return self.family.parameters() + [q.param for q in self.discrete.values()] + \
+            self.program.params.tensors()
 
     def gradient(self, S: int, batch=None) -> float:
         value = self.estimator.gradient(S, batch)
@@ -77,9 +81,10 @@ class VI:
     def init(self, lr: float, S: int, schedule: Optional[Callable[[int], float]] = None) -> "AdamState":
         """`schedule(t)`: the step size's factor at step t (default 1 / sqrt(1 + t / 100))."""
         params = self.parameters()
-        n_cont = len(self.family.parameters())
+        n_cont, n_disc = len(self.family.parameters()), len(self.discrete)
         own = getattr(self.family, "lr_scales", None)         # a family whose parameters differ in scale
-        scales = (own() if own is not None else [1.0] * n_cont) + [DISCRETE_LR_SCALE] * (len(params) - n_cont)
+        scales = (own() if own is not None else [1.0] * n_cont) + [DISCRETE_LR_SCALE] * n_disc + \
+            [PARAM_LR_SCALE] * (len(params) - n_cont - n_disc)
         return AdamState(params, lr, scales, S, schedule=schedule or sqrt_decay)
 
     def update(self, state: "AdamState", batch=None) -> Optional[float]:
@@ -387,9 +392,13 @@ class FixedDraws(Optimizer):
         chunk_elements = getattr(fam, "fixed_draw_chunk", FIXED_DRAW_CHUNK)
         chunk = max(1, chunk_elements // max(1, largest))       # memory: like one step of 16 MC samples
 
+        params = vi.program.params            # the model's point estimates: extra coordinates of x
+        n_q = fam.flat.numel()
+
         def value_grad(x):
             with torch.no_grad():
-                fam.flat.copy_(x)
+                fam.flat.copy_(x[:n_q])
+            params.assign(x[n_q:])
             v, g = 0.0, None
             try:
                 for i in range(0, n_fixed, chunk):
@@ -400,19 +409,23 @@ class FixedDraws(Optimizer):
                     if not math.isfinite(vc):
                         return math.inf, None
                     v += weight * vc
-                    g = fam.flat.grad * weight if g is None else g.add_(fam.flat.grad, alpha=weight)
+                    gc = torch.cat([fam.flat.grad, params.grad()]) if params else fam.flat.grad
+                    g = gc * weight if g is None else g.add_(gc, alpha=weight)
             except (ValueError, RuntimeError, torch.linalg.LinAlgError):
                 return math.inf, None
             values.append(v)
             return -v, g
 
-        x0 = fam.flat.detach().clone()
+        x0 = torch.cat([fam.flat.detach(), params.flat()]) if params else fam.flat.detach().clone()
         plateau_rule = getattr(fam, "fixed_draw_plateau", None)     # (window, nats): stop on a plateau
         x, evals, converged = lbfgs_vg(value_grad, x0, max_iter=FIXED_DRAW_ITERS, history=20,
                                        gtol=FIXED_DRAW_GTOL, ftol=1e-10,
                                        stop=plateau(*plateau_rule) if plateau_rule else None,
                                        on_eval=None if on_eval is None else (lambda v: on_eval(-v)))
         with torch.no_grad():
-            fam.flat.copy_(x)
+            fam.flat.copy_(x[:n_q])
+        params.assign(x[n_q:])
         fam.flat.grad = None
+        for p in params.tensors():
+            p.grad = None
         return evals, converged, values

@@ -284,12 +284,20 @@ class ClosedForm(GradientEstimator):
         S = eps.shape[0]
         with torch.no_grad():
             us = [u.requires_grad_(True) for u in lj.split(theta)]
-        mean_lp = lj.evaluate(None, blocks=us, batch=batch).total.sum() * (1.0 / S)
+        ev = lj.evaluate(None, blocks=us, batch=batch) if us else lj.evaluate(theta, batch=batch)   # (S draws)
+        mean_lp = ev.total.sum() * (1.0 / S)
         value = float(mean_lp.detach()) + fam.entropy_value()
         if not math.isfinite(value):
             return math.nan
         # (a scalar, not grad_outputs=: torch then imports sympy, 0.3 s, for a shape check)
-        gs = torch.autograd.grad(mean_lp, us, allow_unused=True)
+        ps = lj.params.tensors()              # the model's point estimates: d/dparam of the mean log p
+        gs = torch.autograd.grad(mean_lp, us + ps, allow_unused=True)
+        gs, gp = gs[:len(us)], gs[len(us):]
+        for p, gi in zip(ps, gp):
+            p.grad = torch.zeros_like(p) if gi is None else -gi
+        if not us:
+            fam.flat.grad = torch.zeros_like(fam.flat)
+            return value
         with torch.no_grad():
             g = torch.cat([torch.zeros_like(u).view(S, -1) if gi is None else gi.view(S, -1)
                            for u, gi in zip(us, gs)], 1) if len(us) > 1 else gs[0].view(S, -1)
@@ -314,7 +322,7 @@ class Pathwise(GradientEstimator):
         v = float(value.detach())
         if not math.isfinite(v):
             return math.nan
-        for p in fam.parameters():
+        for p in self.vi.parameters():
             p.grad = None
         (-value).backward()
         return v
@@ -359,6 +367,8 @@ class ScoreFunction(GradientEstimator):
         ev = vi.program.evaluate(theta, z, keep_factors=bool(z), batch=batch)
         f = (ev.total - log_q).detach()
         loss = -((f - _loo_baseline(f)) * log_q).mean()
+        if vi.program.params:             # the params' gradient: pathwise (theta is detached here)
+            loss = loss - ev.total.mean()
         loss = loss + discrete_surrogate(vi, ev, z, S, theta=theta)
         return Surrogate(loss, float(f.mean()))
 

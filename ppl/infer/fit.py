@@ -102,6 +102,7 @@ class Fit(PosteriorMethods):
     log_evidence_se: float = float("nan")     # ... and its Monte Carlo error (nan where k-hat >= 0.7)
     amortization: Dict[str, float] = field(default_factory=dict)   # encoders: refine_local's gap (amortized.py)
     holdout: Dict[str, float] = field(default_factory=dict)        # encoders: the held-out rows' ELBO per row
+    params: Dict[str, np.ndarray] = field(default_factory=dict)   # `param` point estimates: name -> value
 
     @property
     def weights_ess(self) -> float:
@@ -308,7 +309,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
                q=Approximation(program, family, discrete, node_plans, method, structure, wins), q_draws=q_draws,
                weights=weights, log_weights=log_w, objective_note=obj.describe(S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
-               log_evidence_se=evidence_se, amortization=gap, holdout=held)
+               log_evidence_se=evidence_se, amortization=gap, holdout=held, params=program.params.values())
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

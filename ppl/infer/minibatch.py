@@ -411,7 +411,8 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
 
     avg = Averager(state.params, window)
 
-    cv = ControlVariate(program, vi.family) if local is None and program.dim else None
+    # (not with `param`s: the anchor's gradient would go stale as they move within an epoch)
+    cv = ControlVariate(program, vi.family) if local is None and program.dim and not program.params else None
 
     def run_epoch():
         nonlocal epoch
