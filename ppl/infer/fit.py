@@ -591,6 +591,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
         n_psis = psis_draws(program.largest_node())
+        if getattr(fam, "max_psis_draws", None):        # (a family whose joint is over every row: amortized.py)
+            n_psis = min(n_psis, fam.max_psis_draws)
         n_all = max(n_psis, draws)
         chunk = program.chunk_size()
         # q's draws all at once, or chunk by chunk where they would be large (thousands of latents)
