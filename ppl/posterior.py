@@ -77,7 +77,7 @@ class Approximation:
         """(mean, Cholesky factor of the covariance) of q over theta: exact for the Gaussian families
         whose scale in the whitened coordinates is known, else from S draws."""
         fam = self.family
-        pre = fam.pre
+        pre = getattr(fam, "pre", None)           # (none for per-row families: their moments come from draws)
         with torch.no_grad():
             if getattr(fam, "closed_form", False) and type(fam).__name__ in ("MeanField", "FullRank"):
                 m, C = fam.mean_scale_u()

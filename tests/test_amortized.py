@@ -251,3 +251,10 @@ def test_vae_on_the_binarised_digits_trains_and_scores_held_out_rows(tmp_path, c
     # 64 binary pixels: the start is near 64 log 2 = 44 nats a row; 4 epochs take off more than 10
     assert h["elbo_per_row"] > h["elbo_per_row_start"] + 10
     assert "encoder z from x: MLP [128] relu" in out["method_note"]
+
+
+@pytest.mark.parametrize("options,match", [(dict(optimizer="dadvi"), "optimizer="), (dict(objective="iwae"), "objective="),
+                                           (dict(method="graph"), "method=")])
+def test_options_an_encoder_cannot_serve_are_usage_errors(options, match):
+    with pytest.raises(UsageError, match=match):
+        ppl.loads(ONE, "one.ppl").fit({"y": _one(N=20).tolist()}, **options)

@@ -49,6 +49,14 @@ _LOG2PI = math.log(2 * math.pi)
 def check(program, config) -> None:
     """What encoders cannot serve: discrete latents on the score path (a usage error)."""
     from ..errors import UsageError
+    from .objectives import OBJECTIVES
+    o = config.opt
+    if config.optimizer not in ("auto", "adam"):
+        raise UsageError(f"{o('optimizer', config.optimizer)} does not apply to a model with an encoder (amortize): "
+                         f"its weights are trained by Adam steps ({o('optimizer', 'adam')} or {o('optimizer', 'auto')})")
+    if not OBJECTIVES[config.objective].linear:
+        raise UsageError(f"{o('objective', config.objective)} does not apply to a model with an encoder (amortize); "
+                         f"use {o('objective', 'elbo')}")
     if program.score:
         raise UsageError(f"a model with an encoder (amortize) cannot fit discrete latents on the score path "
                          f"({', '.join(program.score)}); sum them out ({config.opt('estimator', 'enumerate')})")

@@ -193,7 +193,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
         if FAMILIES[method].needs_structure:
             from ..errors import UsageError
             raise UsageError(f"{config.opt('method', method)} cannot serve the globals of a model with local "
-                             f"latents under {config.opt('batch_size')}")
+                             f"latents under {config.opt('batch_size')} or with an encoder (amortize)")
     else:
         structure = model_structure(model, node_plans, program, config.method)
         method, why = choose_method(config.method, program.dim, structure)
