@@ -262,3 +262,14 @@ def test_the_digits_script_writes_the_shipped_csv(tmp_path):
 def test_options_an_encoder_cannot_serve_are_usage_errors(options, match):
     with pytest.raises(UsageError, match=match):
         ppl.loads(ONE, "one.ppl").fit({"y": _one(N=20).tolist()}, **options)
+
+
+def test_a_minibatch_fit_with_per_row_q_saves_and_restores(tmp_path):
+    # (RowLocal had no saved form: `--out` with --batch-size and a local latent failed)
+    y = _one(N=30, seed=4)
+    src = ONE.replace("amortize z from y linear\n", "")
+    fit = ppl.loads(src, "rl.ppl").fit({"y": y.tolist()}, seed=0, batch_size=10, epochs=5)
+    fit.save(str(tmp_path / "out"))
+    back = ppl.load_fit(str(tmp_path / "out"))
+    a, b = fit.q.draw(50, seed=4)[0], back.q.draw(50, seed=4)[0]
+    assert np.allclose(a["z"], b["z"]) and np.allclose(a["mu"], b["mu"])

@@ -360,29 +360,24 @@ class Amortized(RowLocal):
 
     # ---- saved fits ----------------------------------------------------------------------------
     def state_arrays(self) -> Dict[str, np.ndarray]:
-        out = {"q.amortized": np.asarray(1), "q.rows.loc": _np(self.loc)}
-        pre = getattr(self.glob, "pre", None)
-        if pre is not None:
-            out["q.pre.mu0"], out["q.pre.A"] = _np(pre.mu0), _np(pre.A)
+        """RowLocal's, and each encoder's input scaling (its weights are among `parameters()`)."""
+        out = super().state_arrays()
         for enc, _, _, name in self.encoders:
             out[f"q.enc.{name}.x_mean"], out[f"q.enc.{name}.x_sd"] = _np(enc.features.mean), _np(enc.features.sd)
         return out
 
-    def restore_arrays(self, state: Dict[str, np.ndarray]) -> None:
-        rt = self.program.rt
-        loc = state.get("q.rows.loc")
-        if loc is None or tuple(loc.shape) != tuple(self.loc.shape):
-            raise ValueError("the saved per-row parameters do not fit the model's rows")
-        self.loc = rt.tensor(loc).contiguous()
 
-
-def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> Amortized:
-    """The family of a saved fit (its parameters are copied in by the caller, in `parameters()` order)."""
+def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> RowLocal:
+    """The per-row family of a saved fit (`q.rows`: RowLocal's or Amortized's name); its parameters are
+    copied in by the caller, in `parameters()` order."""
     from .families import Preconditioner
     from .laplace import Start
     rt = program.rt
     start = Start(rt.zeros(program.dim), rt.zeros(program.dim) + 1.0, False, "")
-    fam = Amortized(global_cls, start, program, gen, config, state=state)
+    if str(state["q.rows"]) == Amortized.name:
+        fam = Amortized(global_cls, start, program, gen, config, state=state)
+    else:
+        fam = RowLocal(global_cls, start, program, gen, config)
     if "q.pre.mu0" in state and hasattr(fam.glob, "pre"):
         fam.glob.pre = Preconditioner(rt.tensor(state["q.pre.mu0"]), rt.tensor(state["q.pre.A"]))
     fam.restore_arrays(state)
