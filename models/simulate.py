@@ -58,9 +58,19 @@ def poisson(rng):
           [[int(deaths[i]), float(exposure[i]), float(age[i])] for i in range(n)])
 
 
+def ppca(rng):
+    # probabilistic PCA (Tipping & Bishop 1999): y_n = z_n W + m + s eps, z_n ~ N(0, I_2), 5 columns
+    n, k, d = 500, 2, 5
+    W = np.array([[2.0, 1.0, 0.0, -1.0, 0.5], [0.0, 1.5, -1.0, 0.5, 1.0]])
+    m = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    y = rng.normal(size=(n, k)) @ W + m + 0.5 * rng.normal(size=(n, d))
+    write("ppca.csv", [f"y{j + 1}" for j in range(d)], [[float(v) for v in row] for row in y])
+
+
 if __name__ == "__main__":
     rng = np.random.default_rng(20261122)
     radon(rng)
     logistic(rng)
     mixture(rng)
     poisson(rng)
+    ppca(rng)

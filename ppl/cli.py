@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--procs", type=int, default=1, metavar="W",
                    help="a data-parallel fit: W local processes (torch.distributed, gloo), each with its share "
                         "of the rows; under torchrun the group comes from the environment")
+    f.add_argument("--refine-local", type=int, default=None, metavar="K",
+                   help="after a fit with encoders (amortize): K steps of each row's own q from the encoder's "
+                        "output; reports the amortisation gap (ELBO after minus before)")
+    f.add_argument("--holdout", type=float, default=None, metavar="F",
+                   help="set aside a seeded random share F of the rows; after the fit, report the ELBO per row "
+                        "of those rows under the encoders' q(z_n | x_n) (a model with encoders)")
     f.add_argument("--device", default="cpu", help="cpu|cuda|auto")
     f.add_argument("--dtype", default="float64", help="float64|float32")
     f.add_argument("--max-memory", default=None, metavar="SIZE",
@@ -192,7 +198,7 @@ def cmd_check(args) -> int:
     m = _model(args)
     if args.dump == "ast":
         from .frontend.ast import dump
-        print(dump(m.program.statements))
+        print(dump(m.program.statements + m.program.encoders))
         return 0
     model = m.check(_data_arg(args), args.set)
     if args.dump == "ir":

@@ -66,6 +66,8 @@ class FitConfig:
     batch_size: Optional[int] = None     # rows per minibatch (None: the full data every step)
     epochs: Optional[int] = None         # passes over the data under batch_size (a cap; None: from MAX_STEPS)
     procs: int = 1                       # data-parallel processes (ppl.dist; the command line starts them)
+    refine_local: Optional[int] = None   # after a fit with encoders: steps of each row's own q (the amortisation gap)
+    holdout: Optional[float] = None      # a share of the rows set aside, scored by the encoders after the fit
     caller: str = "python"               # "cli" or "python": how options are spelled in messages
 
     # ---- spelling ---------------------------------------------------------------------------
@@ -114,8 +116,8 @@ class FitConfig:
 
     def _check_types(self):
         ints = ("rank", "components", "steps", "mc_samples", "draws", "seed", "min_steps", "batch_size", "epochs",
-                "procs")
-        floats = ("alpha", "tol", "lr")
+                "procs", "refine_local")
+        floats = ("alpha", "tol", "lr", "holdout")
         strs = ("method", "estimator", "objective", "init", "optimizer", "device", "dtype", "gradient")
         for k in ints:
             v = getattr(self, k)
@@ -137,7 +139,7 @@ class FitConfig:
 
     def _check_ranges(self):
         at_least = {"steps": 1, "mc_samples": 1, "draws": 1, "rank": 1, "components": 1, "min_steps": 0, "seed": 0,
-                    "batch_size": 1, "epochs": 1}
+                    "batch_size": 1, "epochs": 1, "refine_local": 1}
         for k, lo in at_least.items():
             v = getattr(self, k)
             if v is not None and v < lo:
@@ -149,6 +151,9 @@ class FitConfig:
             self._fail(f"{self.opt('lr')} must be a positive step size, got {self.lr}")
         if self.alpha is not None and not (-1e6 < self.alpha < 1e6):
             self._fail(f"{self.opt('alpha')} must be a finite number, got {self.alpha}")
+        if self.holdout is not None and not (0 < self.holdout < 1):
+            self._fail(f"{self.opt('holdout')} is the share of rows held out: a number between 0 and 1, got "
+                       f"{self.holdout}")
         if self.seed >= 2 ** 63:
             self._fail(f"{self.opt('seed')} must be below 2^63, got {self.seed}")
 

@@ -13,7 +13,8 @@ Decisions (also in README.md):
   labels are sorted (numerically when all are numbers, else as strings) and
   numbered 1..K in that order; K is bound to their count.
 - `from "pattern"` gathers, in file order, every CSV column whose name matches
-  the glob pattern (fnmatch, case-sensitive).
+  the glob pattern (fnmatch, case-sensitive); a JSON file or object that has the
+  declaration's own name gives the matrix whole instead.
 - A dimension symbol is bound by the first source that fixes it (scalars in
   JSON / --set first, then data in declaration order); every later use must agree.
 - Before a file is read, its first SNIFF_BYTES are looked at: a spreadsheet
@@ -383,14 +384,14 @@ class _Binder:
     # one declaration ---------------------------------------------------------
     def has(self, d: A.DataDecl) -> bool:
         """Some file, object or --set gives `d`."""
-        if d.pattern is not None:
+        if d.pattern is not None and not any(d.name in j.obj for j in self.jsons):
             return any(fnmatchcase(h, d.pattern) for c in self.csvs for h in c.header)
         return any(d.name in j.obj for j in self.jsons) or any(d.name in c.columns for c in self.csvs) \
             or d.name in self.sets
 
     def load(self, d: A.DataDecl):
         t = d.type
-        if d.pattern is not None:
+        if d.pattern is not None and not any(d.name in j.obj for j in self.jsons):   # (JSON: the matrix by name)
             return self._load_pattern(d)
         for j in self.jsons:
             if d.name in j.obj:

@@ -77,6 +77,9 @@ def build_graph(model: Model, estimator: str = "auto", opt: Callable = python_op
             attrs["dist"] = "point estimate"
         if node.declared and node.constraint is not None:
             attrs["declared"] = node.constraint.text()
+        enc = next((e for e in getattr(model, "encoders", ()) if e.latent == name), None)
+        if enc is not None:
+            attrs["encoder"] = enc.describe().split(": ", 1)[1] + f" of {', '.join(enc.inputs)}"
         if model.rows.is_row(name):
             attrs["rows"] = "per row"
         elif name in model.rows.mixes_rows:
@@ -132,6 +135,8 @@ def to_text(g: nx.DiGraph) -> str:
                 extra.append(f"bounds {a['bounds']}")
             if "window" in a:
                 extra.append(f"window {a['window']}")
+            if "encoder" in a:
+                extra.append(f"q from an encoder: {a['encoder']}")
         if "rows" in a:
             extra.append(a["rows"])
         parents = sorted(g.predecessors(n), key=g.graph["order"].index)

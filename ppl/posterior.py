@@ -77,7 +77,7 @@ class Approximation:
         """(mean, Cholesky factor of the covariance) of q over theta: exact for the Gaussian families
         whose scale in the whitened coordinates is known, else from S draws."""
         fam = self.family
-        pre = fam.pre
+        pre = getattr(fam, "pre", None)           # (none for per-row families: their moments come from draws)
         with torch.no_grad():
             if getattr(fam, "closed_form", False) and type(fam).__name__ in ("MeanField", "FullRank"):
                 m, C = fam.mean_scale_u()
@@ -104,7 +104,9 @@ class Approximation:
     def state(self) -> Dict[str, np.ndarray]:
         """Every number that defines q, as arrays (for `fit.npz`)."""
         fam = self.family
-        out = {"q.method": np.asarray(self.method), "q.pre.mu0": _np(fam.pre.mu0), "q.pre.A": _np(fam.pre.A)}
+        own = getattr(fam, "state_arrays", None)      # a family with rows of its own (minibatch.RowLocal)
+        out = {"q.method": np.asarray(self.method), **own()} if own is not None else \
+            {"q.method": np.asarray(self.method), "q.pre.mu0": _np(fam.pre.mu0), "q.pre.A": _np(fam.pre.A)}
         base = getattr(fam, "base", None)
         if base is not None:
             out["q.base.pre.mu0"], out["q.base.pre.A"] = _np(base.pre.mu0), _np(base.pre.A)
@@ -144,6 +146,10 @@ class Approximation:
                     raise ValueError(f"the saved approximation has no window for the count latent '{name}'")
                 program.set_window(name, lo, hi)
         method = str(state["q.method"])
+        if "q.rows" in state:                      # per-row q's (minibatch.RowLocal, amortized.Amortized)
+            from .infer.amortized import restore as restore_amortized
+            family = restore_amortized(program, config, state, FAMILIES[method], rt.generator())
+            return cls._restored(program, family, model, plan, method, None, too_wide, state, rt)
         mu0 = rt.tensor(state["q.pre.mu0"])
         if mu0.shape[0] != program.dim:
             raise ValueError(f"the saved approximation has {mu0.shape[0]} unconstrained dimensions, "
@@ -156,6 +162,12 @@ class Approximation:
             fam_cls(pre, gen, config)
         if "q.base.pre.mu0" in state:
             family.base.pre = Preconditioner(rt.tensor(state["q.base.pre.mu0"]), rt.tensor(state["q.base.pre.A"]))
+        return cls._restored(program, family, model, plan, method, structure, too_wide, state, rt)
+
+    @classmethod
+    def _restored(cls, program, family, model, plan, method, structure, too_wide, state, rt) -> "Approximation":
+        from .infer.discrete import discrete_families
+        gen = family.gen
         discrete = discrete_families(model, program, plan, gen)
         if list(discrete) != [str(x) for x in state["q.discrete"]]:
             raise ValueError("the saved approximation's discrete latents differ from the model's")
@@ -200,6 +212,13 @@ class PosteriorMethods:
         `PplModel.fit` takes it: files or a mapping).  -> name -> (draws, *shape)."""
         from .predict import predictive
         return predictive(self, data, sets, prior=prior, draws=draws, seed=seed)
+
+    def encode(self, data=None, sets=()) -> Dict[str, Dict[str, np.ndarray]]:
+        """The fitted encoders' q(z_n | x_n) for new rows (`data` as `predict` takes it: files or a
+        mapping of column names to values; None: the fitted rows): latent -> {"mean", "sd"}, each
+        (rows, *latent shape), in the latent's unconstrained space (the latent itself where it is real)."""
+        from .infer.amortized import encode_data
+        return encode_data(self, data, sets)
 
     def log_likelihood(self) -> Dict[str, np.ndarray]:
         """log p(y_i | theta_s) per observed element (unscaled), for each reported draw: name -> (draws, *obs shape)."""

@@ -11,7 +11,8 @@ model (`LogJoint.simulate`).
   the fitted ones by name; a label the fit never saw is a new level, whose
   parameters are drawn from their prior given the fitted hyperparameters
   (`a[new] ~ normal(mu_a, sigma_a)`).  A latent indexed by the row axis (a
-  local latent, `z[N]`) is drawn from its prior for new rows: those are new
+  local latent, `z[N]`) is drawn from its prior for new rows (from its encoder's q(z_n | x_n) where the
+  model declares one and the new data hold its inputs): those are new
   units.
 - A deterministic node that reads an observed column left out of new data
   is not reported (its value would be meaningless).
@@ -149,6 +150,10 @@ def simulate(fit, data=None, sets: Sequence[str] = (), *, prior: bool = False, d
         post = fit.draws if S == next((int(v.shape[0]) for v in fit.draws.values()), -1) \
             else fit.draw(S, None if seed is None else seed + 1)
         given, partial = _given_latents(model, fit.model, post, rt)
+        if filled is not None and model is not fit.model:     # new rows of amortised latents: from their encoder
+            from .infer.amortized import encoded_rows
+            for k, v in encoded_rows(fit, model, program, filled, S, gen).items():
+                given.setdefault(k, v)
     else:
         partial = {}
         _check_proper(model)

@@ -96,6 +96,14 @@ def table(fit, process_seconds: Optional[float] = None, vars=None, quantiles=Non
     ev = _evidence(fit)
     if ev is not None:
         lines.append(ev)
+    gap = getattr(fit, "amortization", None)
+    if gap:
+        lines.append(f"amortized  encoder ELBO {gap['elbo_encoder']:.4f}; after {gap['steps']} steps per row "
+                     f"{gap['elbo_refined']:.4f}: gap {gap['gap']:.4g} nats ({gap['gap_per_row']:.3g} per row)")
+    held = getattr(fit, "holdout", None)
+    if held:
+        lines.append(f"held out   {held['rows']} rows ({100 * held['fraction']:.3g}%): ELBO per row "
+                     f"{held['elbo_per_row']:.4f} under the encoders (at the start {held['elbo_per_row_start']:.4f})")
     lines += [
         f"k-hat      {fit.khat:.2f}   ESS {100 * fit.ess:.0f}%   sd(log w) {fit.sd_log_w:.3g}",
         f"time       {fit.seconds:.2f} s{total}" + (f" on {fit.device}" if fit.device != "cpu" else ""),
@@ -184,6 +192,9 @@ def to_json(fit, process_seconds: Optional[float] = None) -> str:
         "sd_log_w": num(fit.sd_log_w), "verdict": fit.verdict_label, "verdict_text": fit.verdict,
         "init": fit.init, "seconds": round(fit.seconds, 3),
         "optimizer": fit.optimizer, "evaluations": fit.evals, "fixed_draws": fit.fixed_draws,
+        "amortization": {k: num(v) if isinstance(v, float) else v
+                         for k, v in getattr(fit, "amortization", {}).items()} or None,
+        "holdout": {k: num(v) if isinstance(v, float) else v for k, v in getattr(fit, "holdout", {}).items()} or None,
     })
 
 

@@ -92,7 +92,9 @@ def run_record(fit, inputs: Sequence[str], command: Optional[Sequence[str]], pro
             "khat": fit.khat, "ess": fit.ess, "sd_log_w": fit.sd_log_w, "verdict": fit.verdict_label,
             "verdict_text": fit.verdict, "summary": "psis" if getattr(fit, "corrected", False) else "q", "seconds": fit.seconds, "process_seconds": process_seconds,
             "timings": dict(fit.timings), "draws": next((int(v.shape[0]) for v in fit.draws.values()), 0),
-            "notes": list(notes), "config": describe(fit.config)}
+            "notes": list(notes), "config": describe(fit.config),
+            "amortization": {k: v for k, v in getattr(fit, "amortization", {}).items()} or None,
+            "holdout": dict(getattr(fit, "holdout", {})) or None}
 
 
 # ---- loading -------------------------------------------------------------------------------------------

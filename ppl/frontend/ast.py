@@ -161,10 +161,25 @@ Stmt = Union[DataDecl, ParamDecl, Sample, FlatDecl, Assign]
 
 
 @dataclass(frozen=True)
+class Amortize:
+    """`amortize LATENT from DATA[, DATA...] (hidden [sizes] [activation NAME] | linear) [iaf K]`:
+    q(LATENT_n | DATA_n) comes from an encoder of row n's data.  Not a node of the model (it names
+    none): it says how q is built, so it is kept apart from `statements`."""
+    latent: Name
+    inputs: Tuple[Name, ...]
+    hidden: Tuple[Num, ...]            # hidden layer sizes (empty with `linear`)
+    activation: Optional[Name]         # None: the default (relu) or `linear`
+    linear: bool
+    iaf: Optional[Num]                 # IAF steps after the Gaussian (None: none)
+    span: Span
+
+
+@dataclass(frozen=True)
 class Program:
     statements: Tuple[Stmt, ...]
     path: str
     span: Span
+    encoders: Tuple[Amortize, ...] = ()
 
 
 def dump(node, indent: int = 0) -> str:

@@ -21,6 +21,7 @@ from ..errors import Diagnostic, PplError, Source, Span, did_you_mean, one_of
 from ..expr import NumpyOps, compile_expr
 from ..functions import Shape, ShapeError, fmt
 from . import ast as A
+from .encoders import check_encoders
 from .rows import NO_ROWS, RowAxis, row_axis
 
 # declared constraint types for latents -> the set they denote
@@ -98,6 +99,7 @@ class Model:
     has_data: bool
     levels: Dict[str, List[str]] = field(default_factory=dict)
     rows: RowAxis = NO_ROWS                    # the row axis (plate): which nodes are per data row
+    encoders: tuple = ()                       # `amortize` declarations, checked (frontend.encoders.EncoderSpec)
 
     def rank(self, e: A.Expr) -> int:
         return len(self.shapes[id(e)])
@@ -631,6 +633,7 @@ class _Checker:
         model = Model(self.src, self.p, ordered, tuple(topo), dict(self.dims),
                       {k: v for k, v in self.values.items()}, self.shapes, self.has_data, levels)
         model.rows = row_axis(model)
+        model.encoders = check_encoders(model)
         return model
 
     def check_node(self, name: str, kind: str, deps: Tuple[str, ...]) -> Optional[Node]:

@@ -114,7 +114,7 @@ def parse(source: Source) -> A.Program:
         raise PplError([Diagnostic(Span(source, 1, 1, 1, 2), "expression is nested too deeply")]) from None
     _check_depth(tree, source)
     try:
-        stmts = _ToAst(source).transform(tree)
+        items = _ToAst(source).transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, PplError):
             raise e.orig_exc from None
@@ -123,7 +123,9 @@ def parse(source: Source) -> A.Program:
         raise
     except RecursionError:
         raise PplError([Diagnostic(Span(source, 1, 1, 1, 2), "expression is nested too deeply")]) from None
-    return A.Program(tuple(stmts), source.path, Span(source, 1, 1, 1, 2))
+    stmts = tuple(s for s in items if not isinstance(s, A.Amortize))
+    encoders = tuple(s for s in items if isinstance(s, A.Amortize))
+    return A.Program(stmts, source.path, Span(source, 1, 1, 1, 2), encoders)
 
 
 # Parse-tree depth allowed (real models stay under 30).  Later stages recurse
@@ -286,6 +288,27 @@ class _ToAst(Transformer):
 
     def assign(self, meta, c):
         return A.Assign(str(c[0]), c[1], self._m(meta), self._t(c[0]))
+
+    def amortize(self, meta, c):
+        names = [t for t in c if isinstance(t, Token)]
+        enc = next(x for x in c if isinstance(x, tuple))
+        iaf = c[-1] if isinstance(c[-1], A.Num) else None
+        latent, inputs = names[0], names[1:]
+        hidden, activation, linear = enc
+        return A.Amortize(A.Name(str(latent), self._t(latent)),
+                          tuple(A.Name(str(t), self._t(t)) for t in inputs), hidden, activation, linear, iaf,
+                          self._m(meta))
+
+    def mlp_encoder(self, meta, c):
+        act = c[-1]
+        sizes = tuple(self.number(meta, [t]) for t in c[:-1])
+        return (sizes, None if act is None else A.Name(str(act), self._t(act)), False)
+
+    def linear_encoder(self, meta, c):
+        return ((), None, True)
+
+    def iaf_steps(self, meta, c):
+        return self.number(meta, [c[0]])
 
     # types ----------------------------------------------------------------
     def basic_type(self, meta, c):

@@ -82,8 +82,10 @@ class VI:
         """`schedule(t)`: the step size's factor at step t (default 1 / sqrt(1 + t / 100))."""
         params = self.parameters()
         n_cont, n_disc = len(self.family.parameters()), len(self.discrete)
+        own = getattr(self.family, "lr_scales", None)         # a family whose parameters differ in scale
         d_scale = getattr(self.estimator, "discrete_lr_scale", DISCRETE_LR_SCALE)
-        scales = [1.0] * n_cont + [d_scale] * n_disc + [PARAM_LR_SCALE] * (len(params) - n_cont - n_disc)
+        scales = (own() if own is not None else [1.0] * n_cont) + [d_scale] * n_disc + \
+            [PARAM_LR_SCALE] * (len(params) - n_cont - n_disc)
         return AdamState(params, lr, scales, S, schedule=schedule or sqrt_decay)
 
     def update(self, state: "AdamState", batch=None) -> Optional[float]:

@@ -35,7 +35,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import Evaluation, LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import budget, improper, minibatch, relaxed, windows
+from . import amortized, budget, improper, minibatch, relaxed, windows
 from .discrete import discrete_families
 from .draw_stats import column_stats, weighted_column_stats
 from .families import FAMILIES
@@ -100,6 +100,8 @@ class Fit(PosteriorMethods):
     objective_se: float = float("nan")        # ... and its Monte Carlo error
     log_evidence: float = float("nan")        # log p(y) by importance sampling over the draws of q ...
     log_evidence_se: float = float("nan")     # ... and its Monte Carlo error (nan where k-hat >= 0.7)
+    amortization: Dict[str, float] = field(default_factory=dict)   # encoders: refine_local's gap (amortized.py)
+    holdout: Dict[str, float] = field(default_factory=dict)        # encoders: the held-out rows' ELBO per row
     params: Dict[str, np.ndarray] = field(default_factory=dict)   # `param` point estimates: name -> value
 
     @property
@@ -166,6 +168,9 @@ class Prepared:
     mb_local: bool
     timings: Dict[str, float]
     t_start: float
+    amortized: bool = False           # encoders declared in the model (amortized.py)
+    mb_config: Optional[FitConfig] = None   # the config the minibatch path runs (encoders: all rows a batch)
+    held_model: Optional[Model] = None      # the held-out rows (--holdout)
 
 
 @dataclass
@@ -192,6 +197,8 @@ class Attempt:
     timings: Dict[str, float]
     work: int = 0                     # draws of the log density it evaluated (LogJoint.work)
     relax_note: str = ""              # why auto chose the relaxed estimator (or not)
+    gap: dict = field(default_factory=dict)     # the amortisation gap (--refine-local)
+    held: dict = field(default_factory=dict)    # held-out rows' ELBO per row (--holdout)
 
 
 def fit(model: Model, config: FitConfig, progress=None) -> Fit:
@@ -201,7 +208,7 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
     prep = prepare(model, config, progress)
     method, why = first_method(prep)
     attempt = fit_family(prep, method, why, progress)
-    if config.method == "auto" and config.batch_size is None:
+    if config.method == "auto" and not prep.mb_local and config.batch_size is None:
         from .escalate import escalate
         attempt = escalate(prep, attempt, progress)
     return make_fit(prep, attempt)
@@ -211,6 +218,9 @@ def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
     """Plan the estimators, compile the log joint, check the budget and find the posterior's structure."""
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
+    held_model = None
+    if config.holdout is not None:             # the fit sees the other rows (amortized.split_holdout)
+        model, held_model = amortized.split_holdout(model, config)
     device, device_note = resolved_device(config)
     rt = Runtime.make(device, config.dtype, config.seed)
     set_threads(model)
@@ -224,14 +234,24 @@ def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
     budget.check(model, program, choose_method(config.method, program.dim)[0], config,
                  config.mc_samples or max(1, min(64, MC_BUDGET // largest)), psis_draws(largest))
     mb_local = False
+    amortized_ = bool(model.encoders)             # encoders declared in the model (amortized.py)
     if config.batch_size is not None:
         minibatch.check(model, program, config)
         mb_local = bool(minibatch.local_blocks(program))
+    if amortized_:
+        amortized.check(program, config)
+        mb_local = True
+    elif config.refine_local is not None:
+        from ..errors import UsageError
+        raise UsageError(f"{config.opt('refine_local')} refines the rows of encoders; this model declares none "
+                         f"(amortize LATENT from DATA ...)")
+    mb_config = config if config.batch_size is not None or not amortized_ else \
+        replace(config, batch_size=model.rows.size, epochs=config.epochs or config.steps)
     structure = None if mb_local else model_structure(model, node_plans, program, config.method)
     shard(model, program, wins, config)
     timings["compile"] = time.perf_counter() - t0
     return Prepared(model, config, rt, device_note, node_plans, program, wins, largest, structure, mb_local,
-                    timings, t_start)
+                    timings, t_start, amortized_, mb_config, held_model)
 
 
 def _procs() -> str:
@@ -247,7 +267,8 @@ def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
     if group is None:
         return
     from ..errors import UsageError
-    why = ("discrete latents on the score path" if program.score else
+    why = ("encoders (amortize)" if model.encoders else
+           "discrete latents on the score path" if program.score else
            "counts summed over windows" if wins is not None else
            f"{config.opt('batch_size')} with local latents" if config.batch_size is not None and
            minibatch.local_blocks(program) else
@@ -269,7 +290,7 @@ def first_method(prep: Prepared):
     if FAMILIES[method].needs_structure:
         from ..errors import UsageError
         raise UsageError(f"{config.opt('method', method)} cannot serve the globals of a model with local "
-                         f"latents under {config.opt('batch_size')}")
+                         f"latents under {config.opt('batch_size')} or with an encoder (amortize)")
     return method, why
 
 
@@ -280,6 +301,7 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
     model, config, rt = prep.model, prep.config, prep.rt
     node_plans, program, wins, structure, mb_local = (prep.node_plans, prep.program, prep.wins,
                                                        prep.structure, prep.mb_local)
+    amortized_, mb_config, held_model = prep.amortized, prep.mb_config, prep.held_model
     timings: Dict[str, float] = dict(prep.timings)
     announce(progress, program, method, config, prep.largest)
 
@@ -319,7 +341,8 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
                             if not n.discrete) else "relaxed" if any(p.estimator == "relaxed"
                                                                      for p in node_plans.values()) else "reparam"
     if mb_local:
-        family, init_note = minibatch.RowLocal(fam_cls, start, program, gen, config), start.note
+        local_cls = amortized.Amortized if amortized_ else minibatch.RowLocal
+        family, init_note = local_cls(fam_cls, start, program, gen, config), start.note
     elif reuse:                          # built on the fit already made
         family = fam_cls.from_base(base.family, program, gen, config)
         init_note = f"from the {base.method} fit above ({base.init_note})"
@@ -331,11 +354,15 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
     else:
         family, init_note = make_family(fam_cls, start, gen, config, structure), start.note
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
-            "row-local" if mb_local else serves)
+            ("amortized" if amortized_ else "row-local") if mb_local else serves)
+    held = {}
+    if held_model is not None:
+        held = {"rows": held_model.rows.size, "fraction": config.holdout,
+                "elbo_per_row_start": amortized.heldout_elbo(family, program, held_model, seed=config.seed)}
 
-    S = mc_samples(config, vi) if config.batch_size is None else minibatch.mc_samples(config, program)
+    S = mc_samples(config, vi) if mb_config.batch_size is None else minibatch.mc_samples(mb_config, program)
     relax_note = ""
-    if config.estimator == "auto" and config.batch_size is None and config.gradient == "auto" and \
+    if config.estimator == "auto" and mb_config.batch_size is None and config.gradient == "auto" and \
             vi.objective.linear and relaxed.candidates(model, node_plans):   # score or relaxed, by gradient variance
         relaxed_plans = make_plan(model, "auto", config.opt, relax=frozenset(relaxed.candidates(model, node_plans)))
         vi_relaxed = VI(program, family, vi.objective, discrete, relaxed_plans, config, "relaxed")
@@ -349,7 +376,7 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
     lr = step_size(config, vi, S, cold)
     watched = improper.watch(start_program, family, progress)     # checks q every 500 Adam steps
     _phase(progress, "optimise")
-    if config.batch_size is None:
+    if mb_config.batch_size is None:
         result, optimizer = optimise(vi, config, S, lr, cold, watched, gen)
         for _ in range(2):   # a window that misses mass at q's draws: widened, and the fit resumed
             if wins is None or not windows.recheck(program, family, wins):
@@ -359,9 +386,11 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
             result = OptimResult(result.trace + more.trace, more.converged, result.steps + more.steps,
                                  result.evals + more.evals, more.fixed_draws)
     else:
-        result, optimizer = minibatch.optimise(vi, config, S, lr, watched), "adam"
+        result, optimizer = minibatch.optimise(vi, mb_config, S, lr, watched), "adam"
         why = "; ".join(x for x in (why, family.describe() if mb_local else "",
-                                    minibatch.describe(config, result, model.rows.size)) if x)
+                                    minibatch.describe(config, result, model.rows.size)
+                                    if config.batch_size is not None else f"{result.steps} steps on all rows")
+                        if x)
     improper.check_q(start_program, family, start is not None and start.cold)   # q grew along a flat direction
     timings["optimise"] = time.perf_counter() - t0
 
@@ -377,12 +406,22 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
         text += "; " + settled[0]
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
-    if config.batch_size is not None:            # minibatch estimates are noisy: one pass over all rows
+    if mb_config.batch_size is not None:         # minibatch estimates are noisy: one pass over all rows
         tail = [minibatch.full_elbo(vi)]
+    if held:
+        held["elbo_per_row"] = amortized.heldout_elbo(family, program, held_model, seed=config.seed)
+    gap = {}
+    if config.refine_local is not None:
+        t0 = time.perf_counter()
+        _phase(progress, "refine rows")
+        r = amortized.refine(family, program, config.refine_local, config.seed)
+        gap = {k: v for k, v in r.items() if not k.startswith("rows_")}
+        timings["refine"] = time.perf_counter() - t0
     elbo = settled[1] if settled else float(np.mean(tail))
     return Attempt(method, why, family, vi, result, optimizer, init_note, S, lr, settled, node_plans, program,
                    wins, diagnosed, label, text, elbo, time.perf_counter() - t_fit, timings,
-                   prep.program.work - work0 + (program.work if program is not prep.program else 0), relax_note)
+                   prep.program.work - work0 + (program.work if program is not prep.program else 0), relax_note,
+                   gap, held)
 
 
 def make_fit(prep: Prepared, a: Attempt) -> Fit:
@@ -410,7 +449,7 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
                q=Approximation(a.program, a.family, a.vi.discrete, a.node_plans, a.method, prep.structure, a.wins),
                q_draws=q_draws, weights=weights, log_weights=log_w, objective_note=obj.describe(a.S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
-               log_evidence_se=evidence_se, params=a.program.params.values())
+               log_evidence_se=evidence_se, amortization=a.gap, holdout=a.held, params=a.program.params.values())
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -693,6 +732,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
     program, fam, dq = vi.program, vi.family, vi.discrete
     with torch.no_grad():
         n_psis = psis_draws(program.largest_node())
+        if getattr(fam, "max_psis_draws", None):        # (a family whose joint is over every row: amortized.py)
+            n_psis = min(n_psis, fam.max_psis_draws)
         n_all = max(n_psis, draws)
         chunk = program.chunk_size()
         # q's draws all at once, or chunk by chunk where they would be large (thousands of latents)

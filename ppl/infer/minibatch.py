@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterator, List, Optional
 
+import numpy as np
 import torch
 
 from ..errors import Diagnostic, PplError, UsageError
@@ -137,7 +138,8 @@ class Epochs:
         self.shard = shard if shard is not None and shard.shard is not None else None
 
     def epoch(self) -> Iterator[Batch]:
-        perm = torch.randperm(self.N, generator=self.gen)
+        # one batch of every row: in order (the same objective; a node that mixes rows sees the data)
+        perm = torch.arange(self.N) if self.B >= self.N else torch.randperm(self.N, generator=self.gen)
         if self.device is not None:
             perm = perm.to(self.device)
         for i in range(0, self.N, self.B):
@@ -312,6 +314,22 @@ class RowLocal:
     def assign_average(self) -> None:
         if self._avg is not None and self._n_avg:
             self.loc.copy_(self._avg)
+
+    # saved fits (ppl.posterior.Approximation.state; restored by ppl.infer.amortized.restore)
+    def state_arrays(self):
+        """The numbers beyond `parameters()` that define q: the rows' [m | log s], the globals' whitening."""
+        out = {"q.rows": np.asarray(self.name), "q.rows.loc": self.loc.detach().cpu().numpy().copy()}
+        pre = getattr(self.glob, "pre", None)
+        if pre is not None:
+            out["q.pre.mu0"] = pre.mu0.detach().cpu().numpy().copy()
+            out["q.pre.A"] = pre.A.detach().cpu().numpy().copy()
+        return out
+
+    def restore_arrays(self, state) -> None:
+        loc = state.get("q.rows.loc")
+        if loc is None or tuple(loc.shape) != tuple(self.loc.shape):
+            raise ValueError("the saved per-row parameters do not fit the model's rows")
+        self.loc = torch.as_tensor(loc, dtype=self.dtype, device=self.device).contiguous()
 
     def describe(self) -> str:
         return (f"{self.glob.name} over the globals, mean-field per row for "
@@ -504,7 +522,8 @@ def window_moments(fam, avg: Averager):
             p.copy_(w)
     try:
         mom = q_moments(glob)
-    finally:
+        rows = fam.encoder_moments() if hasattr(fam, "encoder_moments") else None   # encoders: at the window's
+    finally:                                                                       # average weights
         for p, v in zip(avg.params, live):
             p.copy_(v)
     if mom is None:
@@ -514,6 +533,8 @@ def window_moments(fam, avg: Averager):
         K = fam.K
         mean = torch.cat([mean, fam.loc[:, :K].reshape(-1)])
         sd = torch.cat([sd, torch.exp(fam.loc[:, K:]).reshape(-1)])
+    if rows is not None:
+        mean, sd = torch.cat([mean, rows[0]]), torch.cat([sd, rows[1]])
     return mean, sd
 
 
@@ -532,6 +553,8 @@ def full_elbo(vi: VI, draws: Optional[int] = None) -> float:
     As many draws as ELBO_BUDGET element-evaluations allow (ELBO_DRAWS to 2000): the globals' draws
     move every row's term at once, so a small N affords the draws its noise needs."""
     program, fam = vi.program, vi.family
+    if hasattr(fam, "full_elbo"):              # a family with rows of its own making (amortized.py)
+        return fam.full_elbo(vi, draws)
     N = program.model.rows.size
     if draws is None:
         draws = int(min(2000, max(ELBO_DRAWS, ELBO_BUDGET // max(1, program.largest_node()))))
