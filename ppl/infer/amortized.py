@@ -40,7 +40,7 @@ import torch
 from ..backend.runtime import Batch
 from ..frontend.encoders import ACTIVATIONS, EncoderSpec, encoder_of
 from .estimators import GradientEstimator, register_gradient
-from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal
+from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal, antithetic_draws
 
 ENCODER_LR_SCALE = 0.1
 IAF_HIDDEN_MIN = 16       # hidden units per IAF step's MADE layer: 2 k, at least this
@@ -450,23 +450,9 @@ class AmortizedGradient(GradientEstimator):
 
     def gradient(self, S: int, batch=None) -> float:
         fam, lj = self.vi.family, self.vi.program
-        idx = batch.index if batch is not None and batch.index is not None else \
-            torch.arange(fam.N, device=fam.device)
-        scale = 1.0 if batch is None else batch.scale
+        idx, scale, S, half, theta_g, ent, rows, eps = antithetic_draws(fam, S, batch)
         data = lj.row_data if batch is None else batch.data
-        glob = fam.glob
-        half = max(1, (S + 1) // 2)
-        S = 2 * half
-        if glob.gaussian:
-            theta_g, ent = glob.rsample(half), glob.entropy()
-        else:
-            theta_g, lq = glob.rsample_with_log_q(half)
-            ent = -lq.mean()
-        theta_g = torch.cat([theta_g, theta_g])
-        rows = fam.loc[idx]
         B = rows.shape[0]
-        eps = fam.local_eps(B, half)
-        eps = torch.cat([eps, -eps])
         z_r = fam.local_theta(rows, eps).requires_grad_(fam.K > 0)
         eps_e = [torch.cat([e, -e]) for e in fam.encoder_eps(B, half)]
         z_e, _, ent_e = fam.encode_rows(data, eps_e)

@@ -336,6 +336,27 @@ class RowLocal:
                 f"{', '.join(repr(n) for n in self.local_names)} (natural-gradient steps)")
 
 
+def antithetic_draws(fam, S: int, batch=None):
+    """The draws of a step of a family with per-row locals (RowLocal and its kin): the batch's rows
+    (all of them without a batch) and S draws in antithetic pairs, each draw of the globals with local
+    draws eps and -eps, so a Gaussian row's gradient and curvature (for its natural-gradient step) carry
+    no noise of its own.  -> (row indices, the batch's scale, S (even), S / 2, the globals' draws, their
+    entropy (or its estimate), the rows' parameters, the rows' eps)."""
+    idx = batch.index if batch is not None and batch.index is not None else \
+        torch.arange(fam.N, device=fam.device)
+    scale = 1.0 if batch is None else batch.scale
+    glob = fam.glob
+    half = max(1, (S + 1) // 2)
+    if glob.gaussian:
+        theta_g, ent = glob.rsample(half), glob.entropy()
+    else:
+        theta_g, lq = glob.rsample_with_log_q(half)
+        ent = -lq.mean()
+    rows = fam.loc[idx]
+    eps = fam.local_eps(rows.shape[0], half)
+    return idx, scale, 2 * half, half, torch.cat([theta_g, theta_g]), ent, rows, torch.cat([eps, -eps])
+
+
 @register_gradient
 class RowLocalGradient(GradientEstimator):
     """Pathwise, autograd: the globals' family's gradient, and each batch row's gradient in its own
@@ -349,23 +370,7 @@ class RowLocalGradient(GradientEstimator):
 
     def gradient(self, S: int, batch=None) -> float:
         fam, lj = self.vi.family, self.vi.program
-        idx = batch.index if batch is not None and batch.index is not None else \
-            torch.arange(fam.N, device=fam.device)
-        scale = 1.0 if batch is None else batch.scale
-        glob = fam.glob
-        # antithetic pairs: each draw of the globals with local draws eps and -eps, so a Gaussian row's
-        # gradient and curvature (for its natural-gradient step) carry no noise of its own
-        half = max(1, (S + 1) // 2)
-        S = 2 * half
-        if glob.gaussian:
-            theta_g, ent = glob.rsample(half), glob.entropy()
-        else:
-            theta_g, lq = glob.rsample_with_log_q(half)
-            ent = -lq.mean()
-        theta_g = torch.cat([theta_g, theta_g])
-        rows = fam.loc[idx]
-        eps = fam.local_eps(rows.shape[0], half)
-        eps = torch.cat([eps, -eps])
+        idx, scale, S, half, theta_g, ent, rows, eps = antithetic_draws(fam, S, batch)
         z = fam.local_theta(rows, eps).requires_grad_(True)
         total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch).total
         value = total.mean() + ent
