@@ -269,7 +269,7 @@ def cmd_fit(args) -> int:
     config = FitConfig.from_cli(args)
     _check_summary_options(args)
     from . import dist
-    if config.procs > 1 and dist.current() is None:     # start the workers; each runs this command
+    if config.procs > 1 and not dist.in_group():        # start the workers; each runs this command
         return dist.launch(_worker_argv(args), config.procs)
     from .config import resolved_device
     group = dist.join(resolved_device(config)[0])      # a --procs worker, or under torchrun: its group

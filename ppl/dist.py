@@ -74,6 +74,12 @@ def free_port() -> int:
 _PENDING: Optional[Tuple[int, int, int]] = None     # (rank, world, port) of a worker not yet in its group
 
 
+def in_group() -> bool:
+    """Whether this process is one of a group (a --procs worker, or started by torchrun): it must not
+    start workers of its own."""
+    return _GROUP is not None or _PENDING is not None or from_environment() is not None
+
+
 def join(device: str) -> Optional[Group]:
     """Join this process's group, if it is one of several (a `--procs` worker, or started by torchrun),
     with the backend for `device`: NCCL between GPUs (each process on its own, by its local rank), gloo
