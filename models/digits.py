@@ -4,7 +4,7 @@ binarised as value > 7, i.e. 1 where the 0..16 grey level is above half) and `di
 which the VAE does not read).  scikit-learn is a test/example extra (`pip install -e '.[test]'`),
 never a dependency of ppl itself.
 
-    python models/digits.py [OUT.csv]      (default: models/digits.csv)
+    python models/digits.py [OUT.csv]      (default: models/vae.csv, which ships with the repository)
 """
 import csv
 import os
@@ -30,5 +30,5 @@ def write(path: str) -> int:
 
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.csv")
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "vae.csv")
     print(f"{out}: {write(out)} images")

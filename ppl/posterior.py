@@ -104,7 +104,7 @@ class Approximation:
     def state(self) -> Dict[str, np.ndarray]:
         """Every number that defines q, as arrays (for `fit.npz`)."""
         fam = self.family
-        own = getattr(fam, "state_arrays", None)      # a family with rows of its own (amortized.py)
+        own = getattr(fam, "state_arrays", None)      # a family with rows of its own (minibatch.RowLocal)
         out = {"q.method": np.asarray(self.method), **own()} if own is not None else \
             {"q.method": np.asarray(self.method), "q.pre.mu0": _np(fam.pre.mu0), "q.pre.A": _np(fam.pre.A)}
         base = getattr(fam, "base", None)
@@ -146,7 +146,7 @@ class Approximation:
                     raise ValueError(f"the saved approximation has no window for the count latent '{name}'")
                 program.set_window(name, lo, hi)
         method = str(state["q.method"])
-        if "q.amortized" in state:
+        if "q.rows" in state:                      # per-row q's (minibatch.RowLocal, amortized.Amortized)
             from .infer.amortized import restore as restore_amortized
             family = restore_amortized(program, config, state, FAMILIES[method], rt.generator())
             return cls._restored(program, family, model, plan, method, None, too_wide, state, rt)

@@ -27,9 +27,14 @@ EXPECTED = {
 POSITIVE = {"tau", "sigma_a", "sigma_y", "sigma[1]", "sigma[2]", "w[1]", "w[2]"}
 
 
+# models whose full-data steps are dear: two epochs of minibatches instead of 300 steps on every row
+QUICK = {"vae": ("--batch-size", "256", "--epochs", "2")}
+
+
 def _fit_json(capsys, name, *extra):
+    length = QUICK.get(name, ("--steps", "300"))
     code = main(["fit", str(MODELS / f"{name}.ppl"), str(MODELS / f"{name}.csv"), "--format", "json",
-                 "--steps", "300", "--seed", "3", "--draws", "300", *extra])
+                 *length, "--seed", "3", "--draws", "300", *extra])
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out)

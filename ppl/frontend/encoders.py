@@ -21,9 +21,10 @@ DEFAULT_ACTIVATION = "relu"
 
 def _torch_activation(name: str) -> Callable:
     def make():
+        import torch
         import torch.nn.functional as F
-        return {"relu": F.relu, "tanh": __import__("torch").tanh, "softplus": F.softplus,
-                "sigmoid": __import__("torch").sigmoid, "elu": F.elu}[name]
+        return {"relu": F.relu, "tanh": torch.tanh, "softplus": F.softplus, "sigmoid": torch.sigmoid,
+                "elu": F.elu}[name]
     return make
 
 

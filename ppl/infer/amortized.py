@@ -3,7 +3,9 @@
 
 Stage: (compiled model, the checked `amortize` declarations, the start) -> the `Amortized` family
 and its gradient estimator (registry GRADIENTS, kind `amortized`); after the fit, `encode` gives
-q(z_n | x_n) for new rows, and `refine` the amortisation gap.
+q(z_n | x_n) for new rows (`encoded_rows`: their draws, for `ppl predict`), `refine` the
+amortisation gap (`--refine-local`), and `split_holdout` / `heldout_elbo` the held-out rows' ELBO
+per row (`--holdout`).
 
 `Amortized` is `RowLocal` (ppl/infer/minibatch.py) with some local latents' rows taken from
 encoders: q = q_global(globals) x prod_n [prod_{amortised z} q_phi(z_n | x_n)] x [per-row
@@ -15,7 +17,9 @@ unconstrained space (the compiled model adds the Jacobian of biject_to, as for a
   the MLP encoder holds every linear one), log sd = h W_s + b_s, diagonal;
 - linear: mu = A x_n + b with a full covariance L L^T shared by the rows, which is exact wherever
   the posterior of z_n is Gaussian with a mean linear in x_n and a covariance that does not depend
-  on it (a linear Gaussian model, probabilistic PCA).
+  on it (a linear Gaussian model, probabilistic PCA);
+- `iaf K`: K inverse autoregressive flow steps (Kingma et al. 2016) on each row's standard-normal
+  draws before the affine map, their MADEs fed the row's context.
 Inputs are standardised by the fitted data's column means and sds (kept with the encoder, so new
 rows are standardised the same way); a level column enters one-hot.  The encoders' weights are
 trained with everything else by Adam on the reparameterised ELBO (only the batch's rows are
@@ -40,14 +44,15 @@ from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal
 
 ENCODER_LR_SCALE = 0.1
 IAF_HIDDEN_MIN = 16       # hidden units per IAF step's MADE layer: 2 k, at least this
-IAF_GATE_BIAS = 1.5       # each step starts near the identity (sigma ~ 0.82, the shift's weights zero)
+IAF_GATE_BIAS = 1.5       # each step starts as u' = sigmoid(1.5) u (no shift), undone by a constant factor
 IAF_MOMENT_DRAWS = 2000
 RIDGE = 1e-6          # relative ridge of the least-squares start of an encoder's mean head
 _LOG2PI = math.log(2 * math.pi)
 
 
 def check(program, config) -> None:
-    """What encoders cannot serve: discrete latents on the score path (a usage error)."""
+    """What a model with encoders cannot be fitted with (usage errors): another optimiser than Adam, an
+    objective that is not a sum over rows, discrete latents on the score path."""
     from ..errors import UsageError
     from .objectives import OBJECTIVES
     o = config.opt
@@ -355,29 +360,24 @@ class Amortized(RowLocal):
 
     # ---- saved fits ----------------------------------------------------------------------------
     def state_arrays(self) -> Dict[str, np.ndarray]:
-        out = {"q.amortized": np.asarray(1), "q.rows.loc": _np(self.loc)}
-        pre = getattr(self.glob, "pre", None)
-        if pre is not None:
-            out["q.pre.mu0"], out["q.pre.A"] = _np(pre.mu0), _np(pre.A)
+        """RowLocal's, and each encoder's input scaling (its weights are among `parameters()`)."""
+        out = super().state_arrays()
         for enc, _, _, name in self.encoders:
             out[f"q.enc.{name}.x_mean"], out[f"q.enc.{name}.x_sd"] = _np(enc.features.mean), _np(enc.features.sd)
         return out
 
-    def restore_arrays(self, state: Dict[str, np.ndarray]) -> None:
-        rt = self.program.rt
-        loc = state.get("q.rows.loc")
-        if loc is None or tuple(loc.shape) != tuple(self.loc.shape):
-            raise ValueError("the saved per-row parameters do not fit the model's rows")
-        self.loc = rt.tensor(loc).contiguous()
 
-
-def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> Amortized:
-    """The family of a saved fit (its parameters are copied in by the caller, in `parameters()` order)."""
+def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> RowLocal:
+    """The per-row family of a saved fit (`q.rows`: RowLocal's or Amortized's name); its parameters are
+    copied in by the caller, in `parameters()` order."""
     from .families import Preconditioner
     from .laplace import Start
     rt = program.rt
     start = Start(rt.zeros(program.dim), rt.zeros(program.dim) + 1.0, False, "")
-    fam = Amortized(global_cls, start, program, gen, config, state=state)
+    if str(state["q.rows"]) == Amortized.name:
+        fam = Amortized(global_cls, start, program, gen, config, state=state)
+    else:
+        fam = RowLocal(global_cls, start, program, gen, config)
     if "q.pre.mu0" in state and hasattr(fam.glob, "pre"):
         fam.glob.pre = Preconditioner(rt.tensor(state["q.pre.mu0"]), rt.tensor(state["q.pre.A"]))
     fam.restore_arrays(state)
@@ -407,30 +407,30 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 # ---- the ELBO over all rows, and new rows ---------------------------------------------------------
 @torch.no_grad()
-def elbo_of(fam: Amortized, program, draws: Optional[int] = None, loc: Optional[torch.Tensor] = None,
-            row_data: Optional[Dict[str, torch.Tensor]] = None) -> float:
-    """The ELBO of q over the rows of `row_data` (default: the fitted data), per-row parameters
-    `loc` (default: the family's)."""
-    row_data = program.row_data if row_data is None else row_data
-    loc = fam.loc if loc is None else loc
-    N = next(iter(row_data.values())).shape[1]
+def elbo_of(fam: Amortized, program, draws: Optional[int] = None, draw_enc=None) -> float:
+    """The ELBO of q over all rows, in chunks, the same draws of the globals for every chunk (as
+    minibatch.full_elbo), the amortised latents' rows from `draw_enc(data, idx, eps list)` -> (their
+    columns, log q) (default: the encoders)."""
+    N = fam.N
     if draws is None:
         # the globals' draws move every row's term at once (minibatch.full_elbo's rule); without
         # globals each row's noise is its own and averages out over the rows: ELBO_DRAWS suffice
         draws = int(min(2000, max(ELBO_DRAWS, ELBO_BUDGET // max(1, program.largest_node())))) \
             if fam.glob.dim else ELBO_DRAWS
-    per_row = max(1, program.largest_node() // max(1, program.model.rows.size or N))
+    if draw_enc is None:
+        def draw_enc(data, idx, eps):
+            return fam.encode_rows(data, eps)[:2]
+    per_row = max(1, program.largest_node() // N)
     chunk = max(1, CHUNK_ELEMENTS // (draws * per_row))
     theta_g, lq = fam.glob.rsample_with_log_q(draws)
     acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
     ent_rows = 0.0
     for i in range(0, N, chunk):
         idx = torch.arange(i, min(N, i + chunk), device=program.device)
-        b = Batch.rows(row_data, idx, N)
-        rows = loc[idx]
-        eps = fam.local_eps(rows.shape[0], draws)
-        z_r = fam.local_theta(rows, eps)
-        z_e, lq_e, _ = fam.encode_rows(b.data, fam.encoder_eps(rows.shape[0], draws))
+        b = Batch.rows(program.row_data, idx, N)
+        rows = fam.loc[idx]
+        z_r = fam.local_theta(rows, fam.local_eps(rows.shape[0], draws))
+        z_e, lq_e = draw_enc(b.data, idx, fam.encoder_eps(rows.shape[0], draws))
         total = program.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=b).total
         acc += total * (idx.shape[0] / N) - lq_e
         ent_rows += float(fam.local_entropy(rows))
@@ -611,29 +611,12 @@ class RefinedRows:
 
 
 def _elbo_rows(fam: Amortized, program, draw_enc, gen_seed: int, draws: int) -> float:
-    """The ELBO over all rows with the amortised latents' rows from `draw_enc(data, idx, eps list)`,
-    on the draws of a private generator seeded `gen_seed` (two calls with one seed: common draws)."""
+    """`elbo_of` on the draws of a private generator seeded `gen_seed` (two calls with one seed:
+    common draws, so their difference carries little Monte Carlo noise)."""
     saved = fam.gen, fam.glob.gen
-    g = torch.Generator(device=fam.device).manual_seed(gen_seed)
-    fam.gen = fam.glob.gen = g
+    fam.gen = fam.glob.gen = torch.Generator(device=fam.device).manual_seed(gen_seed)
     try:
-        with torch.no_grad():
-            N = fam.N
-            per_row = max(1, program.largest_node() // N)
-            chunk = max(1, CHUNK_ELEMENTS // (draws * per_row))
-            theta_g, lq = fam.glob.rsample_with_log_q(draws)
-            acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
-            ent_rows = 0.0
-            for i in range(0, N, chunk):
-                idx = torch.arange(i, min(N, i + chunk), device=program.device)
-                b = Batch.rows(program.row_data, idx, N)
-                rows = fam.loc[idx]
-                z_r = fam.local_theta(rows, fam.local_eps(rows.shape[0], draws))
-                z_e, lq_e = draw_enc(b.data, idx, fam.encoder_eps(rows.shape[0], draws))
-                total = program.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=b).total
-                acc += total * (idx.shape[0] / N) - lq_e
-                ent_rows += float(fam.local_entropy(rows))
-            return float((acc - lq).mean()) + ent_rows
+        return elbo_of(fam, program, draws, draw_enc)
     finally:
         fam.gen, fam.glob.gen = saved
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterator, List, Optional
 
+import numpy as np
 import torch
 
 from ..errors import Diagnostic, PplError, UsageError
@@ -285,6 +286,22 @@ class RowLocal:
     def assign_average(self) -> None:
         if self._avg is not None and self._n_avg:
             self.loc.copy_(self._avg)
+
+    # saved fits (ppl.posterior.Approximation.state; restored by ppl.infer.amortized.restore)
+    def state_arrays(self):
+        """The numbers beyond `parameters()` that define q: the rows' [m | log s], the globals' whitening."""
+        out = {"q.rows": np.asarray(self.name), "q.rows.loc": self.loc.detach().cpu().numpy().copy()}
+        pre = getattr(self.glob, "pre", None)
+        if pre is not None:
+            out["q.pre.mu0"] = pre.mu0.detach().cpu().numpy().copy()
+            out["q.pre.A"] = pre.A.detach().cpu().numpy().copy()
+        return out
+
+    def restore_arrays(self, state) -> None:
+        loc = state.get("q.rows.loc")
+        if loc is None or tuple(loc.shape) != tuple(self.loc.shape):
+            raise ValueError("the saved per-row parameters do not fit the model's rows")
+        self.loc = torch.as_tensor(loc, dtype=self.dtype, device=self.device).contiguous()
 
     def describe(self) -> str:
         return (f"{self.glob.name} over the globals, mean-field per row for "
