@@ -1,8 +1,7 @@
 """The VAE of models/vae.ppl on the binarised digits: ppl against a hand-written torch loop and Pyro
 (issue 10, item 6).
 
-    python models/digits.py /tmp/digits.csv                      # needs scikit-learn (the test extra)
-    python bench/vae.py /tmp/digits.csv --epochs E [--seeds 0,1] [--peers-python bench/.venv-peers/bin/python]
+    python bench/vae.py models/vae.csv --epochs E [--seeds 0,1] [--peers-python bench/.venv-peers/bin/python]
         [--systems ppl,ppl-s1,ppl-s1-lr,torch,torch-s16,pyro] [--out bench/results/vae.json]
     python bench/vae.py --report [--out bench/results/vae.json]       # the table of a finished run
 
