@@ -21,6 +21,9 @@ Decisions (also in README.md):
   separated by ';' or tabs (perhaps with decimal commas) is refused with what to
   do instead.  A CSV with decimal commas *and* ',' separators cannot be told
   apart reliably and is not guessed at.
+- A CSV over FAST_CSV_BYTES is streamed (`_stream_columns`): only the columns the
+  declarations take, chunk by chunk, into one preallocated array each; its faults
+  are located and ordered as the careful whole-file reader (`_read_csv`) does.
 """
 from __future__ import annotations
 

@@ -137,7 +137,8 @@ else:
 
 steps, trace, hit = 0, [], None
 spent = time.perf_counter() - t_fit          # the set-up of the fit (NumPyro: its init), then the steps
-while steps < a.max_steps and spent < a.max_seconds:
+init_seconds = spent
+while steps < a.max_steps and spent - init_seconds < a.max_seconds:
     t = time.perf_counter()
     state = block(chunk(state))
     spent += time.perf_counter() - t
@@ -149,6 +150,7 @@ while steps < a.max_steps and spent < a.max_seconds:
         break
 m, s = moments(state)
 out.update({"N": int(N), "D": int(D), "hit": hit, "steps": steps, "fit_seconds": spent,
+            "init_seconds": init_seconds,
             "setup_seconds": time.perf_counter() - T0 - spent, "trace": trace,
             "params": {k: {"mean": float(m[i]), "sd": float(s[i])} for i, k in enumerate(names)}})
 print(json.dumps(out))

@@ -203,6 +203,8 @@ def fit(model: Model, config: FitConfig, progress=None) -> Fit:
         start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
                                           structure if fam_cls.needs_structure else None, _ticker(progress))
     improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
+    if isinstance(start_program, minibatch.Subsample) and not start.cold:
+        start.note += f" of {start_program.rows} random rows (scaled to {model.rows.size})"
     timings["init"] = time.perf_counter() - t0
 
     gen = rt.generator()
@@ -620,6 +622,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
             if on_chunk is not None:
                 on_chunk(None)
         log_p, log_q = torch.cat(log_p), torch.cat(log_q)
+        if not every:                     # exactly the final pass's draws (a chunk may hold more)
+            log_p, log_q = log_p[:n_psis], log_q[:n_psis]
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
     log_w = to_numpy(log_p - log_q)
