@@ -242,6 +242,12 @@ def test_the_final_pass_gives_elbo_khat_and_weighted_draws(monkeypatch):
     assert np.isfinite(f.khat)
     lw = f.q_draws.log_p - f.q_draws.log_q
     assert f.elbo == pytest.approx(float(np.mean(lw)))
+    # log p summed over chunks of rows (monkeypatched small: 7 chunks) is the full data's
+    monkeypatch.setattr(minibatch, "CHUNK_ELEMENTS", 500 * 40)
+    with torch.no_grad():
+        full_lp = f.q.program.log_prob(f.q_draws.theta).numpy()
+        np.testing.assert_allclose(minibatch.log_p_rows(f.q.program, f.q_draws.theta).numpy(), full_lp, rtol=1e-12)
+    np.testing.assert_allclose(f.q_draws.log_p, full_lp, rtol=1e-12)
     # the same q's ELBO from the per-chunk pass with 2000 draws
     from ppl.infer.engine import VI
     from ppl.infer.objectives import OBJECTIVES

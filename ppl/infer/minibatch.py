@@ -555,6 +555,21 @@ def pass_draws(program) -> int:
 
 
 @torch.no_grad()
+def log_p_rows(program, theta: torch.Tensor) -> torch.Tensor:
+    """log p at the draws theta (S, dim) over all rows, summed chunk by chunk of rows (each chunk's
+    scaled density weighted by its share of the rows, so global terms count once): the final pass
+    of a minibatch fit holds one chunk's intermediates, not (S, N) of them."""
+    N, S = program.model.rows.size, theta.shape[0]
+    per_row = max(1, program.largest_node() // N)
+    chunk = max(1, CHUNK_ELEMENTS // (S * per_row))
+    acc = torch.zeros(S, dtype=program.dtype, device=program.device)
+    for i in range(0, N, chunk):
+        idx = torch.arange(i, min(N, i + chunk), device=program.device)
+        acc += program.evaluate(theta, batch=Batch.rows(program.row_data, idx, N)).total * (idx.shape[0] / N)
+    return acc
+
+
+@torch.no_grad()
 def full_elbo(vi: VI, draws: Optional[int] = None) -> float:
     """The ELBO of the final q over the full data: the same draws of the globals for every chunk of
     rows, each chunk's scaled log density weighted by its share of the rows (global terms once).
