@@ -603,7 +603,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                 c = theta.shape[0]
                 ev = Evaluation(ev0.total.expand(c), ev0.env, {},
                                 {k: L.expand((L.shape[0], c) + tuple(L.shape[2:])) for k, L in ev0.enum_logits.items()})
-            elif not every and not program.enum:        # log p over row chunks: no (draws, N) tensors
+            elif not every and not program.enum and not isinstance(fam, minibatch.RowLocal):
+                # log p over chunks of rows: no (draws, N) tensors (local latents: their rows' blocks)
                 ev = program.evaluate(theta, z, keep_enum=need_v, densities=False)
                 if need_p:
                     ev.total = minibatch.log_p_rows(program, theta)
