@@ -203,7 +203,6 @@ def main() -> None:
                     continue
                 r = ppl_fit(csv, ["--method", "fullrank"], a.max_seconds * 3)
             else:
-                best = None
                 for lr in [float(x) for x in (a.lrs if s == "numpyro" else a.pyro_lrs).split(",")]:
                     r = peer_fit(s, csv, ref_path, a, lr)
                     r["lr"] = lr
