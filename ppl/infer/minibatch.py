@@ -187,6 +187,13 @@ def start_program(program, config):
     return Subsample(program, START_ROWS, config.seed)
 
 
+def row_range(row_data, i: int, j: int, N: int) -> Batch:
+    """Rows i..j-1 as a Batch of views (a chunk of a pass over all rows: no copy of the data)."""
+    B = j - i
+    return Batch({k: v[:, i:j] for k, v in row_data.items()}, N / B, B,
+                 index=torch.arange(i, j, device=next(iter(row_data.values())).device))
+
+
 # ---- per-row local latents --------------------------------------------------------------------
 class RowLocal:
     """q = q_global(theta_g) x prod_n N(z_n; m_n, diag s_n^2) over the local latents' rows, in the
@@ -403,8 +410,8 @@ class ControlVariate:
         chunk = max(1, CHUNK_ELEMENTS // max(1, lj.largest_node() // N))
         g = torch.zeros_like(self.theta0)
         for i in range(0, N, chunk):
-            idx = torch.arange(i, min(N, i + chunk), device=lj.device)
-            g += self._grad(Batch.rows(lj.row_data, idx, N)) * (idx.shape[0] / N)
+            j = min(N, i + chunk)
+            g += self._grad(row_range(lj.row_data, i, j, N)) * ((j - i) / N)
         self.g_full = g[0]
         return bool(torch.isfinite(self.g_full).all())
 
@@ -564,8 +571,8 @@ def log_p_rows(program, theta: torch.Tensor) -> torch.Tensor:
     chunk = max(1, CHUNK_ELEMENTS // (S * per_row))
     acc = torch.zeros(S, dtype=program.dtype, device=program.device)
     for i in range(0, N, chunk):
-        idx = torch.arange(i, min(N, i + chunk), device=program.device)
-        acc += program.evaluate(theta, batch=Batch.rows(program.row_data, idx, N)).total * (idx.shape[0] / N)
+        j = min(N, i + chunk)
+        acc += program.evaluate(theta, batch=row_range(program.row_data, i, j, N)).total * ((j - i) / N)
     return acc
 
 
