@@ -84,6 +84,8 @@ def loads(text: str, path: str = "<string>") -> PplModel:
 
 
 DATA_FACTOR = 3      # peak memory while reading a file, in multiples of its size (text, parsed columns, arrays)
+STREAMED_FACTOR = 1.5  # a large CSV is streamed (ppl/data.py): its arrays (8 bytes a number, about its text's
+                       # size at 6-8 digits a number) and one chunk
 
 
 def _check_data_size(files: Sequence[str]) -> None:
@@ -91,17 +93,21 @@ def _check_data_size(files: Sequence[str]) -> None:
     import os
     from .infer.budget import available_memory, _gb
     avail = available_memory()
-    sizes = []
+    from .data import FAST_CSV_BYTES
+    sizes, need = [], 0.0
     for f in files:
         try:
-            sizes.append((os.path.getsize(f), f))
+            size = os.path.getsize(f)
         except OSError:
-            pass                      # a missing file is reported, located, by the reader
+            continue                  # a missing file is reported, located, by the reader
+        sizes.append((size, f))
+        streamed = size > FAST_CSV_BYTES and not f.lower().endswith(".json")
+        need += (STREAMED_FACTOR if streamed else DATA_FACTOR) * size
     total = sum(s for s, _ in sizes)
-    if avail is not None and sizes and DATA_FACTOR * total > 0.8 * avail:
+    if avail is not None and sizes and need > 0.8 * avail:
         size, biggest = max(sizes)
         raise PplError([Diagnostic(None, f"the data files take {_gb(total)}; reading them needs about "
-                                   f"{_gb(DATA_FACTOR * total)} of memory, more than the {_gb(avail)} available; "
+                                   f"{_gb(need)} of memory, more than the {_gb(avail)} available; "
                                    f"use fewer rows or columns", biggest)])
 
 

@@ -22,6 +22,9 @@ Decisions (also in README.md):
   separated by ';' or tabs (perhaps with decimal commas) is refused with what to
   do instead.  A CSV with decimal commas *and* ',' separators cannot be told
   apart reliably and is not guessed at.
+- A CSV over FAST_CSV_BYTES is streamed (`_stream_columns`): only the columns the
+  declarations take, chunk by chunk, into one preallocated array each; its faults
+  are located and ordered as the careful whole-file reader (`_read_csv`) does.
 """
 from __future__ import annotations
 
@@ -61,8 +64,8 @@ class _Csv:
     header: List[str]
     columns: Dict[str, int]
     rows: List[List[str]]
-    lines: List[int]              # file line of each row
-    numeric: Optional[np.ndarray] = None   # fast path: every cell parsed as a number (rows/lines unread)
+    lines: List[int]              # file line of each row (a streamed file: of its faulty rows, by row)
+    stream: Optional["_Stream"] = None     # a large file: header read, needed columns streamed (rows unread)
 
     def cell_span(self, row: int, col: int) -> Span:
         line = self.lines[row]
@@ -167,28 +170,259 @@ def _read_json(path: str, src: Source) -> _Json:
     return _Json(path, src, obj)
 
 
-FAST_CSV_BYTES = 1 << 20
+FAST_CSV_BYTES = 1 << 20         # larger CSV files are streamed (below: the careful reader, whole)
+STREAM_CHUNK_BYTES = 8 << 20     # one chunk of a streamed file (the bounded buffer beyond the data)
 
 
-def _read_csv_fast(path: str) -> Optional[_Csv]:
-    """Large all-numeric CSVs: numpy's C parser, no per-cell Python strings.
-    Returns None (and the careful reader takes over) at the first surprise."""
+class _SparseSource(Source):
+    """The few lines of a streamed file that messages quote (the header, faulty rows)."""
+
+    def __init__(self, path: str, lines: Dict[int, str]):
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "text", "")
+        object.__setattr__(self, "quoted", lines)
+
+    def line(self, lineno: int) -> str:
+        return self.quoted.get(lineno, "").rstrip("\r")
+
+
+@dataclass
+class _Need:
+    """One declaration's columns of a streamed CSV: its array, filled chunk by chunk, and the first
+    fault of each kind the careful reader would report (a cell that is no finite number, a
+    non-integer for an int, a violation per literal bound), as (row, column, cell text, value)."""
+    decl: A.DataDecl
+    cols: List[int]
+    out: Optional[np.ndarray] = None
+    bad: Optional[tuple] = None
+    nonint: Optional[tuple] = None
+    bounds: List = field(default_factory=list)       # (key, limit, first violation or None)
+
+
+@dataclass
+class _Stream:
+    header_line: int              # file line of the header's last physical line
+    body: int                     # byte offset where the rows start
+    needs: Dict[str, _Need] = field(default_factory=dict)
+    rows: int = 0
+
+
+class _Fallback(Exception):
+    """The stream met what only the careful whole-file reader reports exactly (bad UTF-8, a NUL byte,
+    malformed quoting)."""
+
+
+def _read_csv_head(path: str) -> Optional[_Csv]:
+    """A large CSV's header only (its rows are streamed by `_stream_columns` once the declarations say
+    which columns they need); None where the careful reader must read it whole (a header it would
+    refuse, a file that is not a CSV table)."""
     try:
-        with open(path, "r", encoding="utf-8-sig", newline="") as f:
-            header = next(csv.reader([f.readline()]))
-        header = [h.strip() for h in header]
-        if not all(header) or len(set(header)) != len(header):
-            return None
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            arr = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, encoding="utf-8",
-                             quotechar='"')
-    except Exception:   # any parse problem: the careful reader reports it with its position
+        with open(path, "rb") as f:
+            head = f.read(min(STREAM_CHUNK_BYTES, 1 << 16))
+            while b"\n" not in head:
+                more = f.read(1 << 16)
+                if not more:
+                    return None
+                head += more
+        cut = head.index(b"\n") + 1
+        bom = 3 if head.startswith(b"\xef\xbb\xbf") else 0
+        first = head[bom:cut].decode("utf-8")
+    except (OSError, UnicodeDecodeError):
         return None
-    if arr.shape[0] == 0 or arr.shape[1] != len(header) or not np.isfinite(arr).all():
+    if '"' in first or "\0" in first or not first.strip() or first.lstrip().startswith("{"):
         return None
-    return _Csv(path, Source(path, ""), header, {h: j for j, h in enumerate(header)}, [], [], arr)
+    header = [h.strip() for h in first.rstrip("\r\n").split(",")]
+    if not all(header) or len(set(header)) != len(header):
+        return None
+    src = _SparseSource(path, {1: first.rstrip("\n")})
+    return _Csv(path, src, header, {h: j for j, h in enumerate(header)}, [], {}, stream=_Stream(1, cut))
+
+
+def _count_lines(path: str, start: int) -> int:
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        f.seek(start)
+        while True:
+            b = f.read(STREAM_CHUNK_BYTES)
+            if not b:
+                break
+            n += b.count(b"\n")
+            last = b[-1:]
+    return n + (last != b"\n")
+
+
+def _chunks(path: str, start: int):
+    """(text, bytes) pieces of the file from `start`, each ending at a line end outside quotes."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        rest = b""
+        while True:
+            b = f.read(STREAM_CHUNK_BYTES)
+            buf = rest + b
+            if not b:
+                if buf:
+                    yield buf
+                return
+            cut = buf.rfind(b"\n") + 1
+            while cut and buf.count(b'"', 0, cut) % 2:        # a quoted field spans the cut: move it on
+                cut = buf.rfind(b"\n", 0, cut - 1) + 1
+            if not cut:
+                rest = buf
+                continue
+            yield buf[:cut]
+            rest = buf[cut:]
+
+
+def _stream_columns(c: _Csv, needs: List[_Need]) -> None:
+    """Parse the needed columns of a large CSV chunk by chunk into preallocated float64 arrays: numpy's
+    C parser for plain chunks, the csv module (as the careful reader) for a chunk with quotes, a row of
+    the wrong width, a blank line or a cell that is not a number.  A row of the wrong width raises here,
+    as the careful reader does; cell faults are kept on their `_Need` for the binder to report in the
+    careful reader's order.  Raises _Fallback where only the careful reader's messages are exact."""
+    st = c.stream
+    n_cols = len(c.header)
+    use = sorted({j for nd in needs for j in nd.cols})
+    pos = {j: k for k, j in enumerate(use)}
+    upper = _count_lines(c.path, st.body)
+    for nd in needs:
+        shape = (upper,) if nd.decl.pattern is None else (upper, len(nd.cols))
+        nd.out = np.empty(shape, dtype=np.float64)
+        nd.bounds = [(b.key, _literal(b.value), None) for b in nd.decl.type.bounds
+                     if b.key in ("lower", "upper") and _literal(b.value) is not None]
+    line0, row0, width_fault = st.header_line + 1, 0, None
+    for raw in _chunks(c.path, st.body):
+        if b"\0" in raw:
+            raise _Fallback
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Fallback from None
+        got = None if b'"' in raw else _plain_chunk(raw, text, n_cols, use, line0)
+        if got is None:
+            vals, bad, cells, wf = _careful_chunk(text, line0, row0, n_cols, use)
+            width_fault = width_fault or wf
+        else:
+            vals, bad, cells = got
+        n = vals.shape[0]
+        for nd in needs:
+            _record(nd, vals[:, [pos[j] for j in nd.cols]], row0, bad, cells, c, pos)
+        row0 += n
+        line0 += raw.count(b"\n")
+    if width_fault:
+        line, i, k, text = width_fault
+        c.source.quoted[line] = text
+        _fail(Span(c.source, line, 1, line, max(2, len(c.source.line(line)) + 1)),
+              f"row {i + 1} has {k} field{'s' if k != 1 else ''}, but the header has {n_cols}")
+    if row0 == 0:
+        _fail(Span(c.source, st.header_line, 1, st.header_line, 2), "the file has a header but no rows")
+    st.rows = row0
+    for nd in needs:
+        nd.out = nd.out[:row0]
+
+
+def _plain_chunk(raw: bytes, text: str, n_cols: int, use: List[int], line0: int):
+    """numpy's parser on a chunk with no quotes whose every line has the header's width; None when the
+    careful path must look (a blank line, a row of another width, a cell that is not a finite number)."""
+    a = np.frombuffer(raw, dtype=np.uint8)
+    ends = np.flatnonzero(a == 10)
+    if not raw.endswith(b"\n"):
+        ends = np.append(ends, len(a))
+    commas = np.flatnonzero(a == 44)
+    per_line = np.diff(np.searchsorted(commas, ends), prepend=0)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    if np.any(per_line != n_cols - 1) or np.any(ends - starts <= (1 if n_cols == 1 else 0)):
+        return None
+    if not use:
+        return np.empty((len(ends), 0)), {}, None
+    try:
+        vals = np.loadtxt(io.StringIO(text), delimiter=",", usecols=use, dtype=np.float64, ndmin=2,
+                          comments=None, quotechar=None)
+    except ValueError:
+        return None
+    if vals.shape[0] != len(ends) or not np.isfinite(vals).all():
+        return None
+
+    def cell(r: int, j: int):
+        line = raw[starts[r]:ends[r]].decode("utf-8").rstrip("\r")
+        return line, line.split(",")[j], line0 + r
+    return vals, {}, cell
+
+
+def _careful_chunk(text: str, line0: int, row0: int, n_cols: int, use: List[int]):
+    """The careful reader's rules on one chunk: csv records (blank lines skipped), the first row of the
+    wrong width, and each used cell as `float` reads it (NaN, with its text, where it is not a finite
+    number)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    vals, lines, texts, bad, width_fault = [], [], [], {}, None
+    try:
+        for r in reader:
+            if not r or (len(r) == 1 and not r[0].strip()):
+                continue
+            i = len(vals)
+            if len(r) != n_cols:
+                if width_fault is None:
+                    ln = line0 + reader.line_num - 1
+                    width_fault = (ln, row0 + i, len(r), text.split("\n")[reader.line_num - 1])
+                vals.append([math.nan] * len(use))
+            else:
+                row = []
+                for k, j in enumerate(use):
+                    x = r[j]
+                    try:
+                        v = float(x)
+                    except ValueError:
+                        v = math.nan
+                    if not math.isfinite(v):
+                        bad[(i, j)] = x
+                        v = math.nan
+                    row.append(v)
+                vals.append(row)
+            lines.append(reader.line_num)
+            texts.append(r)
+    except csv.Error:
+        raise _Fallback from None
+    split = None
+
+    def cell(i: int, j: int):
+        nonlocal split
+        if split is None:
+            split = text.split("\n")
+        return split[lines[i] - 1].rstrip("\r"), texts[i][j], line0 + lines[i] - 1
+    arr = np.asarray(vals, dtype=np.float64).reshape(len(vals), len(use))
+    return arr, bad, cell, width_fault
+
+
+def _record(nd: _Need, block: np.ndarray, row0: int, bad: dict, cell, c: _Csv, pos) -> None:
+    """Keep, for one declaration, the first fault of each kind in this chunk (if none earlier)."""
+    flat = block.reshape(block.shape[0], -1)
+
+    if nd.out.ndim == 2:
+        nd.out[row0:row0 + block.shape[0]] = block
+    else:
+        nd.out[row0:row0 + block.shape[0]] = block[:, 0]
+
+    def keep(i: int, k: int, value: float):
+        j = nd.cols[k]
+        line_text, x, line = cell(i, j)
+        return (row0 + i, j, x, value, line, line_text)
+    if nd.bad is None and bad:
+        first = min(((i, nd.cols.index(j)) for (i, j) in bad if j in nd.cols), default=None)
+        if first is not None:
+            nd.bad = keep(first[0], first[1], math.nan)
+    if nd.bad is not None:
+        return
+    fin = np.isfinite(flat)
+    if nd.nonint is None and nd.decl.type.base == "int":
+        hit = np.flatnonzero(fin & (flat != np.round(flat)))
+        if hit.size:
+            i, k = divmod(int(hit[0]), flat.shape[1])
+            nd.nonint = keep(i, k, float(flat[i, k]))
+    for b, (key, lim, first) in enumerate(nd.bounds):
+        if first is None:
+            hit = np.flatnonzero(fin & ((flat < lim) if key == "lower" else (flat > lim)))
+            if hit.size:
+                i, k = divmod(int(hit[0]), flat.shape[1])
+                nd.bounds[b] = (key, lim, keep(i, k, float(flat[i, k])))
 
 
 # ---- files that are not what ppl reads (spreadsheets, other separators, binary) ----
@@ -317,9 +551,9 @@ def _read(path: str):
     except OSError:
         big = False
     if big:
-        fast = _read_csv_fast(path)
-        if fast is not None:
-            return fast
+        head = _read_csv_head(path)
+        if head is not None:
+            return head
     src = _read_text(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".json" or (ext != ".csv" and src.text.lstrip().startswith("{")):
@@ -351,7 +585,11 @@ class _Binder:
                  objects: Sequence[dict] = ()):
         self.decls = list(decls)
         self.sets: Dict[str, float] = parse_sets(sets)
-        self.tables = [_read(p) for p in files] + [_from_object(o, i) for i, o in enumerate(objects)]
+        self.tables = []
+        for p in files:       # in order: a file's faults are reported before a later file is read
+            t = _read(p)
+            self.tables.append(self._stream(t) if isinstance(t, _Csv) and t.stream is not None else t)
+        self.tables += [_from_object(o, i) for i, o in enumerate(objects)]
         self.csvs = [t for t in self.tables if isinstance(t, _Csv)]
         self.jsons = [t for t in self.tables if isinstance(t, _Json)]
         self.out = DataSet()
@@ -423,22 +661,62 @@ class _Binder:
             msg = f"no column or key named '{d.name}'{hint}" + ((" (" + "; ".join(where) + ")") if where else "")
         _fail(d.name_span, msg)
 
+    def _stream(self, t: _Csv) -> _Csv:
+        """Stream the columns of a large CSV that the declarations will take from it (numbers only: a
+        column of level labels, or a stream that meets what only the careful reader reports exactly,
+        sends the file to the careful reader, whole)."""
+        prior = [x for x in self.tables if isinstance(x, _Csv)]
+        needs = []
+        for d in self.decls:
+            if d.pattern is not None:
+                if len(d.type.dims) != 2 or any(fnmatchcase(h, d.pattern) for x in prior for h in x.header):
+                    continue
+                cols = [j for j, h in enumerate(t.header) if fnmatchcase(h, d.pattern)]
+            else:
+                if d.name not in t.columns or len(d.type.dims) != 1 or any(d.name in x.columns for x in prior):
+                    continue
+                cols = [t.columns[d.name]]
+            if not cols:
+                continue
+            if d.type.base not in _NUMERIC_BASES:
+                return _read_csv(t.path, _read_text(t.path))
+            needs.append(_Need(d, cols))
+        try:
+            _stream_columns(t, needs)
+        except _Fallback:
+            return _read_csv(t.path, _read_text(t.path))
+        t.stream.needs = {nd.decl.name: nd for nd in needs}
+        return t
+
+    def _streamed(self, d: A.DataDecl, c: _Csv, origin: str) -> np.ndarray:
+        """A streamed declaration's array; its faults reported as the careful reader would, in its order
+        (a cell that is no finite number, a non-integer, the sizes, the bounds)."""
+        nd = c.stream.needs[d.name]
+
+        def where_of(f):
+            row, j, _, _, line, text = f
+            c.lines[row] = line
+            c.source.quoted[line] = text
+            return lambda i: (c.cell_span(row, j), f"row {row + 1}, column '{c.header[j]}'")
+        for f in (nd.bad, nd.nonint):
+            if f is not None:
+                self._convert(d, [f[2]], where_of(f))
+        self._bind_dims(d, nd.out.shape, origin, c.path, c.header_span(nd.cols[0]))
+        for _, _, f in nd.bounds:
+            if f is not None:
+                self._finish(d, np.asarray([f[3]]), None, c.path, where_of(f))
+        return nd.out
+
     def _fast(self, d: A.DataDecl, c: _Csv, cols) -> Optional[np.ndarray]:
-        """Values from a fast-parsed table, or None when the careful path must look (and report)."""
-        if c.numeric is None or d.type.base not in _NUMERIC_BASES:
+        """Values from a streamed table (faults raised as located errors), or None: the careful path."""
+        if c.stream is None or d.name not in c.stream.needs:
             return None
-        arr = np.ascontiguousarray(c.numeric[:, cols])    # a copy: the whole table can then be freed
-        if d.type.base == "int" and np.any(arr != np.round(arr)):
-            return None
-        for b in d.type.bounds:
-            lim = _literal(b.value)
-            if lim is not None and np.any(arr < lim if b.key == "lower" else arr > lim):
-                return None
-        return arr
+        what = f"column '{d.name}'" if d.pattern is None else f"columns matching \"{d.pattern}\""
+        return self._streamed(d, c, f"{what} in {c.path}")
 
     def _careful(self, c: _Csv) -> _Csv:
-        """Swap a fast-parsed table for the careful reader's (which locates every fault)."""
-        if c.numeric is None:
+        """Swap a streamed table for the careful reader's (which locates every fault)."""
+        if c.stream is None:
             return c
         slow = _read_csv(c.path, _read_text(c.path))
         self.csvs[self.csvs.index(c)] = slow

@@ -128,8 +128,10 @@ def marginals(fit, vars=None) -> bytes:
             lo, hi = lo - 0.5, hi + 0.5
         grid = np.linspace(lo, hi, 200)
         ax.plot(grid, kde(col[ok], grid), color="C0", lw=1.3, label="q")
-        if w is not None:
-            ax.plot(grid, kde(col[ok], grid, w[ok]), color="C1", lw=1.3, ls="--", label="PSIS-reweighted")
+        if w is not None:          # the draws with weights (a minibatch fit: the final pass's, fewer)
+            m = min(len(w), len(col))
+            okw = np.isfinite(col[:m])
+            ax.plot(grid, kde(col[:m][okw], grid, w[:m][okw]), color="C1", lw=1.3, ls="--", label="PSIS-reweighted")
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.set_yticks([])

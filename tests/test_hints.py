@@ -211,7 +211,7 @@ def test_semicolon_detection_reads_only_the_head(tmp_path):
     assert "';'-separated with decimal commas" in str(ei.value) and ":2:1:" in str(ei.value)
     ok = tmp_path / "ok.csv"
     ok.write_text("x,y\n" + "".join(f"{i % 7}.5,{i % 3}.25\n" for i in range(200_000)))
-    assert D._read(str(ok)).numeric is not None
+    assert D._read(str(ok)).stream is not None
 
 
 # ---- robustness: a hint never raises ------------------------------------------------------

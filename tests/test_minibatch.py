@@ -19,6 +19,7 @@ from ppl.config import FitConfig
 from ppl.errors import UsageError
 from ppl.infer.families import MeanField
 from ppl.infer.laplace import cold_start
+from ppl.infer import minibatch
 from ppl.infer.minibatch import Epochs, RowLocal
 from ppl.plan import plan
 
@@ -164,7 +165,9 @@ def test_python_spells_the_options_its_way():
 
 
 # ---- fits -----------------------------------------------------------------------------------------
-def test_logistic_regression_minibatch_agrees_with_the_full_batch_fit(tmp_path):
+def test_logistic_regression_minibatch_agrees_with_the_full_batch_fit(tmp_path, monkeypatch):
+    """... with its start (the mode search) on a subsample of 4,000 of the 20,000 rows."""
+    monkeypatch.setattr(minibatch, "START_ROWS", 4000)
     rng = np.random.default_rng(11)
     N, D = 20_000, 5
     X = rng.normal(size=(N, D))
@@ -178,6 +181,7 @@ def test_logistic_regression_minibatch_agrees_with_the_full_batch_fit(tmp_path):
         assert abs(s[k]["mean"] - full[k]["mean"]) < 0.1 * full[k]["sd"], (k, s[k], full[k])
         assert abs(s[k]["sd"] / full[k]["sd"] - 1) < 0.12, (k, s[k], full[k])
     assert "minibatches of 256 of 20000 rows" in f.method_note
+    assert f.init == "Laplace at the mode of 4000 random rows (scaled to 20000)"
 
 
 def _meanfield_optimum(y, sy=0.5):
@@ -221,3 +225,35 @@ def test_local_latent_per_row_minibatch_reaches_the_mean_field_optimum():
     # the reported ELBO is a pass over all rows with the final q: within its noise of the optimum
     assert elbo_opt - 1.0 < f.elbo < elbo_opt + 0.5
     assert "mean-field per row for 'z'" in f.method_note
+
+
+def test_the_final_pass_gives_elbo_khat_and_weighted_draws(monkeypatch):
+    """Where the final pass over all rows affords few draws (here 40), log p is known at those only:
+    the ELBO, k-hat and the PSIS weights come from them, the 1000 reported draws are q's."""
+    monkeypatch.setattr(minibatch, "PASS_BUDGET", 1)
+    rng = np.random.default_rng(3)
+    N = 3000
+    X = rng.normal(size=(N, 3))
+    y = (rng.random(N) < 1 / (1 + np.exp(-(X @ np.array([0.5, -0.3, 0.2]))))).astype(int)
+    m = ppl.load(str(Path(__file__).parents[1] / "models" / "logistic.ppl"))
+    f = m.fit({"X": X.tolist(), "y": y.tolist()}, batch_size=500, epochs=3, draws=1000)
+    assert f.draws["beta"].shape == (1000, 3)
+    assert f.q_draws.theta.shape[0] == len(f.q_draws.log_p) == len(f.weights) == minibatch.PASS_DRAWS
+    assert np.isfinite(f.khat)
+    lw = f.q_draws.log_p - f.q_draws.log_q
+    assert f.elbo == pytest.approx(float(np.mean(lw)))
+    # log p summed over chunks of rows (monkeypatched small: 7 chunks) is the full data's
+    monkeypatch.setattr(minibatch, "CHUNK_ELEMENTS", 500 * 40)
+    with torch.no_grad():
+        full_lp = f.q.program.log_prob(f.q_draws.theta).numpy()
+        np.testing.assert_allclose(minibatch.log_p_rows(f.q.program, f.q_draws.theta).numpy(), full_lp, rtol=1e-12)
+    np.testing.assert_allclose(f.q_draws.log_p, full_lp, rtol=1e-12)
+    # the same q's ELBO from the per-chunk pass with 2000 draws
+    from ppl.infer.engine import VI
+    from ppl.infer.objectives import OBJECTIVES
+    vi = VI(f.q.program, f.q.family, OBJECTIVES["elbo"](f.config), {}, f.q.plan, f.config)
+    torch.manual_seed(0)
+    assert f.elbo == pytest.approx(minibatch.full_elbo(vi, 2000), abs=4 * float(np.std(lw)) / math.sqrt(40) + 1e-6)
+    pytest.importorskip("matplotlib")
+    from ppl.plots import marginals
+    assert marginals(f)[:4] == b"\x89PNG"          # q's 1000 draws and the 40 weighted ones

@@ -313,10 +313,12 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
         start, start_program = None, program
     else:
         _phase(progress, "mode search")
-        start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
+        # a minibatch fit's start: on a subsample of the rows (minibatch.start_program)
+        sub = program if config.batch_size is None else minibatch.start_program(program, config)
+        start, start_program = find_start(model, sub, config, fam_cls.preconditioner == "full",
                                           structure if fam_cls.needs_structure else None, _ticker(progress))
         for _ in range(2):   # windows from the Laplace draws; wider than the mode was found with: search again
-            if wins is None or start_program is not program:
+            if wins is None or start_program is not sub:
                 break
             status = windows.refine(program, start, wins, rt.generator())
             if status == "same":
@@ -327,6 +329,8 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
             start, start_program = find_start(model, program, config, fam_cls.preconditioner == "full",
                                               structure if fam_cls.needs_structure else None, _ticker(progress))
         improper.after_laplace(start_program, start)      # a clamped direction that stays flat: exit 3
+        if isinstance(start_program, minibatch.Subsample) and not start.cold:
+            start.note += f" of {start_program.rows} random rows (scaled to {model.rows.size})"
     timings["init"] = time.perf_counter() - t0
 
     gen = rt.generator()
@@ -407,7 +411,8 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
     if mb_config.batch_size is not None:         # minibatch estimates are noisy: one pass over all rows
-        tail = [minibatch.full_elbo(vi)]
+        # (without local latents: the PSIS draws' pass, which k-hat needs anyway)
+        tail = [minibatch.full_elbo(vi)] if mb_local else [float(np.mean(diagnosed[6]))]
     if held:
         held["elbo_per_row"] = amortized.heldout_elbo(family, program, held_model, seed=config.seed)
     gap = {}
@@ -509,6 +514,8 @@ def set_threads(model: Model) -> None:
     """Tiny tensors run fastest on one thread; large data sets use every core."""
     n = max([int(np.prod(np.shape(v))) for v in model.values.values()] + [1])
     want = 1 if n < SMALL_DATA else (os.cpu_count() or 1)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        want = min(want, int(os.environ["OMP_NUM_THREADS"]))      # the user's limit
     if n >= SMALL_DATA:
         _return_freed_memory()
     else:
@@ -727,11 +734,14 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
     the log importance ratios of all draws, the PSIS result whose weights correct the summaries).
     PSIS needs log p at each of its draws: 1000 of them, fewer when one pass over the data is large;
     the reported draws have theirs too (draws.csv, and the weights that correct the summaries).  The
-    diagnostics (k-hat, ESS) come from the first `psis_draws` draws, as always."""
+    diagnostics (k-hat, ESS) come from the first `psis_draws` draws, as always.  A minibatch fit (each
+    log p a pass over all rows) has log p at those draws only: its ELBO, k-hat and weights come from
+    them, and its `q_draws` are those draws."""
     t0 = time.perf_counter()
     program, fam, dq = vi.program, vi.family, vi.discrete
+    every = getattr(vi.config, "batch_size", None) is None          # log p at every draw
     with torch.no_grad():
-        n_psis = psis_draws(program.largest_node())
+        n_psis = psis_draws(program.largest_node()) if every else minibatch.pass_draws(program)
         if getattr(fam, "max_psis_draws", None):        # (a family whose joint is over every row: amortized.py)
             n_psis = min(n_psis, fam.max_psis_draws)
         n_all = max(n_psis, draws)
@@ -770,10 +780,17 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                 c = theta.shape[0]
                 ev = Evaluation(ev0.total.expand(c), ev0.env, {},
                                 {k: L.expand((L.shape[0], c) + tuple(L.shape[2:])) for k, L in ev0.enum_logits.items()})
+            elif not every and not program.enum and not isinstance(fam, minibatch.RowLocal):
+                # log p over chunks of rows: no (draws, N) tensors (local latents: their rows' blocks)
+                ev = program.evaluate(theta, z, keep_enum=need_v, densities=False)
+                if need_p:
+                    ev.total = minibatch.log_p_rows(program, theta)
             else:
-                ev = program.evaluate(theta, z, keep_enum=need_v, densities=need_p or need_v or bool(program.enum))
-            log_p.append(ev.total)
-            log_q.append(lq)
+                ev = program.evaluate(theta, z, keep_enum=need_v,
+                                      densities=need_p or (need_v and every) or bool(program.enum))
+            if need_p or every:
+                log_p.append(ev.total)
+                log_q.append(lq)
             if need_v and program.batch.shard is not None:
                 # a data-parallel fit: the values of every row, on the first process only (its own
                 # generator: the shared one must advance alike on every process)
@@ -792,14 +809,17 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
             if on_chunk is not None:
                 on_chunk(None)
         log_p, log_q = torch.cat(log_p), torch.cat(log_q)
+        if not every:                     # exactly the final pass's draws (a chunk may hold more)
+            log_p, log_q = log_p[:n_psis], log_q[:n_psis]
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
     log_w = to_numpy(log_p - log_q)
     ps = psis(log_w[:n_psis])
-    pw = ps if n_all == n_psis else psis(log_w)
+    pw = ps if n_all == n_psis or not every else psis(log_w)
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
-    q_draws = QDraws(torch.cat(kept_theta)[:draws], {k: torch.cat(v)[:draws] for k, v in kept_z.items()},
-                     to_numpy(log_p[:draws]).copy(), to_numpy(log_q[:draws]).copy())
+    kept = draws if every else min(draws, n_psis)
+    q_draws = QDraws(torch.cat(kept_theta)[:kept], {k: torch.cat(v)[:kept] for k, v in kept_z.items()},
+                     to_numpy(log_p[:kept]).copy(), to_numpy(log_q[:kept]).copy())
     moments = {}
     for k, (s1, s2, n) in sums.items():
         mean = s1 / n

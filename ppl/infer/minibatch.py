@@ -57,6 +57,9 @@ MIN_EPOCHS = 4
 ELBO_DRAWS = 100          # least draws of q for the reported ELBO over the full data
 ELBO_BUDGET = 200_000_000
 CHUNK_ELEMENTS = 4_000_000
+PASS_BUDGET = 100_000_000  # the final pass (ELBO, k-hat): about this many element-evaluations ...
+PASS_DRAWS = 40            # ... but at least this many draws of q
+START_ROWS = 50_000       # rows of the subsample the start (mode search) of a minibatch fit is found on
 DRIFT_TOL = 0.1           # converged: q's means moved less than this many sds (RMS) over the last window
 _LOG2PI = math.log(2 * math.pi)
 
@@ -167,10 +170,52 @@ def pass_batches(program, chunk: int) -> Iterator[Batch]:
     longest = -(-N // program.batch.world) if shard is not None else N
     for k in range(max(1, -(-longest // chunk))):
         a = min(hi, lo + k * chunk)
-        idx = torch.arange(a, min(hi, a + chunk), device=program.device)
-        yield Batch({name: v.index_select(1, idx) for name, v in program.row_data.items()}, 1.0,
-                    int(idx.shape[0]), index=idx, shard=shard,
+        b = min(hi, a + chunk)
+        idx = torch.arange(a, b, device=program.device)
+        yield Batch({name: v[:, a:b] for name, v in program.row_data.items()}, 1.0,     # views, no copies
+                    b - a, index=idx, shard=shard,
                     global_terms=k == 0 and (shard is None or program.batch.global_terms))
+
+
+# ---- the start: the mode search on a subsample ------------------------------------------------
+class Subsample:
+    """The compiled model on START_ROWS rows drawn once (seeded), each per-row term scaled by N/n: the
+    Laplace start (mode, Hessian) of a minibatch fit is found on it, so the fit does no full-data work
+    before its final pass.  Its mode is the full data's to about sqrt(N/n) posterior sds and its
+    curvature to a few percent, which the first epoch's steps make up.  Stands in for the compiled model
+    wherever the start uses one (the mode search, the checks for flat directions)."""
+
+    def __init__(self, program, rows: int, seed: int):
+        N = program.model.rows.size
+        gen = torch.Generator().manual_seed((int(seed) * 40503 + 11) % (2 ** 63))
+        idx = torch.randperm(N, generator=gen)[:rows].sort().values.to(program.device)
+        self.program, self.rows = program, rows
+        self.batch = Batch.rows(program.row_data, idx, N)
+
+    def __getattr__(self, name):
+        return getattr(self.program, name)
+
+    def evaluate(self, theta, discrete=None, *args, batch: Optional[Batch] = None, **kwargs):
+        return self.program.evaluate(theta, discrete, *args, batch=self.batch if batch is None else batch,
+                                     **kwargs)
+
+    def log_prob(self, theta, discrete=None, batch: Optional[Batch] = None):
+        return self.evaluate(theta, discrete, batch=batch).total
+
+    def largest_node(self) -> int:
+        return max(1, self.program.largest_node() * self.rows // self.program.model.rows.size)
+
+    def chunk_size(self) -> int:
+        return int(max(1, min(4096, 4_000_000 // self.largest_node())))
+
+
+def start_program(program, config):
+    """What the start of a minibatch fit is found on: a Subsample of START_ROWS rows (all of them when
+    N is not larger, or when the model has local latents, whose rows the start must all place)."""
+    N = program.model.rows.size
+    if N is None or N <= START_ROWS or local_blocks(program):
+        return program
+    return Subsample(program, START_ROWS, config.seed)
 
 
 # ---- per-row local latents --------------------------------------------------------------------
@@ -464,12 +509,21 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     # (not with `param`s: the anchor's gradient would go stale as they move within an epoch)
     cv = ControlVariate(program, vi.family) if local is None and program.dim and not program.params else None
 
+    threads = torch.get_num_threads()
+
     def run_epoch():
         nonlocal epoch
         epoch += 1
         if hasattr(progress, "epoch"):
             progress.epoch(epoch, E)
         ok = cv is not None and cv.anchor()
+        torch.set_num_threads(1)        # a batch's tensors are small: more threads only wait on each other
+        try:
+            _steps(ok)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _steps(ok):
         for b in batches.epoch():
             value = vi.update(state, cv.attach(b) if ok else b)
             if value is None:
@@ -549,6 +603,29 @@ def drift(prev, cur) -> float:
         return 0.0
     d = (cur[0] - prev[0]) / cur[1].clamp(min=1e-300)
     return float(torch.sqrt((d * d).mean())) if d.numel() else 0.0
+
+
+def pass_draws(program) -> int:
+    """Draws of q in the final pass over all rows (their log p gives the ELBO, k-hat and the weights):
+    as for a full-data fit (psis_draws), but within PASS_BUDGET, not less than PASS_DRAWS: at 10^7 rows
+    the full fit's 200 would cost more than the optimisation."""
+    from .fit import psis_draws
+    largest = program.largest_node()
+    return int(min(psis_draws(largest), max(PASS_DRAWS, PASS_BUDGET // max(1, largest))))
+
+
+@torch.no_grad()
+def log_p_rows(program, theta: torch.Tensor) -> torch.Tensor:
+    """log p at the draws theta (S, dim) over all rows, summed chunk by chunk of rows (`pass_batches`:
+    global terms once): the final pass of a minibatch fit holds one chunk's intermediates, not (S, N)
+    of them."""
+    N, S = program.model.rows.size, theta.shape[0]
+    per_row = max(1, program.largest_node() // N)
+    chunk = max(1, CHUNK_ELEMENTS // (S * per_row))
+    acc = torch.zeros(S, dtype=program.dtype, device=program.device)
+    for b in pass_batches(program, chunk):
+        acc += program.evaluate(theta, batch=b).total
+    return acc
 
 
 @torch.no_grad()
