@@ -20,21 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from minibatch import write_csv  # noqa: E402  (one generator of the logistic CSVs)
+
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_csv(path: Path, N: int, D: int, seed: int = 1) -> None:
-    rng = np.random.default_rng(seed)
-    beta = 0.5 * rng.normal(size=D)
-    with open(path, "w") as f:
-        f.write(",".join([f"x{i + 1}" for i in range(D)] + ["y"]) + "\n")
-        for i in range(0, N, 100_000):
-            n = min(100_000, N - i)
-            X = rng.normal(size=(n, D))
-            y = (rng.random(n) < 1 / (1 + np.exp(-(0.3 + X @ beta)))).astype(int)
-            np.savetxt(f, np.column_stack([X, y]), delimiter=",", fmt=["%.5f"] * D + ["%d"])
 
 
 def run(args) -> dict:

@@ -18,6 +18,7 @@ models/vae.ppl, as ppl fits it (ppl/infer/amortized.py, ppl/backend/params.py):
 """
 from __future__ import annotations
 
+import argparse
 import math
 
 import numpy as np
@@ -120,3 +121,23 @@ def heldout_elbo(enc: Encoder, dec: Decoder, data: Data, seed: int, draws: int =
     g = torch.Generator().manual_seed(int(seed) + 211)
     eps = torch.randn((draws, data.x_held.shape[0], LATENT), generator=g, dtype=data.x_held.dtype)
     return float(row_elbo_terms(enc, dec, data.x_held, data.xs_held, eps).mean())
+
+
+def arguments(extra=()) -> argparse.Namespace:
+    """The baselines' command line (`extra`: (flag, kwargs) pairs of their own), with one thread and
+    the chosen default dtype set."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("csv")
+    ap.add_argument("--epochs", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    for flag, kw in extra:
+        ap.add_argument(flag, **kw)
+    ap.add_argument("--lr0", type=float, default=PPL_WEIGHT_LR)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--holdout", type=float, default=0.1)
+    ap.add_argument("--dtype", default="float64")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    a.torch_dtype = getattr(torch, a.dtype)
+    torch.set_default_dtype(a.torch_dtype)
+    return a

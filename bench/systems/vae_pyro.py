@@ -12,7 +12,6 @@ step to ppl's lr0 / sqrt(1 + t / 100).  Prints one JSON line (the fields of vae_
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,28 +20,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vae_common import PPL_WEIGHT_LR, LATENT, Data, Decoder, Encoder, heldout_elbo, ppl_lr  # noqa: E402
+from vae_common import LATENT, arguments, Data, Decoder, Encoder, heldout_elbo, ppl_lr  # noqa: E402
 
 
 def main() -> None:
     t_process = time.perf_counter()
-    ap = argparse.ArgumentParser()
-    ap.add_argument("csv")
-    ap.add_argument("--epochs", type=int, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr0", type=float, default=PPL_WEIGHT_LR)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--holdout", type=float, default=0.1)
-    ap.add_argument("--dtype", default="float64")
-    a = ap.parse_args()
+    a = arguments()
     import pyro
     import pyro.distributions as dist
     from pyro.infer import SVI, Trace_ELBO
     from pyro.optim import Adam
 
-    torch.set_num_threads(1)
-    dtype = getattr(torch, a.dtype)
-    torch.set_default_dtype(dtype)
+    dtype = a.torch_dtype
     pyro.set_rng_seed(a.seed)
     pyro.clear_param_store()
     data = Data(a.csv, a.holdout, a.seed, dtype)

@@ -12,7 +12,6 @@ start and the end (200 draws per row, as ppl).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,24 +20,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vae_common import PPL_WEIGHT_LR, LATENT, Data, Decoder, Encoder, heldout_elbo, ppl_lr, row_elbo_terms  # noqa: E402
+from vae_common import LATENT, arguments, Data, Decoder, Encoder, heldout_elbo, ppl_lr, row_elbo_terms  # noqa: E402
 
 
 def main() -> None:
     t_process = time.perf_counter()
-    ap = argparse.ArgumentParser()
-    ap.add_argument("csv")
-    ap.add_argument("--epochs", type=int, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mc-samples", type=int, default=1)
-    ap.add_argument("--lr0", type=float, default=PPL_WEIGHT_LR)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--holdout", type=float, default=0.1)
-    ap.add_argument("--dtype", default="float64")
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    dtype = getattr(torch, a.dtype)
-    torch.set_default_dtype(dtype)
+    a = arguments([("--mc-samples", dict(type=int, default=1))])
+    dtype = a.torch_dtype
     torch.manual_seed(a.seed)
     data = Data(a.csv, a.holdout, a.seed, dtype)
     gen = torch.Generator().manual_seed(a.seed)
