@@ -794,7 +794,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
             if need_v and program.batch.shard is not None:
                 # a data-parallel fit: the values of every row, on the first process only (its own
                 # generator: the shared one must advance alike on every process)
-                ev = program.evaluate(theta, z, keep_enum=True, batch=program.full_batch) \
+                ev = program.evaluate(theta, z, keep_enum=True, batch=program.full_batch,
+                                      densities=bool(program.enum)) \
                     if program.batch.global_terms else Evaluation(ev.total, {}, {}, {})
             if need_v:
                 kept_theta.append(theta[: draws - i])
