@@ -40,50 +40,15 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import numpyro  # noqa: E402
-import numpyro.distributions as dist  # noqa: E402
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin  # noqa: E402
-from numpyro.distributions import constraints  # noqa: E402
 from numpyro.infer import MCMC, NUTS, init_to_value  # noqa: E402
+from numpyro_models import logistic, mixture, poisson, radon  # noqa: E402
 
 
 def columns(name):
     with open(os.path.join(MODELS, name + ".csv")) as f:
         rows = list(csv.DictReader(f))
     return {k: [r[k] for r in rows] for k in rows[0]}
-
-
-def radon(log_radon, floor, county, K):
-    mu_a = numpyro.sample("mu_a", dist.Normal(0.0, 10.0))
-    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(5.0))
-    with numpyro.plate("K", K):
-        a = numpyro.sample("a", dist.Normal(mu_a, sigma_a))
-    b = numpyro.sample("b", dist.Normal(0.0, 10.0))
-    sigma_y = numpyro.sample("sigma_y", dist.HalfNormal(5.0))
-    with numpyro.plate("N", log_radon.shape[0]):
-        numpyro.sample("log_radon", dist.Normal(a[county] + b * floor, sigma_y), obs=log_radon)
-
-
-def logistic(X, y):
-    alpha = numpyro.sample("alpha", dist.Normal(0.0, 2.5))
-    beta = numpyro.sample("beta", dist.Normal(0.0, 2.5).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("N", X.shape[0]):
-        numpyro.sample("y", dist.Bernoulli(logits=alpha + X @ beta), obs=y)
-
-
-def poisson(deaths, exposure, age):
-    a = numpyro.sample("a", dist.Normal(0.0, 5.0))
-    b = numpyro.sample("b", dist.Normal(0.0, 1.0))
-    with numpyro.plate("N", deaths.shape[0]):
-        numpyro.sample("deaths", dist.Poisson(rate=jnp.exp(jnp.log(exposure) + a + b * age)), obs=deaths)
-
-
-def mixture(y):
-    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(2)))
-    mu = numpyro.sample("mu", dist.ImproperUniform(constraints.ordered_vector, (), (2,)))
-    numpyro.factor("mu_prior", dist.Normal(0.0, 10.0).log_prob(mu).sum())
-    sigma = numpyro.sample("sigma", dist.HalfNormal(2.0).expand([2]).to_event(1))
-    with numpyro.plate("N", y.shape[0]):
-        numpyro.sample("y", dist.MixtureSameFamily(dist.Categorical(probs=w), dist.Normal(mu, sigma)), obs=y)
 
 
 def setup(name):
