@@ -40,7 +40,7 @@ import torch
 from ..backend.runtime import Batch
 from ..frontend.encoders import ACTIVATIONS, EncoderSpec, encoder_of
 from .estimators import GradientEstimator, register_gradient
-from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal, antithetic_draws
+from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal, antithetic_draws, pass_batches
 
 ENCODER_LR_SCALE = 0.1
 IAF_HIDDEN_MIN = 16       # hidden units per IAF step's MADE layer: 2 k, at least this
@@ -425,14 +425,12 @@ def elbo_of(fam: Amortized, program, draws: Optional[int] = None, draw_enc=None)
     theta_g, lq = fam.glob.rsample_with_log_q(draws)
     acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
     ent_rows = 0.0
-    for i in range(0, N, chunk):
-        idx = torch.arange(i, min(N, i + chunk), device=program.device)
-        b = Batch.rows(program.row_data, idx, N)
-        rows = fam.loc[idx]
+    for b in pass_batches(program, chunk):
+        rows = fam.loc[b.index]
         z_r = fam.local_theta(rows, fam.local_eps(rows.shape[0], draws))
-        z_e, lq_e = draw_enc(b.data, idx, fam.encoder_eps(rows.shape[0], draws))
+        z_e, lq_e = draw_enc(b.data, b.index, fam.encoder_eps(rows.shape[0], draws))
         total = program.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=b).total
-        acc += total * (idx.shape[0] / N) - lq_e
+        acc += total - lq_e
         ent_rows += float(fam.local_entropy(rows))
     return float((acc - lq).mean()) + ent_rows
 
