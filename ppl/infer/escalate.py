@@ -29,14 +29,12 @@ not tried; the header says which.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 
 from ..errors import PplError, UsageError
 from .families import FAMILIES
-from .psis import verdict
-from ..plan import centred_latents
 
 ESCALATE_FACTOR = 10.0       # the escalation's draws of the log density: this many times the first fit's
 GRADE = {"good": 0, "fair": 1, "unreliable": 2}
@@ -100,7 +98,7 @@ def _short(a) -> str:
 def escalate(prep, first, progress=None):
     """-> the attempt to report: `first` when it is good or nothing richer applies; else the best of
     the ladder's attempts made within the bound (its header note says what was tried)."""
-    from .fit import fit_family
+    from .fit import fit_family, judge
     if first.label == "good" or not _ladder(first.method):
         return first
     program = prep.program
@@ -129,9 +127,8 @@ def escalate(prep, first, progress=None):
     why = (f"auto: {_short(first)}; tried " + ", ".join([_short(a) for a in attempts[1:]] + notes) +
            f"; kept {best.method}")
     if best is not first or len(attempts) > 1:
-        best.label, best.text = verdict(*_verdict_args(prep, best), tried=tried)
-        if best.settled:
-            best.text += "; " + best.settled[0]
+        best.label, best.text = judge(prep.model, prep.config, best.method, best.result, best.diagnosed[1],
+                                      best.settled, tried)
     best.why = "; ".join(x for x in (first.why, why) if x)
     best.timings = dict(best.timings, escalation=sum(a.seconds for a in attempts if a is not first))
     return best
@@ -139,12 +136,6 @@ def escalate(prep, first, progress=None):
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
-
-
-def _verdict_args(prep, a):
-    ps = a.diagnosed[1]
-    return (ps.khat, ps.ess, FAMILIES[a.method], a.result.converged, ps.ess_raw, ps.sd_log_w,
-            centred_latents(prep.model), prep.config.opt)
 
 
 def _first_line(e: Exception) -> str:

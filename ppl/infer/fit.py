@@ -404,10 +404,7 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
     diagnosed = draw_and_diagnose(vi, config.draws, gen, _ticker(progress))
     ps = diagnosed[1]
     timings["draws"], timings["khat"] = diagnosed[2], diagnosed[3]
-    label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
-                          centred_latents(model), config.opt)
-    if settled:
-        text += "; " + settled[0]
+    label, text = judge(model, config, method, result, ps, settled)
     # the ELBO: the fixed-draw optimum's value, or the mean of Adam's last 100 estimates
     tail = result.trace[-1:] if result.evals else result.trace[-100:] if result.trace else [float("nan")]
     if mb_config.batch_size is not None:         # minibatch estimates are noisy: one pass over all rows
@@ -427,6 +424,14 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
                    wins, diagnosed, label, text, elbo, time.perf_counter() - t_fit, timings,
                    prep.program.work - work0 + (program.work if program is not prep.program else 0), relax_note,
                    gap, held)
+
+
+def judge(model: Model, config: FitConfig, method: str, result: OptimResult, ps, settled, tried=()):
+    """-> (label, verdict text) of a fit from its PSIS diagnostics (and the family's note on how it
+    settled); `tried`: the families auto has fitted (not advised again)."""
+    label, text = verdict(ps.khat, ps.ess, FAMILIES[method], result.converged, ps.ess_raw, ps.sd_log_w,
+                          centred_latents(model), config.opt, tried=tried)
+    return label, text + ("; " + settled[0] if settled else "")
 
 
 def make_fit(prep: Prepared, a: Attempt) -> Fit:
