@@ -131,7 +131,6 @@ class Approximation:
         same sizes).  A mismatch is a `ValueError` naming what differs."""
         from .backend.log_joint import LogJoint
         from .backend.runtime import Runtime
-        from .infer.discrete import discrete_families
         from .infer.families import FAMILIES, Preconditioner
         from .infer.fit import model_structure
         from .plan import plan as make_plan

@@ -207,12 +207,12 @@ def newton(value: Callable[[torch.Tensor], float],
         if max_evals is not None and evals >= max_evals:
             break
         gd = -decrement
-        t, x_new, f_new = 1.0, None, math.inf
+        t, x_new = 1.0, None
         for _ in range(60):
             x_try = x + t * step
             f_try = v(x_try)
             if f_try <= fx + 1e-4 * t * gd:
-                x_new, f_new = x_try, f_try
+                x_new = x_try
                 break
             t *= 0.5 if math.isfinite(f_try) else 0.1
         if x_new is None:               # no decrease along the Newton direction: rounding, or a kink
