@@ -54,6 +54,7 @@ class DataSet:
     dim_origin: Dict[str, str] = field(default_factory=dict)
     levels: Dict[str, List[str]] = field(default_factory=dict)
     filled: List[str] = field(default_factory=list)     # names filled in by `fill_missing`
+    rows: Optional["RowShare"] = None   # a data-parallel fit where each process read its own rows
 
 
 # ---- reading files -----------------------------------------------------------
@@ -203,8 +204,10 @@ class _Need:
 class _Stream:
     header_line: int              # file line of the header's last physical line
     body: int                     # byte offset where the rows start
+    end: Optional[int] = None     # byte offset where they end (None: the end of the file; a row range)
     needs: Dict[str, _Need] = field(default_factory=dict)
     rows: int = 0
+    plain: bool = False           # a row range: a quote anywhere sends the file to the whole-file reader
 
 
 class _Fallback(Exception):
@@ -238,12 +241,15 @@ def _read_csv_head(path: str) -> Optional[_Csv]:
     return _Csv(path, src, header, {h: j for j, h in enumerate(header)}, [], {}, stream=_Stream(1, cut))
 
 
-def _count_lines(path: str, start: int) -> int:
+def _count_lines(path: str, start: int, end: Optional[int] = None) -> int:
     n, last = 0, b"\n"
     with open(path, "rb") as f:
         f.seek(start)
+        left = end - start if end is not None else None
         while True:
-            b = f.read(STREAM_CHUNK_BYTES)
+            b = f.read(STREAM_CHUNK_BYTES if left is None else min(STREAM_CHUNK_BYTES, left))
+            if left is not None:
+                left -= len(b)
             if not b:
                 break
             n += b.count(b"\n")
@@ -251,13 +257,16 @@ def _count_lines(path: str, start: int) -> int:
     return n + (last != b"\n")
 
 
-def _chunks(path: str, start: int):
-    """(text, bytes) pieces of the file from `start`, each ending at a line end outside quotes."""
+def _chunks(path: str, start: int, end: Optional[int] = None):
+    """(text, bytes) pieces of the file from `start` (to `end`), each ending at a line end outside quotes."""
     with open(path, "rb") as f:
         f.seek(start)
         rest = b""
+        left = end - start if end is not None else None
         while True:
-            b = f.read(STREAM_CHUNK_BYTES)
+            b = f.read(STREAM_CHUNK_BYTES if left is None else min(STREAM_CHUNK_BYTES, left))
+            if left is not None:
+                left -= len(b)
             buf = rest + b
             if not b:
                 if buf:
@@ -283,15 +292,15 @@ def _stream_columns(c: _Csv, needs: List[_Need]) -> None:
     n_cols = len(c.header)
     use = sorted({j for nd in needs for j in nd.cols})
     pos = {j: k for k, j in enumerate(use)}
-    upper = _count_lines(c.path, st.body)
+    upper = _count_lines(c.path, st.body, st.end)
     for nd in needs:
         shape = (upper,) if nd.decl.pattern is None else (upper, len(nd.cols))
         nd.out = np.empty(shape, dtype=np.float64)
         nd.bounds = [(b.key, _literal(b.value), None) for b in nd.decl.type.bounds
                      if b.key in ("lower", "upper") and _literal(b.value) is not None]
     line0, row0, width_fault = st.header_line + 1, 0, None
-    for raw in _chunks(c.path, st.body):
-        if b"\0" in raw:
+    for raw in _chunks(c.path, st.body, st.end):
+        if b"\0" in raw or (st.plain and b'"' in raw):
             raise _Fallback
         try:
             text = raw.decode("utf-8")
@@ -582,11 +591,11 @@ def parse_sets(sets: Sequence[str]) -> Dict[str, float]:
 
 class _Binder:
     def __init__(self, decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[str], dim_symbols,
-                 objects: Sequence[dict] = ()):
+                 objects: Sequence[dict] = (), tables=None):
         self.decls = list(decls)
         self.sets: Dict[str, float] = parse_sets(sets)
-        self.tables = []
-        for p in files:       # in order: a file's faults are reported before a later file is read
+        self.tables = list(tables or [])         # (read already: a process's row range, `_range_table`)
+        for p in (files if tables is None else ()):   # in order: a file's faults come before a later file is read
             t = _read(p)
             self.tables.append(self._stream(t) if isinstance(t, _Csv) and t.stream is not None else t)
         self.tables += [_from_object(o, i) for i, o in enumerate(objects)]
@@ -939,17 +948,154 @@ def _from_object(obj: dict, i: int) -> _Json:
     return _Json(path, Source(path, json.dumps(plain, default=str)), plain)
 
 
-def load_data(decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[str] = (),
-              dim_symbols=(), objects: Sequence[dict] = (), fill_missing: Optional[Dict[str, float]] = None
-              ) -> DataSet:
-    """Read every file, then bind each declaration in source order.  `fill_missing` (name -> value):
-    declarations that may be absent (the observed columns of data for prediction), filled with that
-    value in the shape the other data give."""
-    b = _Binder(decls, files, sets, dim_symbols, objects)
+# ---- a data-parallel fit: each process reads its own rows (ppl.dist) ---------------------------
+RANK_FIELD = "{rank}"           # in a data path: each process reads its own file (the rank in its name)
+
+
+@dataclass(frozen=True)
+class RowShare:
+    """This process holds rows [lo, hi) (0-based) of the n rows of the whole data; `how` says how it
+    read them (for messages and the run record)."""
+    lo: int
+    hi: int
+    n: int
+    how: str
+
+
+def _group():
+    """(rank, world, the dist module) of this process's group, or None (torch-free when there is none)."""
+    import sys
+    d = sys.modules.get("ppl.dist")
+    g = d.current() if d is not None else None
+    return (g.rank, g.world, d) if g is not None else None
+
+
+def _row_symbol(decls: Sequence[A.DataDecl]) -> Optional[str]:
+    """The symbol that leads the most data declarations (as `ppl.frontend.rows.row_symbol`)."""
+    leads = [d.type.dims[0].value for d in decls if d.type.dims and isinstance(d.type.dims[0].value, str)]
+    if not leads:
+        return None
+    return max(leads, key=lambda x: (leads.count(x), -leads.index(x)))
+
+
+def _line_start(f, pos: int, body: int, size: int) -> int:
+    """The first line start at or after byte `pos` of the rows (which start at `body`)."""
+    if pos <= body:
+        return body
+    f.seek(pos - 1)
+    at = pos - 1
+    while True:
+        b = f.read(1 << 16)
+        if not b:
+            return size
+        i = b.find(b"\n")
+        if i >= 0:
+            return at + i + 1
+        at += len(b)
+
+
+def _range_table(path: str, decls: Sequence[A.DataDecl], rank: int, world: int) -> Optional[_Csv]:
+    """Rank `rank`'s share of a CSV's rows: its bytes split evenly over the processes, each cut moved on
+    to the next line start, and the columns the declarations take parsed from that range only.  None
+    where a byte range cannot be read alone (then every process reads the whole file): a JSON file, a
+    header the fast reader refuses, level labels (their set must be the whole data's), a quote, bytes
+    that are not UTF-8, any fault in a cell (located exactly by the whole-file reader), no rows here."""
+    if path.lower().endswith(".json"):
+        return None
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    t = _read_csv_head(path)
+    if t is None:
+        return None
+    needs = []
+    for d in decls:
+        if d.pattern is not None:
+            cols = [j for j, h in enumerate(t.header) if fnmatchcase(h, d.pattern)]
+            if cols and len(d.type.dims) != 2:
+                return None
+        else:
+            cols = [t.columns[d.name]] if d.name in t.columns else []
+            if cols and len(d.type.dims) != 1:
+                return None
+        if not cols:
+            continue
+        if d.type.base not in _NUMERIC_BASES:
+            return None
+        needs.append(_Need(d, cols))
+    st = t.stream
+    span = size - st.body
+    with open(path, "rb") as f:
+        start = _line_start(f, st.body + span * rank // world, st.body, size)
+        end = _line_start(f, st.body + span * (rank + 1) // world, st.body, size) if rank + 1 < world else size
+    st.body, st.end, st.plain = start, end, True
+    if end <= start:
+        return None
+    try:
+        _stream_columns(t, needs)
+    except (_Fallback, PplError):
+        return None
+    if any(nd.bad is not None or nd.nonint is not None or any(b[2] is not None for b in nd.bounds)
+           for nd in needs):
+        return None
+    st.needs = {nd.decl.name: nd for nd in needs}
+    return t
+
+
+def _own_rows(decls, files, sets, dim_symbols, objects, group) -> Optional[DataSet]:
+    """Each process's own rows, bound as the whole data would be but for the rows (the row dimension is
+    the whole data's N, from one all-gather of the row counts), or None: every process reads the whole
+    data (and takes its share of the rows later).  `{rank}` in a path: each process reads its own
+    file(s); one CSV: each reads its byte range (`_range_table`)."""
+    rank, world, d = group
+    per_file = any(RANK_FIELD in f for f in files)
+    sym = _row_symbol(decls)
+    if per_file:
+        if sym is None:
+            raise UsageError(f"a data path with {RANK_FIELD} gives each process its own rows, but this model's "
+                             f"data have no row axis (a leading dimension shared by the data declarations)")
+        mine = [f.replace(RANK_FIELD, str(rank)) for f in files]
+        b = _Binder(decls, mine, sets, dim_symbols, objects)
+        how = f"its own file ({', '.join(mine)})"
+    else:
+        if len(files) != 1 or objects or sym is None:
+            return None
+        t = _range_table(files[0], decls, rank, world)
+        ok = t is not None and all(nd.decl.type.dims[0].value == sym for nd in t.stream.needs.values())
+        if not all(d.all_gather_object(ok)):
+            return None
+        b = _Binder(decls, files, sets, dim_symbols, objects, tables=[t])
+        how = f"a row range of {files[0]}"
+    _bind_all(b, decls, None)
+    ds = b.out
+    n = ds.dims.get(sym)
+    if n is None:
+        raise UsageError(f"no data gives the rows ({sym}) of this process's share ({how})")
+    others = {k: v for k, v in ds.dims.items() if k != sym}
+    every = d.all_gather_object((n, others, ds.levels))
+    for r, (_, dims, levels) in enumerate(every):
+        for k in sorted(set(dims) | set(others)):
+            if dims.get(k) != others.get(k):
+                raise UsageError(f"the processes' data disagree on {k}: {others.get(k)} here (process {rank}), "
+                                 f"{dims.get(k)} in process {r}'s; every process's rows must give the same sizes")
+        for k in levels:
+            if levels[k] != ds.levels.get(k):
+                decl = next(x for x in decls if x.name == k)
+                _fail(decl.type.span, f"'{k}' has other level labels in process {r}'s rows than in process "
+                      f"{rank}'s; labels are numbered over the whole data, so give every process's file "
+                      f"the same labels, or integer codes 1..K with K given (--set K=...)")
+    counts = [e[0] for e in every]
+    lo = sum(counts[:rank])
+    ds.dims[sym] = sum(counts)
+    ds.rows = RowShare(lo, lo + n, sum(counts), how)
+    return ds
+
+
+def _bind_all(b: "_Binder", decls, fill_missing) -> None:
     b.bind_scalars()
     fill_missing = fill_missing or {}
     deferred = []
-    # level declarations whose K is given first, so labels 1..K keep their meaning
     for d in decls:
         if d.name in fill_missing and not b.has(d):
             deferred.append(d)
@@ -967,4 +1113,23 @@ def load_data(decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[
     for k, v in b.sets.items():
         if k in b.dim_symbols and k not in b.out.dims and v == int(v):
             b.bind(k, int(v), f"--set {k}", None, "--set")
+
+
+def load_data(decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[str] = (),
+              dim_symbols=(), objects: Sequence[dict] = (), fill_missing: Optional[Dict[str, float]] = None
+              ) -> DataSet:
+    """Read every file, then bind each declaration in source order.  `fill_missing` (name -> value):
+    declarations that may be absent (the observed columns of data for prediction), filled with that
+    value in the shape the other data give.  In a data-parallel fit (ppl.dist) each process reads only
+    its own rows where it can (`_own_rows`; the DataSet's `rows` says which)."""
+    group = _group()
+    if group is None and any(RANK_FIELD in f for f in files):
+        raise UsageError(f"a data path with {RANK_FIELD} gives each process of a data-parallel fit its own file; "
+                         f"this fit runs in one process: use --procs W (or torchrun), or name one file")
+    if group is not None and not fill_missing:
+        ds = _own_rows(decls, files, sets, dim_symbols, objects, group)
+        if ds is not None:
+            return ds
+    b = _Binder(decls, files, sets, dim_symbols, objects)
+    _bind_all(b, decls, fill_missing)
     return b.out

@@ -167,6 +167,50 @@ class Replicate(torch.autograd.Function):
         return AllReduce.apply(g)
 
 
+def all_gather_object(obj):
+    """[every rank's `obj`] in rank order (one collective; one process: [obj])."""
+    if _GROUP is None:
+        return [obj]
+    out = [None] * _GROUP.world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_flat(tensors):
+    """The sum over ranks of each tensor, in one all-reduce of one flat buffer (all of them
+    concatenated); -> new tensors of the same shapes."""
+    tensors = list(tensors)
+    if _GROUP is None or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    tdist.all_reduce(flat)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].view_as(t))
+        at += t.numel()
+    return out
+
+
+def gather_rows(t: torch.Tensor, dim: int = 1) -> Optional[torch.Tensor]:
+    """Every rank's rows of a per-row value (`t`: this rank's, along `dim`), joined in rank order on
+    rank 0 (the whole value); None on the other ranks.  Rows may be unequal: padded to the largest
+    share for the collective, cut after."""
+    if _GROUP is None:
+        return t
+    t = t.contiguous()
+    sizes = [int(n) for n in all_gather_object(int(t.shape[dim]))]
+    top = max(sizes)
+    if t.shape[dim] < top:
+        pad = list(t.shape)
+        pad[dim] = top - t.shape[dim]
+        t = torch.cat([t, t.new_zeros(pad)], dim)
+    parts = [torch.empty_like(t) for _ in sizes] if _GROUP.leader else None
+    tdist.gather(t, parts, dst=0)
+    if not _GROUP.leader:
+        return None
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
+
+
 def agree(flag: bool) -> bool:
     """Whether `flag` holds on any rank (a decision every rank must take alike, e.g. a time bound)."""
     if _GROUP is None:
@@ -204,9 +248,11 @@ def launch(argv, world: int, worker=None) -> int:
     """Start `world` workers of `ppl fit argv` on this machine; -> the exit code.  The first worker
     writes the outputs; a worker that fails ends them all, and its message (once per distinct
     message) is what the user sees."""
+    import logging
     import sys
     import tempfile
     import torch.multiprocessing as mp
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)   # (its note on ending the others)
     threads = max(1, (os.cpu_count() or 1) // world)
     with tempfile.TemporaryDirectory(prefix="ppl-procs-") as errdir:
         port = free_port()

@@ -222,6 +222,13 @@ class PosteriorMethods:
     def log_likelihood(self) -> Dict[str, np.ndarray]:
         """log p(y_i | theta_s) per observed element (unscaled), for each reported draw: name -> (draws, *obs shape)."""
         from .loo import pointwise_log_likelihood
+        if getattr(self.model, "row_share", None) is not None:     # each process read its own rows (ppl.dist)
+            got = getattr(self, "_pointwise", None)
+            if got is None:
+                from .errors import UsageError
+                raise UsageError("this fit's processes each read their own rows; the first process holds the "
+                                 "pointwise log-likelihood only where fit.nc keeps it (few draws x rows)")
+            return got
         return pointwise_log_likelihood(self)
 
     def loo(self, correct: bool = True):

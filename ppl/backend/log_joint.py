@@ -130,6 +130,8 @@ class LogJoint:
         self.row_data = rows                     # per-row data: passed in each `Batch`
         self.batch = Batch.full(rows, model.rows.size)   # the full data (a data-parallel fit: this process's)
         self.full_batch = self.batch
+        self.row_offset = 0                              # the first row of `row_data` (ppl.dist: own rows)
+        self.local_rows = False                          # `row_data` holds this process's rows only
         self.params = Params(model, known, rt)           # `param` declarations: point estimates
         self.blocks: List[Block] = []
         self.score: List[str] = []
@@ -323,7 +325,9 @@ class LogJoint:
         the full data); per-row terms are multiplied by its scale (`factors` stay unscaled)."""
         batch = self.batch if batch is None else batch
         scale = batch.scale if batch.scale != 1.0 else None      # None: no per-row term is scaled
-        shard = batch.shard if densities else None               # a data-parallel fit: see ppl.dist
+        # a data-parallel fit (see ppl.dist); values only: the whole data's rows, unless this process
+        # holds only its own (then its rows of the local latents too)
+        shard = batch.shard if densities or self.local_rows else None
         own = theta if blocks is None else None          # (the control term below: added once, not summed)
         if own is None and batch.control is not None:
             own = torch.cat([u.reshape(u.shape[0], -1) for u in blocks], 1)
@@ -394,7 +398,7 @@ class LogJoint:
             total = torch.zeros(S, dtype=self.dtype, device=self.device)
         elif total.shape != (S,):
             total = total.expand(S)
-        if shard is not None:
+        if shard is not None and densities:
             from ..dist import AllReduce
             total = AllReduce.apply(total)
         if batch.control is not None and densities:     # a zero-mean linear term over batches (minibatch.py)
@@ -537,10 +541,13 @@ class LogJoint:
             out.append(u.reshape(S, -1))
         return torch.cat(out, 1) if out else torch.zeros((S, 0), dtype=self.dtype, device=self.device)
 
-    def use_shard(self, lo: int, hi: int, global_terms: bool, world: int) -> None:
+    def use_shard(self, lo: int, hi: int, global_terms: bool, world: int, local: bool = False) -> None:
         """Evaluate this process's rows [lo, hi) of the data (a data-parallel fit, ppl.dist): every
-        evaluation is then summed over the processes; `full_batch` keeps the whole data."""
-        rows = {k: v[:, lo:hi] for k, v in self.full_batch.data.items()}
+        evaluation is then summed over the processes; `full_batch` keeps the whole data (`local`: the
+        data hold only these rows, read by this process alone: `row_data` is then its rows)."""
+        self.row_offset = lo if local else 0
+        self.local_rows = local
+        rows = dict(self.full_batch.data) if local else {k: v[:, lo:hi] for k, v in self.full_batch.data.items()}
         self.batch = Batch(rows, 1.0, hi - lo, shard=(lo, hi), global_terms=global_terms, world=world)
 
     def use_full_data(self) -> None:

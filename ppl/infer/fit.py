@@ -254,10 +254,13 @@ def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
                     timings, t_start, amortized_, mb_config, held_model)
 
 
-def _procs() -> str:
+def _procs(model: Optional[Model] = None) -> str:
     from .. import dist
     g = dist.current()
-    return f", {g.world} processes (torch.distributed, {dist.backend()})" if g is not None else ""
+    own = getattr(model, "row_share", None)
+    return (f", {g.world} processes (torch.distributed, {dist.backend()})" +
+            (f"; each read its own rows (process 0: rows {own.lo + 1}..{own.hi} of {own.n}, {own.how})"
+             if own is not None else "")) if g is not None else ""
 
 
 def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
@@ -275,6 +278,15 @@ def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
            "no row axis in the data" if model.rows.size is None else None)
     if why:
         raise UsageError(f"{config.opt('procs')} cannot split this fit over processes yet: {why}")
+    own = getattr(model, "row_share", None)           # each process read its own rows (ppl.data.RowShare)
+    if own is not None:
+        diags = minibatch.mixing_diagnostics(model, f"{config.opt('procs')} with each process reading its own "
+                                                    f"rows ({own.how})", "process")
+        if diags:
+            from ..errors import PplError
+            raise PplError(diags)
+        program.use_shard(own.lo, own.hi, group.leader, group.world, local=True)
+        return
     lo, hi = dist.share(model.rows.size, group.rank, group.world)
     program.use_shard(lo, hi, group.leader, group.world)
 
@@ -444,8 +456,9 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
     if not ps.khat < PSIS_CORRECT_KHAT:
         evidence_se = float("nan")
     weights = pw.weights[:config.draws] / pw.weights[:config.draws].sum()    # the reported draws' own
+    shard_batch = a.program.batch
     a.program.use_full_data()        # (a data-parallel fit: what follows is the first process's, alone)
-    return Fit(model=prep.model, config=config, method=a.method, method_note=a.why,
+    f = Fit(model=prep.model, config=config, method=a.method, method_note=a.why,
                estimator=describe(a.node_plans, a.wins.text() if a.wins else None) + _zero_draws(a.vi) +
                (f"; {a.relax_note}" if a.relax_note else ""),
                objective=config.objective,
@@ -455,11 +468,50 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
                seconds=time.perf_counter() - prep.t_start,
                timings=a.timings, lr=a.lr, mc_samples=a.S, optimizer=a.optimizer, evals=a.result.evals,
                fixed_draws=a.result.fixed_draws, moments=moments,
-               device=str(prep.rt.device) + (f" ({prep.device_note})" if prep.device_note else "") + _procs(),
+               device=str(prep.rt.device) + (f" ({prep.device_note})" if prep.device_note else "") + _procs(prep.model),
                q=Approximation(a.program, a.family, a.vi.discrete, a.node_plans, a.method, prep.structure, a.wins),
                q_draws=q_draws, weights=weights, log_weights=log_w, objective_note=obj.describe(a.S),
                objective_value=obj_value, objective_se=obj_se, log_evidence=evidence,
                log_evidence_se=evidence_se, amortization=a.gap, holdout=a.held, params=a.program.params.values())
+    if a.program.local_rows and shard_batch.shard is not None:
+        f._pointwise = _own_rows_pointwise(f, a.program, shard_batch)
+    return f
+
+
+def _own_rows_pointwise(f: Fit, program: LogJoint, shard_batch) -> Optional[Dict[str, np.ndarray]]:
+    """Each process read its own rows (ppl.dist): the pointwise log-likelihood of the reported draws
+    (fit.nc's log_likelihood group), each process's rows joined on the first process -- now, while
+    every process is here (None where fit.nc would leave it out: too many numbers)."""
+    from .. import netcdf
+    from ..loo import pointwise_log_likelihood
+    model = f.model
+    S = 0 if f.q_draws is None else len(f.q_draws.log_p)
+    n_obs = sum(int(np.prod(model.nodes[n].shape)) for n in model.order if model.nodes[n].kind == "observed")
+    if S == 0 or S * n_obs > netcdf.MAX_ELEMENTS:
+        return None
+    program.batch = shard_batch
+    try:
+        local = pointwise_log_likelihood(f)
+    finally:
+        program.use_full_data()
+    from .. import dist
+    out = {}
+    for k, v in local.items():
+        t = torch.from_numpy(v)
+        if model.rows.is_row(k):
+            t = dist.gather_rows(t, 1)
+        if t is not None and shard_batch.global_terms:
+            out[k] = t.numpy()
+    return out
+
+
+def _joined(program: LogJoint, name: str, v: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+    """A value of this process's rows (each process read its own: ppl.dist) -> every row's, on the
+    first process (None on the others); a global value as it is on the first."""
+    from .. import dist
+    if program.model.rows.is_row(name):
+        return dist.gather_rows(v, dim)
+    return v if program.batch.global_terms else None
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -796,7 +848,12 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
             if need_p or every:
                 log_p.append(ev.total)
                 log_q.append(lq)
-            if need_v and program.batch.shard is not None:
+            own_rows = program.local_rows and program.batch.shard is not None
+            if need_v and own_rows:
+                # each process read its own rows: the values of its rows, joined on the first process
+                # (ppl.dist.gather_rows; the values' generator is not the shared one)
+                ev = program.evaluate(theta, z, keep_enum=True, densities=bool(program.enum))
+            elif need_v and program.batch.shard is not None:
                 # a data-parallel fit: the values of every row, on the first process only (its own
                 # generator: the shared one must advance alike on every process)
                 ev = program.evaluate(theta, z, keep_enum=True, batch=program.full_batch,
@@ -807,8 +864,14 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                 for k, v in z.items():
                     kept_z.setdefault(k, []).append(v[: draws - i])
                 for k, v in (program.values(ev, values_gen) if ev.env else {}).items():
-                    values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
+                    v = _joined(program, k, v, 1) if own_rows else v
+                    if v is not None:
+                        values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
                 for k, (m1, m2) in (program.enum_moments(ev) if ev.env else {}).items():
+                    if own_rows:
+                        m1, m2 = _joined(program, k, m1, 1), _joined(program, k, m2, 1)
+                        if m1 is None:
+                            continue
                     m1, m2 = m1[: draws - i], m2[: draws - i]
                     acc = sums.setdefault(k, [0.0, 0.0, 0])
                     acc[0], acc[1], acc[2] = acc[0] + m1.sum(0), acc[1] + m2.sum(0), acc[2] + m1.shape[0]

@@ -83,8 +83,9 @@ def check(model, program, config) -> None:
                          f"the full data")
 
 
-def mixing_diagnostics(model, flag: str) -> List[Diagnostic]:
-    """One located message per node that mixes rows, at the innermost sub-expression that does."""
+def mixing_diagnostics(model, flag: str, part: str = "batch") -> List[Diagnostic]:
+    """One located message per node that mixes rows, at the innermost sub-expression that does
+    (`part`: what sees only some of the rows: each step's batch, or each process)."""
     rows = model.rows
     kind = {n: (ROW if n in rows.per_row else MIXED if n in rows.mixes_rows else GLOBAL) for n in model.nodes}
     out = []
@@ -102,10 +103,11 @@ def mixing_diagnostics(model, flag: str) -> List[Diagnostic]:
             continue
         span = where.span if where is not None else node.span
         what = f"'{A_text(where)}'" if where is not None else f"the density of '{name}'"
-        out.append(Diagnostic(span, f"{what} mixes the data rows (axis {rows.symbol}): under {flag} each step "
-                                    f"sees only a batch of rows, so its value would be the batch's, not the "
-                                    f"data's; compute it outside the model and pass it as data, or fit without "
-                                    f"{flag}"))
+        sees = "each step sees only a batch of rows, so its value would be the batch's" if part == "batch" else \
+            "each process sees only its own rows, so its value would be that process's"
+        out.append(Diagnostic(span, f"{what} mixes the data rows (axis {rows.symbol}): under {flag} {sees}, "
+                                    f"not the data's; compute it outside the model and pass it as data, or fit "
+                                    f"without {flag.split(' with ')[0]}"))
     return out
 
 
@@ -133,8 +135,10 @@ def local_blocks(program) -> list:
 class Epochs:
     """Shuffled batches of B rows, epoch after epoch (the last batch of an epoch may be smaller)."""
 
-    def __init__(self, row_data, n_rows: int, batch_size: int, seed: int, device=None, shard: Batch = None):
+    def __init__(self, row_data, n_rows: int, batch_size: int, seed: int, device=None, shard: Batch = None,
+                 offset: int = 0):
         self.row_data, self.N, self.B = row_data, n_rows, batch_size
+        self.offset = offset          # the first row of `row_data` (each process read its own rows: ppl.dist)
         self.gen = torch.Generator().manual_seed((int(seed) * 2654435761 + 97) % (2 ** 63))
         self.per_epoch = -(-n_rows // batch_size)
         self.device = device
@@ -154,7 +158,8 @@ class Epochs:
             # the rows it owns (scaled by N / the whole batch; the sum over processes is that batch's)
             lo, hi = self.shard.shard
             own = rows[(rows >= lo) & (rows < hi)]
-            yield Batch({k: v.index_select(1, own) for k, v in self.row_data.items()}, self.N / rows.shape[0],
+            at = own - self.offset if self.offset else own
+            yield Batch({k: v.index_select(1, at) for k, v in self.row_data.items()}, self.N / rows.shape[0],
                         int(own.shape[0]), index=own, shard=self.shard.shard,
                         global_terms=self.shard.global_terms)
 
@@ -172,7 +177,8 @@ def pass_batches(program, chunk: int) -> Iterator[Batch]:
         a = min(hi, lo + k * chunk)
         b = min(hi, a + chunk)
         idx = torch.arange(a, b, device=program.device)
-        yield Batch({name: v[:, a:b] for name, v in program.row_data.items()}, 1.0,     # views, no copies
+        off = program.row_offset if getattr(program, "local_rows", False) else 0     # own rows (ppl.dist)
+        yield Batch({name: v[:, a - off:b - off] for name, v in program.row_data.items()}, 1.0,  # views
                     b - a, index=idx, shard=shard,
                     global_terms=k == 0 and (shard is None or program.batch.global_terms))
 
@@ -190,7 +196,15 @@ class Subsample:
         gen = torch.Generator().manual_seed((int(seed) * 40503 + 11) % (2 ** 63))
         idx = torch.randperm(N, generator=gen)[:rows].sort().values.to(program.device)
         self.program, self.rows = program, rows
-        self.batch = Batch.rows(program.row_data, idx, N)
+        if not (getattr(program, "local_rows", False) and program.batch.shard is not None):
+            self.batch = Batch.rows(program.row_data, idx, N)
+        else:
+            # each process read its own rows (ppl.dist): it evaluates the subsample's rows it holds
+            lo, hi = program.batch.shard
+            own = idx[(idx >= lo) & (idx < hi)]
+            self.batch = Batch({k: v.index_select(1, own - lo) for k, v in program.row_data.items()}, N / rows,
+                               int(own.shape[0]), index=own, shard=(lo, hi),
+                               global_terms=program.batch.global_terms, world=program.batch.world)
 
     def __getattr__(self, name):
         return getattr(self.program, name)
@@ -490,7 +504,8 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     """Epochs of shuffled batches; converge on windows of whole epochs; decay and average."""
     program = vi.program
     N = program.model.rows.size
-    batches = Epochs(program.row_data, N, config.batch_size, config.seed, program.device, program.batch)
+    batches = Epochs(program.row_data, N, config.batch_size, config.seed, program.device, program.batch,
+                     getattr(program, "row_offset", 0))
     nb = batches.per_epoch
     E = config.epochs or default_epochs(nb)
     w_epochs = max(1, math.ceil(WINDOW / nb))              # a window: whole epochs, at least WINDOW steps
