@@ -154,3 +154,53 @@ def test_level_column_and_unused_text_column(tmp_path, monkeypatch):
     assert err is None and old["g"].max() == 4
     old, err = _same("data y: real[N]\nmu ~ normal(0, 1)\ny ~ normal(mu, 1)\n", p, monkeypatch)
     assert err is None and old["y"].shape == (40,)
+
+
+# ---- a data-parallel fit: each process's byte range of the rows (ppl.data._range_table) ---------------
+def _decls(model):
+    from ppl.frontend import ast as A
+    return [s for s in ppl.loads(model, "m.ppl").program.statements if isinstance(s, A.DataDecl)]
+
+
+def _ranges(model, path, world, monkeypatch, chunk=23):
+    """Every process's arrays from its byte range, joined in rank order (None where one falls back)."""
+    monkeypatch.setattr(D, "STREAM_CHUNK_BYTES", chunk)
+    parts = [D._range_table(str(path), _decls(model), r, world) for r in range(world)]
+    if any(p is None for p in parts):
+        return None
+    return {k: np.concatenate([p.stream.needs[k].out for p in parts]) for k in parts[0].stream.needs}
+
+
+@pytest.mark.parametrize("eol,last", [("\n", True), ("\r\n", True), ("\n", False)], ids=["lf", "crlf", "no-final-eol"])
+def test_byte_ranges_cut_at_line_ends_give_every_row_once(tmp_path, monkeypatch, eol, last):
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(37, 3)).round(6)
+    y = (rng.random(37) < 0.5).astype(int)
+    lines = ["x1,y,x2,x3"] + [f"{a[0]!r},{b},{a[1]!r},{a[2]!r}" for a, b in zip(X.tolist(), y.tolist())]
+    path = tmp_path / "d.csv"
+    path.write_bytes((eol.join(lines) + (eol if last else "")).encode())
+    for world in (1, 2, 3, 5):
+        got = _ranges(MATRIX, path, world, monkeypatch)
+        assert got is not None, world
+        assert np.array_equal(got["X"], X) and np.array_equal(got["y"], y), world
+    sizes = [D._range_table(str(path), _decls(MATRIX), r, 2).stream.rows for r in range(2)]
+    assert sum(sizes) == 37 and min(sizes) > 0
+
+
+@pytest.mark.parametrize("body,why", [
+    ('1.0,2,"3"\n4.0,5,6\n', "a quoted field"),
+    ("1.0,2,3\n4.0,oops,6\n", "a cell that is not a number"),
+    ("1.0,2,3\n4.0,-1,6\n", "a bound violated"),
+    ("1.0,2,3\n4.0,5\n", "a row of the wrong width"),
+], ids=["quoted", "not-a-number", "bound", "width"])
+def test_a_byte_range_that_cannot_be_read_alone_falls_back_to_the_whole_file(tmp_path, monkeypatch, body, why):
+    path = tmp_path / "d.csv"
+    path.write_text("x,count,y\n" + body)
+    assert _ranges(REG, path, 2, monkeypatch) is None, why
+
+
+def test_level_labels_fall_back_to_the_whole_file(tmp_path, monkeypatch):
+    path = tmp_path / "d.csv"
+    path.write_text("y,g\n1.0,a\n2.0,b\n3.0,a\n")
+    model = "data y: real[N]\ndata g: level[N] of K\na[K] ~ normal(0, 1)\ny ~ normal(a[g], 1)\n"
+    assert _ranges(model, path, 2, monkeypatch) is None

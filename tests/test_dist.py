@@ -1,6 +1,8 @@
 """Data-parallel fits (ppl/dist.py): two gloo processes on 127.0.0.1 (a free port, every collective
 with a timeout) compute the one-process log density, gradient and Hessian on the same draws, with N
-odd so the ranks own unequal rows; `ppl fit --procs 2` gives the one-process answer; a rank that
+odd so the ranks own unequal rows -- sliced from the whole data, or read by each process alone (its
+byte range of the CSV, or its own file by a `{rank}` pattern); `ppl fit --procs 2` gives the
+one-process answer; a row-mixing model is refused where each process reads its own rows; a rank that
 fails ends the fit with its located message and exit 1 within seconds."""
 from __future__ import annotations
 
@@ -61,6 +63,15 @@ def _program(text):
     return LogJoint(model, make_plan(model, "auto"), Runtime.make("cpu", "float64", 0))
 
 
+def _own_rows_program(text, path):
+    """The compiled model of this process's own rows of the CSV at `path` (ppl.data: its byte range)."""
+    model = ppl.loads(text, "m.ppl").check(path)
+    own = model.row_share
+    program = LogJoint(model, make_plan(model, "auto"), Runtime.make("cpu", "float64", 0))
+    program.use_shard(own.lo, own.hi, dist.current().leader, dist.current().world, local=True)
+    return program, own
+
+
 def _value_grad_hessian(program):
     g = torch.Generator().manual_seed(7)
     theta = (0.3 * torch.randn((3, program.dim), generator=g, dtype=torch.float64)).requires_grad_(True)
@@ -82,10 +93,18 @@ def _group_worker(rank, world, port, out, model, data):
             lo, hi = dist.share(program.model.rows.size, rank, world)
             program.use_shard(lo, hi, rank == 0, world)
             results[key] = _value_grad_hessian(program) + (hi - lo,)
+        for key, text in (("own-local", LOCAL), ("own-mixture", MIXTURE)):
+            program, own = _own_rows_program(text, data)
+            results[key] = _value_grad_hessian(program) + ((own.lo, own.hi, own.n, own.how),)
+        rows = torch.arange(2.0 * (program.batch.size or 0)).reshape(1, -1, 2) + 100 * rank
+        results["gather"] = dist.gather_rows(rows, 1)
+        results["flat"] = dist.all_reduce_flat([torch.ones(2) * (rank + 1), torch.full((2, 3), 10.0 * rank)])
         f = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
         results["adam"] = (f.summary(), f.elbo, f.device)
         f = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **MINIBATCH)
         results["minibatch"] = (f.summary(), f.elbo, f.steps)
+        f = ppl.loads(REGRESSION, "r.ppl").fit(data, **MINIBATCH)       # each process's own rows
+        results["own-minibatch"] = (f.summary(), f.elbo, f.steps, f.device)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -117,11 +136,41 @@ def test_two_processes_give_the_one_process_density_gradient_and_hessian(key, tw
         assert np.max(np.abs(a - b)) <= 1e-10 * max(1.0, np.max(np.abs(b))), np.max(np.abs(a - b))
 
 
+@pytest.mark.parametrize("key", ["own-local", "own-mixture"], ids=["local-latents", "enumerated-mixture"])
+def test_own_rows_by_byte_range_give_the_one_process_density_gradient_and_hessian(key, two_processes):
+    """Each process parsed only its byte range of the CSV (cut at line ends: unequal rows, N odd)."""
+    got = two_processes[0][key]
+    want = _value_grad_hessian(_program({"own-local": LOCAL, "own-mixture": MIXTURE}[key]))
+    lo, hi, n, how = got[3]
+    assert (lo, n) == (0, N) and 0 < hi < N and hi != N - hi and "row range" in how
+    for a, b in zip(got[:3], want):
+        assert np.max(np.abs(a - b)) <= 1e-10 * max(1.0, np.max(np.abs(b))), np.max(np.abs(a - b))
+
+
+def test_gather_rows_and_one_flat_all_reduce(two_processes):
+    got = two_processes[0]
+    hi = got["own-local"][3][1]
+    want = torch.cat([torch.arange(2.0 * hi), torch.arange(2.0 * (N - hi)) + 100]).reshape(1, N, 2)
+    assert torch.equal(got["gather"], want)
+    a, b = got["flat"]
+    assert torch.equal(a, torch.full((2,), 3.0)) and torch.equal(b, torch.full((2, 3), 10.0))
+
+
 def test_200_adam_steps_on_two_processes_are_the_one_process_fit(two_processes):
+    """Each process read its own rows of the CSV (the default where a byte range can be read alone)."""
     (summary, elbo, device), model, data = two_processes[0]["adam"], two_processes[1], two_processes[2]
     one = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
-    assert "2 processes" in device
+    assert "2 processes" in device and "each read its own rows" in device
     _same(summary, elbo, one)
+
+
+def test_minibatches_of_own_rows_are_the_one_process_minibatches(two_processes):
+    """The one-process batch (global N, global batch size B, scale N / B), of which each process
+    evaluates the rows it read."""
+    summary, elbo, steps, device = two_processes[0]["own-minibatch"]
+    one = ppl.loads(REGRESSION, "r.ppl").fit(two_processes[2], **MINIBATCH)
+    assert steps == one.steps > 0 and "each read its own rows" in device
+    _same(summary, elbo, one, ("mu", "beta", "sigma"))
 
 
 def test_minibatches_on_two_processes_are_the_one_process_minibatches(two_processes):
@@ -168,6 +217,40 @@ def test_ppl_fit_procs_2_is_the_one_process_fit_and_writes_once(tmp_path):
     # the first process wrote the outputs, whole: every row's latent is in the draws
     header = open(tmp_path / "out" / "draws.csv").readline().strip().split(",")
     assert "z[31]" in header and "z[1]" in header and "z[17]" in header
+
+
+def test_rank_pattern_gives_each_process_its_own_file(tmp_path):
+    """'part-{rank}.csv': process r reads part-r.csv whole (16 and 15 rows); N is their sum."""
+    model, data = _csv(tmp_path)
+    lines = open(data).read().splitlines(True)
+    (tmp_path / "part-0.csv").write_text("".join(lines[:1] + lines[1:17]))
+    (tmp_path / "part-1.csv").write_text("".join(lines[:1] + lines[17:]))
+    p = _ppl("fit", model, str(tmp_path / "part-{rank}.csv"), "--seed", "2", "--draws", "200", "--format",
+             "json", "--procs", "2")
+    assert p.returncode == 0, p.stderr
+    two = json.loads(p.stdout)
+    assert "its own file" in two["device"] and "rows 1..16 of 31" in two["device"]
+    _same(two["params"], two["elbo"], ppl.load(model).fit(data, seed=2, draws=200))
+
+
+def test_rank_pattern_without_workers_is_a_usage_error(tmp_path):
+    model, data = _csv(tmp_path)
+    p = _ppl("fit", model, str(tmp_path / "part-{rank}.csv"))
+    assert p.returncode == 2
+    assert "{rank}" in p.stderr and "--procs" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_row_mixing_model_is_refused_when_each_process_reads_its_own_rows(tmp_path):
+    _, data = _csv(tmp_path)
+    model = tmp_path / "mix.ppl"
+    model.write_text("data y: real[N]\ndata x: real[N]\nm = mean(x)\nmu ~ normal(0, 5)\n"
+                     "sigma ~ half_normal(2)\ny ~ normal(mu + (x - m), sigma)\n")
+    t0 = time.perf_counter()
+    p = _ppl("fit", str(model), data, "--procs", "2")
+    assert p.returncode == 1, p.stderr
+    assert "mix.ppl:3:5: error: 'mean(x)' mixes the data rows (axis N)" in p.stderr, p.stderr
+    assert "each process sees only its own rows" in p.stderr and "^^^^^^^" in p.stderr
+    assert "Traceback" not in p.stderr and time.perf_counter() - t0 < 60
 
 
 def _failing_worker(rank, world, port, argv, errdir, threads):
