@@ -1,39 +1,82 @@
 """Data-parallel fits: `ppl fit --procs 1` against `--procs 2` on one large CSV, side by side.
 
-    python bench/procs.py DATA.csv [--model models/logistic.ppl] [--runs default,minibatch] [--batch-size 1024]
+    python bench/procs.py DATA.csv [--model models/logistic.ppl] [--runs default,minibatch]
+                          [--batch-size 1024] [--epochs 2] [--reference]
+
+Stage: (a logistic CSV, run configurations) -> a markdown table on stdout (bench/RESULTS.md keeps them).
 
 Each configuration runs as its own `ppl fit` process (one thread per worker: OMP_NUM_THREADS=1), the
 two process counts interleaved, and reports the whole process's wall time, the fit's own time (the
-header's), the peak RSS of the largest process (from /usr/bin/time -v of the launcher and its
-children: the launcher's children are the workers), and the worst difference of the posterior means
-between the two (in posterior sds), which should be ~0: the same computation.
-Data: bench/data.py writes logistic CSVs (never committed)."""
+header's: for the default full-data fit, the time to its converged, accurate fit), the time per epoch
+of a minibatch run (the fit's time over its epochs), the peak resident memory of each process (VmHWM from /proc, read
+every 0.2 s while it runs: the launcher, then each worker), and the worst difference of the posterior
+means from the one-process run (in posterior sds), which should be ~0: the same computation.
+`--reference`: also the worst difference from the Laplace reference (Newton's mode of the posterior,
+bench/minibatch.laplace_reference), i.e. how accurate the fit is in that time.  Under `--procs 2`
+each worker reads only its own rows of the CSV (its byte range; `ppl fit`'s header says so).
+Data: bench/minibatch.py's write_csv (a script writes them under /tmp; never committed)."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def _children(pid: int):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _hwm_mb(pid: int):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def run(model, data, procs, extra):
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "ppl", "fit", model, data, "--format", "json",
-           "--progress", "off", "--seed", "1", "--procs", str(procs), *extra]
+    cmd = [sys.executable, "-m", "ppl", "fit", model, data, "--format", "json", "--progress", "off", "--seed", "1",
+           "--procs", str(procs), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = {}                      # pid -> peak RSS (MB); the launcher first, then its workers
+    while p.poll() is None:
+        todo, seen = [p.pid], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            hwm = _hwm_mb(pid)
+            if hwm is not None:
+                peak[pid] = max(peak.get(pid, 0.0), hwm)
+            todo += _children(pid)
+        time.sleep(0.2)
+    out, err = p.communicate()
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise SystemExit(f"--procs {procs} {' '.join(extra)} failed:\n{p.stderr[-2000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
-    out = json.loads(p.stdout)
-    return {"wall": wall, "fit": out["seconds"], "rss_mb": rss, "params": out["params"], "steps": out["steps"]}
+        raise SystemExit(f"--procs {procs} {' '.join(extra)} failed:\n{err[-2000:]}")
+    res = json.loads(out)
+    # the workers: the largest processes besides the launcher (a resource tracker is tiny)
+    rss = [peak[k] for k in sorted(peak)]
+    workers = sorted(rss[1:], reverse=True)[:procs] if procs > 1 else rss[:1]
+    return {"wall": wall, "fit": res["seconds"], "rss": workers, "launcher": rss[0] if procs > 1 else None,
+            "params": res["params"], "steps": res["steps"], "device": res.get("device", "")}
 
 
 def main():
@@ -43,21 +86,35 @@ def main():
     ap.add_argument("--runs", default="default,minibatch")
     ap.add_argument("--batch-size", default="1024")
     ap.add_argument("--epochs", default="2")
+    ap.add_argument("--reference", action="store_true")
     a = ap.parse_args()
+    ref = None
+    if a.reference:
+        sys.path.insert(0, HERE)
+        from minibatch import laplace_reference
+        csv = Path(a.data)
+        ref = laplace_reference(csv, csv.with_suffix(".laplace.json"))
     configs = {"default": [], "minibatch": ["--batch-size", a.batch_size, "--epochs", a.epochs,
                                             "--method", "meanfield"]}
-    print(f"| run | procs | process s | fit s | peak RSS MB (largest process) | steps | worst mean diff (sd) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | procs | process s | fit s | s per epoch | peak RSS MB per worker (launcher) | steps | "
+          "worst mean diff from procs 1 (sd) | worst mean diff from Laplace (sd) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in a.runs.split(","):
         res = {w: run(a.model, a.data, w, configs[name]) for w in (1, 2)}
         base = res[1]["params"]
         for w in (1, 2):
             r = res[w]
             diff = max(abs(r["params"][k]["mean"] - v["mean"]) / v["sd"] for k, v in base.items())
-            print(f"| {name} | {w} | {r['wall']:.1f} | {r['fit']:.1f} | {r['rss_mb']:.0f} | {r['steps']} | "
-                  f"{diff:.1e} |", flush=True)
-        print(f"| {name} | speed-up (process) | {res[1]['wall'] / res[2]['wall']:.2f}x | "
-              f"{res[1]['fit'] / res[2]['fit']:.2f}x (fit) | | | |", flush=True)
+            per_epoch = f"{r['fit'] / int(a.epochs):.3g}" if name == "minibatch" else ""
+            acc = ""
+            if ref is not None:
+                acc = f"{max(abs(r['params'][k]['mean'] - v['mean']) / v['sd'] for k, v in ref['params'].items()):.2g}"
+            mem = " / ".join(f"{x:.0f}" for x in r["rss"]) + (f" ({r['launcher']:.0f})" if r["launcher"] else "")
+            print(f"| {name} | {w} | {r['wall']:.1f} | {r['fit']:.1f} | {per_epoch} | {mem} | "
+                  f"{r['steps']} | {diff:.1e} | {acc} |", flush=True)
+        print(f"| {name} | speed-up | {res[1]['wall'] / res[2]['wall']:.2f}x | {res[1]['fit'] / res[2]['fit']:.2f}x "
+              f"| | | | | |", flush=True)
+        print(f"<!-- {name} procs 2 device: {res[2]['device']} -->", flush=True)
 
 
 if __name__ == "__main__":
