@@ -9,9 +9,13 @@
 # in each, then the same fit in one process, and prints the worst difference of the posterior means
 # (in posterior sds) and of the ELBO. Needs root (ip netns) and iproute2; removes the namespaces it
 # made on exit. Rendezvous and gloo traffic cross the veth link (GLOO_SOCKET_IFNAME names it).
+# Each node reads its own rows of DATA (its byte range; a DATA with {rank} names each node's file).
+# Minibatch fits (--batch-size) compare strictly too: every node draws the one-process batch of row
+# numbers and evaluates the rows of it that it holds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 MODEL="${1:-$ROOT/models/logistic.ppl}"
 DATA="${2:-$ROOT/models/logistic.csv}"
 shift $(( $# >= 2 ? 2 : $# ))
