@@ -211,6 +211,23 @@ def gather_rows(t: torch.Tensor, dim: int = 1) -> Optional[torch.Tensor]:
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
 
 
+def replicate_flat(tensors):
+    """`Replicate` of several tensors as one: they are concatenated into one flat buffer, so the
+    backward pass makes one all-reduce for all of them.  (One collective per tensor would be made in
+    the order autograd reaches them, which follows the graph; the graph differs between ranks -- only
+    rank 0 adds the global terms -- so two ranks could all-reduce different tensors against each
+    other: wrong sums between tensors of one shape, an abort between tensors of two.)"""
+    tensors = list(tensors)
+    if not tensors:
+        return tensors
+    flat = Replicate.apply(torch.cat([t.reshape(-1) for t in tensors]))
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].view_as(t))
+        at += t.numel()
+    return out
+
+
 def agree(flag: bool) -> bool:
     """Whether `flag` holds on any rank (a decision every rank must take alike, e.g. a time bound)."""
     if _GROUP is None:

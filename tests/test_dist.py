@@ -47,6 +47,15 @@ beta ~ normal(0, 2)
 sigma ~ half_normal(2)
 y ~ normal(mu + beta * x, sigma)
 """
+RADON_LIKE = """data y: real[N]
+data x: real[N]
+mu_a ~ normal(0, 10)
+sigma_a ~ half_normal(5)
+a[3] ~ normal(mu_a, sigma_a)
+b ~ normal(0, 10)
+sigma_y ~ half_normal(5)
+y ~ normal(a[1] + a[2] * x + b * x * x, sigma_y)
+"""
 MINIBATCH = dict(seed=2, draws=200, method="meanfield", batch_size=16, epochs=4)
 N = 31       # odd: rank 0 owns 16 rows, rank 1 owns 15
 
@@ -82,6 +91,16 @@ def _value_grad_hessian(program):
     return value.detach().numpy(), grad.numpy(), hess.numpy()
 
 
+def _block_gradients(program):
+    """The gradient in each block given as its own autograd leaf (the estimators' path), in a model
+    whose graph differs between processes (only the first adds the priors)."""
+    g = torch.Generator().manual_seed(11)
+    theta = 0.3 * torch.randn((4, program.dim), generator=g, dtype=torch.float64)
+    blocks = [u.detach().clone().requires_grad_(True) for u in program.split(theta)]
+    value = program.evaluate(None, blocks=blocks).total
+    return [x.numpy() for x in torch.autograd.grad(value.sum(), blocks)]
+
+
 def _group_worker(rank, world, port, out, model, data):
     """Everything the in-process tests compare, in one group of two (one start-up of the workers)."""
     torch.set_num_threads(1)
@@ -93,6 +112,7 @@ def _group_worker(rank, world, port, out, model, data):
             lo, hi = dist.share(program.model.rows.size, rank, world)
             program.use_shard(lo, hi, rank == 0, world)
             results[key] = _value_grad_hessian(program) + (hi - lo,)
+        results["blocks"] = _block_gradients(_own_rows_program(RADON_LIKE, data)[0])
         for key, text in (("own-local", LOCAL), ("own-mixture", MIXTURE)):
             program, own = _own_rows_program(text, data)
             results[key] = _value_grad_hessian(program) + ((own.lo, own.hi, own.n, own.how),)
@@ -144,6 +164,19 @@ def test_own_rows_by_byte_range_give_the_one_process_density_gradient_and_hessia
     lo, hi, n, how = got[3]
     assert (lo, n) == (0, N) and 0 < hi < N and hi != N - hi and "row range" in how
     for a, b in zip(got[:3], want):
+        assert np.max(np.abs(a - b)) <= 1e-10 * max(1.0, np.max(np.abs(b))), np.max(np.abs(a - b))
+
+
+def test_gradients_in_separate_blocks_are_one_flat_all_reduce(two_processes):
+    """Each block a leaf of its own (several of one shape): their gradients are summed over the
+    processes in one collective, not one per block in autograd's order (which differs between
+    processes whose graphs differ: gradients summed across blocks, or gloo aborting)."""
+    got = two_processes[0]["blocks"]
+    model, data = two_processes[1], two_processes[2]
+    one = ppl.loads(RADON_LIKE, "m.ppl").check(data)
+    want = _block_gradients(LogJoint(one, make_plan(one, "auto"), Runtime.make("cpu", "float64", 0)))
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want):
         assert np.max(np.abs(a - b)) <= 1e-10 * max(1.0, np.max(np.abs(b))), np.max(np.abs(a - b))
 
 

@@ -41,7 +41,6 @@ from .ops import TorchOps
 from .params import Params
 from .relax import RELAXATIONS, RelaxedDraw
 from .runtime import Batch, as_runtime
-from ..dist import Replicate
 from .transforms import bijection, sum_event, unconstrained_shape
 
 
@@ -331,9 +330,19 @@ class LogJoint:
         own = theta if blocks is None else None          # (the control term below: added once, not summed)
         if own is None and batch.control is not None:
             own = torch.cat([u.reshape(u.shape[0], -1) for u in blocks], 1)
+        replicated = {}
         if shard is not None:
-            theta = None if theta is None else Replicate.apply(theta)
-            blocks = None if blocks is None else [Replicate.apply(u) for u in blocks]
+            # theta (or its blocks) and the params enter through one replicate: one flat all-reduce of
+            # their gradient (ppl.dist.replicate_flat: the same collective on every process)
+            from ..dist import replicate_flat
+            names = [name for kind, name, _ in self.steps if kind == "param"]
+            lead = ([] if theta is None else [theta]) if blocks is None else list(blocks)
+            rep = replicate_flat(lead + [self.params.value(n) for n in names])
+            if blocks is None:
+                theta = None if theta is None else rep[0]
+            else:
+                blocks = rep[:len(lead)]
+            replicated = dict(zip(names, rep[len(lead):]))
         us = self.split(theta) if blocks is None else blocks
         S = theta.shape[0] if blocks is None else (us[0].shape[0] if us else 1)
         if densities:
@@ -362,7 +371,7 @@ class LogJoint:
             elif kind == "param":
                 env[name] = self.params.value(name)          # a point estimate: no Jacobian, no density
                 if shard is not None:                          # (its gradient: summed over the processes)
-                    env[name] = Replicate.apply(env[name])
+                    env[name] = replicated[name]
             elif kind == "score":
                 z = discrete[name]
                 if shard is not None and payload.per_row and z.shape[1] != shard[1] - shard[0]:
