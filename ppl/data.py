@@ -1074,17 +1074,18 @@ def _own_rows(decls, files, sets, dim_symbols, objects, group) -> Optional[DataS
         raise UsageError(f"no data gives the rows ({sym}) of this process's share ({how})")
     others = {k: v for k, v in ds.dims.items() if k != sym}
     every = d.all_gather_object((n, others, ds.levels))
-    for r, (_, dims, levels) in enumerate(every):
-        for k in sorted(set(dims) | set(others)):
-            if dims.get(k) != others.get(k):
-                raise UsageError(f"the processes' data disagree on {k}: {others.get(k)} here (process {rank}), "
-                                 f"{dims.get(k)} in process {r}'s; every process's rows must give the same sizes")
-        for k in levels:
-            if levels[k] != ds.levels.get(k):
+    (_, dims0, levels0) = every[0]            # every process compares with the first: one message for all
+    for r, (_, dims, levels) in enumerate(every[1:], 1):
+        for k in sorted(set(dims) | set(dims0)):
+            if dims.get(k) != dims0.get(k):
+                raise UsageError(f"the processes' data disagree on {k}: process 0's rows give {dims0.get(k)}, "
+                                 f"process {r}'s give {dims.get(k)}; every process's rows must give the same sizes")
+        for k in sorted(set(levels) | set(levels0)):
+            if levels.get(k) != levels0.get(k):
                 decl = next(x for x in decls if x.name == k)
                 _fail(decl.type.span, f"'{k}' has other level labels in process {r}'s rows than in process "
-                      f"{rank}'s; labels are numbered over the whole data, so give every process's file "
-                      f"the same labels, or integer codes 1..K with K given (--set K=...)")
+                      f"0's; labels are numbered over the whole data, so give every process's file the "
+                      f"same labels, or integer codes 1..K with K given (--set K=...)")
     counts = [e[0] for e in every]
     lo = sum(counts[:rank])
     ds.dims[sym] = sum(counts)

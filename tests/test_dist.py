@@ -266,6 +266,21 @@ def test_rank_pattern_gives_each_process_its_own_file(tmp_path):
     _same(two["params"], two["elbo"], ppl.load(model).fit(data, seed=2, draws=200))
 
 
+def test_rank_files_must_agree_on_sizes_and_level_labels(tmp_path):
+    (tmp_path / "lv-0.csv").write_text("y,g\n1.0,a\n2.0,b\n1.5,a\n")
+    (tmp_path / "lv-1.csv").write_text("y,g\n1.0,a\n2.0,c\n")
+    model = tmp_path / "lv.ppl"
+    model.write_text("data y: real[N]\ndata g: level[N] of K\na[K] ~ normal(0, 1)\ny ~ normal(a[g], 1)\n")
+    p = _ppl("fit", str(model), str(tmp_path / "lv-{rank}.csv"), "--procs", "2")
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.count("error:") == 1 and "lv.ppl:2:9: error: 'g' has other level labels in process 1's rows" \
+        in p.stderr, p.stderr
+    (tmp_path / "lv-1.csv").write_text("y,g\n1.0,2\n2.0,1\n")
+    (tmp_path / "lv-0.csv").write_text("y,g\n1.0,1\n2.0,2\n1.5,3\n")
+    p = _ppl("fit", str(model), str(tmp_path / "lv-{rank}.csv"), "--procs", "2", "--set", "K=3")
+    assert p.returncode == 0, p.stderr                    # codes 1..K with K given: the same numbering
+
+
 def test_rank_pattern_without_workers_is_a_usage_error(tmp_path):
     model, data = _csv(tmp_path)
     p = _ppl("fit", model, str(tmp_path / "part-{rank}.csv"))
