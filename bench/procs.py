@@ -1,7 +1,9 @@
 """Data-parallel fits: `ppl fit --procs 1` against `--procs 2` on one large CSV, side by side.
 
-    python bench/procs.py DATA.csv [--model models/logistic.ppl] [--runs default,minibatch]
+    python bench/procs.py DATA.csv [--make N] [--model models/logistic.ppl] [--runs default,minibatch]
                           [--batch-size 1024] [--epochs 2] [--reference]
+
+    e.g. python bench/procs.py /tmp/ppl-procs-bench/logistic_10000000.csv --make 10000000 --runs minibatch
 
 Stage: (a logistic CSV, run configurations) -> a markdown table on stdout (bench/RESULTS.md keeps them).
 
@@ -14,7 +16,7 @@ means from the one-process run (in posterior sds), which should be ~0: the same 
 `--reference`: also the worst difference from the Laplace reference (Newton's mode of the posterior,
 bench/minibatch.laplace_reference), i.e. how accurate the fit is in that time.  Under `--procs 2`
 each worker reads only its own rows of the CSV (its byte range; `ppl fit`'s header says so).
-Data: bench/minibatch.py's write_csv (a script writes them under /tmp; never committed)."""
+Data: `--make N` writes them with bench/minibatch.py's write_csv (under /tmp; never committed)."""
 from __future__ import annotations
 
 import argparse
@@ -81,13 +83,20 @@ def run(model, data, procs, extra):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("data")
+    ap.add_argument("data", help="a logistic CSV; with --make N, where to write it")
+    ap.add_argument("--make", type=int, default=None, metavar="N",
+                    help="first write N rows (x1..x10, y) to DATA with bench/minibatch.py's write_csv")
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "logistic.ppl"))
     ap.add_argument("--runs", default="default,minibatch")
     ap.add_argument("--batch-size", default="1024")
     ap.add_argument("--epochs", default="2")
     ap.add_argument("--reference", action="store_true")
     a = ap.parse_args()
+    if a.make is not None and not Path(a.data).exists():
+        sys.path.insert(0, HERE)
+        from minibatch import write_csv
+        Path(a.data).parent.mkdir(parents=True, exist_ok=True)
+        write_csv(Path(a.data), a.make)
     ref = None
     if a.reference:
         sys.path.insert(0, HERE)
