@@ -317,11 +317,14 @@ class LogJoint:
 
     def evaluate(self, theta: Optional[torch.Tensor], discrete: Optional[Mapping[str, torch.Tensor]] = None,
                  keep_factors: bool = False, keep_enum: bool = False, densities: bool = True,
-                 blocks: Optional[List[torch.Tensor]] = None, batch: Optional[Batch] = None) -> Evaluation:
+                 blocks: Optional[List[torch.Tensor]] = None, batch: Optional[Batch] = None,
+                 collective: bool = True) -> Evaluation:
         """`densities=False`: values only (no factor densities, no enumeration): `total` is then
         meaningless, and enumerated latents cannot be drawn.  `blocks`: `split(theta)` given
         directly (e.g. as autograd leaves), instead of `theta`.  `batch`: the data batch (None:
-        the full data); per-row terms are multiplied by its scale (`factors` stay unscaled)."""
+        the full data); per-row terms are multiplied by its scale (`factors` stay unscaled).
+        `collective=False` (a data-parallel fit): this process's part of the log density, with no
+        collective; the caller sums the parts and their gradients itself (ppl.dist.all_reduce_flat)."""
         batch = self.batch if batch is None else batch
         scale = batch.scale if batch.scale != 1.0 else None      # None: no per-row term is scaled
         # a data-parallel fit (see ppl.dist); values only: the whole data's rows, unless this process
@@ -331,7 +334,7 @@ class LogJoint:
         if own is None and batch.control is not None:
             own = torch.cat([u.reshape(u.shape[0], -1) for u in blocks], 1)
         replicated = {}
-        if shard is not None:
+        if shard is not None and collective:
             # theta (or its blocks) and the params enter through one replicate: one flat all-reduce of
             # their gradient (ppl.dist.replicate_flat: the same collective on every process)
             from ..dist import replicate_flat
@@ -370,7 +373,7 @@ class LogJoint:
                 env[name] = payload(env)
             elif kind == "param":
                 env[name] = self.params.value(name)          # a point estimate: no Jacobian, no density
-                if shard is not None:                          # (its gradient: summed over the processes)
+                if name in replicated:                         # (its gradient: summed over the processes)
                     env[name] = replicated[name]
             elif kind == "score":
                 z = discrete[name]
@@ -407,10 +410,11 @@ class LogJoint:
             total = torch.zeros(S, dtype=self.dtype, device=self.device)
         elif total.shape != (S,):
             total = total.expand(S)
-        if shard is not None and densities:
+        if shard is not None and densities and collective:
             from ..dist import AllReduce
             total = AllReduce.apply(total)
-        if batch.control is not None and densities:     # a zero-mean linear term over batches (minibatch.py)
+        if batch.control is not None and densities and (collective or shard is None or batch.global_terms):
+            # a zero-mean linear term over batches (minibatch.py); a process's part: on the first only
             c, theta0 = batch.control
             total = total + (own - theta0) @ c
         return Evaluation(total, env, factors, enum_logits)

@@ -284,14 +284,26 @@ class ClosedForm(GradientEstimator):
         S = eps.shape[0]
         with torch.no_grad():
             us = [u.requires_grad_(True) for u in lj.split(theta)]
-        ev = lj.evaluate(None, blocks=us, batch=batch) if us else lj.evaluate(theta, batch=batch)   # (S draws)
+        # a data-parallel fit (ppl.dist): each process's part of log p and its gradient, summed in one
+        # all-reduce of one flat buffer (the ELBO is linear in log p) -- one collective a step
+        parts = (batch if batch is not None else lj.batch).shard is not None
+        ev = lj.evaluate(None, blocks=us, batch=batch, collective=not parts) if us else \
+            lj.evaluate(theta, batch=batch, collective=not parts)   # (S draws)
         mean_lp = ev.total.sum() * (1.0 / S)
+        ps = lj.params.tensors()              # the model's point estimates: d/dparam of the mean log p
+        if parts:
+            from .. import dist
+            gs = torch.autograd.grad(mean_lp, us + ps, allow_unused=True) if mean_lp.requires_grad else \
+                [None] * len(us + ps)
+            gs = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(us + ps, gs)]
+            summed = dist.all_reduce_flat([mean_lp.detach().reshape(1)] + gs)
+            mean_lp, gs = summed[0][0], summed[1:]
         value = float(mean_lp.detach()) + fam.entropy_value()
         if not math.isfinite(value):
             return math.nan
         # (a scalar, not grad_outputs=: torch then imports sympy, 0.3 s, for a shape check)
-        ps = lj.params.tensors()              # the model's point estimates: d/dparam of the mean log p
-        gs = torch.autograd.grad(mean_lp, us + ps, allow_unused=True)
+        if not parts:
+            gs = torch.autograd.grad(mean_lp, us + ps, allow_unused=True)
         gs, gp = gs[:len(us)], gs[len(us):]
         for p, gi in zip(ps, gp):
             p.grad = torch.zeros_like(p) if gi is None else -gi
