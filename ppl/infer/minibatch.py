@@ -518,6 +518,13 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     cv = ControlVariate(program, vi.family) if local is None and program.dim and not program.params else None
 
     threads = torch.get_num_threads()
+    anchored = False
+
+    def anchor() -> None:
+        nonlocal anchored
+        torch.set_num_threads(threads)          # the anchor's pass over all rows: every thread
+        anchored = cv is not None and cv.anchor()
+        torch.set_num_threads(1)                # a batch's tensors are small: more threads only wait on each other
 
     def stream() -> Iterator[Optional[Batch]]:
         """The batches, epoch after epoch (each epoch's anchor first); None at each epoch's end."""
@@ -526,11 +533,9 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
             epoch += 1
             if hasattr(progress, "epoch"):
                 progress.epoch(epoch, E)
-            torch.set_num_threads(threads)      # the anchor's pass over all rows: every thread
-            ok = cv is not None and cv.anchor()
-            torch.set_num_threads(1)            # a batch's tensors are small: more threads only wait on each other
+            anchor()
             for b in batches.epoch():
-                yield cv.attach(b) if ok else b
+                yield cv.attach(b) if anchored else b
             if local is not None:
                 local.add_average()
             yield None
@@ -591,6 +596,8 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
                 local.start_average()
             if by_steps:
                 end_step, end_epoch = state.t + min(total_steps - state.t, max(AVG_STEPS, state.t)), None
+                if b is not None:               # mid-epoch: the anchor moves to where phase 1 settled
+                    anchor()
             else:
                 end_step, end_epoch = None, epoch + min(E - epoch, max(avg_epochs, w_epochs, epoch))
             done = state.t >= end_step if by_steps else epoch >= end_epoch
