@@ -27,11 +27,15 @@ Latents:
   that needs no model structure serves the globals.
 
 The run (`optimise`): shuffled batches each epoch from a generator seeded by
-the fit's seed; Stan's relative-change test (engine.Convergence) on windows
-of whole epochs (at least WINDOW steps); once it passes (or at the epoch
-cap less the averaging epochs) the step size drops by DECAY and the
-iterates are averaged over the remaining epochs (globals per step, per-row
-parameters per epoch).  Progress shows the epoch.  `full_elbo` is the
+the fit's seed; Stan's relative-change test (engine.Convergence) and q's
+moments settling (DRIFT_TOL), on windows of whole epochs (at least WINDOW
+steps), or, when every latent is global and an epoch is longer than WINDOW
+steps, on windows of WINDOW steps inside the epoch (10^6 rows in batches of
+1024 stop in the first epoch).  Once they pass (or at the cap less the
+averaging phase) the step size drops by DECAY and the iterates are averaged
+over a phase at least as long again (globals per step, per-row parameters
+per epoch; by steps: at least AVG_STEPS, after the SVRG anchor moves to
+where phase 1 stopped).  Progress shows the epoch.  `full_elbo` is the
 reported ELBO: one pass over all rows, in chunks, with the final q.
 """
 from __future__ import annotations
