@@ -4,7 +4,7 @@ accuracy against the Laplace posterior, peak memory.
 
     python bench/minibatch.py [--rows 1000000,10000000] [--dir /tmp/ppl-minibatch] [--batch-size 1024]
         [--systems ppl,ppl-e2,ppl-full,numpyro,pyro] [--peers-python bench/.venv-peers/bin/python]
-        [--max-seconds 600] [--write-only]
+        [--peer-runs 0.01:constant,0.001:constant,0.01:exp,0.01:sqrt] [--max-seconds 600] [--write-only]
 
 Data: `write_csv` makes DIR/logistic_N.csv (x1..x10, y; seeded; never committed; 10^7 rows is 0.87 GB).
 Reference: the Laplace posterior N(mode, H^-1) by Newton's method on the full data in numpy (at
@@ -15,9 +15,10 @@ compared with it as well.
 Each system runs as its own process, one after the other, one thread each (OMP_NUM_THREADS=1, and
 XLA's single-threaded Eigen for NumPyro); peak RSS from getrusage of the waited-for child.  ppl runs `ppl fit` to its own
 convergence (its time is the whole fit: data, start, optimisation, the final pass); the peers run
-bench/systems/subsample_svi.py, which stops at the first checkpoint (every 500 steps) where every
-mean is within 0.1 reference sd (their time: the fit from its set-up to that checkpoint, data loading
-excluded).  "to 0.1 sd" is ppl's fit (compile, start, optimisation, final pass: --profile's phases
+bench/subsample_svi.py, once per `--peer-runs` entry (Adam's step size and its schedule: constant,
+exp or sqrt), which stops at the first checkpoint (every 100 steps) where every mean is within 0.1
+reference sd (their time: the fit from its set-up to that checkpoint, data loading excluded; also
+without the set-up, NumPyro's JIT).  Each peer's best run (the earliest to 0.1 sd) is its time.  "to 0.1 sd" is ppl's fit (compile, start, optimisation, final pass: --profile's phases
 after the data are read) against the peers' fit from its set-up to the checkpoint; "seconds" is each
 whole process (imports and data loading included).
 """
@@ -151,9 +152,10 @@ def ppl_fit(csv: Path, extra, timeout) -> dict:
             "steps": o.get("steps"), "method_note": o.get("method_note", o.get("method"))}
 
 
-def peer_fit(system: str, csv: Path, ref_path: Path, a, lr: float) -> dict:
-    cmd = [a.peers_python, str(ROOT / "bench" / "systems" / "subsample_svi.py"), system, str(csv), str(ref_path),
-           "--batch-size", str(a.batch_size), "--lr", str(lr), "--max-seconds", str(a.max_seconds)]
+def peer_fit(system: str, csv: Path, ref_path: Path, a, lr: float, schedule: str = "constant") -> dict:
+    cmd = [a.peers_python, str(ROOT / "bench" / "subsample_svi.py"), system, str(csv), str(ref_path),
+           "--batch-size", str(a.batch_size), "--lr", str(lr), "--schedule", schedule,
+           "--max-seconds", str(a.max_seconds)]
     r = run_measured(cmd, timeout=a.max_seconds * 3 + 600)
     if r["rc"] != 0:
         return {"error": r["err"][-2000:], "seconds": r["seconds"], "peak_mb": r["peak_mb"]}
@@ -168,8 +170,8 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/ppl-minibatch")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--systems", default="ppl,ppl-e2,numpyro,pyro")
-    ap.add_argument("--lrs", default="0.01,0.001", help="NumPyro's Adam step sizes tried")
-    ap.add_argument("--pyro-lrs", default="0.001", help="Pyro's Adam step sizes tried")
+    ap.add_argument("--peer-runs", default="0.01:constant,0.001:constant,0.01:exp,0.01:sqrt",
+                    help="the peers' Adam step sizes and schedules tried, LR:SCHEDULE,...")
     ap.add_argument("--peers-python", default=str(ROOT / "bench" / ".venv-peers" / "bin" / "python"))
     ap.add_argument("--max-seconds", type=float, default=600.0)
     ap.add_argument("--ppl-extra", default="", help="more `ppl fit` options for the `ppl` run, e.g. '--epochs 1'")
@@ -203,11 +205,12 @@ def main() -> None:
                     continue
                 r = ppl_fit(csv, ["--method", "fullrank"], a.max_seconds * 3)
             else:
-                for lr in [float(x) for x in (a.lrs if s == "numpyro" else a.pyro_lrs).split(",")]:
-                    r = peer_fit(s, csv, ref_path, a, lr)
-                    r["lr"] = lr
-                    res["runs"][f"{s} lr={lr}"] = r
-                    print(N, s, lr, {k: r.get(k) for k in ("hit", "fit_seconds", "peak_mb", "error")}, flush=True)
+                for spec in a.peer_runs.split(","):
+                    lr, schedule = spec.split(":")
+                    r = peer_fit(s, csv, ref_path, a, float(lr), schedule)
+                    r["lr"], r["schedule"] = float(lr), schedule
+                    res["runs"][f"{s} {schedule} lr={lr}"] = r
+                    print(N, s, spec, {k: r.get(k) for k in ("hit", "fit_seconds", "peak_mb", "error")}, flush=True)
                 continue
             if "params" in r:
                 r["mean_err"], r["sd_err"] = errors(r["params"], ref)
@@ -237,6 +240,29 @@ def report(results: dict) -> None:
                 to = f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") and r["mean_err"] <= 0.1 else ""
                 print(f"{name:<26}{r['seconds']:>10.1f}{to:>11}{r['mean_err']:>10.3f}{r['sd_err']:>8.3f}"
                       f"{r['peak_mb']:>9.0f}")
+        ratios(res["runs"])
+
+
+def ratios(runs: dict) -> None:
+    """ppl's fit seconds (when accurate) over each peer's best time to 0.1 sd (with and without its
+    set-up); a bound (<) when no run of that peer got there within its cap."""
+    mine = [(n, r) for n, r in runs.items() if n.startswith("ppl") and r.get("fit_seconds")
+            and r.get("mean_err", 1e9) <= 0.1]
+    for n, r in mine:
+        for peer in ("numpyro", "pyro"):
+            tried = [x for k, x in runs.items() if k.startswith(peer + " ") and "error" not in x]
+            if not tried:
+                continue
+            hits = [x for x in tried if x.get("hit")]
+            if hits:
+                best = min(hits, key=lambda x: x["hit"]["seconds"])
+                t, t_steps, how = best["hit"]["seconds"], best["hit"]["seconds"] - best["init_seconds"], "="
+                label = f"{best['schedule']} lr={best['lr']:g}"
+            else:
+                t = max(x["fit_seconds"] for x in tried)
+                t_steps, how, label = t - max(x["init_seconds"] for x in tried), "<", "never within its cap"
+            print(f"{n} / {peer} ({label}): {how} {r['fit_seconds'] / t:.3f} "
+                  f"({how} {r['fit_seconds'] / t_steps:.3f} against its steps alone)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from ppl.cli import main
 from ppl.config import FitConfig
 from ppl.errors import UsageError
 from ppl.infer.families import MeanField
+from ppl.infer.improper import q_moments
 from ppl.infer.laplace import cold_start
 from ppl.infer import minibatch
 from ppl.infer.minibatch import Epochs, RowLocal
@@ -182,6 +183,32 @@ def test_logistic_regression_minibatch_agrees_with_the_full_batch_fit(tmp_path, 
         assert abs(s[k]["sd"] / full[k]["sd"] - 1) < 0.12, (k, s[k], full[k])
     assert "minibatches of 256 of 20000 rows" in f.method_note
     assert f.init == "Laplace at the mode of 4000 random rows (scaled to 20000)"
+
+
+def test_a_long_epoch_stops_inside_the_first_epoch_and_agrees_with_the_full_batch_fit(monkeypatch):
+    """5,000 batches an epoch (200,000 rows, B = 40), every latent global: the convergence windows are
+    100 steps inside the epoch, so the fit (its start on 3,000 rows, about 8 sds off) converges, decays
+    and averages (at least AVG_STEPS) before the first epoch ends, and still agrees with the full-batch
+    fit.  On windows of whole epochs it would run at least two epochs."""
+    monkeypatch.setattr(minibatch, "START_ROWS", 3000)
+    rng = np.random.default_rng(5)
+    N, D, B = 200_000, 3, 40
+    X = rng.normal(size=(N, D))
+    y = (rng.random(N) < 1 / (1 + np.exp(-(0.3 + X @ np.array([0.5, -0.4, 0.2]))))).astype(int)
+    data = {"X": X.tolist(), "y": y.tolist()}
+    m = ppl.load(str(Path(__file__).parents[1] / "models" / "logistic.ppl"))
+    full = m.fit(data, method="meanfield", optimizer="dadvi")
+    f = m.fit(data, method="meanfield", batch_size=B)
+    per_epoch = -(-N // B)
+    assert minibatch.AVG_STEPS < f.steps < per_epoch, f.method_note
+    assert f.converged
+    # q's own moments (the summaries' draws would add their Monte Carlo error, ~0.05 sd at 4000 draws)
+    with torch.no_grad():
+        (m_full, v_full), (m_mb, v_mb) = q_moments(full.q.family)[:2], q_moments(f.q.family)[:2]
+    sd_full, sd_mb = v_full.sqrt(), v_mb.sqrt()
+    assert float(((m_mb - m_full) / sd_full).abs().max()) < 0.1, ((m_mb - m_full) / sd_full)
+    assert float((sd_mb / sd_full - 1).abs().max()) < 0.1, sd_mb / sd_full
+    assert f.init == "Laplace at the mode of 3000 random rows (scaled to 200000)"
 
 
 def _meanfield_optimum(y, sy=0.5):

@@ -27,11 +27,15 @@ Latents:
   that needs no model structure serves the globals.
 
 The run (`optimise`): shuffled batches each epoch from a generator seeded by
-the fit's seed; Stan's relative-change test (engine.Convergence) on windows
-of whole epochs (at least WINDOW steps); once it passes (or at the epoch
-cap less the averaging epochs) the step size drops by DECAY and the
-iterates are averaged over the remaining epochs (globals per step, per-row
-parameters per epoch).  Progress shows the epoch.  `full_elbo` is the
+the fit's seed; Stan's relative-change test (engine.Convergence) and q's
+moments settling (DRIFT_TOL), on windows of whole epochs (at least WINDOW
+steps), or, when every latent is global and an epoch is longer than WINDOW
+steps, on windows of WINDOW steps inside the epoch (10^6 rows in batches of
+1024 stop in the first epoch).  Once they pass (or at the cap less the
+averaging phase) the step size drops by DECAY and the iterates are averaged
+over a phase at least as long again (globals per step, per-row parameters
+per epoch; by steps: at least AVG_STEPS, after the SVRG anchor moves to
+where phase 1 stopped).  Progress shows the epoch.  `full_elbo` is the
 reported ELBO: one pass over all rows, in chunks, with the final q.
 """
 from __future__ import annotations
@@ -51,7 +55,8 @@ from .estimators import GradientEstimator, register_gradient
 from .families import Preconditioner
 
 LOCAL_LR = 0.5            # per-row natural-gradient step size rho (1: the Gaussian row's optimum at once)
-DECAY = 0.5               # step size factor for the averaging epochs
+DECAY = 0.5               # step size factor for the averaging phase
+AVG_STEPS = 1000          # windows by steps: the averaging phase's least length (and at least phase 1's)
 EPOCH_STEPS = 10000       # default epoch cap: about this many steps (at least MIN_EPOCHS)
 MIN_EPOCHS = 4
 ELBO_DRAWS = 100          # least draws of q for the reported ELBO over the full data
@@ -501,21 +506,28 @@ def default_epochs(per_epoch: int) -> int:
 
 
 def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = None) -> OptimResult:
-    """Epochs of shuffled batches; converge on windows of whole epochs; decay and average."""
+    """Epochs of shuffled batches; converge on windows (of WINDOW steps inside long epochs when every
+    latent is global, else of whole epochs); then decay and average."""
     program = vi.program
     N = program.model.rows.size
     batches = Epochs(program.row_data, N, config.batch_size, config.seed, program.device, program.batch,
                      getattr(program, "row_offset", 0))
     nb = batches.per_epoch
     E = config.epochs or default_epochs(nb)
-    w_epochs = max(1, math.ceil(WINDOW / nb))              # a window: whole epochs, at least WINDOW steps
-    window = w_epochs * nb
-    avg_epochs = max(1, min(max(w_epochs, math.ceil(E / 5)), E // 2)) if E >= 2 else 0
-    state = vi.init(lr, S)
-    local = vi.family if isinstance(vi.family, RowLocal) else None
-    conv = Convergence(config.tol, config.min_steps, E * nb, window)
-    trace: List[float] = []
     total_steps = E * nb
+    local = vi.family if isinstance(vi.family, RowLocal) else None
+    # a long epoch of a model whose latents are all global: windows of WINDOW steps inside the epoch (a
+    # fit of 10^6 rows can stop in its first epoch); per-row q moves each row once an epoch, so with
+    # local latents q's moments can only settle from one epoch to the next
+    by_steps = nb > WINDOW and not local_blocks(program)
+    w_epochs = 1 if by_steps else max(1, math.ceil(WINDOW / nb))      # a window: at least WINDOW steps
+    window = WINDOW if by_steps else w_epochs * nb
+    avg_epochs = max(1, min(max(w_epochs, math.ceil(E / 5)), E // 2)) if E >= 2 else 0
+    # by steps, phase 1 leaves the averaging phase at least its own length (and AVG_STEPS, below)
+    cap1 = max(1, total_steps // 2) if by_steps else (E - avg_epochs) * nb
+    state = vi.init(lr, S)
+    conv = Convergence(config.tol, config.min_steps, total_steps, window)
+    trace: List[float] = []
     epoch = 0
 
     avg = Averager(state.params, window)
@@ -525,63 +537,103 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     cv = ControlVariate(program, vi.family) if local is None and program.dim and not program.params else None
 
     threads = torch.get_num_threads()
+    anchored = False
 
-    def run_epoch():
+    def anchor() -> None:
+        nonlocal anchored
+        torch.set_num_threads(threads)          # the anchor's pass over all rows: every thread
+        anchored = cv is not None and cv.anchor()
+        torch.set_num_threads(1)                # a batch's tensors are small: more threads only wait on each other
+
+    def stream() -> Iterator[Optional[Batch]]:
+        """The batches, epoch after epoch (each epoch's anchor first); None at each epoch's end."""
         nonlocal epoch
-        epoch += 1
-        if hasattr(progress, "epoch"):
-            progress.epoch(epoch, E)
-        ok = cv is not None and cv.anchor()
-        torch.set_num_threads(1)        # a batch's tensors are small: more threads only wait on each other
-        try:
-            _steps(ok)
-        finally:
-            torch.set_num_threads(threads)
+        while True:
+            epoch += 1
+            if hasattr(progress, "epoch"):
+                progress.epoch(epoch, E)
+            anchor()
+            for b in batches.epoch():
+                yield cv.attach(b) if anchored else b
+            if local is not None:
+                local.add_average()
+            yield None
 
-    def _steps(ok):
-        for b in batches.epoch():
-            value = vi.update(state, cv.attach(b) if ok else b)
-            if value is None:
-                continue
-            trace.append(value)
-            avg.add()
-            if pdrift is not None:
-                pdrift.add()
-            if progress is not None:
-                progress(state.t, total_steps, value)
-        if local is not None:
-            local.add_average()
-        if epoch % w_epochs == 0:
-            avg.close_window()
+    def step(b: Batch) -> bool:
+        value = vi.update(state, b)
+        if value is None:
+            return False
+        trace.append(value)
+        avg.add()
+        if pdrift is not None:
+            pdrift.add()
+        if progress is not None:
+            progress(state.t, total_steps, value)
+        return True
 
-    # phase 1: until the windowed test passes and q's moments have settled, or the cap less the
-    # averaging epochs
+    def window_ends(b: Optional[Batch]) -> bool:
+        """After a batch's step (or an epoch's end, b None): whether a window closed there."""
+        if by_steps:
+            return b is not None and state.t % WINDOW == 0
+        return b is None and epoch % w_epochs == 0
+
     prev = None
-    while epoch < E - avg_epochs:
-        run_epoch()
-        if epoch % w_epochs == 0 and len(trace) >= 2:
-            elbo_settled = conv.check(trace, state.t)
-            cur = window_moments(vi.family, avg)
-            settled = prev is not None and drift(prev, cur) < DRIFT_TOL
-            prev = cur
-            if elbo_settled and settled and (pdrift is None or pdrift.settled()):
+
+    def settled() -> bool:
+        """At a window's end in phase 1: the windowed ELBO test passes and q's moments have settled."""
+        nonlocal prev
+        elbo_settled = conv.check(trace, state.t)
+        cur = window_moments(vi.family, avg)
+        moved = prev is None or drift(prev, cur) >= DRIFT_TOL
+        prev = cur
+        if elbo_settled and not moved and (pdrift is None or pdrift.settled()):
+            return True
+        if pdrift is not None:
+            pdrift.reset()
+        conv.converged = False
+        return False
+
+    batches_left = stream()
+    try:
+        # phase 1: until the windowed test passes and q's moments have settled, or the cap less the
+        # averaging phase
+        for b in batches_left:
+            if b is not None and not step(b):
+                continue
+            if window_ends(b):
+                avg.close_window()
+                if len(trace) >= 2 and settled():
+                    break
+            if (by_steps and state.t >= cap1) or (not by_steps and b is None and epoch * nb >= cap1):
                 break
-            if pdrift is not None:
-                pdrift.reset()
-            conv.converged = False
-    # phase 2: a smaller step for as many epochs again (at most to the cap); the result is the
-    # average iterate over the second half of the run
-    if state.params or local is not None:
-        state.lr_scale *= DECAY
-        if local is not None:
-            local.lr_scale *= DECAY
-            local.start_average()
-        for _ in range(min(E - epoch, max(avg_epochs, w_epochs, epoch))):
-            run_epoch()
-        if state.params and state.t >= 2:
-            avg.assign()
-        if local is not None:
-            local.assign_average()
+        # phase 2: a smaller step for as long again (by steps: at least AVG_STEPS; at most to the cap);
+        # the result is the average iterate over the second half of the run
+        if state.params or local is not None:
+            state.lr_scale *= DECAY
+            if local is not None:
+                local.lr_scale *= DECAY
+                local.start_average()
+            if by_steps:
+                end_step, end_epoch = state.t + min(total_steps - state.t, max(AVG_STEPS, state.t)), None
+                if b is not None:               # mid-epoch: the anchor moves to where phase 1 settled
+                    anchor()
+            else:
+                end_step, end_epoch = None, epoch + min(E - epoch, max(avg_epochs, w_epochs, epoch))
+            done = state.t >= end_step if by_steps else epoch >= end_epoch
+            while not done:
+                b = next(batches_left)
+                if b is not None and not step(b):
+                    continue
+                if window_ends(b):
+                    avg.close_window()
+                done = state.t >= end_step if by_steps else (b is None and epoch >= end_epoch)
+            if state.params and state.t >= 2:
+                avg.assign()
+            if local is not None:
+                local.assign_average()
+    finally:
+        batches_left.close()
+        torch.set_num_threads(threads)
     return OptimResult(trace, conv.converged, state.t)
 
 
