@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("ppl", "ppl-s1", "ppl-s1-lr", "torch", "torch-s16", "pyro")
 PPL_VARIANTS = {"ppl": (), "ppl-s1": ("--mc-samples", "1"), "ppl-s1-lr": ("--mc-samples", "1", "--lr", "0.1")}
-DRAWS = {"ppl": 16, "ppl-s1": 2, "ppl-s1-lr": 2}
+DRAWS = {"ppl": 1, "ppl-s1": 1, "ppl-s1-lr": 1}
 
 
 def _run(cmd, env) -> tuple:

@@ -364,7 +364,7 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
         held = {"rows": held_model.rows.size, "fraction": config.holdout,
                 "elbo_per_row_start": amortized.heldout_elbo(family, program, held_model, seed=config.seed)}
 
-    S = mc_samples(config, vi) if mb_config.batch_size is None else minibatch.mc_samples(mb_config, program)
+    S = mc_samples(config, vi) if mb_config.batch_size is None else minibatch.mc_samples(mb_config, program, family)
     relax_note = ""
     if config.estimator == "auto" and mb_config.batch_size is None and config.gradient == "auto" and \
             vi.objective.linear and relaxed.candidates(model, node_plans):   # score or relaxed, by gradient variance
@@ -683,7 +683,8 @@ def step_size(config: FitConfig, vi: VI, S: int, cold: bool) -> float:
     halved on the score path."""
     if config.lr is not None:
         return config.lr
-    lr = getattr(vi.family, "lr", None) or (0.2 if cold else 0.1) * min(1.0, math.sqrt(S / 16))
+    lr = getattr(vi.family, "lr", None) or \
+        (0.2 if cold else 0.1) * (min(1.0, math.sqrt(S / 16)) if vi.family.lr_follows_draws else 1.0)
     if _noisy(vi):
         lr = lr * 0.5
     return lr
