@@ -265,6 +265,9 @@ class Amortized(RowLocal):
     name = "amortized"
     # the draws per step follow the rows (ENCODER_DRAWS), so the step size does not follow the draws
     lr_follows_draws = False
+    # the draws beyond PSIS's get their log p (a pass over every row each) only when k-hat < 0.7 says
+    # their weights may be used (fit.draw_and_diagnose)
+    rest_after_khat = True
     # PSIS's draws: each evaluates every row (a VAE on 1,800 digits: 16 s for 1000); over a joint of
     # thousands of per-row latents k-hat is large whatever q is, and 200 draws say so as well
     max_psis_draws = 200
