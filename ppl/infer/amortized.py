@@ -13,8 +13,8 @@ mean-field rows of the other local latents].  Globals: any registered family tha
 structure.  Per-row rows: RowLocal's natural-gradient steps.  Encoders: Gaussian in z's
 unconstrained space (the compiled model adds the Jacobian of biject_to, as for any latent):
 - MLP: hidden layers h(x_n) with the declared sizes and activation (registry
-  ppl.frontend.encoders.ACTIVATIONS), mu = [h, x_n] W_m + b_m (a linear skip from the inputs, so
-  the MLP encoder holds every linear one), log sd = h W_s + b_s, diagonal;
+  ppl.frontend.encoders.ACTIVATIONS), [mu | log sd] = h W_h + b_h (both heads one product), mu
+  plus x_n W_x (a linear skip from the inputs, so the MLP encoder holds every linear one), diagonal;
 - linear: mu = A x_n + b with a full covariance L L^T shared by the rows, which is exact wherever
   the posterior of z_n is Gaussian with a mean linear in x_n and a covariance that does not depend
   on it (a linear Gaussian model, probabilistic PCA);
@@ -126,7 +126,7 @@ class Encoder:
             L = torch.zeros(k, k, dtype=dtype, device=device)
             L.diagonal().copy_(torch.log(sd0.mean(0)))
             self.params["L"] = L                         # strict lower triangle, log of the diagonal
-            self._least_squares(x_train, m0, "A", "b", lambda x: x)
+            self._least_squares(x_train, m0, lambda x: x, self._assign_linear)
         else:
             sizes = [P] + list(spec.hidden)
             for i in range(len(spec.hidden)):
@@ -136,11 +136,12 @@ class Encoder:
                                                    device=device) * (gain / math.sqrt(max(1, fan_in)))
                 self.params[f"b{i}"] = torch.zeros(sizes[i + 1], dtype=dtype, device=device)
             h = sizes[-1]
-            self.params["Wm"] = torch.zeros(h + P, k, dtype=dtype, device=device)   # [hidden | x]: a linear skip
-            self.params["bm"] = m0.mean(0).clone()
-            self.params["Ws"] = torch.zeros(h, k, dtype=dtype, device=device)
-            self.params["bs"] = torch.log(sd0.mean(0)).clone()
-            self._least_squares(x_train, m0, "Wm", "bm", lambda x: torch.cat([self.hidden(x), x], 1))
+            # the heads on the hidden layer, [mean | log sd], in one matrix (one product); the mean's
+            # linear skip from the inputs apart
+            self.params["Wh"] = torch.zeros(h, 2 * k, dtype=dtype, device=device)
+            self.params["bh"] = torch.cat([m0.mean(0), torch.log(sd0.mean(0))])
+            self.params["Wx"] = torch.zeros(P, k, dtype=dtype, device=device)
+            self._least_squares(x_train, m0, lambda x: torch.cat([self.hidden(x), x], 1), self._assign_mlp)
         # IAF steps (Kingma et al. 2016) over the row's k values, with the row's context (the last
         # hidden layer; the standardised inputs for `linear`) entering each MADE's first layer
         self.masks: Dict[str, torch.Tensor] = {}
@@ -162,13 +163,13 @@ class Encoder:
             p.requires_grad_(True)
 
     @torch.no_grad()
-    def _least_squares(self, x: Optional[torch.Tensor], m0: torch.Tensor, W: str, b: str, hidden) -> None:
+    def _least_squares(self, x: Optional[torch.Tensor], m0: torch.Tensor, inputs, assign) -> None:
         """The mean head's start: least squares of the start's per-row means on the mean head's
         inputs (the last hidden layer and the skip), so the encoder starts near where the start point
-        put each row."""
+        put each row; `assign(W, b)` sets the head."""
         if x is None:
             return
-        H = hidden(x)
+        H = inputs(x)
         Hc = H - H.mean(0)
         mc = m0 - m0.mean(0)
         G = Hc.T @ Hc
@@ -179,8 +180,17 @@ class Encoder:
         except (RuntimeError, torch.linalg.LinAlgError):
             return
         if bool(torch.isfinite(Wv).all()):
-            self.params[W].copy_(Wv)
-            self.params[b].copy_(m0.mean(0) - H.mean(0) @ Wv)
+            assign(Wv, m0.mean(0) - H.mean(0) @ Wv)
+
+    def _assign_linear(self, W: torch.Tensor, b: torch.Tensor) -> None:
+        self.params["A"].copy_(W)
+        self.params["b"].copy_(b)
+
+    def _assign_mlp(self, W: torch.Tensor, b: torch.Tensor) -> None:
+        h, k = self.params["Wh"].shape[0], self.k
+        self.params["Wh"][:, :k].copy_(W[:h])
+        self.params["Wx"].copy_(W[h:])
+        self.params["bh"][:k].copy_(b)
 
     def parameters(self) -> List[torch.Tensor]:
         return list(self.params.values())
@@ -202,7 +212,9 @@ class Encoder:
         if self.spec.linear:
             return torch.addmm(p["b"], x, p["A"]), self.scale_tril()
         h = self.hidden(x)
-        return torch.addmm(p["bm"], torch.cat([h, x], 1), p["Wm"]), torch.addmm(p["bs"], h, p["Ws"])
+        k = self.k
+        heads = torch.addmm(p["bh"], h, p["Wh"])
+        return torch.addmm(heads[:, :k], x, p["Wx"]), heads[:, k:]
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.spec.linear else self.hidden(x)
