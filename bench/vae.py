@@ -61,6 +61,12 @@ def timed(*a, **k):
     finally:
         sys.stderr.write("OPTIMISE %r %r\\n" % (time.perf_counter() - t0, time.process_time() - c0))
 minibatch.optimise = timed
+_epoch = minibatch.Epochs.epoch
+def epoch(self):
+    t0 = time.perf_counter()
+    yield from _epoch(self)
+    sys.stderr.write("EPOCH %r\n" % (time.perf_counter() - t0))
+minibatch.Epochs.epoch = epoch
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -75,13 +81,15 @@ def run_ppl(csv: str, epochs: int, seed: int, env, system: str = "ppl") -> dict:
     prof = {m.group(1).strip(): float(m.group(2))
             for m in re.finditer(r"^\s+([a-z+ ]+?)\s+([0-9.]+)", p.stderr, re.M)}
     wall, cpu = [float(v) for v in re.search(r"^OPTIMISE (\S+) (\S+)$", p.stderr, re.M).groups()]
+    epoch_seconds = [float(v) for v in re.findall(r"^EPOCH (\S+)$", p.stderr, re.M)]
     m = re.search(r"(\d+) steps, (\d+) epochs", out["method_note"])
     steps, ran = int(m.group(1)), int(m.group(2))
     return {"system": system, "seed": seed, "epochs": ran, "epochs_asked": epochs,
             "steps": steps, "train_seconds": wall, "s_per_epoch": wall / ran, "cpu_s_per_epoch": cpu / ran,
             "heldout_elbo_per_row": out["holdout"]["elbo_per_row"],
             "heldout_elbo_per_row_start": out["holdout"]["elbo_per_row_start"], "process_seconds": dt,
-            "profile": prof, "converged": out["converged"], "method_note": out["method_note"]}
+            "profile": prof, "converged": out["converged"], "method_note": out["method_note"],
+            "epoch_seconds": epoch_seconds}
 
 
 def run_script(python: str, script: str, csv: str, epochs: int, seed: int, env, extra=()) -> dict:
@@ -93,27 +101,36 @@ def run_script(python: str, script: str, csv: str, epochs: int, seed: int, env, 
     return r
 
 
+def median_epoch(r) -> float:
+    """The median of a run's per-epoch wall seconds (NaN where not recorded): steadier than the mean on
+    a machine whose load comes in bursts."""
+    e = r.get("epoch_seconds") or []
+    return float(sorted(e)[len(e) // 2]) if e else float("nan")
+
+
 def table(runs) -> str:
     """One row per run; the ratios are each ppl variant's seconds per epoch over this run's, of the same
-    seed, in CPU seconds (wall seconds in brackets); the ELBO column is (the first variant's - this) /
-    |this| (positive: ppl's held-out ELBO is higher)."""
+    seed, in CPU seconds (wall seconds in brackets, the median epoch's wall seconds in square brackets);
+    the ELBO column is (the first variant's - this) / |this| (positive: ppl's held-out ELBO is higher)."""
     by = {(r["system"], r["seed"]): r for r in runs}
     variants = [v for v in PPL_VARIANTS if any(r["system"] == v for r in runs)]
-    lines = ["| system | seed | epochs | draws/row | s/epoch wall | s/epoch CPU | held-out ELBO/row | " +
-             "".join(f"{v} ÷ this, CPU (wall) | " for v in variants) + f"{variants[0]}'s ELBO vs this | "
-             "whole process s |", "|" + "---|" * (9 + len(variants))]
+    lines = ["| system | seed | epochs | draws/row | s/epoch wall | s/epoch CPU | median epoch s | held-out ELBO/row | " +
+             "".join(f"{v} ÷ this, CPU (wall) [median] | " for v in variants) + f"{variants[0]}'s ELBO vs this | "
+             "whole process s |", "|" + "---|" * (10 + len(variants))]
     for r in runs:
         cells = []
         for name in variants:
             p = by.get((name, r["seed"]))
             cells.append(f"{p['cpu_s_per_epoch'] / r['cpu_s_per_epoch']:.2f}x "
-                         f"({p['s_per_epoch'] / r['s_per_epoch']:.2f}x)" if p and p is not r else "")
+                         f"({p['s_per_epoch'] / r['s_per_epoch']:.2f}x) "
+                         f"[{median_epoch(p) / median_epoch(r):.2f}x]" if p and p is not r else "")
         p = by.get((variants[0], r["seed"]))
         rel = f"{100 * (p['heldout_elbo_per_row'] - r['heldout_elbo_per_row']) / abs(r['heldout_elbo_per_row']):+.2f}%" \
             if p and r is not p else ""
         draws = DRAWS.get(r["system"], r.get("mc_samples", ""))
         lines.append(f"| {r['system']} | {r['seed']} | {r['epochs']} | {draws} | {r['s_per_epoch']:.3f} | "
-                     f"{r['cpu_s_per_epoch']:.3f} | {r['heldout_elbo_per_row']:.3f} | {' | '.join(cells)} | "
+                     f"{r['cpu_s_per_epoch']:.3f} | {median_epoch(r):.3f} | {r['heldout_elbo_per_row']:.3f} | "
+                     f"{' | '.join(cells)} | "
                      f"{rel} | {r['process_seconds']:.1f} |")
     return "\n".join(lines)
 

@@ -151,11 +151,17 @@ class VI:
 
 
 def grads_finite(params: List[torch.Tensor]) -> bool:
-    """Every gradient finite: one multi-tensor reduction and one sync, not one per parameter."""
+    """Every gradient finite: one multi-tensor pass and one sync, not one per parameter (torch's fused
+    non-finite check of mixed precision, scaling by 1; where it does not serve: the gradients' norms)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all())
+    try:
+        found = torch.zeros(1, device=grads[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=grads[0].device))
+        return not bool(found)
+    except (RuntimeError, AttributeError, TypeError):
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all())
 
 
 def sqrt_decay(t: int) -> float:
