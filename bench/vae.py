@@ -65,7 +65,7 @@ _epoch = minibatch.Epochs.epoch
 def epoch(self):
     t0 = time.perf_counter()
     yield from _epoch(self)
-    sys.stderr.write("EPOCH %r\n" % (time.perf_counter() - t0))
+    sys.stderr.write("EPOCH %r\\n" % (time.perf_counter() - t0))
 minibatch.Epochs.epoch = epoch
 sys.exit(main(sys.argv[1:]))
 """
