@@ -7,13 +7,13 @@
 
 Per seed, interleaved (one process each, OMP_NUM_THREADS=1):
 - `ppl`: `ppl fit models/vae.ppl CSV --batch-size 128 --epochs E --holdout 0.1 --seed S --format json
-  --profile` as a user runs it (ppl.cli.main; its defaults: 16 MC samples a step, Adam 0.1, the
-  weights at 0.1 of it).  Whole-process wall time; the wall and CPU seconds of the epochs
-  (minibatch.optimise, timed by a wrapper) over the epochs it ran (its convergence test may stop it
-  before E); the held-out ELBO per row from its JSON.
-- `ppl-s1`: the same with `--mc-samples 1` (ppl then takes one antithetic pair: 2 draws a row, and its
-  step size falls to 0.1 sqrt(1/16) = 0.025); `ppl-s1-lr`: `--mc-samples 1 --lr 0.1` (2 draws a row at
-  the default's step size: the encoder's and decoder's weights at 0.01, as the torch loop's).
+  --profile` as a user runs it (ppl.cli.main; its defaults for an encoder fit without global latents:
+  one draw of z a row a step, Adam 0.1, the weights at 0.1 of it).  Whole-process wall time; the wall
+  and CPU seconds of the epochs (minibatch.optimise, timed by a wrapper) over the epochs it ran (its
+  convergence test may stop it before E), and each epoch's wall seconds (minibatch.Epochs.epoch,
+  wrapped; the table's median epoch); the held-out ELBO per row from its JSON.
+- `ppl-s1`: the same with `--mc-samples 1` (now ppl's default here: the same fit); `ppl-s1-lr`:
+  `--mc-samples 1 --lr 0.1` (the same again: the step size no longer follows the draws for an encoder).
 - `torch`: bench/systems/vae_torch.py, the same architecture, one draw per row, Adam at ppl's default
   weight step 0.01 / sqrt(1 + t/100), for the epochs ppl ran; `torch-sN`: N draws per row (`torch-s16`).
 - `pyro`: bench/systems/vae_pyro.py (pyro.module, plate with the batch's subsample, Trace_ELBO, Adam
@@ -164,7 +164,7 @@ def main() -> None:
             r = run_ppl(csv, a.epochs, seed, env, first)
             E = r["epochs"]                    # the others run as many epochs as ppl did
             runs.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "epoch_seconds")}), flush=True)
         todo = []
         if "torch" in systems:
             todo.append((sys.executable, "vae_torch.py", ()))
@@ -181,7 +181,7 @@ def main() -> None:
                 if extra:
                     r["system"] = f"torch-s{extra[1]}"
             runs.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "epoch_seconds")}), flush=True)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(runs, indent=1))
     print(table(runs))
