@@ -2,7 +2,7 @@
 (issue 10, item 6).
 
     python bench/vae.py models/vae.csv --epochs E [--seeds 0,1] [--peers-python bench/.venv-peers/bin/python]
-        [--systems ppl,ppl-s1,ppl-s1-lr,torch,torch-s16,pyro] [--out bench/results/vae.json]
+        [--systems ppl,ppl-s1,ppl-s1-lr,ppl-s16,torch,torch-s16,pyro] [--out bench/results/vae.json]
     python bench/vae.py --report [--out bench/results/vae.json]       # the table of a finished run
 
 Per seed, interleaved (one process each, OMP_NUM_THREADS=1):
@@ -13,7 +13,8 @@ Per seed, interleaved (one process each, OMP_NUM_THREADS=1):
   convergence test may stop it before E), and each epoch's wall seconds (minibatch.Epochs.epoch,
   wrapped; the table's median epoch); the held-out ELBO per row from its JSON.
 - `ppl-s1`: the same with `--mc-samples 1` (now ppl's default here: the same fit); `ppl-s1-lr`:
-  `--mc-samples 1 --lr 0.1` (the same again: the step size no longer follows the draws for an encoder).
+  `--mc-samples 1 --lr 0.1` (the same again: the step size no longer follows the draws for an encoder);
+  `ppl-s16`: `--mc-samples 16` (the default before: 16 draws a row, as antithetic pairs).
 - `torch`: bench/systems/vae_torch.py, the same architecture, one draw per row, Adam at ppl's default
   weight step 0.01 / sqrt(1 + t/100), for the epochs ppl ran; `torch-sN`: N draws per row (`torch-s16`).
 - `pyro`: bench/systems/vae_pyro.py (pyro.module, plate with the batch's subsample, Trace_ELBO, Adam
@@ -33,9 +34,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("ppl", "ppl-s1", "ppl-s1-lr", "torch", "torch-s16", "pyro")
-PPL_VARIANTS = {"ppl": (), "ppl-s1": ("--mc-samples", "1"), "ppl-s1-lr": ("--mc-samples", "1", "--lr", "0.1")}
-DRAWS = {"ppl": 1, "ppl-s1": 1, "ppl-s1-lr": 1}
+SYSTEMS = ("ppl", "ppl-s1", "ppl-s1-lr", "ppl-s16", "torch", "torch-s16", "pyro")
+PPL_VARIANTS = {"ppl": (), "ppl-s1": ("--mc-samples", "1"), "ppl-s1-lr": ("--mc-samples", "1", "--lr", "0.1"),
+                "ppl-s16": ("--mc-samples", "16")}
+DRAWS = {"ppl": 1, "ppl-s1": 1, "ppl-s1-lr": 1, "ppl-s16": 16}
 
 
 def _run(cmd, env) -> tuple:
