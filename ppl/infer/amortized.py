@@ -275,8 +275,6 @@ class Encoder:
 class Amortized(RowLocal):
     """RowLocal with the rows of the declared latents from encoders (see the module docstring)."""
     name = "amortized"
-    # the draws per step follow the rows (ENCODER_DRAWS), so the step size does not follow the draws
-    lr_follows_draws = False
     # the draws beyond PSIS's get their log p (a pass over every row each) only when k-hat < 0.7 says
     # their weights may be used (fit.draw_and_diagnose)
     rest_after_khat = True
@@ -316,6 +314,9 @@ class Amortized(RowLocal):
         self.identity = order == list(range(K_full))
         self.mc_samples = None if self.glob.dim or self.K else \
             max(ENCODER_DRAWS[e.spec.linear] for e, *_ in self.encoders)
+        # where the draws follow the encoders' rows (ENCODER_DRAWS) the step size does not follow the
+        # draws; with globals or per-row rows, fewer draws are noisier steps for them, as for any family
+        self.lr_follows_draws = self.mc_samples is None
         # the fitted rows' encoder inputs, standardised once (a step takes its batch's rows of them),
         # where they are small beside the data; larger: standardised batch by batch
         N = self.N
@@ -506,8 +507,10 @@ class AmortizedGradient(GradientEstimator):
 
     def gradient(self, S: int, batch=None) -> float:
         fam, lj = self.vi.family, self.vi.program
-        # an even S: antithetic pairs; an odd S (a VAE's one draw a row): S independent draws
-        idx, scale, S, theta_g, ent, rows, eps, eps_e = (plain_draws if S % 2 else paired_draws)(fam, S, batch)
+        # an even S: antithetic pairs; an odd S (a VAE's one draw a row): S independent draws, unless
+        # per-row rows take natural-gradient steps (their curvature needs the pairs: S rounded up)
+        draws = plain_draws if S % 2 and not fam.K else paired_draws
+        idx, scale, S, theta_g, ent, rows, eps, eps_e = draws(fam, S, batch)
         data = lj.row_data if batch is None else batch.data
         z_e, _, ent_e = fam.encode_rows(data, eps_e, idx)
         if fam.K:
