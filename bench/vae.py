@@ -2,18 +2,19 @@
 (issue 10, item 6).
 
     python bench/vae.py models/vae.csv --epochs E [--seeds 0,1] [--peers-python bench/.venv-peers/bin/python]
-        [--systems ppl,ppl-s1,ppl-s1-lr,torch,torch-s16,pyro] [--out bench/results/vae.json]
+        [--systems ppl,ppl-s1,ppl-s1-lr,ppl-s16,torch,torch-s16,pyro] [--out bench/results/vae.json]
     python bench/vae.py --report [--out bench/results/vae.json]       # the table of a finished run
 
 Per seed, interleaved (one process each, OMP_NUM_THREADS=1):
 - `ppl`: `ppl fit models/vae.ppl CSV --batch-size 128 --epochs E --holdout 0.1 --seed S --format json
-  --profile` as a user runs it (ppl.cli.main; its defaults: 16 MC samples a step, Adam 0.1, the
-  weights at 0.1 of it).  Whole-process wall time; the wall and CPU seconds of the epochs
-  (minibatch.optimise, timed by a wrapper) over the epochs it ran (its convergence test may stop it
-  before E); the held-out ELBO per row from its JSON.
-- `ppl-s1`: the same with `--mc-samples 1` (ppl then takes one antithetic pair: 2 draws a row, and its
-  step size falls to 0.1 sqrt(1/16) = 0.025); `ppl-s1-lr`: `--mc-samples 1 --lr 0.1` (2 draws a row at
-  the default's step size: the encoder's and decoder's weights at 0.01, as the torch loop's).
+  --profile` as a user runs it (ppl.cli.main; its defaults for an encoder fit without global latents:
+  one draw of z a row a step, Adam 0.1, the weights at 0.1 of it).  Whole-process wall time; the wall
+  and CPU seconds of the epochs (minibatch.optimise, timed by a wrapper) over the epochs it ran (its
+  convergence test may stop it before E), and each epoch's wall seconds (minibatch.Epochs.epoch,
+  wrapped; the table's median epoch); the held-out ELBO per row from its JSON.
+- `ppl-s1`: the same with `--mc-samples 1` (now ppl's default here: the same fit); `ppl-s1-lr`:
+  `--mc-samples 1 --lr 0.1` (the same again: the step size no longer follows the draws for an encoder);
+  `ppl-s16`: `--mc-samples 16` (the default before: 16 draws a row, as antithetic pairs).
 - `torch`: bench/systems/vae_torch.py, the same architecture, one draw per row, Adam at ppl's default
   weight step 0.01 / sqrt(1 + t/100), for the epochs ppl ran; `torch-sN`: N draws per row (`torch-s16`).
 - `pyro`: bench/systems/vae_pyro.py (pyro.module, plate with the batch's subsample, Trace_ELBO, Adam
@@ -33,9 +34,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("ppl", "ppl-s1", "ppl-s1-lr", "torch", "torch-s16", "pyro")
-PPL_VARIANTS = {"ppl": (), "ppl-s1": ("--mc-samples", "1"), "ppl-s1-lr": ("--mc-samples", "1", "--lr", "0.1")}
-DRAWS = {"ppl": 16, "ppl-s1": 2, "ppl-s1-lr": 2}
+SYSTEMS = ("ppl", "ppl-s1", "ppl-s1-lr", "ppl-s16", "torch", "torch-s16", "pyro")
+PPL_VARIANTS = {"ppl": (), "ppl-s1": ("--mc-samples", "1"), "ppl-s1-lr": ("--mc-samples", "1", "--lr", "0.1"),
+                "ppl-s16": ("--mc-samples", "16")}
+DRAWS = {"ppl": 1, "ppl-s1": 1, "ppl-s1-lr": 1, "ppl-s16": 16}
 
 
 def _run(cmd, env) -> tuple:
@@ -61,6 +63,12 @@ def timed(*a, **k):
     finally:
         sys.stderr.write("OPTIMISE %r %r\\n" % (time.perf_counter() - t0, time.process_time() - c0))
 minibatch.optimise = timed
+_epoch = minibatch.Epochs.epoch
+def epoch(self):
+    t0 = time.perf_counter()
+    yield from _epoch(self)
+    sys.stderr.write("EPOCH %r\\n" % (time.perf_counter() - t0))
+minibatch.Epochs.epoch = epoch
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -75,13 +83,15 @@ def run_ppl(csv: str, epochs: int, seed: int, env, system: str = "ppl") -> dict:
     prof = {m.group(1).strip(): float(m.group(2))
             for m in re.finditer(r"^\s+([a-z+ ]+?)\s+([0-9.]+)", p.stderr, re.M)}
     wall, cpu = [float(v) for v in re.search(r"^OPTIMISE (\S+) (\S+)$", p.stderr, re.M).groups()]
+    epoch_seconds = [float(v) for v in re.findall(r"^EPOCH (\S+)$", p.stderr, re.M)]
     m = re.search(r"(\d+) steps, (\d+) epochs", out["method_note"])
     steps, ran = int(m.group(1)), int(m.group(2))
     return {"system": system, "seed": seed, "epochs": ran, "epochs_asked": epochs,
             "steps": steps, "train_seconds": wall, "s_per_epoch": wall / ran, "cpu_s_per_epoch": cpu / ran,
             "heldout_elbo_per_row": out["holdout"]["elbo_per_row"],
             "heldout_elbo_per_row_start": out["holdout"]["elbo_per_row_start"], "process_seconds": dt,
-            "profile": prof, "converged": out["converged"], "method_note": out["method_note"]}
+            "profile": prof, "converged": out["converged"], "method_note": out["method_note"],
+            "epoch_seconds": epoch_seconds}
 
 
 def run_script(python: str, script: str, csv: str, epochs: int, seed: int, env, extra=()) -> dict:
@@ -93,27 +103,36 @@ def run_script(python: str, script: str, csv: str, epochs: int, seed: int, env, 
     return r
 
 
+def median_epoch(r) -> float:
+    """The median of a run's per-epoch wall seconds (NaN where not recorded): steadier than the mean on
+    a machine whose load comes in bursts."""
+    e = r.get("epoch_seconds") or []
+    return float(sorted(e)[len(e) // 2]) if e else float("nan")
+
+
 def table(runs) -> str:
     """One row per run; the ratios are each ppl variant's seconds per epoch over this run's, of the same
-    seed, in CPU seconds (wall seconds in brackets); the ELBO column is (the first variant's - this) /
-    |this| (positive: ppl's held-out ELBO is higher)."""
+    seed, in CPU seconds (wall seconds in brackets, the median epoch's wall seconds in square brackets);
+    the ELBO column is (the first variant's - this) / |this| (positive: ppl's held-out ELBO is higher)."""
     by = {(r["system"], r["seed"]): r for r in runs}
     variants = [v for v in PPL_VARIANTS if any(r["system"] == v for r in runs)]
-    lines = ["| system | seed | epochs | draws/row | s/epoch wall | s/epoch CPU | held-out ELBO/row | " +
-             "".join(f"{v} ÷ this, CPU (wall) | " for v in variants) + f"{variants[0]}'s ELBO vs this | "
-             "whole process s |", "|" + "---|" * (9 + len(variants))]
+    lines = ["| system | seed | epochs | draws/row | s/epoch wall | s/epoch CPU | median epoch s | held-out ELBO/row | " +
+             "".join(f"{v} ÷ this, CPU (wall) [median] | " for v in variants) + f"{variants[0]}'s ELBO vs this | "
+             "whole process s |", "|" + "---|" * (10 + len(variants))]
     for r in runs:
         cells = []
         for name in variants:
             p = by.get((name, r["seed"]))
             cells.append(f"{p['cpu_s_per_epoch'] / r['cpu_s_per_epoch']:.2f}x "
-                         f"({p['s_per_epoch'] / r['s_per_epoch']:.2f}x)" if p and p is not r else "")
+                         f"({p['s_per_epoch'] / r['s_per_epoch']:.2f}x) "
+                         f"[{median_epoch(p) / median_epoch(r):.2f}x]" if p and p is not r else "")
         p = by.get((variants[0], r["seed"]))
         rel = f"{100 * (p['heldout_elbo_per_row'] - r['heldout_elbo_per_row']) / abs(r['heldout_elbo_per_row']):+.2f}%" \
             if p and r is not p else ""
         draws = DRAWS.get(r["system"], r.get("mc_samples", ""))
         lines.append(f"| {r['system']} | {r['seed']} | {r['epochs']} | {draws} | {r['s_per_epoch']:.3f} | "
-                     f"{r['cpu_s_per_epoch']:.3f} | {r['heldout_elbo_per_row']:.3f} | {' | '.join(cells)} | "
+                     f"{r['cpu_s_per_epoch']:.3f} | {median_epoch(r):.3f} | {r['heldout_elbo_per_row']:.3f} | "
+                     f"{' | '.join(cells)} | "
                      f"{rel} | {r['process_seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -147,7 +166,7 @@ def main() -> None:
             r = run_ppl(csv, a.epochs, seed, env, first)
             E = r["epochs"]                    # the others run as many epochs as ppl did
             runs.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "epoch_seconds")}), flush=True)
         todo = []
         if "torch" in systems:
             todo.append((sys.executable, "vae_torch.py", ()))
@@ -164,7 +183,7 @@ def main() -> None:
                 if extra:
                     r["system"] = f"torch-s{extra[1]}"
             runs.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "epoch_seconds")}), flush=True)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(runs, indent=1))
     print(table(runs))

@@ -52,15 +52,15 @@ def profile_ppl(csv: str, epochs: int, mc_samples, top: int) -> int:
         f = ppl.load(str(ROOT / "models" / "vae.ppl")).fit(csv, **options)
     finally:
         minibatch.optimise = original
-    print(f"== ppl: {f.steps} steps, {seen['S']} MC samples a step (draws a row: {2 * max(1, (seen['S'] + 1) // 2)}), "
-          f"optimise {seen['seconds']:.2f} s under the profilers ({fit_mod.__name__})")
+    print(f"== ppl: {f.steps} steps, {seen['S']} draws a row a step (an odd count: independent draws; even: "
+          f"antithetic pairs), optimise {seen['seconds']:.2f} s under the profilers ({fit_mod.__name__})")
     for key in ("tottime", "cumulative"):
         s = io.StringIO()
         pstats.Stats(seen["cprofile"], stream=s).sort_stats(key).print_stats(top)
         print(f"-- Python functions by {key}\n" + "\n".join(s.getvalue().splitlines()[4:]))
     print("-- torch ops by self CPU time (ppl)")
     print(seen["torch"].key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
-    return 2 * max(1, (seen["S"] + 1) // 2)
+    return seen["S"]
 
 
 def profile_torch(csv: str, epochs: int, S: int, top: int) -> None:

@@ -273,3 +273,30 @@ def test_a_minibatch_fit_with_per_row_q_saves_and_restores(tmp_path):
     back = ppl.load_fit(str(tmp_path / "out"))
     a, b = fit.q.draw(50, seed=4)[0], back.q.draw(50, seed=4)[0]
     assert np.allclose(a["z"], b["z"]) and np.allclose(a["mu"], b["mu"])
+
+
+MIXED = """data y: real[N]
+data x: real[N]
+mu ~ normal(0, 5)
+u[N] ~ normal(0, 1)
+w[N] ~ normal(0, 1)
+y ~ normal(mu + u, 0.5)
+x ~ normal(w, 0.5)
+amortize u from y linear
+"""
+
+
+def test_one_draw_a_row_keeps_antithetic_pairs_where_per_row_rows_take_natural_gradient_steps():
+    # w has no encoder: its rows' natural-gradient steps need the curvature of an antithetic pair, so
+    # `mc_samples=1` still draws one pair there (one draw alone once sent the ELBO to -1e15); with
+    # globals (mu) the step size follows the draws, as for any family
+    rng = np.random.default_rng(0)
+    N = 300
+    y = (1.0 + rng.normal(size=N) + 0.5 * rng.normal(size=N)).tolist()
+    x = (rng.normal(size=N) + 0.5 * rng.normal(size=N)).tolist()
+    fits = [ppl.loads(MIXED, "m.ppl").fit({"y": y, "x": x}, seed=0, batch_size=50, epochs=30, **o)
+            for o in ({}, {"mc_samples": 1})]
+    assert fits[0].mc_samples == 16 and fits[1].mc_samples == 1
+    assert fits[1].lr == pytest.approx(0.1 * math.sqrt(1 / 16))
+    assert abs(fits[1].elbo - fits[0].elbo) < 0.01 * abs(fits[0].elbo)
+    assert abs(fits[1].summary()["mu"]["mean"] - fits[0].summary()["mu"]["mean"]) < 0.05

@@ -59,3 +59,27 @@ def test_ppca_encoder_is_the_exact_posterior_of_each_row():
     sd = np.sqrt(np.diag(np.linalg.inv(M)))
     assert np.allclose(e["mean"], mean, atol=0.01 * sd.min())
     assert np.allclose(e["sd"], np.broadcast_to(sd, e["sd"].shape), rtol=0.01)
+
+
+
+@pytest.mark.parametrize("options, draws", [(dict(batch_size=100, epochs=60), 2),
+                                            (dict(batch_size=100, epochs=60, mc_samples=1), 1),
+                                            (dict(steps=400), 2)],
+                         ids=["pair", "one-draw", "full-pair"])
+def test_ppca_with_an_encoders_few_draws_a_row_reaches_the_closed_form_noise_variance(options, draws):
+    # an encoder fit without global latents draws an antithetic pair of z's a row a step for a linear
+    # encoder (one for an MLP's), not 16; `mc_samples=1`: exactly one
+    y = np.loadtxt(MODELS / "ppca.csv", delimiter=",", skiprows=1)
+    s2, U, _ = closed_form(y, 2)
+    fit = ppl.load(str(MODELS / "ppca.ppl")).fit(str(MODELS / "ppca.csv"), seed=1, lr=1.0, **options)
+    assert fit.mc_samples == draws
+    s = float(fit.params["s"])
+    assert s * s == pytest.approx(s2, rel=0.05)
+    assert principal_angles(fit.params["W"].T, U).max() < 5.0
+
+
+def test_an_encoder_fit_with_few_draws_keeps_the_default_step_size():
+    # the default step shrinks by sqrt(S / 16) with fewer draws, but not where the encoder's draws
+    # follow the rows (Family.lr_follows_draws)
+    fit = ppl.load(str(MODELS / "ppca.ppl")).fit(str(MODELS / "ppca.csv"), seed=0, batch_size=100, epochs=1)
+    assert fit.mc_samples == 2 and fit.lr == pytest.approx(0.1)

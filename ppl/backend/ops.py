@@ -43,6 +43,8 @@ class TorchOps:
             return (a * b).sum(-1)
         if ra == 1 and rb == 2:
             return (a.unsqueeze(-2) @ b).squeeze(-2)
+        if b.shape[0] == 1 and b.dim() == 3:          # one matrix (a weight) for every sample: one mm over
+            return a @ b[0]                           # all samples' rows, not a broadcast batched product
         return a @ b
 
     @staticmethod

@@ -13,8 +13,8 @@ mean-field rows of the other local latents].  Globals: any registered family tha
 structure.  Per-row rows: RowLocal's natural-gradient steps.  Encoders: Gaussian in z's
 unconstrained space (the compiled model adds the Jacobian of biject_to, as for any latent):
 - MLP: hidden layers h(x_n) with the declared sizes and activation (registry
-  ppl.frontend.encoders.ACTIVATIONS), mu = [h, x_n] W_m + b_m (a linear skip from the inputs, so
-  the MLP encoder holds every linear one), log sd = h W_s + b_s, diagonal;
+  ppl.frontend.encoders.ACTIVATIONS), [mu | log sd] = h W_h + b_h (both heads one product), mu
+  plus x_n W_x (a linear skip from the inputs, so the MLP encoder holds every linear one), diagonal;
 - linear: mu = A x_n + b with a full covariance L L^T shared by the rows, which is exact wherever
   the posterior of z_n is Gaussian with a mean linear in x_n and a covariance that does not depend
   on it (a linear Gaussian model, probabilistic PCA);
@@ -47,6 +47,10 @@ IAF_HIDDEN_MIN = 16       # hidden units per IAF step's MADE layer: 2 k, at leas
 IAF_GATE_BIAS = 1.5       # each step starts as u' = sigmoid(1.5) u (no shift), undone by a constant factor
 IAF_MOMENT_DRAWS = 2000
 RIDGE = 1e-6          # relative ridge of the least-squares start of an encoder's mean head
+# draws per row per step when only encoders' rows are drawn: one, as a VAE takes (the batch's rows
+# average the noise); an antithetic pair for a linear encoder (on a linear Gaussian model its mean's
+# gradient is then exact).  With global latents or per-row rows: the engine's default (16).
+ENCODER_DRAWS = {False: 1, True: 2}       # by EncoderSpec.linear
 _LOG2PI = math.log(2 * math.pi)
 
 
@@ -122,7 +126,7 @@ class Encoder:
             L = torch.zeros(k, k, dtype=dtype, device=device)
             L.diagonal().copy_(torch.log(sd0.mean(0)))
             self.params["L"] = L                         # strict lower triangle, log of the diagonal
-            self._least_squares(x_train, m0, "A", "b", lambda x: x)
+            self._least_squares(x_train, m0, lambda x: x, self._assign_linear)
         else:
             sizes = [P] + list(spec.hidden)
             for i in range(len(spec.hidden)):
@@ -132,11 +136,12 @@ class Encoder:
                                                    device=device) * (gain / math.sqrt(max(1, fan_in)))
                 self.params[f"b{i}"] = torch.zeros(sizes[i + 1], dtype=dtype, device=device)
             h = sizes[-1]
-            self.params["Wm"] = torch.zeros(h + P, k, dtype=dtype, device=device)   # [hidden | x]: a linear skip
-            self.params["bm"] = m0.mean(0).clone()
-            self.params["Ws"] = torch.zeros(h, k, dtype=dtype, device=device)
-            self.params["bs"] = torch.log(sd0.mean(0)).clone()
-            self._least_squares(x_train, m0, "Wm", "bm", lambda x: torch.cat([self.hidden(x), x], 1))
+            # the heads on the hidden layer, [mean | log sd], in one matrix (one product); the mean's
+            # linear skip from the inputs apart
+            self.params["Wh"] = torch.zeros(h, 2 * k, dtype=dtype, device=device)
+            self.params["bh"] = torch.cat([m0.mean(0), torch.log(sd0.mean(0))])
+            self.params["Wx"] = torch.zeros(P, k, dtype=dtype, device=device)
+            self._least_squares(x_train, m0, lambda x: torch.cat([self.hidden(x), x], 1), self._assign_mlp)
         # IAF steps (Kingma et al. 2016) over the row's k values, with the row's context (the last
         # hidden layer; the standardised inputs for `linear`) entering each MADE's first layer
         self.masks: Dict[str, torch.Tensor] = {}
@@ -158,13 +163,13 @@ class Encoder:
             p.requires_grad_(True)
 
     @torch.no_grad()
-    def _least_squares(self, x: Optional[torch.Tensor], m0: torch.Tensor, W: str, b: str, hidden) -> None:
+    def _least_squares(self, x: Optional[torch.Tensor], m0: torch.Tensor, inputs, assign) -> None:
         """The mean head's start: least squares of the start's per-row means on the mean head's
         inputs (the last hidden layer and the skip), so the encoder starts near where the start point
-        put each row."""
+        put each row; `assign(W, b)` sets the head."""
         if x is None:
             return
-        H = hidden(x)
+        H = inputs(x)
         Hc = H - H.mean(0)
         mc = m0 - m0.mean(0)
         G = Hc.T @ Hc
@@ -175,8 +180,17 @@ class Encoder:
         except (RuntimeError, torch.linalg.LinAlgError):
             return
         if bool(torch.isfinite(Wv).all()):
-            self.params[W].copy_(Wv)
-            self.params[b].copy_(m0.mean(0) - H.mean(0) @ Wv)
+            assign(Wv, m0.mean(0) - H.mean(0) @ Wv)
+
+    def _assign_linear(self, W: torch.Tensor, b: torch.Tensor) -> None:
+        self.params["A"].copy_(W)
+        self.params["b"].copy_(b)
+
+    def _assign_mlp(self, W: torch.Tensor, b: torch.Tensor) -> None:
+        h, k = self.params["Wh"].shape[0], self.k
+        self.params["Wh"][:, :k].copy_(W[:h])
+        self.params["Wx"].copy_(W[h:])
+        self.params["bh"][:k].copy_(b)
 
     def parameters(self) -> List[torch.Tensor]:
         return list(self.params.values())
@@ -198,7 +212,9 @@ class Encoder:
         if self.spec.linear:
             return torch.addmm(p["b"], x, p["A"]), self.scale_tril()
         h = self.hidden(x)
-        return torch.addmm(p["bm"], torch.cat([h, x], 1), p["Wm"]), torch.addmm(p["bs"], h, p["Ws"])
+        k = self.k
+        heads = torch.addmm(p["bh"], h, p["Wh"])
+        return torch.addmm(heads[:, :k], x, p["Wx"]), heads[:, k:]
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.spec.linear else self.hidden(x)
@@ -259,6 +275,9 @@ class Encoder:
 class Amortized(RowLocal):
     """RowLocal with the rows of the declared latents from encoders (see the module docstring)."""
     name = "amortized"
+    # the draws beyond PSIS's get their log p (a pass over every row each) only when k-hat < 0.7 says
+    # their weights may be used (fit.draw_and_diagnose)
+    rest_after_khat = True
     # PSIS's draws: each evaluates every row (a VAE on 1,800 digits: 16 s for 1000); over a joint of
     # thousands of per-row latents k-hat is large whatever q is, and 200 draws say so as well
     max_psis_draws = 200
@@ -293,6 +312,18 @@ class Amortized(RowLocal):
         order = row_cols + [c for _, k0, k, _ in self.encoders for c in range(k0, k0 + k)]
         self.perm = torch.as_tensor(np.argsort(order), dtype=torch.long, device=self.device)
         self.identity = order == list(range(K_full))
+        self.mc_samples = None if self.glob.dim or self.K else \
+            max(ENCODER_DRAWS[e.spec.linear] for e, *_ in self.encoders)
+        # where the draws follow the encoders' rows (ENCODER_DRAWS) the step size does not follow the
+        # draws; with globals or per-row rows, fewer draws are noisier steps for them, as for any family
+        self.lr_follows_draws = self.mc_samples is None
+        # the fitted rows' encoder inputs, standardised once (a step takes its batch's rows of them),
+        # where they are small beside the data; larger: standardised batch by batch
+        N = self.N
+        self.x_rows = [enc.features(program.row_data)
+                       if N * enc.features.size <= CHUNK_ELEMENTS else None for enc, *_ in self.encoders]
+        self._no_globals = torch.zeros((1, 0), dtype=self.dtype, device=self.device)
+        self.all_rows = torch.arange(N, device=self.device)
 
     def parameters(self) -> List[torch.Tensor]:
         return self.glob.parameters() + [p for e, *_ in self.encoders for p in e.parameters()]
@@ -309,14 +340,42 @@ class Amortized(RowLocal):
         z = torch.cat([z_rows] + z_enc, -1)
         return z if self.identity else z[..., self.perm]
 
-    def encode_rows(self, data: Dict[str, torch.Tensor], eps: List[torch.Tensor]):
-        """-> (each encoder's draws (S, B, k), log q of the draws (S,), analytic entropy)."""
+    def assemble_encoded(self, z_enc: List[torch.Tensor]) -> torch.Tensor:
+        """`assemble` without per-row rows (K = 0)."""
+        z = z_enc[0] if len(z_enc) == 1 else torch.cat(z_enc, -1)
+        return z if self.identity else z[..., self.perm]
+
+    def encode_rows(self, data: Dict[str, torch.Tensor], eps: List[torch.Tensor], index=None):
+        """-> (each encoder's draws (S, B, k), log q of the draws (S,), analytic entropy).  `index`: the
+        fitted data's rows that `data` holds (their standardised inputs are kept)."""
+        if len(self.encoders) == 1:
+            enc = self.encoders[0][0]
+            z, lq, ent = enc.draw(self.inputs(0, data, index), eps[0])
+            return [z], lq, ent
         zs, lq, ent = [], 0.0, 0.0
-        for (enc, _, _, _), e in zip(self.encoders, eps):
-            z, l, h = enc.draw(enc.features(data), e)
+        for i, ((enc, _, _, _), e) in enumerate(zip(self.encoders, eps)):
+            z, l, h = enc.draw(self.inputs(i, data, index), e)
             zs.append(z)
             lq, ent = lq + l, ent + h
         return zs, lq, ent
+
+    def inputs(self, i: int, data: Dict[str, torch.Tensor], index=None) -> torch.Tensor:
+        """Encoder i's standardised inputs for the rows of `data` (the kept ones for the fitted rows `index`)."""
+        x = self.x_rows[i]
+        if x is None or index is None:
+            return self.encoders[i][0].features(data)
+        return x.index_select(0, index)
+
+    def global_draws(self, S: int):
+        """S draws of the globals (S, dim_g) and their entropy (or its estimate): none to make without
+        global latents."""
+        glob = self.glob
+        if not glob.dim:
+            return self._no_globals.expand(S, 0), 0.0
+        if glob.gaussian:
+            return glob.rsample(S), glob.entropy()
+        theta_g, lq = glob.rsample_with_log_q(S)
+        return theta_g, -lq.mean()
 
     def rsample_with_log_q(self, S: int):
         """Full draws of theta in the compiled model's layout (every row), and log q."""
@@ -448,15 +507,20 @@ class AmortizedGradient(GradientEstimator):
 
     def gradient(self, S: int, batch=None) -> float:
         fam, lj = self.vi.family, self.vi.program
-        idx, scale, S, half, theta_g, ent, rows, eps = antithetic_draws(fam, S, batch)
+        # an even S: antithetic pairs; an odd S (a VAE's one draw a row): S independent draws, unless
+        # per-row rows take natural-gradient steps (their curvature needs the pairs: S rounded up)
+        draws = plain_draws if S % 2 and not fam.K else paired_draws
+        idx, scale, S, theta_g, ent, rows, eps, eps_e = draws(fam, S, batch)
         data = lj.row_data if batch is None else batch.data
-        B = rows.shape[0]
-        z_r = fam.local_theta(rows, eps).requires_grad_(fam.K > 0)
-        eps_e = [torch.cat([e, -e]) for e in fam.encoder_eps(B, half)]
-        z_e, _, ent_e = fam.encode_rows(data, eps_e)
-        total = lj.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=batch).total
+        z_e, _, ent_e = fam.encode_rows(data, eps_e, idx)
+        if fam.K:
+            z_r = fam.local_theta(rows, eps).requires_grad_(True)
+            z = fam.assemble(z_r, z_e)
+        else:                                           # every local latent encoded
+            z = fam.assemble_encoded(z_e)
+        total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch).total
         value = total.mean() + ent + scale * ent_e
-        v = float(value.detach()) + scale * float(fam.local_entropy(rows))
+        v = float(value.detach()) + (scale * float(fam.local_entropy(rows)) if fam.K else 0.0)
         if not math.isfinite(v):
             return math.nan
         (-value).backward()
@@ -466,6 +530,26 @@ class AmortizedGradient(GradientEstimator):
                 return math.nan
             fam.step_rows(idx, eps, -g)
         return v
+
+
+def paired_draws(fam: Amortized, S: int, batch=None):
+    """antithetic_draws, with the encoders' eps in antithetic pairs too.  -> (row indices, the batch's
+    scale, S (even), the globals' draws, their entropy, the rows' parameters, the rows' eps, the
+    encoders' eps)."""
+    idx, scale, S, half, theta_g, ent, rows, eps = antithetic_draws(fam, S, batch)
+    return idx, scale, S, theta_g, ent, rows, eps, [torch.cat([e, -e]) for e in fam.encoder_eps(rows.shape[0], half)]
+
+
+def plain_draws(fam: Amortized, S: int, batch=None):
+    """As paired_draws, with S independent draws (no per-row rows without per-row latents: None)."""
+    idx = batch.index if batch is not None and batch.index is not None else fam.all_rows
+    scale = 1.0 if batch is None else batch.scale
+    theta_g, ent = fam.global_draws(S)
+    B = idx.shape[0]
+    if not fam.K:
+        return idx, scale, S, theta_g, ent, None, None, fam.encoder_eps(B, S)
+    rows = fam.loc[idx]
+    return idx, scale, S, theta_g, ent, rows, fam.local_eps(B, S), fam.encoder_eps(B, S)
 
 
 # ---- after the fit: new rows, refinement ------------------------------------------------------------

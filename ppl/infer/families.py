@@ -20,6 +20,7 @@ declared protocols:
   `caveat` (what even a good fit of it cannot show), `base_family` (a family
   fitted first, this one built from it by `from_base`), `optimizer`,
   `gradient`, `mc_samples`, `mc_budget` and `lr` (its defaults for `auto`),
+  `lr_follows_draws` (whether the default step size shrinks with fewer MC samples),
   `objectives` (those it can be fitted by); after the optimiser,
   `settle(program, generator)` may revise the fit and returns a note for the
   verdict and the ELBO of the q kept.
@@ -91,6 +92,7 @@ class Family:
     mc_samples: Optional[int] = None     # MC samples per Adam step by default (None: the engine's)
     mc_budget: Optional[int] = None      # ... at most this many elements of the largest variable per step
     lr: Optional[float] = None           # Adam's step size by default, whitened units (None: the engine's)
+    lr_follows_draws = True              # the default step size shrinks by sqrt(S / 16) with fewer MC samples
 
     def __init__(self, pre: Preconditioner, generator: torch.Generator, config=None):
         self.pre, self.gen, self.config = pre, generator, config

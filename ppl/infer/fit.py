@@ -376,7 +376,7 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
         held = {"rows": held_model.rows.size, "fraction": config.holdout,
                 "elbo_per_row_start": amortized.heldout_elbo(family, program, held_model, seed=config.seed)}
 
-    S = mc_samples(config, vi) if mb_config.batch_size is None else minibatch.mc_samples(mb_config, program)
+    S = mc_samples(config, vi) if mb_config.batch_size is None else minibatch.mc_samples(mb_config, program, family)
     relax_note = ""
     if config.estimator == "auto" and mb_config.batch_size is None and config.gradient == "auto" and \
             vi.objective.linear and relaxed.candidates(model, node_plans):   # score or relaxed, by gradient variance
@@ -735,7 +735,8 @@ def step_size(config: FitConfig, vi: VI, S: int, cold: bool) -> float:
     halved on the score path."""
     if config.lr is not None:
         return config.lr
-    lr = getattr(vi.family, "lr", None) or (0.2 if cold else 0.1) * min(1.0, math.sqrt(S / 16))
+    lr = getattr(vi.family, "lr", None) or \
+        (0.2 if cold else 0.1) * (min(1.0, math.sqrt(S / 16)) if vi.family.lr_follows_draws else 1.0)
     if _noisy(vi):
         lr = lr * 0.5
     return lr
@@ -826,8 +827,16 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
         if at_once:
             theta_all, z_all, lq_all = sample(n_all)
         ev0 = program.evaluate(theta_all[:1] if at_once else sample(1)[0], {}, keep_enum=True) if static else None
+        # log p at the draws beyond PSIS's only where their weights may be used (a family that asks:
+        # each of its log p is a pass over every row): k-hat of PSIS's draws first
+        full_p, judged = every, not (every and getattr(fam, "rest_after_khat", False))
+        if not judged:
+            chunk = min(chunk, n_psis)
         for i in range(0, n_all, chunk):
             need_p, need_v = i < n_psis, i < draws
+            if not need_p and not judged:
+                judged = True
+                full_p = psis(to_numpy(torch.cat(log_p)[:n_psis] - torch.cat(log_q)[:n_psis])).khat < PSIS_CORRECT_KHAT
             if at_once:
                 theta, z, lq = (theta_all[i:i + chunk], {k: v[i:i + chunk] for k, v in z_all.items()},
                                 lq_all[i:i + chunk])
@@ -844,8 +853,8 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                     ev.total = minibatch.log_p_rows(program, theta)
             else:
                 ev = program.evaluate(theta, z, keep_enum=need_v,
-                                      densities=need_p or (need_v and every) or bool(program.enum))
-            if need_p or every:
+                                      densities=need_p or (need_v and full_p) or bool(program.enum))
+            if need_p or full_p:
                 log_p.append(ev.total)
                 log_q.append(lq)
             own_rows = program.local_rows and program.batch.shard is not None
@@ -878,15 +887,15 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
             if on_chunk is not None:
                 on_chunk(None)
         log_p, log_q = torch.cat(log_p), torch.cat(log_q)
-        if not every:                     # exactly the final pass's draws (a chunk may hold more)
+        if not full_p:                    # exactly the final pass's draws (a chunk may hold more)
             log_p, log_q = log_p[:n_psis], log_q[:n_psis]
     t_draws = time.perf_counter() - t0
     t0 = time.perf_counter()
     log_w = to_numpy(log_p - log_q)
     ps = psis(log_w[:n_psis])
-    pw = ps if n_all == n_psis or not every else psis(log_w)
+    pw = ps if n_all == n_psis or not full_p else psis(log_w)
     out = {k: np.concatenate(v, 0)[:draws] for k, v in values.items()}
-    kept = draws if every else min(draws, n_psis)
+    kept = draws if full_p else min(draws, n_psis)
     q_draws = QDraws(torch.cat(kept_theta)[:kept], {k: torch.cat(v)[:kept] for k, v in kept_z.items()},
                      to_numpy(log_p[:kept]).copy(), to_numpy(log_q[:kept]).copy())
     moments = {}

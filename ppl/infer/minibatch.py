@@ -293,6 +293,8 @@ class RowLocal:
 
     # family protocol (what the engine and the draws use)
     lr = None                     # Adam's step size: the engine's default
+    lr_follows_draws = True       # ... smaller with fewer MC samples
+    mc_samples: Optional[int] = None    # MC samples per step by default (None: `mc_samples`'s rule)
 
     def hold(self) -> None:
         """The globals' family keeps what it holds fixed; the rows hold nothing."""
@@ -492,13 +494,14 @@ class ControlVariate:
 
 
 # ---- the run ----------------------------------------------------------------------------------
-def mc_samples(config, program) -> int:
-    """As the full-data fit's rule (16, fewer when one step's intermediates are large), for a batch."""
+def mc_samples(config, program, family=None) -> int:
+    """As the full-data fit's rule (16, or the family's own default; fewer when one step's
+    intermediates are large), for a batch."""
     if config.mc_samples:
         return config.mc_samples
     from .fit import MC_BUDGET
     per_step = max(1, program.largest_node() * config.batch_size // max(1, program.model.rows.size))
-    return max(1, min(16, MC_BUDGET // per_step))
+    return max(1, min(getattr(family, "mc_samples", None) or 16, MC_BUDGET // per_step))
 
 
 def default_epochs(per_epoch: int) -> int:
