@@ -62,7 +62,8 @@ def check(program, config) -> None:
     if not OBJECTIVES[config.objective].linear:
         raise UsageError(f"{o('objective', config.objective)} does not apply to a model with an encoder (amortize); "
                          f"use {o('objective', 'elbo')}")
-    if program.score:
+    from . import relaxed_rows
+    if program.score and not relaxed_rows.check(program.model, program, config):
         raise UsageError(f"a model with an encoder (amortize) cannot fit discrete latents on the score path "
                          f"({', '.join(program.score)}); sum them out ({config.opt('estimator', 'enumerate')})")
 

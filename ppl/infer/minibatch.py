@@ -77,7 +77,8 @@ def check(model, program, config) -> None:
     diags = mixing_diagnostics(model, o('batch_size'))
     if diags:
         raise PplError(diags)
-    if program.score:
+    from . import relaxed_rows                  # (it builds on this module)
+    if program.score and not relaxed_rows.check(model, program, config):
         raise UsageError(f"{o('batch_size')} cannot fit discrete latents on the score path "
                          f"({', '.join(program.score)}); sum them out ({o('estimator', 'enumerate')}) or fit "
                          f"the full data")
@@ -253,7 +254,8 @@ class RowLocal:
                 self.layout.append(("global", g0, b.size, b))
                 g0 += b.size
         self.K = k0
-        L = torch.cat(cols, 1)                                           # (N, K) coordinates of theta
+        L = torch.cat(cols, 1) if cols else \
+            torch.zeros((N, 0), dtype=torch.long, device=self.device)  # (N, K) coordinates of theta
         g = torch.cat(g_idx) if g_idx else torch.zeros(0, dtype=torch.long, device=self.device)
         self.g_idx, self.l_idx = g, L
         sd = start.diagonal()
@@ -498,7 +500,7 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     avg_epochs = max(1, min(max(w_epochs, math.ceil(E / 5)), E // 2)) if E >= 2 else 0
     state = vi.init(lr, S)
     local = vi.family if isinstance(vi.family, RowLocal) else None
-    conv = Convergence(config.tol, config.min_steps, E * nb, window)
+    conv = Convergence(config.tol, max(config.min_steps, getattr(vi.estimator, "min_steps", 0)), E * nb, window)
     trace: List[float] = []
     total_steps = E * nb
     epoch = 0
