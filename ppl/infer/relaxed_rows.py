@@ -50,7 +50,9 @@ from .relaxed import T0, T_END
 ANNEAL_STEPS = 500        # the temperature falls over at least this many steps ...
 ANNEAL_EPOCHS = 20        # ... and at least this many epochs
 ROW_LR = 0.05             # the per-row logits' Adam step size (times the run's decay)
-ENCODER_LR_SCALE = 0.3    # the encoders' weights: this times the globals' step size
+LR = 0.1                  # Adam's step size for the globals (their whitened units) ...
+ENCODER_LR_SCALE = 0.1    # ... the encoders' weights at this times it (the `param`s at engine.PARAM_LR_SCALE):
+                          # 0.01 each, as for the continuous VAE (amortized.py)
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 MOMENT_ROWS = 512         # rows whose q probabilities the drift test watches
 
@@ -195,6 +197,7 @@ class RelaxedRows(RowLocal):
     name = "relaxed-rows"
     serves = "relaxed-rows"
     max_psis_draws = 200      # each PSIS draw evaluates every row (amortized.Amortized's reason)
+    lr = LR                   # (not the cold start's larger step: the weights are not whitened)
 
     def __init__(self, global_cls, start, program, gen, config):
         super().__init__(global_cls, start, program, gen, config)     # the globals (no continuous rows)
