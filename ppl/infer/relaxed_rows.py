@@ -49,7 +49,8 @@ from .relaxed import T0, T_END
 
 ANNEAL_STEPS = 500        # the temperature falls over at least this many steps ...
 ANNEAL_EPOCHS = 20        # ... and at least this many epochs
-ROW_LR = 0.05             # the per-row logits' Adam step size (times the run's decay)
+ROW_LR = 0.5              # the per-row logits' Adam step size (times the run's decay) ...
+ROW_DECAY_VISITS = 20     # ... over 1 / sqrt(1 + visits / this): each row's own steps fall with its visits
 LR = 0.1                  # Adam's step size for the globals (their whitened units) ...
 ENCODER_LR_SCALE = 0.1    # ... the encoders' weights at this times it (the `param`s at engine.PARAM_LR_SCALE):
                           # 0.01 each, as for the continuous VAE (amortized.py)
@@ -188,7 +189,8 @@ class RowAdam:
         shape = (-1,) + (1,) * (grad.dim() - 1)
         mhat = m / (1 - ADAM_B1 ** t).reshape(shape)
         vhat = v / (1 - ADAM_B2 ** t).reshape(shape)
-        self.table[idx] += lr * mhat / (vhat.sqrt() + ADAM_EPS)
+        rate = lr / torch.sqrt(1 + t / ROW_DECAY_VISITS).reshape(shape)
+        self.table[idx] += rate * mhat / (vhat.sqrt() + ADAM_EPS)
 
 
 # ---- the family ---------------------------------------------------------------------------------
