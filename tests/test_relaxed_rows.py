@@ -278,3 +278,25 @@ def test_options_relaxed_rows_do_not_serve_are_usage_errors():
         m.fit({"y": y}, estimator="relaxed", batch_size=5, holdout=0.2)
     with pytest.raises(UsageError, match="objective"):
         m.fit({"y": y}, estimator="relaxed", batch_size=5, objective="renyi")
+
+
+def test_a_saved_fit_with_an_encoder_of_a_code_is_restored(tmp_path, capsys):
+    """`--out`, then a command on the saved fit: the plan relaxes c again (auto) and q is every row's
+    logits, the encoder's weights in place."""
+    import json
+    from ppl.saved import load_fit
+    (tmp_path / "c.ppl").write_text(CODES)
+    (tmp_path / "c.json").write_text(json.dumps({"x": _codes_data(60).tolist()}))
+    out = tmp_path / "fit"
+    assert main(["fit", str(tmp_path / "c.ppl"), str(tmp_path / "c.json"), "--batch-size", "16", "--epochs", "3",
+                 "--draws", "50", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["draws", str(out), "--draws", "4"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("lp__,log_q__,c[1]") and len(text.splitlines()) == 5
+    restored = load_fit(str(out))
+    q = restored.q
+    fam = q.family
+    assert isinstance(fam, RelaxedRows) and "c" in fam.encoders
+    x = torch.as_tensor(np.asarray(_codes_data(60)), dtype=DT).unsqueeze(0)
+    torch.testing.assert_close(fam.encoders["c"]({"x": x}), q.discrete["c"].param.detach(), rtol=1e-9, atol=1e-9)

@@ -368,6 +368,16 @@ class Amortized(RowLocal):
         return out
 
 
+# the per-row families of saved fits, by `q.rows`: (global_cls, start, program, gen, config, state) -> family
+# (ppl.infer.relaxed_rows adds its own)
+ROW_FAMILIES = {
+    RowLocal.name: lambda global_cls, start, program, gen, config, state: RowLocal(global_cls, start, program, gen,
+                                                                                  config),
+    Amortized.name: lambda global_cls, start, program, gen, config, state: Amortized(global_cls, start, program, gen,
+                                                                                     config, state=state),
+}
+
+
 def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> RowLocal:
     """The per-row family of a saved fit (`q.rows`: RowLocal's or Amortized's name); its parameters are
     copied in by the caller, in `parameters()` order."""
@@ -375,10 +385,8 @@ def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> R
     from .laplace import Start
     rt = program.rt
     start = Start(rt.zeros(program.dim), rt.zeros(program.dim) + 1.0, False, "")
-    if str(state["q.rows"]) == Amortized.name:
-        fam = Amortized(global_cls, start, program, gen, config, state=state)
-    else:
-        fam = RowLocal(global_cls, start, program, gen, config)
+    make = ROW_FAMILIES.get(str(state["q.rows"]), ROW_FAMILIES[RowLocal.name])
+    fam = make(global_cls, start, program, gen, config, state)
     if "q.pre.mu0" in state and hasattr(fam.glob, "pre"):
         fam.glob.pre = Preconditioner(rt.tensor(state["q.pre.mu0"]), rt.tensor(state["q.pre.A"]))
     fam.restore_arrays(state)

@@ -329,12 +329,50 @@ class RelaxedRows(RowLocal):
             ent -= float(lq)
         return float((acc - lq_g).mean()) + ent
 
+    # saved fits (ppl.posterior.Approximation.state; restored by `restored`)
+    def state_arrays(self) -> Dict[str, np.ndarray]:
+        """RowLocal's, and each encoder's input scaling and output shape (its weights are among
+        `parameters()`, every row's logits in the discrete q's)."""
+        out = super().state_arrays()
+        for n, e in self.encoders.items():
+            out[f"q.enc.{n}.x_mean"], out[f"q.enc.{n}.x_sd"] = _np(e.features.mean), _np(e.features.sd)
+            out[f"q.enc.{n}.out_shape"] = np.asarray(e.out_shape, dtype=np.int64)
+        return out
+
+    @classmethod
+    def restored(cls, global_cls, start, program, gen, config, state) -> "RelaxedRows":
+        """The family of a saved fit, its encoders in place for the caller to copy their weights in."""
+        from .amortized import Features
+        fam = cls(global_cls, start, program, gen, config)
+        model = program.model
+        for n in program.score:
+            spec = encoder_of(model, n)
+            if spec is None or f"q.enc.{n}.x_mean" not in state:
+                continue
+            feats = Features(model, spec.inputs, program.row_data, program.rt.tensor(state[f"q.enc.{n}.x_mean"]),
+                             program.rt.tensor(state[f"q.enc.{n}.x_sd"]))
+            shape = tuple(int(v) for v in state[f"q.enc.{n}.out_shape"])
+            fam.encoders[n] = LogitsEncoder(spec, shape, feats, gen, fam.dtype, fam.device)
+        return fam
+
     def describe(self) -> str:
         parts = [f"{self.glob.name} over the globals"] if self.glob.dim else []
         parts += [f"encoder {e.spec.describe()} for '{n}'" for n, e in self.encoders.items()]
         if self.tables:
             parts.append(f"free logits per row for {', '.join(repr(n) for n in self.tables)} (per-row Adam)")
         return "; ".join(parts) + "; relaxed (Gumbel-softmax) draws of the batch's rows"
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+def _register_saved() -> None:
+    from .amortized import ROW_FAMILIES
+    ROW_FAMILIES[RelaxedRows.name] = RelaxedRows.restored
+
+
+_register_saved()
 
 
 def hard_draw(relaxation, hard: torch.Tensor, logits: torch.Tensor) -> RelaxedDraw:
