@@ -9,7 +9,9 @@ PSIS use them unrelaxed), and the discrete model's ELBO over all rows (`full_elb
 
 q = q_global(continuous globals) x prod_n Cat(c_n; softmax l_n), where l_n is either
 - free per-row logits (K per row): only the batch's rows are updated, by Adam steps with each
-  row's own moments and step count (`RowAdam`), so a step costs O(B); or
+  row's own moments and step count (`RowAdam`; the step falls as 1 / sqrt(1 + visits / 20) with
+  the row's visits: at a fixed step the logits' noise floor left a mixture's responsibilities
+  0.1-0.2 off the exact ones, with the decay within 0.05), so a step costs O(B); or
 - an encoder declared in the model, `amortize c from x hidden [..] [activation A]`: an MLP of row
   n's (standardised) data giving its K logits (`LogitsEncoder`), trained with everything else.
 
