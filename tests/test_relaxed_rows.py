@@ -151,7 +151,7 @@ def test_an_epoch_with_a_ragged_last_batch_gives_the_full_objective_and_gradient
         v, lb, *_ = objective(fam, lj, theta, ent, 0.4, b, {name: u[:, b.index]})
         gs = torch.autograd.grad(v, params + ([lb[name]] if which == "free" else []), allow_unused=True)
         w = b.size / N
-        total += w * float(v)
+        total += w * float(v.detach())
         for a, g in zip(acc, gs):
             if g is not None:
                 a += w * g
