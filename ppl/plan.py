@@ -185,7 +185,8 @@ def plan(model: Model, requested: str = "auto", opt: Callable = python_opt,
          too_wide: frozenset = frozenset(), relax: frozenset = frozenset()) -> Dict[str, NodePlan]:
     """`opt(name[, value])` spells an option as the caller does (`ppl.config.cli_opt` / `python_opt`).
     `too_wide`: count latents whose window was found too wide at fit time (they go to the score path).
-    `relax`: discrete latents that `auto` sends to the relaxed estimator instead of the score path."""
+    `relax`: discrete latents that `auto` sends to the relaxed estimator instead of the score path (or of
+    enumeration: a latent with an encoder, whose q is the encoder's, ppl.infer.relaxed_rows)."""
     if requested not in ESTIMATORS + ("score-all",):
         raise UsageError(f"unknown estimator '{requested}' for {opt('estimator')} (valid: {', '.join(ESTIMATORS)})")
     if requested in ("score", "enumerate", "relaxed") and not any(n.discrete for n in model.latents()):
@@ -235,7 +236,7 @@ def plan(model: Model, requested: str = "auto", opt: Callable = python_opt,
                                                f"relaxed applies to categorical and bernoulli latents used "
                                                f"smoothly (valid: {', '.join(ESTIMATORS)}; use "
                                                f"{opt('estimator', 'auto')} or score)")], EXIT_USAGE)
-        if can_enum and requested in ("auto", "enumerate"):
+        if can_enum and requested in ("auto", "enumerate") and not (requested == "auto" and names & relax):
             owner = cluster[0].name
             group_factors = tuple(f for f in model.order
                                   if any(f in info[n.name][0] for n in cluster) and f not in names)

@@ -136,7 +136,8 @@ class Approximation:
         from .plan import plan as make_plan
         rt = Runtime.make("cpu", config.dtype, config.seed)
         too_wide = frozenset(str(x) for x in state.get("q.too_wide", np.asarray([], dtype=str)))
-        plan = make_plan(model, config.estimator, config.opt, too_wide)
+        from .infer.relaxed_rows import auto_relax
+        plan = make_plan(model, config.estimator, config.opt, too_wide, relax=auto_relax(model, config))
         program = LogJoint(model, plan, rt)
         for name, p in plan.items():
             if p.window:

@@ -28,7 +28,7 @@ POSITIVE = {"tau", "sigma_a", "sigma_y", "sigma[1]", "sigma[2]", "w[1]", "w[2]"}
 
 
 # models whose full-data steps are dear: two epochs of minibatches instead of 300 steps on every row
-QUICK = {"vae": ("--batch-size", "256", "--epochs", "2")}
+QUICK = {"vae": ("--batch-size", "256", "--epochs", "2"), "vae_cat": ("--batch-size", "256", "--epochs", "2")}
 
 
 def _fit_json(capsys, name, *extra):

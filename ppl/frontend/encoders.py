@@ -5,7 +5,10 @@ Stage: checked IR (`Model`, with its row axis) + the `amortize` declarations -> 
 
 An encoder maps row n's data to q(LATENT_n | DATA_n), so LATENT must be a *local* latent (its
 leading dimension the row axis, and no node that mixes rows reads it, directly or through others)
-and every DATA must be data of those rows.  The activations are the registry `ACTIVATIONS`
+and every DATA must be data of those rows.  A continuous latent's encoder gives a Gaussian q; a
+discrete one's (categorical, bernoulli: a support with a continuous relaxation) gives the logits of
+its categorical q, fitted by the relaxed estimator (ppl.infer.relaxed_rows), so it must be
+relaxable (`ppl.plan.relax_refusal`) and takes an MLP (`hidden`), neither `linear` nor `iaf`.  The activations are the registry `ACTIVATIONS`
 (name -> torch function, built only when a fit asks for it).
 """
 from __future__ import annotations
@@ -41,10 +44,11 @@ class EncoderSpec:
     linear: bool
     iaf: int
     decl: A.Amortize
+    discrete: bool = False           # q is categorical: the encoder gives its logits (relaxed_rows.py)
 
     def describe(self) -> str:
         how = "linear Gaussian (a covariance shared by the rows)" if self.linear else \
-            f"MLP {list(self.hidden)} {self.activation}"
+            f"MLP {list(self.hidden)} {self.activation}" + (" -> logits" if self.discrete else "")
         return f"{self.latent} from {', '.join(self.inputs)}: {how}" + (f", {self.iaf} IAF steps" if self.iaf else "")
 
 
@@ -71,9 +75,8 @@ def check_encoders(model) -> Tuple[EncoderSpec, ...]:
             errs.append(Diagnostic(d.latent.span, f"'{name}' is {what}, not a latent: amortize names a local latent "
                                                   f"(one value per data row, `z[N] ~ ...`) whose q an encoder gives"))
             ok = False
-        elif node.discrete:
-            errs.append(Diagnostic(d.latent.span, f"'{name}' is discrete: an encoder gives a Gaussian q over a "
-                                                  f"continuous latent's unconstrained values"))
+        elif node.discrete and _discrete_refusal(model, node, d):
+            errs.append(_discrete_refusal(model, node, d))
             ok = False
         elif rows.symbol is None or name not in rows.per_row:
             dims = node.shape
@@ -131,11 +134,27 @@ def check_encoders(model) -> Tuple[EncoderSpec, ...]:
                 iaf = int(d.iaf.value)
         if ok:
             out.append(EncoderSpec(name, tuple(x.id for x in d.inputs), tuple(int(h.value) for h in d.hidden),
-                                   act, d.linear, iaf, d))
+                                   act, d.linear, iaf, d, bool(node.discrete)))
     if errs:
         errs.sort(key=lambda e: (e.span.line, e.span.col) if e.span else (0, 0))
         raise PplError(errs)
     return tuple(out)
+
+
+def _discrete_refusal(model, node, d) -> Optional[Diagnostic]:
+    """Why a discrete latent cannot have this encoder (None: it can, as the logits of a relaxed q)."""
+    name = node.name
+    if d.linear or d.iaf is not None:
+        return Diagnostic(d.span, f"'{name}' is discrete: its encoder gives the logits of a categorical q, an "
+                                  f"MLP (hidden [..]); `linear` and `iaf` shape a Gaussian q of a continuous latent")
+    from ..plan import relax_refusal             # (the plan imports the checker, which imports this)
+    refusal = relax_refusal(model, name)
+    if refusal is not None:
+        why, where = refusal
+        return Diagnostic(where.span if where is not None else d.latent.span,
+                          f"'{name}' is discrete and cannot be relaxed ({why}): an encoder of a discrete latent "
+                          f"gives the logits of its relaxed (Gumbel-softmax) q")
+    return None
 
 
 def _descendants(model) -> Dict[str, set]:

@@ -66,7 +66,8 @@ def check(program, config) -> None:
     if not OBJECTIVES[config.objective].linear:
         raise UsageError(f"{o('objective', config.objective)} does not apply to a model with an encoder (amortize); "
                          f"use {o('objective', 'elbo')}")
-    if program.score:
+    from . import relaxed_rows
+    if program.score and not relaxed_rows.check(program.model, program, config):
         raise UsageError(f"a model with an encoder (amortize) cannot fit discrete latents on the score path "
                          f"({', '.join(program.score)}); sum them out ({config.opt('estimator', 'enumerate')})")
 
@@ -426,6 +427,16 @@ class Amortized(RowLocal):
         return out
 
 
+# the per-row families of saved fits, by `q.rows`: (global_cls, start, program, gen, config, state) -> family
+# (ppl.infer.relaxed_rows adds its own)
+ROW_FAMILIES = {
+    RowLocal.name: lambda global_cls, start, program, gen, config, state: RowLocal(global_cls, start, program, gen,
+                                                                                  config),
+    Amortized.name: lambda global_cls, start, program, gen, config, state: Amortized(global_cls, start, program, gen,
+                                                                                     config, state=state),
+}
+
+
 def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> RowLocal:
     """The per-row family of a saved fit (`q.rows`: RowLocal's or Amortized's name); its parameters are
     copied in by the caller, in `parameters()` order."""
@@ -433,10 +444,8 @@ def restore(program, config, state: Dict[str, np.ndarray], global_cls, gen) -> R
     from .laplace import Start
     rt = program.rt
     start = Start(rt.zeros(program.dim), rt.zeros(program.dim) + 1.0, False, "")
-    if str(state["q.rows"]) == Amortized.name:
-        fam = Amortized(global_cls, start, program, gen, config, state=state)
-    else:
-        fam = RowLocal(global_cls, start, program, gen, config)
+    make = ROW_FAMILIES.get(str(state["q.rows"]), ROW_FAMILIES[RowLocal.name])
+    fam = make(global_cls, start, program, gen, config, state)
     if "q.pre.mu0" in state and hasattr(fam.glob, "pre"):
         fam.glob.pre = Preconditioner(rt.tensor(state["q.pre.mu0"]), rt.tensor(state["q.pre.A"]))
     fam.restore_arrays(state)

@@ -35,7 +35,7 @@ from ..plan import centred_latents, describe, plan as make_plan
 from ..backend.log_joint import Evaluation, LogJoint
 from ..backend.runtime import Runtime, to_numpy
 from .engine import OPTIMIZERS, VI, OptimResult
-from . import amortized, budget, improper, minibatch, relaxed, windows
+from . import amortized, budget, improper, minibatch, relaxed, relaxed_rows, windows
 from .discrete import discrete_families
 from .draw_stats import column_stats, weighted_column_stats
 from .families import FAMILIES
@@ -226,7 +226,7 @@ def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
     set_threads(model)
 
     t0 = time.perf_counter()
-    node_plans = make_plan(model, config.estimator, config.opt)
+    node_plans = make_plan(model, config.estimator, config.opt, relax=relaxed_rows.auto_relax(model, config))
     program = LogJoint(model, node_plans, rt)
     node_plans, program, wins = count_windows(model, node_plans, program, config, rt)
     largest = program.largest_node()
@@ -245,6 +245,7 @@ def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
         from ..errors import UsageError
         raise UsageError(f"{config.opt('refine_local')} refines the rows of encoders; this model declares none "
                          f"(amortize LATENT from DATA ...)")
+    mb_local = mb_local or relaxed_rows.active(model, program, config)
     mb_config = config if config.batch_size is not None or not amortized_ else \
         replace(config, batch_size=model.rows.size, epochs=config.epochs or config.steps)
     structure = None if mb_local else model_structure(model, node_plans, program, config.method)
@@ -357,8 +358,10 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
                             if not n.discrete) else "relaxed" if any(p.estimator == "relaxed"
                                                                      for p in node_plans.values()) else "reparam"
     if mb_local:
-        local_cls = amortized.Amortized if amortized_ else minibatch.RowLocal
+        local_cls = relaxed_rows.RelaxedRows if relaxed_rows.active(model, program, config) else \
+            amortized.Amortized if amortized_ else minibatch.RowLocal
         family, init_note = local_cls(fam_cls, start, program, gen, config), start.note
+        discrete = getattr(family, "adopt", dict)(discrete)     # (a family that owns the discrete q's)
     elif reuse:                          # built on the fit already made
         family = fam_cls.from_base(base.family, program, gen, config)
         init_note = f"from the {base.method} fit above ({base.init_note})"
@@ -370,14 +373,14 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
     else:
         family, init_note = make_family(fam_cls, start, gen, config, structure), start.note
     vi = VI(program, family, OBJECTIVES[config.objective](config), discrete, node_plans, config,
-            ("amortized" if amortized_ else "row-local") if mb_local else serves)
+            getattr(family, "serves", None) or ("amortized" if amortized_ else "row-local") if mb_local else serves)
     held = {}
     if held_model is not None:
         held = {"rows": held_model.rows.size, "fraction": config.holdout,
                 "elbo_per_row_start": amortized.heldout_elbo(family, program, held_model, seed=config.seed)}
 
     S = mc_samples(config, vi) if mb_config.batch_size is None else minibatch.mc_samples(mb_config, program, family)
-    relax_note = ""
+    relax_note = relaxed_rows.auto_note(model, config, node_plans)
     if config.estimator == "auto" and mb_config.batch_size is None and config.gradient == "auto" and \
             vi.objective.linear and relaxed.candidates(model, node_plans):   # score or relaxed, by gradient variance
         relaxed_plans = make_plan(model, "auto", config.opt, relax=frozenset(relaxed.candidates(model, node_plans)))
@@ -403,6 +406,8 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
                                  result.evals + more.evals, more.fixed_draws)
     else:
         result, optimizer = minibatch.optimise(vi, mb_config, S, lr, watched), "adam"
+        if hasattr(family, "finish"):          # its discrete q's, every row's logits, for the draws
+            vi.discrete = family.finish()
         why = "; ".join(x for x in (why, family.describe() if mb_local else "",
                                     minibatch.describe(config, result, model.rows.size)
                                     if config.batch_size is not None else f"{result.steps} steps on all rows")

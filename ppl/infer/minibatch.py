@@ -82,7 +82,8 @@ def check(model, program, config) -> None:
     diags = mixing_diagnostics(model, o('batch_size'))
     if diags:
         raise PplError(diags)
-    if program.score:
+    from . import relaxed_rows                  # (it builds on this module)
+    if program.score and not relaxed_rows.check(model, program, config):
         raise UsageError(f"{o('batch_size')} cannot fit discrete latents on the score path "
                          f"({', '.join(program.score)}); sum them out ({o('estimator', 'enumerate')}) or fit "
                          f"the full data")
@@ -272,7 +273,8 @@ class RowLocal:
                 self.layout.append(("global", g0, b.size, b))
                 g0 += b.size
         self.K = k0
-        L = torch.cat(cols, 1)                                           # (N, K) coordinates of theta
+        L = torch.cat(cols, 1) if cols else \
+            torch.zeros((N, 0), dtype=torch.long, device=self.device)  # (N, K) coordinates of theta
         g = torch.cat(g_idx) if g_idx else torch.zeros(0, dtype=torch.long, device=self.device)
         self.g_idx, self.l_idx = g, L
         sd = start.diagonal()
@@ -529,7 +531,7 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     # by steps, phase 1 leaves the averaging phase at least its own length (and AVG_STEPS, below)
     cap1 = max(1, total_steps // 2) if by_steps else (E - avg_epochs) * nb
     state = vi.init(lr, S)
-    conv = Convergence(config.tol, config.min_steps, total_steps, window)
+    conv = Convergence(config.tol, max(config.min_steps, getattr(vi.estimator, "min_steps", 0)), total_steps, window)
     trace: List[float] = []
     epoch = 0
 
