@@ -17,7 +17,7 @@ from ppl.backend.log_joint import LogJoint
 from ppl.backend.runtime import Batch, Runtime
 from ppl.cli import main
 from ppl.config import FitConfig
-from ppl.errors import PplError, UsageError
+from ppl.errors import UsageError
 from ppl.infer.discrete import discrete_families
 from ppl.infer.families import MeanField
 from ppl.infer.laplace import cold_start
