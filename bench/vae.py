@@ -116,8 +116,8 @@ def table(runs) -> str:
     the ELBO column is (the first variant's - this) / |this| (positive: ppl's held-out ELBO is higher)."""
     by = {(r["system"], r["seed"]): r for r in runs}
     variants = [v for v in PPL_VARIANTS if any(r["system"] == v for r in runs)]
-    lines = ["| system | seed | epochs | draws/row | s/epoch wall | s/epoch CPU | median epoch s | held-out ELBO/row | " +
-             "".join(f"{v} ÷ this, CPU (wall) [median] | " for v in variants) + f"{variants[0]}'s ELBO vs this | "
+    lines = ["| system | seed | epochs | draws/row | s/epoch wall | s/epoch CPU | median epoch s | "
+             "held-out ELBO/row | " + "".join(f"{v} ÷ this, CPU (wall) [median] | " for v in variants) + f"{variants[0]}'s ELBO vs this | "
              "whole process s |", "|" + "---|" * (10 + len(variants))]
     for r in runs:
         cells = []

@@ -24,7 +24,8 @@ Inputs are standardised by the fitted data's column means and sds (kept with the
 rows are standardised the same way); a level column enters one-hot.  The encoders' weights are
 trained with everything else by Adam on the reparameterised ELBO (only the batch's rows are
 encoded per step), at ENCODER_LR_SCALE of the globals' step size (those are whitened, the weights
-are not).
+are not).  Without globals or per-row rows a step draws z once a row (ENCODER_DRAWS; a `linear`
+encoder an antithetic pair), at the full step size.
 
 The fit runs through minibatch.optimise whether or not `batch_size` is given (without it: one
 batch of all rows in order each step; the epoch is a step).
