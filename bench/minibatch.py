@@ -152,10 +152,11 @@ def ppl_fit(csv: Path, extra, timeout) -> dict:
             "steps": o.get("steps"), "method_note": o.get("method_note", o.get("method"))}
 
 
-def peer_fit(system: str, csv: Path, ref_path: Path, a, lr: float, schedule: str = "constant") -> dict:
+def peer_fit(system: str, csv: Path, ref_path: Path, a, lr: float, schedule: str = "constant",
+             decay_steps: str = "1000") -> dict:
     cmd = [a.peers_python, str(ROOT / "bench" / "subsample_svi.py"), system, str(csv), str(ref_path),
            "--batch-size", str(a.batch_size), "--lr", str(lr), "--schedule", schedule,
-           "--max-seconds", str(a.max_seconds)]
+           "--decay-steps", decay_steps, "--max-seconds", str(a.max_seconds)]
     r = run_measured(cmd, timeout=a.max_seconds * 3 + 600)
     if r["rc"] != 0:
         return {"error": r["err"][-2000:], "seconds": r["seconds"], "peak_mb": r["peak_mb"]}
@@ -171,7 +172,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--systems", default="ppl,ppl-e2,numpyro,pyro")
     ap.add_argument("--peer-runs", default="0.01:constant,0.001:constant,0.01:exp,0.01:sqrt",
-                    help="the peers' Adam step sizes and schedules tried, LR:SCHEDULE,...")
+                    help="the peers' Adam step sizes and schedules tried, LR:SCHEDULE[:DECAY_STEPS],...")
     ap.add_argument("--peers-python", default=str(ROOT / "bench" / ".venv-peers" / "bin" / "python"))
     ap.add_argument("--max-seconds", type=float, default=600.0)
     ap.add_argument("--ppl-extra", default="", help="more `ppl fit` options for the `ppl` run, e.g. '--epochs 1'")
@@ -206,10 +207,10 @@ def main() -> None:
                 r = ppl_fit(csv, ["--method", "fullrank"], a.max_seconds * 3)
             else:
                 for spec in a.peer_runs.split(","):
-                    lr, schedule = spec.split(":")
-                    r = peer_fit(s, csv, ref_path, a, float(lr), schedule)
-                    r["lr"], r["schedule"] = float(lr), schedule
-                    res["runs"][f"{s} {schedule} lr={lr}"] = r
+                    lr, schedule, *decay = spec.split(":")
+                    r = peer_fit(s, csv, ref_path, a, float(lr), schedule, *decay)
+                    r["lr"], r["schedule"] = float(lr), schedule + (f"/{decay[0]}" if decay else "")
+                    res["runs"][f"{s} {r['schedule']} lr={lr}"] = r
                     print(N, s, spec, {k: r.get(k) for k in ("hit", "fit_seconds", "peak_mb", "error")}, flush=True)
                 continue
             if "params" in r:
