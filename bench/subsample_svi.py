@@ -1,6 +1,5 @@
 """NumPyro's and Pyro's subsampled SVI on the minibatch logistic regression, under a step-size
-schedule (bench/minibatch.py runs it; supersedes bench/systems/subsample_svi.py, which had a
-constant step only).
+schedule (bench/minibatch.py runs it).
 
     bench/.venv-peers/bin/python bench/subsample_svi.py numpyro|pyro CSV REF.json
         [--batch-size 1024] [--lr 0.01] [--schedule constant|exp|sqrt] [--decay-steps 1000]
