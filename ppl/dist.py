@@ -90,6 +90,11 @@ def join(device: str) -> Optional[Group]:
     if where is None:
         return None
     rank, world, port = where
+    if _PENDING is None:
+        # under torchrun nothing else ends the group: left to the interpreter's exit, its threads were
+        # destroyed while joinable now and then ("terminate called without an active exception", SIGABRT)
+        import atexit
+        atexit.register(close)
     backend = "gloo"
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
