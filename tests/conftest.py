@@ -124,3 +124,14 @@ def need(module: str):
     if os.environ.get("CI"):
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread (as the engine itself uses for small data); two threads are 10x slower
+    there.  A module takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

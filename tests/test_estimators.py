@@ -24,13 +24,7 @@ from ppl.plan import plan
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread (as the engine itself uses for small data); two threads are 10x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(src, data, estimator="auto", family="meanfield", seed=0):

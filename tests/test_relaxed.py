@@ -46,12 +46,7 @@ y ~ normal(mu[z], 1)
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _close(a, b, rtol=1e-7, atol=1e-9):

@@ -47,12 +47,7 @@ amortize c from x hidden [5] activation tanh
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mixture_data(N, seed, means=(-4.0, 0.0, 4.0)):
