@@ -266,6 +266,9 @@ def _worker(rank: int, world: int, port: int, argv, errdir: str, threads: int) -
         sys.exit(code)
 
 
+INTERNAL = "error: internal error ("          # how ppl.cli reports an unexpected exception
+
+
 def launch(argv, world: int, worker=None) -> int:
     """Start `world` workers of `ppl fit argv` on this machine; -> the exit code.  The first worker
     writes the outputs; a worker that fails ends them all, and its message (once per distinct
@@ -298,5 +301,9 @@ def launch(argv, world: int, worker=None) -> int:
             text = open(path).read() if os.path.exists(path) else ""
             if text.strip() and text not in seen:
                 seen.append(text)
-                sys.stderr.write(text)
+        # a worker's own error ends the others inside a collective ("connection closed by peer"): their
+        # internal errors are its consequence, not news for the user
+        own = [t for t in seen if INTERNAL not in t]
+        for text in own or seen:
+            sys.stderr.write(text)
         return code

@@ -328,3 +328,22 @@ def test_a_failing_rank_ends_the_fit_with_its_message(tmp_path, capsys):
     assert code == 1
     assert "bad.ppl:1:1: error: the density of 'y' is not finite here" in err
     assert took < 60                       # not the collectives' timeout (rank 0 waits in one)
+
+
+def test_a_bad_value_in_a_later_process_s_rows_is_numbered_as_in_the_whole_file(tmp_path):
+    """Each process checks its own rows: a value outside the support in process 1's share names the
+    element (the row) of the whole file, as one process would."""
+    rows = [(i % 2, 0.1 * i) for i in range(31)]
+    rows[25] = (2, 2.5)                                   # row 26: y = 2 for a bernoulli
+    data = tmp_path / "b.csv"
+    data.write_text("y,x\n" + "".join(f"{a},{b!r}\n" for a, b in rows))
+    model = tmp_path / "b.ppl"
+    model.write_text("data y: int[N]\ndata x: real[N]\na ~ normal(0, 1)\nb ~ normal(0, 1)\n"
+                     "y ~ bernoulli_logit(a + b * x)\n")
+    one = _ppl("fit", str(model), str(data))
+    two = _ppl("fit", str(model), str(data), "--procs", "2")
+    assert one.returncode == 1 and two.returncode == 1, two.stderr
+    assert "element 26 is 2" in one.stderr, one.stderr
+    assert "element 26 is 2" in two.stderr and "Traceback" not in two.stderr, two.stderr
+    # the first process, ended inside a collective by the second's error, adds no message of its own
+    assert two.stderr.count("error:") == 1 and "internal error" not in two.stderr, two.stderr

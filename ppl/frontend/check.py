@@ -209,6 +209,7 @@ class _Checker:
         self.dims: Dict[str, int] = {}
         self.ops = NumpyOps()
         self.kinds: Dict[str, str] = {}
+        self.row_share = None           # ppl.data.RowShare: this process read only its own rows
 
     # ---- phase 1: definitions ----------------------------------------------
     def definitions(self):
@@ -587,6 +588,7 @@ class _Checker:
             self.values.update(ds.values)
             self.dims.update(ds.dims)
             levels = ds.levels
+            self.row_share = getattr(ds, "rows", None)
 
         order_index = {n: i for i, n in enumerate(self.defs)}
         topo = list(nx.lexicographical_topological_sort(g, key=lambda n: order_index[n]))
@@ -781,8 +783,16 @@ class _Checker:
         bad = ~t[0](v)
         if np.any(bad):
             i = int(np.argmax(bad.reshape(-1)))
-            self.err.add(obs.name_span, f"{spec.name} needs '{name}' to be {t[1]}, but element {i + 1} is "
-                         f"{v.reshape(-1)[i]:g}")
+            self.err.add(obs.name_span, f"{spec.name} needs '{name}' to be {t[1]}, but element "
+                         f"{self.elements_before(v) + i + 1} is {v.reshape(-1)[i]:g}")
+
+    def elements_before(self, v: np.ndarray) -> int:
+        """Elements of a row-axis value on the rows before this process's own (each process reads its own
+        rows under --procs), so that messages number elements as one process reading all rows would."""
+        share = self.row_share
+        if share is None or share.lo == 0 or v.ndim == 0 or v.shape[0] != share.hi - share.lo:
+            return 0
+        return share.lo * (v.size // v.shape[0])
 
     def constraint_of(self, t: A.TypeSpec) -> Optional[Constraint]:
         lo = next((b.value for b in t.bounds if b.key == "lower"), None)
