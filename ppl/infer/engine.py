@@ -131,12 +131,7 @@ class VI:
             value = self.update(state, None if batches is None else next(batches))
             if value is None:
                 continue
-            trace.append(value)
-            avg.add()
-            if drift is not None:
-                drift.add()
-            if progress is not None:
-                progress(state.t, max_steps, value)
+            record_step(value, trace, avg, drift, progress, state.t, max_steps)
             if state.t % WINDOW == 0:
                 if conv.check(trace, state.t):
                     if drift is None or drift.settled():
@@ -148,6 +143,18 @@ class VI:
         if state.t >= 2:
             avg.assign()
         return OptimResult(trace, conv.converged, state.t)
+
+
+def record_step(value: float, trace: List[float], avg: "Averager", drift: Optional["ParamDrift"],
+                progress: Optional[Callable], t: int, total: int) -> None:
+    """A finished step's bookkeeping: its ELBO in the trace, the iterate average, the params' drift,
+    the progress line."""
+    trace.append(value)
+    avg.add()
+    if drift is not None:
+        drift.add()
+    if progress is not None:
+        progress(t, total, value)
 
 
 def grads_finite(params: List[torch.Tensor]) -> bool:

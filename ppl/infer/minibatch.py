@@ -50,7 +50,7 @@ from ..errors import Diagnostic, PplError, UsageError
 from ..frontend import ast as A
 from ..frontend.rows import GLOBAL, MIXED, ROW, _rowness
 from ..backend.runtime import Batch
-from .engine import WINDOW, Averager, Convergence, OptimResult, ParamDrift, VI
+from .engine import WINDOW, Averager, Convergence, OptimResult, ParamDrift, VI, record_step
 from .estimators import GradientEstimator, register_gradient
 from .families import Preconditioner
 
@@ -568,12 +568,7 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
         value = vi.update(state, b)
         if value is None:
             return False
-        trace.append(value)
-        avg.add()
-        if pdrift is not None:
-            pdrift.add()
-        if progress is not None:
-            progress(state.t, total_steps, value)
+        record_step(value, trace, avg, pdrift, progress, state.t, total_steps)
         return True
 
     def window_ends(b: Optional[Batch]) -> bool:
