@@ -56,6 +56,7 @@ ROW_DECAY_VISITS = 20     # ... over 1 / sqrt(1 + visits / this): each row's own
 LR = 0.1                  # Adam's step size for the globals (their whitened units) ...
 ENCODER_LR_SCALE = 0.1    # ... the encoders' weights at this times it (the `param`s at engine.PARAM_LR_SCALE):
                           # 0.01 each, as for the continuous VAE (amortized.py)
+ENCODER_DRAWS = 4         # relaxed draws a row a step when every code has an encoder and no globals
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 MOMENT_ROWS = 512         # rows whose q probabilities the drift test watches
 
@@ -223,6 +224,8 @@ class RelaxedRows(RowLocal):
                 self.encoders[n] = LogitsEncoder(spec, q.param.shape[1:], feats, self.gen, self.dtype, self.device)
             else:
                 self.tables[n] = RowAdam(q.param.detach().clone())
+        if self.encoders and not self.tables and not self.glob.dim:
+            self.mc_samples = ENCODER_DRAWS      # a categorical VAE's step: one relaxed draw a row
         return {}
 
     def parameters(self) -> List[torch.Tensor]:
