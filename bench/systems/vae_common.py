@@ -95,8 +95,8 @@ class Data:
         self.x = torch.as_tensor(X[tr], dtype=dtype)
         self.x_held = torch.as_tensor(X[ho], dtype=dtype)
         mean = self.x.mean(0)
-        sd = self.x.std(0, correction=0)
-        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        sd = self.x.std(0, correction=0)          # ppl's standardisation (amortized.standard_sd)
+        sd = torch.where(sd > 0, torch.maximum(sd, 0.25 * sd[sd > 0].median()), torch.ones_like(sd))
         self.xs = (self.x - mean) / sd
         self.xs_held = (self.x_held - mean) / sd
         self.N, self.P = self.x.shape

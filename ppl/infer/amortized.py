@@ -20,8 +20,8 @@ unconstrained space (the compiled model adds the Jacobian of biject_to, as for a
   on it (a linear Gaussian model, probabilistic PCA);
 - `iaf K`: K inverse autoregressive flow steps (Kingma et al. 2016) on each row's standard-normal
   draws before the affine map, their MADEs fed the row's context.
-Inputs are standardised by the fitted data's column means and sds (kept with the encoder, so new
-rows are standardised the same way); a level column enters one-hot.  The encoders' weights are
+Inputs are standardised by the fitted data's column means and sds (floored: `standard_sd`; kept
+with the encoder, so new rows are standardised the same way); a level column enters one-hot.  The encoders' weights are
 trained with everything else by Adam on the reparameterised ELBO (only the batch's rows are
 encoded per step), at ENCODER_LR_SCALE of the globals' step size (those are whitened, the weights
 are not).  Without globals or per-row rows a step draws z once a row (ENCODER_DRAWS; a `linear`
@@ -74,6 +74,18 @@ def check(program, config) -> None:
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
+SD_FLOOR = 0.25         # a column's sd is taken as at least this times the median column's
+
+
+def standard_sd(x: torch.Tensor) -> torch.Tensor:
+    """The columns' sds for standardising x (B, P), floored at SD_FLOOR times the median column's
+    (a pixel that is almost always 0 would otherwise enter at ~40 sd, and one such row's first steps
+    can send its q's log sd to ~6); a constant column at 1."""
+    sd = x.std(0, correction=0)
+    floor = SD_FLOOR * sd[sd > 0].median() if bool((sd > 0).any()) else sd.new_tensor(1.0)
+    return torch.where(sd > 0, torch.maximum(sd, floor), torch.ones_like(sd))
+
+
 class Features:
     """Row data -> the encoder's input matrix (B, P): the declared inputs flattened per row and
     concatenated, levels one-hot, standardised by the fitted data's means and sds."""
@@ -89,8 +101,7 @@ class Features:
         if mean is None:
             x = self.raw(row_data)
             mean = x.mean(0)
-            sd = x.std(0, correction=0)
-            sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+            sd = standard_sd(x)
         self.mean, self.sd = mean, sd
 
     def raw(self, data: Dict[str, torch.Tensor]) -> torch.Tensor:
