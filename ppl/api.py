@@ -38,14 +38,9 @@ class PplModel:
             return check(self.program, self.source, None)
         _check_data_size(files)
 
-        seen = {}
-
         def loader(decls, syms):
-            seen["ds"] = load_data(decls, files, sets, syms, objects=objects, fill_missing=fill_missing)
-            return seen["ds"]
-        model = check(self.program, self.source, loader)
-        model.row_share = seen["ds"].rows if "ds" in seen else None    # each process's own rows (ppl.dist)
-        return model
+            return load_data(decls, files, sets, syms, objects=objects, fill_missing=fill_missing)
+        return check(self.program, self.source, loader)
 
     def graph(self, data: DataArg = None, sets: Sequence[str] = (), estimator: str = "auto",
               opt: Callable = python_opt) -> nx.DiGraph:

@@ -135,6 +135,7 @@ def summary_options(sp) -> None:
     sp.add_argument("--hdi", type=float, default=None, metavar="P", help="add the highest-density interval of mass P")
 
 
+INTERNAL = "error: internal error ("      # an unexpected exception's message (ppl.dist.launch recognises it)
 _OUT_OF_MEMORY = ("the fit ran out of memory; use a smaller model or data, --method meanfield, fewer "
                   "--mc-samples or --draws, or set --max-memory so ppl refuses such a fit before it starts")
 
@@ -180,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "can't allocate memory" in str(e) or "out of memory" in str(e).lower():
             print(f"{args.model}: error: {_OUT_OF_MEMORY}", file=sys.stderr)
             return EXIT_USER
-        print(f"{args.model}: error: internal error ({type(e).__name__}: {e}); "
+        print(f"{args.model}: {INTERNAL}{type(e).__name__}: {e}); "
               f"please report it (rerun with --debug for a traceback)", file=sys.stderr)
         return EXIT_USER
 

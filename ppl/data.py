@@ -43,6 +43,7 @@ import numpy as np
 
 from .errors import Diagnostic, PplError, Source, Span, UsageError, did_you_mean, read_source
 from .frontend import ast as A
+from .frontend.rows import lead_symbol
 
 _NUMERIC_BASES = {"real", "int"}
 
@@ -241,45 +242,43 @@ def _read_csv_head(path: str) -> Optional[_Csv]:
     return _Csv(path, src, header, {h: j for j, h in enumerate(header)}, [], {}, stream=_Stream(1, cut))
 
 
-def _count_lines(path: str, start: int, end: Optional[int] = None) -> int:
-    n, last = 0, b"\n"
+def _blocks(path: str, start: int, end: Optional[int] = None):
+    """The file's bytes from `start` (to `end`: a row range) in blocks of STREAM_CHUNK_BYTES at most."""
     with open(path, "rb") as f:
         f.seek(start)
         left = end - start if end is not None else None
-        while True:
+        while left is None or left > 0:
             b = f.read(STREAM_CHUNK_BYTES if left is None else min(STREAM_CHUNK_BYTES, left))
+            if not b:
+                return
             if left is not None:
                 left -= len(b)
-            if not b:
-                break
-            n += b.count(b"\n")
-            last = b[-1:]
+            yield b
+
+
+def _count_lines(path: str, start: int, end: Optional[int] = None) -> int:
+    n, last = 0, b"\n"
+    for b in _blocks(path, start, end):
+        n += b.count(b"\n")
+        last = b[-1:]
     return n + (last != b"\n")
 
 
 def _chunks(path: str, start: int, end: Optional[int] = None):
     """(text, bytes) pieces of the file from `start` (to `end`), each ending at a line end outside quotes."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        rest = b""
-        left = end - start if end is not None else None
-        while True:
-            b = f.read(STREAM_CHUNK_BYTES if left is None else min(STREAM_CHUNK_BYTES, left))
-            if left is not None:
-                left -= len(b)
-            buf = rest + b
-            if not b:
-                if buf:
-                    yield buf
-                return
-            cut = buf.rfind(b"\n") + 1
-            while cut and buf.count(b'"', 0, cut) % 2:        # a quoted field spans the cut: move it on
-                cut = buf.rfind(b"\n", 0, cut - 1) + 1
-            if not cut:
-                rest = buf
-                continue
-            yield buf[:cut]
-            rest = buf[cut:]
+    rest = b""
+    for b in _blocks(path, start, end):
+        buf = rest + b
+        cut = buf.rfind(b"\n") + 1
+        while cut and buf.count(b'"', 0, cut) % 2:        # a quoted field spans the cut: move it on
+            cut = buf.rfind(b"\n", 0, cut - 1) + 1
+        if not cut:
+            rest = buf
+            continue
+        yield buf[:cut]
+        rest = buf[cut:]
+    if rest:
+        yield rest
 
 
 def _stream_columns(c: _Csv, needs: List[_Need]) -> None:
@@ -970,14 +969,6 @@ def _group():
     return (g.rank, g.world, d) if g is not None else None
 
 
-def _row_symbol(decls: Sequence[A.DataDecl]) -> Optional[str]:
-    """The symbol that leads the most data declarations (as `ppl.frontend.rows.row_symbol`)."""
-    leads = [d.type.dims[0].value for d in decls if d.type.dims and isinstance(d.type.dims[0].value, str)]
-    if not leads:
-        return None
-    return max(leads, key=lambda x: (leads.count(x), -leads.index(x)))
-
-
 def _line_start(f, pos: int, body: int, size: int) -> int:
     """The first line start at or after byte `pos` of the rows (which start at `body`)."""
     if pos <= body:
@@ -1050,7 +1041,7 @@ def _own_rows(decls, files, sets, dim_symbols, objects, group) -> Optional[DataS
     file(s); one CSV: each reads its byte range (`_range_table`)."""
     rank, world, d = group
     per_file = any(RANK_FIELD in f for f in files)
-    sym = _row_symbol(decls)
+    sym = lead_symbol(decls)
     if per_file:
         if sym is None:
             raise UsageError(f"a data path with {RANK_FIELD} gives each process its own rows, but this model's "

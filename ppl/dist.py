@@ -189,6 +189,11 @@ def all_reduce_flat(tensors):
         return tensors
     flat = torch.cat([t.reshape(-1) for t in tensors])
     tdist.all_reduce(flat)
+    return _split_like(flat, tensors)
+
+
+def _split_like(flat: torch.Tensor, tensors):
+    """A flat buffer (the tensors concatenated) -> views of it shaped as the tensors."""
     out, at = [], 0
     for t in tensors:
         out.append(flat[at:at + t.numel()].view_as(t))
@@ -225,12 +230,7 @@ def replicate_flat(tensors):
     tensors = list(tensors)
     if not tensors:
         return tensors
-    flat = Replicate.apply(torch.cat([t.reshape(-1) for t in tensors]))
-    out, at = [], 0
-    for t in tensors:
-        out.append(flat[at:at + t.numel()].view_as(t))
-        at += t.numel()
-    return out
+    return _split_like(Replicate.apply(torch.cat([t.reshape(-1) for t in tensors])), tensors)
 
 
 def agree(flag: bool) -> bool:
@@ -264,9 +264,6 @@ def _worker(rank: int, world: int, port: int, argv, errdir: str, threads: int) -
             sys.stderr.flush()
     if code:
         sys.exit(code)
-
-
-INTERNAL = "error: internal error ("          # how ppl.cli reports an unexpected exception
 
 
 def launch(argv, world: int, worker=None) -> int:
@@ -303,6 +300,7 @@ def launch(argv, world: int, worker=None) -> int:
                 seen.append(text)
         # a worker's own error ends the others inside a collective ("connection closed by peer"): their
         # internal errors are its consequence, not news for the user
+        from .cli import INTERNAL
         own = [t for t in seen if INTERNAL not in t]
         for text in own or seen:
             sys.stderr.write(text)

@@ -74,7 +74,7 @@ def pointwise_log_likelihood(fit) -> Dict[str, np.ndarray]:
                     lp = torch.logsumexp(ev.enum_logits[g.name], 0)
                 shape = tuple(model.nodes[name].shape)
                 obs_shape = shape[:len(shape) - _obs_rank(model, name)]
-                if getattr(program, "local_rows", False) and model.rows.is_row(name) and lp.dim() > 1:
+                if program.local_rows and model.rows.is_row(name) and lp.dim() > 1:
                     obs_shape = (lp.shape[1],) + obs_shape[1:]      # this process's own rows (ppl.dist)
                 n = lp.shape[0]
                 lp = lp.expand((n,) + tuple(lp.shape[1:])) if lp.dim() else lp.expand(n)

@@ -102,8 +102,8 @@ class _Group:
 
 def _data_groups(model):
     observed, constant = {}, {}
-    own = getattr(model, "row_share", None) is not None      # each process read its own rows (ppl.dist):
-    for st in model.program.statements:                      # the first holds only its own
+    own = model.row_share is not None    # each process read its own rows (ppl.dist): the first holds its own
+    for st in model.program.statements:
         if own and model.rows.is_row(st.name):
             continue
         if isinstance(st, A.DataDecl) and st.name in model.values:
@@ -142,7 +142,7 @@ def fit_bytes(fit, notes: List[str], predictive: bool = True) -> Optional[bytes]
         groups["sample_stats"] = ss
         S = len(qd.log_p)
         n_obs = sum(int(np.prod(model.nodes[n].shape)) for n in model.order if model.nodes[n].kind == "observed")
-        own = getattr(model, "row_share", None)          # each process read its own rows (ppl.dist)
+        own = model.row_share          # each process read its own rows (ppl.dist)
         if own is not None and predictive:
             predictive = False
             notes.append("fit.nc: posterior_predictive left out (each process read its own rows; the first "

@@ -84,3 +84,16 @@ class Batch:
         """The rows `index` (0-based) of the full data, scaled to stand for all `n_total` rows."""
         B = int(index.shape[0])
         return cls({k: v.index_select(1, index) for k, v in row_data.items()}, n_total / B, B, index=index)
+
+    @classmethod
+    def own_rows(cls, row_data: Mapping[str, torch.Tensor], index: torch.Tensor, n_total: int, shard: "Batch",
+                 offset: int = 0) -> "Batch":
+        """A data-parallel fit (ppl.dist): of the rows `index` of the whole data (one process's batch),
+        those this process owns (`shard.shard`: [lo, hi)), scaled by `n_total` over all of `index` (the
+        sum over the processes is that batch's).  `offset`: the first row `row_data` holds (0: all)."""
+        lo, hi = shard.shard
+        own = index[(index >= lo) & (index < hi)]
+        at = own - offset if offset else own
+        return cls({k: v.index_select(1, at) for k, v in row_data.items()}, n_total / int(index.shape[0]),
+                   int(own.shape[0]), index=own, shard=shard.shard, global_terms=shard.global_terms,
+                   world=shard.world)

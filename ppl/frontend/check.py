@@ -9,7 +9,7 @@ together, in source order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import networkx as nx
 import numpy as np
@@ -100,6 +100,7 @@ class Model:
     levels: Dict[str, List[str]] = field(default_factory=dict)
     rows: RowAxis = NO_ROWS                    # the row axis (plate): which nodes are per data row
     encoders: tuple = ()                       # `amortize` declarations, checked (frontend.encoders.EncoderSpec)
+    row_share: Optional[Any] = None            # ppl.data.RowShare: this process read only its own rows (ppl.dist)
 
     def rank(self, e: A.Expr) -> int:
         return len(self.shapes[id(e)])
@@ -635,6 +636,7 @@ class _Checker:
         model = Model(self.src, self.p, ordered, tuple(topo), dict(self.dims),
                       {k: v for k, v in self.values.items()}, self.shapes, self.has_data, levels)
         model.rows = row_axis(model)
+        model.row_share = self.row_share
         model.encoders = check_encoders(model)
         return model
 

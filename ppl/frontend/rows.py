@@ -50,8 +50,12 @@ def _declared_dims(s: A.Stmt):
 
 def row_symbol(program: A.Program) -> Optional[str]:
     """The symbol that leads the most data declarations (the first such, on a tie)."""
-    leads = [s.type.dims[0].value for s in program.statements
-             if isinstance(s, A.DataDecl) and s.type.dims and isinstance(s.type.dims[0].value, str)]
+    return lead_symbol([s for s in program.statements if isinstance(s, A.DataDecl)])
+
+
+def lead_symbol(decls) -> Optional[str]:
+    """Of these data declarations: the symbol that leads the most (the first such, on a tie)."""
+    leads = [d.type.dims[0].value for d in decls if d.type.dims and isinstance(d.type.dims[0].value, str)]
     if not leads:
         return None
     counts = Counter(leads)

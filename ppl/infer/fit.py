@@ -255,10 +255,10 @@ def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
                     timings, t_start, amortized_, mb_config, held_model)
 
 
-def _procs(model: Optional[Model] = None) -> str:
+def _procs(model: Model) -> str:
     from .. import dist
     g = dist.current()
-    own = getattr(model, "row_share", None)
+    own = model.row_share
     return (f", {g.world} processes (torch.distributed, {dist.backend()})" +
             (f"; each read its own rows (process 0: rows {own.lo + 1}..{own.hi} of {own.n}, {own.how})"
              if own is not None else "")) if g is not None else ""
@@ -279,7 +279,7 @@ def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
            "no row axis in the data" if model.rows.size is None else None)
     if why:
         raise UsageError(f"{config.opt('procs')} cannot split this fit over processes yet: {why}")
-    own = getattr(model, "row_share", None)           # each process read its own rows (ppl.data.RowShare)
+    own = model.row_share           # each process read its own rows (ppl.data.RowShare)
     if own is not None:
         diags = minibatch.mixing_diagnostics(model, f"{config.opt('procs')} with each process reading its own "
                                                     f"rows ({own.how})", "process")
@@ -499,24 +499,21 @@ def _own_rows_pointwise(f: Fit, program: LogJoint, shard_batch) -> Optional[Dict
         local = pointwise_log_likelihood(f)
     finally:
         program.use_full_data()
-    from .. import dist
     out = {}
     for k, v in local.items():
-        t = torch.from_numpy(v)
-        if model.rows.is_row(k):
-            t = dist.gather_rows(t, 1)
-        if t is not None and shard_batch.global_terms:
+        t = _joined(model, k, torch.from_numpy(v), 1, shard_batch.global_terms)
+        if t is not None:
             out[k] = t.numpy()
     return out
 
 
-def _joined(program: LogJoint, name: str, v: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+def _joined(model: Model, name: str, v: torch.Tensor, dim: int, first: bool) -> Optional[torch.Tensor]:
     """A value of this process's rows (each process read its own: ppl.dist) -> every row's, on the
-    first process (None on the others); a global value as it is on the first."""
+    first process (None on the others); a global value as it is on the first (`first`: this is it)."""
     from .. import dist
-    if program.model.rows.is_row(name):
+    if model.rows.is_row(name):
         return dist.gather_rows(v, dim)
-    return v if program.batch.global_terms else None
+    return v if first else None
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -878,12 +875,13 @@ def draw_and_diagnose(vi: VI, draws: int, gen: torch.Generator, on_chunk=None):
                 for k, v in z.items():
                     kept_z.setdefault(k, []).append(v[: draws - i])
                 for k, v in (program.values(ev, values_gen) if ev.env else {}).items():
-                    v = _joined(program, k, v, 1) if own_rows else v
+                    v = _joined(program.model, k, v, 1, program.batch.global_terms) if own_rows else v
                     if v is not None:
                         values.setdefault(k, []).append(to_numpy(v[: draws - i]).copy())
                 for k, (m1, m2) in (program.enum_moments(ev) if ev.env else {}).items():
                     if own_rows:
-                        m1, m2 = _joined(program, k, m1, 1), _joined(program, k, m2, 1)
+                        first = program.batch.global_terms
+                        m1, m2 = _joined(program.model, k, m1, 1, first), _joined(program.model, k, m2, 1, first)
                         if m1 is None:
                             continue
                     m1, m2 = m1[: draws - i], m2[: draws - i]

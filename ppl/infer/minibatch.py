@@ -161,13 +161,8 @@ class Epochs:
                 yield Batch.rows(self.row_data, rows, self.N)
                 continue
             # a data-parallel fit (ppl.dist): the one-process batch, of which this process evaluates
-            # the rows it owns (scaled by N / the whole batch; the sum over processes is that batch's)
-            lo, hi = self.shard.shard
-            own = rows[(rows >= lo) & (rows < hi)]
-            at = own - self.offset if self.offset else own
-            yield Batch({k: v.index_select(1, at) for k, v in self.row_data.items()}, self.N / rows.shape[0],
-                        int(own.shape[0]), index=own, shard=self.shard.shard,
-                        global_terms=self.shard.global_terms)
+            # the rows it owns
+            yield Batch.own_rows(self.row_data, rows, self.N, self.shard, self.offset)
 
 
 def pass_batches(program, chunk: int) -> Iterator[Batch]:
@@ -183,7 +178,7 @@ def pass_batches(program, chunk: int) -> Iterator[Batch]:
         a = min(hi, lo + k * chunk)
         b = min(hi, a + chunk)
         idx = torch.arange(a, b, device=program.device)
-        off = program.row_offset if getattr(program, "local_rows", False) else 0     # own rows (ppl.dist)
+        off = program.row_offset                     # (each process read its own rows: ppl.dist)
         yield Batch({name: v[:, a - off:b - off] for name, v in program.row_data.items()}, 1.0,  # views
                     b - a, index=idx, shard=shard,
                     global_terms=k == 0 and (shard is None or program.batch.global_terms))
@@ -202,15 +197,10 @@ class Subsample:
         gen = torch.Generator().manual_seed((int(seed) * 40503 + 11) % (2 ** 63))
         idx = torch.randperm(N, generator=gen)[:rows].sort().values.to(program.device)
         self.program, self.rows = program, rows
-        if not (getattr(program, "local_rows", False) and program.batch.shard is not None):
+        if not (program.local_rows and program.batch.shard is not None):
             self.batch = Batch.rows(program.row_data, idx, N)
-        else:
-            # each process read its own rows (ppl.dist): it evaluates the subsample's rows it holds
-            lo, hi = program.batch.shard
-            own = idx[(idx >= lo) & (idx < hi)]
-            self.batch = Batch({k: v.index_select(1, own - lo) for k, v in program.row_data.items()}, N / rows,
-                               int(own.shape[0]), index=own, shard=(lo, hi),
-                               global_terms=program.batch.global_terms, world=program.batch.world)
+        else:                   # each process read its own rows (ppl.dist): the subsample's rows it holds
+            self.batch = Batch.own_rows(program.row_data, idx, N, program.batch, program.row_offset)
 
     def __getattr__(self, name):
         return getattr(self.program, name)
@@ -516,7 +506,7 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
     program = vi.program
     N = program.model.rows.size
     batches = Epochs(program.row_data, N, config.batch_size, config.seed, program.device, program.batch,
-                     getattr(program, "row_offset", 0))
+                     program.row_offset)
     nb = batches.per_epoch
     E = config.epochs or default_epochs(nb)
     total_steps = E * nb
