@@ -335,7 +335,6 @@ class Amortized(RowLocal):
         N = self.N
         self.x_rows = [enc.features(program.row_data)
                        if N * enc.features.size <= CHUNK_ELEMENTS else None for enc, *_ in self.encoders]
-        self._no_globals = torch.zeros((1, 0), dtype=self.dtype, device=self.device)
         self.all_rows = torch.arange(N, device=self.device)
 
     def parameters(self) -> List[torch.Tensor]:
@@ -378,17 +377,6 @@ class Amortized(RowLocal):
         if x is None or index is None:
             return self.encoders[i][0].features(data)
         return x.index_select(0, index)
-
-    def global_draws(self, S: int):
-        """S draws of the globals (S, dim_g) and their entropy (or its estimate): none to make without
-        global latents."""
-        glob = self.glob
-        if not glob.dim:
-            return self._no_globals.expand(S, 0), 0.0
-        if glob.gaussian:
-            return glob.rsample(S), glob.entropy()
-        theta_g, lq = glob.rsample_with_log_q(S)
-        return theta_g, -lq.mean()
 
     def rsample_with_log_q(self, S: int):
         """Full draws of theta in the compiled model's layout (every row), and log q."""
@@ -562,15 +550,12 @@ def paired_draws(fam: Amortized, S: int, batch=None):
 
 
 def plain_draws(fam: Amortized, S: int, batch=None):
-    """As paired_draws, with S independent draws (no per-row rows without per-row latents: None)."""
+    """As paired_draws, with S independent draws, for a family whose local latents are all encoded
+    (no per-row rows: None for theirs)."""
     idx = batch.index if batch is not None and batch.index is not None else fam.all_rows
     scale = 1.0 if batch is None else batch.scale
     theta_g, ent = fam.global_draws(S)
-    B = idx.shape[0]
-    if not fam.K:
-        return idx, scale, S, theta_g, ent, None, None, fam.encoder_eps(B, S)
-    rows = fam.loc[idx]
-    return idx, scale, S, theta_g, ent, rows, fam.local_eps(B, S), fam.encoder_eps(B, S)
+    return idx, scale, S, theta_g, ent, None, None, fam.encoder_eps(idx.shape[0], S)
 
 
 # ---- after the fit: new rows, refinement ------------------------------------------------------------

@@ -299,6 +299,16 @@ class RowLocal:
     def parameters(self) -> List[torch.Tensor]:
         return self.glob.parameters()
 
+    def global_draws(self, S: int):
+        """S draws of the globals (S, dim_g) and their entropy (or its estimate); none without globals."""
+        glob = self.glob
+        if not glob.dim:
+            return torch.zeros((S, 0), dtype=self.dtype, device=self.device), 0.0
+        if glob.gaussian:
+            return glob.rsample(S), glob.entropy()
+        theta_g, lq = glob.rsample_with_log_q(S)
+        return theta_g, -lq.mean()
+
     def local_eps(self, B: int, S: int) -> torch.Tensor:
         return torch.randn((S, B, self.K), generator=self.gen, dtype=self.dtype, device=self.device)
 
@@ -403,13 +413,8 @@ def antithetic_draws(fam, S: int, batch=None):
     idx = batch.index if batch is not None and batch.index is not None else \
         torch.arange(fam.N, device=fam.device)
     scale = 1.0 if batch is None else batch.scale
-    glob = fam.glob
     half = max(1, (S + 1) // 2)
-    if glob.gaussian:
-        theta_g, ent = glob.rsample(half), glob.entropy()
-    else:
-        theta_g, lq = glob.rsample_with_log_q(half)
-        ent = -lq.mean()
+    theta_g, ent = fam.global_draws(half)
     rows = fam.loc[idx]
     eps = fam.local_eps(rows.shape[0], half)
     return idx, scale, 2 * half, half, torch.cat([theta_g, theta_g]), ent, rows, torch.cat([eps, -eps])

@@ -442,12 +442,7 @@ class RelaxedRowsGradient(GradientEstimator):
         fam, program = self.vi.family, self.vi.program
         T = self.temperature()
         self.t += 1
-        glob = fam.glob
-        if glob.gaussian:
-            theta_g, ent = glob.rsample(S), glob.entropy()
-        else:
-            theta_g, lq_g = glob.rsample_with_log_q(S)
-            ent = -lq_g.mean()
+        theta_g, ent = fam.global_draws(S)
         scale = 1.0 if batch is None else batch.scale
         value, leaves, hard, lq = objective(fam, program, theta_g, ent, T, batch)
         if not bool(torch.isfinite(value)):
@@ -461,4 +456,4 @@ class RelaxedRowsGradient(GradientEstimator):
         fam.step_logits(idx, free, scale)
         with torch.no_grad():                   # the value: the discrete model's ELBO at the hard draws
             evh = program.evaluate(theta_g.detach(), hard, batch=batch).total
-            return float(evh.mean() + ent.detach() - scale * lq.detach())
+            return float(evh.mean() + ent - scale * lq.detach())
