@@ -8,8 +8,8 @@ leading dimension the row axis, and no node that mixes rows reads it, directly o
 and every DATA must be data of those rows.  A continuous latent's encoder gives a Gaussian q; a
 discrete one's (categorical, bernoulli: a support with a continuous relaxation) gives the logits of
 its categorical q, fitted by the relaxed estimator (ppl.infer.relaxed_rows), so it must be
-relaxable (`ppl.plan.relax_refusal`) and takes an MLP (`hidden`), neither `linear` nor `iaf`.  The activations are the registry `ACTIVATIONS`
-(name -> torch function, built only when a fit asks for it).
+relaxable (`ppl.plan.relax_refusal`) and takes an MLP (`hidden`), neither `linear` nor `iaf`.  The
+activations are the registry `ACTIVATIONS` (name -> torch function, built only when a fit asks for it).
 """
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def check_encoders(model) -> Tuple[EncoderSpec, ...]:
             errs.append(Diagnostic(d.latent.span, f"'{name}' is {what}, not a latent: amortize names a local latent "
                                                   f"(one value per data row, `z[N] ~ ...`) whose q an encoder gives"))
             ok = False
-        elif node.discrete and _discrete_refusal(model, node, d):
-            errs.append(_discrete_refusal(model, node, d))
+        elif node.discrete and (refusal := _discrete_refusal(model, node, d)) is not None:
+            errs.append(refusal)
             ok = False
         elif rows.symbol is None or name not in rows.per_row:
             dims = node.shape

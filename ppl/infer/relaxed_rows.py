@@ -63,8 +63,7 @@ MOMENT_ROWS = 512         # rows whose q probabilities the drift test watches
 
 # ---- which fits this module serves --------------------------------------------------------------
 def relaxed_names(program) -> List[str]:
-    return [n for n in program.score if program.model.nodes[n].name in program.relaxed
-            and program.plan[n].estimator == "relaxed"]
+    return [n for n in program.score if n in program.relaxed and program.plan[n].estimator == "relaxed"]
 
 
 def active(model, program, config) -> bool:
