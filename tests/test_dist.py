@@ -57,6 +57,7 @@ sigma_y ~ half_normal(5)
 y ~ normal(a[1] + a[2] * x + b * x * x, sigma_y)
 """
 MINIBATCH = dict(seed=2, draws=200, method="meanfield", batch_size=16, epochs=4)
+PER_PROCESS = dict(MINIBATCH, batch_size=8)      # two processes' batches of 8: the one-process batch of 16
 N = 31       # odd: rank 0 owns 16 rows, rank 1 owns 15
 
 
@@ -121,9 +122,9 @@ def _group_worker(rank, world, port, out, model, data):
         results["flat"] = dist.all_reduce_flat([torch.ones(2) * (rank + 1), torch.full((2, 3), 10.0 * rank)])
         f = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
         results["adam"] = (f.summary(), f.elbo, f.device)
-        f = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **MINIBATCH)
-        results["minibatch"] = (f.summary(), f.elbo, f.steps)
-        f = ppl.loads(REGRESSION, "r.ppl").fit(data, **MINIBATCH)       # each process's own rows
+        f = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **PER_PROCESS)
+        results["minibatch"] = (f.summary(), f.elbo, f.steps, f.method_note)
+        f = ppl.loads(REGRESSION, "r.ppl").fit(data, **PER_PROCESS)       # each process's own rows
         results["own-minibatch"] = (f.summary(), f.elbo, f.steps, f.device)
         if rank == 0:
             torch.save(results, out)
@@ -198,8 +199,8 @@ def test_200_adam_steps_on_two_processes_are_the_one_process_fit(two_processes):
 
 
 def test_minibatches_of_own_rows_are_the_one_process_minibatches(two_processes):
-    """The one-process batch (global N, global batch size B, scale N / B), of which each process
-    evaluates the rows it read."""
+    """`--batch-size B` is each process's (as DDP's): the one-process batch of 2B rows (global N, scale
+    N / 2B), of which each process evaluates the rows it read."""
     summary, elbo, steps, device = two_processes[0]["own-minibatch"]
     one = ppl.loads(REGRESSION, "r.ppl").fit(two_processes[2], **MINIBATCH)
     assert steps == one.steps > 0 and "each read its own rows" in device
@@ -207,11 +208,13 @@ def test_minibatches_of_own_rows_are_the_one_process_minibatches(two_processes):
 
 
 def test_minibatches_on_two_processes_are_the_one_process_minibatches(two_processes):
-    """Each process evaluates the rows it owns of the one-process batch (scale N / B of the whole
-    batch); the control variate's pass and the final ELBO's pass are split the same way."""
-    summary, elbo, steps = two_processes[0]["minibatch"]
+    """Each process evaluates the rows it owns of the one-process batch of 2B rows (scale N / 2B of the
+    whole batch); the control variate (each process's part of it, summed in the step's one all-reduce)
+    and the final ELBO's pass are split the same way."""
+    summary, elbo, steps, note = two_processes[0]["minibatch"]
     one = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **MINIBATCH)
     assert steps == one.steps > 0
+    assert "minibatches of 16 (8 a process) of 31 rows" in note, note
     _same(summary, elbo, one, ("mu", "beta", "sigma"))
 
 

@@ -330,9 +330,6 @@ class LogJoint:
         # a data-parallel fit (see ppl.dist); values only: the whole data's rows, unless this process
         # holds only its own (then its rows of the local latents too)
         shard = batch.shard if densities or self.local_rows else None
-        own = theta if blocks is None else None          # (the control term below: added once, not summed)
-        if own is None and batch.control is not None:
-            own = torch.cat([u.reshape(u.shape[0], -1) for u in blocks], 1)
         replicated = {}
         if shard is not None and collective:
             # theta (or its blocks) and the params enter through one replicate: one flat all-reduce of
@@ -346,6 +343,9 @@ class LogJoint:
             else:
                 blocks = rep[:len(lead)]
             replicated = dict(zip(names, rep[len(lead):]))
+        own = None                           # theta whole, for the control term below
+        if batch.control is not None:
+            own = theta if blocks is None else torch.cat([u.reshape(u.shape[0], -1) for u in blocks], 1)
         us = self.split(theta) if blocks is None else blocks
         S = theta.shape[0] if blocks is None else (us[0].shape[0] if us else 1)
         if densities:
@@ -410,13 +410,14 @@ class LogJoint:
             total = torch.zeros(S, dtype=self.dtype, device=self.device)
         elif total.shape != (S,):
             total = total.expand(S)
+        if batch.control is not None and densities:
+            # a zero-mean linear term over batches (minibatch.py); in a data-parallel fit, this
+            # process's part of it (summed with the rest: its theta is the replicated one)
+            c, theta0 = batch.control
+            total = total + (own - theta0) @ c
         if shard is not None and densities and collective:
             from ..dist import AllReduce
             total = AllReduce.apply(total)
-        if batch.control is not None and densities and (collective or shard is None or batch.global_terms):
-            # a zero-mean linear term over batches (minibatch.py); a process's part: on the first only
-            c, theta0 = batch.control
-            total = total + (own - theta0) @ c
         return Evaluation(total, env, factors, enum_logits)
 
     def relaxed_prior_logits(self, name: str, env, shape) -> torch.Tensor:

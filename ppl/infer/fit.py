@@ -248,6 +248,7 @@ def prepare(model: Model, config: FitConfig, progress=None) -> Prepared:
     mb_local = mb_local or relaxed_rows.active(model, program, config)
     mb_config = config if config.batch_size is not None or not amortized_ else \
         replace(config, batch_size=model.rows.size, epochs=config.epochs or config.steps)
+    mb_config = minibatch.global_batch(mb_config, model.rows.size)
     structure = None if mb_local else model_structure(model, node_plans, program, config.method)
     shard(model, program, wins, config)
     timings["compile"] = time.perf_counter() - t0
@@ -409,7 +410,7 @@ def fit_family(prep: Prepared, method: str, why: str, progress=None, base=None) 
         if hasattr(family, "finish"):          # its discrete q's, every row's logits, for the draws
             vi.discrete = family.finish()
         why = "; ".join(x for x in (why, family.describe() if mb_local else "",
-                                    minibatch.describe(config, result, model.rows.size)
+                                    minibatch.describe(mb_config, result, model.rows.size)
                                     if config.batch_size is not None else f"{result.steps} steps on all rows")
                         if x)
     improper.check_q(start_program, family, start is not None and start.cold)   # q grew along a flat direction

@@ -477,14 +477,18 @@ class ControlVariate:
         self.g_full = g[0]
         return bool(torch.isfinite(self.g_full).all())
 
-    def _grad(self, batch: Batch) -> torch.Tensor:
+    def _grad(self, batch: Batch, collective: bool = True) -> torch.Tensor:
         x = self.theta0.clone().requires_grad_(True)
-        g, = torch.autograd.grad(self.program.log_prob(x, batch=batch).sum(), x)
+        g, = torch.autograd.grad(self.program.evaluate(x, batch=batch, collective=collective).total.sum(), x)
         return g
 
     def attach(self, batch: Batch) -> Batch:
+        """In a data-parallel fit, each process's part of c (no collective: the step's one all-reduce
+        sums the parts with the rest): the full gradient on the first, less its own rows' gradient."""
         if self.theta0 is not None:
-            c = self.g_full - self._grad(batch)[0]
+            c = -self._grad(batch, collective=False)[0]
+            if batch.shard is None or batch.global_terms:
+                c = c + self.g_full
             if bool(torch.isfinite(c).all()):
                 batch.control = (c, self.theta0[0])
         return batch
@@ -724,8 +728,24 @@ def full_elbo(vi: VI, draws: Optional[int] = None) -> float:
     return float((acc - lq).mean()) + ent_local
 
 
+def global_batch(config, N: Optional[int]):
+    """A data-parallel fit (ppl.dist): `batch_size` is each process's batch, as in PyTorch's DDP and
+    Horovod, so a step of W processes evaluates W * B rows (at most N) and an epoch takes W times fewer
+    steps -> the config with the global batch.  The fit is then `--procs 1 --batch-size W*B`'s, to
+    rounding: every process draws that one-process batch and evaluates the rows of it it owns."""
+    from .. import dist
+    group = dist.current()
+    if group is None or config.batch_size is None or group.world == 1:
+        return config
+    from dataclasses import replace
+    return replace(config, batch_size=min(N or config.batch_size * group.world, config.batch_size * group.world))
+
+
 def describe(config, result: OptimResult, N: int) -> str:
+    from .. import dist
     nb = -(-N // config.batch_size)
-    return (f"minibatches of {config.batch_size} of {N} rows: {result.steps} steps, "
+    group = dist.current()
+    per = f" ({-(-config.batch_size // group.world)} a process)" if group is not None and group.world > 1 else ""
+    return (f"minibatches of {config.batch_size}{per} of {N} rows: {result.steps} steps, "
             f"{result.steps / nb:.3g} epochs")
 
