@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                         "when the start is cold); auto: dadvi for meanfield/fullrank on small and medium data "
                         "unless --steps, --lr or --mc-samples tune Adam")
     f.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="minibatch stochastic VI: B rows per step, per-row terms scaled by N/B")
+                   help="minibatch stochastic VI: B rows per step, per-row terms scaled by N/B (with --procs W: "
+                        "B rows per process, W*B a step)")
     f.add_argument("--epochs", type=int, default=None, metavar="E",
                    help="with --batch-size: at most E passes over the data (default: about 10000 steps)")
     f.add_argument("--procs", type=int, default=1, metavar="W",
