@@ -239,10 +239,6 @@ def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), *,
     files = {k: v.encode() for k, v in files.items()}
     notes = list(notes or [])
     files.update(saved.files(fit))
-    if fit.model.row_share is not None:       # each process read its own rows (ppl.dist)
-        del files["data.json"]
-        notes.append("data.json left out: each process read its own rows, so the first holds only its "
-                     "own; ppl.load_fit(DIR) cannot restore this fit")
     nc = netcdf.fit_bytes(fit, notes)
     if nc is not None:
         files["fit.nc"] = nc

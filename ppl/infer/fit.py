@@ -481,6 +481,10 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
                log_evidence_se=evidence_se, amortization=a.gap, holdout=a.held, params=a.program.params.values())
     if a.program.local_rows and shard_batch.shard is not None:
         f._pointwise = _own_rows_pointwise(f, a.program, shard_batch)
+    if prep.model.row_share is not None:
+        whole = _whole_data_model(prep.model)
+        if whole is not None:
+            f.model = whole
     return f
 
 
@@ -506,6 +510,32 @@ def _own_rows_pointwise(f: Fit, program: LogJoint, shard_batch) -> Optional[Dict
         if t is not None:
             out[k] = t.numpy()
     return out
+
+
+def _whole_data_model(model: Model) -> Optional[Model]:
+    """Each process read its own rows (ppl.dist): the model checked with every process's rows of the
+    data joined on the first process, as one process reading the whole data checks it (None on the
+    others) -- gathered now, while every process is here, for what the first alone does after the fit:
+    data.json, fit.nc's data groups and posterior predictive, `Fit.predict`.  The other data (sizes,
+    level labels, columns without the row axis) are the same on every process (ppl.data._own_rows)."""
+    from .. import dist
+    from ..data import DataSet
+    from ..frontend import ast as A
+    from ..frontend.check import check
+    sym = model.rows.symbol
+    values = {}
+    for st in model.program.statements:            # in source order: the same collectives on every process
+        if not isinstance(st, A.DataDecl) or st.name not in model.values:
+            continue
+        v = np.asarray(model.values[st.name])
+        if st.type.dims and st.type.dims[0].value == sym:
+            v = dist.gather_rows(torch.from_numpy(np.ascontiguousarray(v)), 0)
+            v = None if v is None else v.numpy()
+        values[st.name] = v
+    if not dist.current().leader:
+        return None
+    ds = DataSet(values=values, dims=dict(model.dims), levels={k: list(v) for k, v in model.levels.items()})
+    return check(model.program, model.source, lambda decls, syms: ds)
 
 
 def _joined(model: Model, name: str, v: torch.Tensor, dim: int, first: bool) -> Optional[torch.Tensor]:
