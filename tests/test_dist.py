@@ -23,6 +23,7 @@ import ppl
 from ppl import dist
 from ppl.backend.log_joint import LogJoint
 from ppl.backend.runtime import Runtime
+from ppl.errors import UsageError
 from ppl.plan import plan as make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +135,12 @@ def _group_worker(rank, world, port, out, model, data):
         results["flat"] = dist.all_reduce_flat([torch.ones(2) * (rank + 1), torch.full((2, 3), 10.0 * rank)])
         f = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
         results["adam"] = (f.summary(), f.elbo, f.device)
+        saved = os.path.join(os.path.dirname(out), f"saved-{rank}")
+        try:
+            f.save(saved)
+            results["save"] = dist.all_gather_object(saved)
+        except UsageError as e:
+            results["save"] = dist.all_gather_object(str(e))
         f = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **PER_PROCESS)
         results["minibatch"] = (f.summary(), f.elbo, f.steps, f.method_note)
         f = ppl.loads(REGRESSION, "r.ppl").fit(data, **PER_PROCESS)       # each process's own rows
@@ -208,6 +215,17 @@ def test_200_adam_steps_on_two_processes_are_the_one_process_fit(two_processes):
     one = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
     assert "2 processes" in device and "each read its own rows" in device
     _same(summary, elbo, one)
+
+
+def test_only_the_first_process_saves_a_fit_of_own_rows(two_processes):
+    """`Fit.save` under a group (the Python API under torchrun): the first process's fit is whole (it
+    restores with the data of every row); another's holds its own rows only, and refuses."""
+    first, other = two_processes[0]["save"]
+    assert "holds only its own rows of the data (rows " in other and " of 31)" in other, other
+    f = ppl.load_fit(first)
+    assert f.model.row_share is None and len(f.model.values["y"]) == N
+    with open(two_processes[2]) as fh:
+        assert np.array_equal(f.model.values["x"], np.loadtxt(fh, delimiter=",", skiprows=1)[:, 1])
 
 
 def test_minibatches_of_own_rows_are_the_one_process_minibatches(two_processes):
