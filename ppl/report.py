@@ -223,10 +223,10 @@ def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), *,
     from . import saved, netcdf
     from .summary import summarize
     own = fit.model.row_share
-    if own is not None:         # a data-parallel fit's other process: the first alone holds every row (ppl.dist)
+    if own is not None:         # each process of a data-parallel fit read its own rows (ppl.dist)
         from .errors import UsageError
-        raise UsageError(f"this process of a data-parallel fit holds only its own rows of the data (rows "
-                         f"{own.lo + 1}..{own.hi} of {own.n}); the first process's fit is whole: save that one")
+        raise UsageError(f"this fit holds only this process's rows of the data (rows {own.lo + 1}..{own.hi} "
+                         f"of {own.n}): call fit.gather_data() on every process, then save on the first")
     names, mat = fit.draws_table()
     qd = fit.q_draws
     if qd is not None and len(qd.log_p) == mat.shape[0]:

@@ -136,11 +136,14 @@ def _group_worker(rank, world, port, out, model, data):
         f = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
         results["adam"] = (f.summary(), f.elbo, f.device)
         saved = os.path.join(os.path.dirname(out), f"saved-{rank}")
-        try:
-            f.save(saved)
-            results["save"] = dist.all_gather_object(saved)
-        except UsageError as e:
-            results["save"] = dist.all_gather_object(str(e))
+        for when in ("save", "save-gathered"):
+            try:
+                f.save(saved)
+                results[when] = dist.all_gather_object(saved)
+            except UsageError as e:
+                results[when] = dist.all_gather_object(str(e))
+            if when == "save":
+                f.gather_data()
         f = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **PER_PROCESS)
         results["minibatch"] = (f.summary(), f.elbo, f.steps, f.method_note)
         f = ppl.loads(REGRESSION, "r.ppl").fit(data, **PER_PROCESS)       # each process's own rows
@@ -217,11 +220,15 @@ def test_200_adam_steps_on_two_processes_are_the_one_process_fit(two_processes):
     _same(summary, elbo, one)
 
 
-def test_only_the_first_process_saves_a_fit_of_own_rows(two_processes):
-    """`Fit.save` under a group (the Python API under torchrun): the first process's fit is whole (it
-    restores with the data of every row); another's holds its own rows only, and refuses."""
-    first, other = two_processes[0]["save"]
-    assert "holds only its own rows of the data (rows " in other and " of 31)" in other, other
+def test_a_fit_of_own_rows_is_saved_on_the_first_process_after_gather_data(two_processes):
+    """`Fit.save` under a group (the Python API under torchrun): each process holds its own rows, and
+    refuses; after `gather_data` on every process the first's fit holds every row (it restores with
+    the whole data), another's still its own."""
+    for message in two_processes[0]["save"]:
+        assert "holds only this process's rows of the data (rows " in message and " of 31)" in message
+        assert "gather_data()" in message
+    first, other = two_processes[0]["save-gathered"]
+    assert "holds only this process's rows" in other, other
     f = ppl.load_fit(first)
     assert f.model.row_share is None and len(f.model.values["y"]) == N
     with open(two_processes[2]) as fh:

@@ -137,6 +137,19 @@ class Fit(PosteriorMethods):
                             "q50": float(q[1, j]), "q95": float(q[2, j])}
         return out
 
+    def gather_data(self) -> None:
+        """Each process of a data-parallel fit read its own rows of the data (ppl.dist): join them on
+        the first process, whose fit then holds the model checked on the whole data, as one process
+        reading it checks it -- what `save` (data.json, fit.nc's data and predictive groups) and
+        `predict` need.  A collective: every process calls it, once (`ppl fit --out` does, before the
+        first process writes).  The first then holds the whole data, as one process does.  Nothing to
+        do where the fit holds every row (one process, or each read the whole data)."""
+        if self.model.row_share is None:
+            return
+        whole = _whole_data_model(self.model)
+        if whole is not None:
+            self.model = whole
+
     def draws_table(self):
         """(flattened names, (draws, columns) matrix)."""
         names, cols = [], []
@@ -481,10 +494,6 @@ def make_fit(prep: Prepared, a: Attempt) -> Fit:
                log_evidence_se=evidence_se, amortization=a.gap, holdout=a.held, params=a.program.params.values())
     if a.program.local_rows and shard_batch.shard is not None:
         f._pointwise = _own_rows_pointwise(f, a.program, shard_batch)
-    if prep.model.row_share is not None:
-        whole = _whole_data_model(prep.model)
-        if whole is not None:
-            f.model = whole
     return f
 
 
@@ -514,9 +523,7 @@ def _own_rows_pointwise(f: Fit, program: LogJoint, shard_batch) -> Optional[Dict
 
 def _whole_data_model(model: Model) -> Optional[Model]:
     """Each process read its own rows (ppl.dist): the model checked with every process's rows of the
-    data joined on the first process, as one process reading the whole data checks it (None on the
-    others) -- gathered now, while every process is here, for what the first alone does after the fit:
-    data.json, fit.nc's data groups and posterior predictive, `Fit.predict`.  The other data (sizes,
+    data joined on the first process (None on the others; `Fit.gather_data`).  The other data (sizes,
     level labels, columns without the row axis) are the same on every process (ppl.data._own_rows)."""
     from .. import dist
     from ..data import DataSet
