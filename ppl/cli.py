@@ -293,6 +293,8 @@ def cmd_fit(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if args.out is not None:
+        f.gather_data()        # (a collective where each process read its own rows: the outputs need every row)
     process = time.perf_counter() - t_start
     if not leader:                                     # the outputs are the first process's
         return 0

@@ -227,7 +227,10 @@ def gather_rows(t: torch.Tensor, dim: int = 1) -> Optional[torch.Tensor]:
     share for the collective, cut after."""
     if _GROUP is None:
         return t
+    home = t.device
     t = t.contiguous()
+    if backend() == "nccl" and home.type != "cuda":       # NCCL moves only tensors on the GPU
+        t = t.cuda()
     sizes = [int(n) for n in all_gather_object(int(t.shape[dim]))]
     top = max(sizes)
     if t.shape[dim] < top:
@@ -238,7 +241,7 @@ def gather_rows(t: torch.Tensor, dim: int = 1) -> Optional[torch.Tensor]:
     tdist.gather(t, parts, dst=0)
     if not _GROUP.leader:
         return None
-    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim).to(home)
 
 
 def replicate_flat(tensors):

@@ -102,10 +102,7 @@ class _Group:
 
 def _data_groups(model):
     observed, constant = {}, {}
-    own = model.row_share is not None    # each process read its own rows (ppl.dist): the first holds its own
     for st in model.program.statements:
-        if own and model.rows.is_row(st.name):
-            continue
         if isinstance(st, A.DataDecl) and st.name in model.values:
             v = np.asarray(model.values[st.name])
             if st.type.base in ("int", "level"):
@@ -142,11 +139,6 @@ def fit_bytes(fit, notes: List[str], predictive: bool = True) -> Optional[bytes]
         groups["sample_stats"] = ss
         S = len(qd.log_p)
         n_obs = sum(int(np.prod(model.nodes[n].shape)) for n in model.order if model.nodes[n].kind == "observed")
-        own = model.row_share          # each process read its own rows (ppl.dist)
-        if own is not None and predictive:
-            predictive = False
-            notes.append("fit.nc: posterior_predictive left out (each process read its own rows; the first "
-                         "holds only its own)")
         if S * n_obs <= MAX_ELEMENTS:
             ll = _Group(model, True)
             for k, v in fit.log_likelihood().items():

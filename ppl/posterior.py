@@ -223,7 +223,7 @@ class PosteriorMethods:
     def log_likelihood(self) -> Dict[str, np.ndarray]:
         """log p(y_i | theta_s) per observed element (unscaled), for each reported draw: name -> (draws, *obs shape)."""
         from .loo import pointwise_log_likelihood
-        if self.model.row_share is not None:     # each process read its own rows (ppl.dist)
+        if self.q is not None and self.q.program.local_rows:     # it holds this process's own rows (ppl.dist)
             got = getattr(self, "_pointwise", None)
             if got is None:
                 from .errors import UsageError

@@ -222,6 +222,11 @@ def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), *,
     from .outdir import write_dir
     from . import saved, netcdf
     from .summary import summarize
+    own = fit.model.row_share
+    if own is not None:         # each process of a data-parallel fit read its own rows (ppl.dist)
+        from .errors import UsageError
+        raise UsageError(f"this fit holds only this process's rows of the data (rows {own.lo + 1}..{own.hi} "
+                         f"of {own.n}): call fit.gather_data() on every process, then save on the first")
     names, mat = fit.draws_table()
     qd = fit.q_draws
     if qd is not None and len(qd.log_p) == mat.shape[0]:
@@ -239,10 +244,6 @@ def write_outputs(fit, out_dir: str, force: bool, inputs: Sequence[str] = (), *,
     files = {k: v.encode() for k, v in files.items()}
     notes = list(notes or [])
     files.update(saved.files(fit))
-    if fit.model.row_share is not None:       # each process read its own rows (ppl.dist)
-        del files["data.json"]
-        notes.append("data.json left out: each process read its own rows, so the first holds only its "
-                     "own; ppl.load_fit(DIR) cannot restore this fit")
     nc = netcdf.fit_bytes(fit, notes)
     if nc is not None:
         files["fit.nc"] = nc

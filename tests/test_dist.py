@@ -2,8 +2,9 @@
 with a timeout) compute the one-process log density, gradient and Hessian on the same draws, with N
 odd so the ranks own unequal rows -- sliced from the whole data, or read by each process alone (its
 byte range of the CSV, or its own file by a `{rank}` pattern); `ppl fit --procs 2` gives the
-one-process answer; a row-mixing model is refused where each process reads its own rows; a rank that
-fails ends the fit with its located message and exit 1 within seconds."""
+one-process answer and, where each process read its own rows, the one-process outputs (data.json,
+fit.nc's data and predictive groups); a row-mixing model is refused where each process reads its own
+rows; a rank that fails ends the fit with its located message and exit 1 within seconds."""
 from __future__ import annotations
 
 import json
@@ -16,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import need
 
 import ppl
 from ppl import dist
 from ppl.backend.log_joint import LogJoint
 from ppl.backend.runtime import Runtime
+from ppl.errors import UsageError
 from ppl.plan import plan as make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +58,16 @@ a[3] ~ normal(mu_a, sigma_a)
 b ~ normal(0, 10)
 sigma_y ~ half_normal(5)
 y ~ normal(a[1] + a[2] * x + b * x * x, sigma_y)
+"""
+LEVELS = """data y: real[N]
+data x: real[N]
+data g: level[N] of K
+x2 = x * x
+mu_a ~ normal(0, 5)
+a[K] ~ normal(mu_a, 1)
+b ~ normal(0, 2)
+sigma ~ half_normal(2)
+y ~ normal(a[g] + b * x2, sigma)
 """
 MINIBATCH = dict(seed=2, draws=200, method="meanfield", batch_size=16, epochs=4)
 PER_PROCESS = dict(MINIBATCH, batch_size=8)      # two processes' batches of 8: the one-process batch of 16
@@ -122,6 +135,15 @@ def _group_worker(rank, world, port, out, model, data):
         results["flat"] = dist.all_reduce_flat([torch.ones(2) * (rank + 1), torch.full((2, 3), 10.0 * rank)])
         f = ppl.load(model).fit(data, seed=2, draws=200, steps=200, method="fullrank")
         results["adam"] = (f.summary(), f.elbo, f.device)
+        saved = os.path.join(os.path.dirname(out), f"saved-{rank}")
+        for when in ("save", "save-gathered"):
+            try:
+                f.save(saved)
+                results[when] = dist.all_gather_object(saved)
+            except UsageError as e:
+                results[when] = dist.all_gather_object(str(e))
+            if when == "save":
+                f.gather_data()
         f = ppl.loads(REGRESSION, "r.ppl").fit(_data(), **PER_PROCESS)
         results["minibatch"] = (f.summary(), f.elbo, f.steps, f.method_note)
         f = ppl.loads(REGRESSION, "r.ppl").fit(data, **PER_PROCESS)       # each process's own rows
@@ -198,6 +220,21 @@ def test_200_adam_steps_on_two_processes_are_the_one_process_fit(two_processes):
     _same(summary, elbo, one)
 
 
+def test_a_fit_of_own_rows_is_saved_on_the_first_process_after_gather_data(two_processes):
+    """`Fit.save` under a group (the Python API under torchrun): each process holds its own rows, and
+    refuses; after `gather_data` on every process the first's fit holds every row (it restores with
+    the whole data), another's still its own."""
+    for message in two_processes[0]["save"]:
+        assert "holds only this process's rows of the data (rows " in message and " of 31)" in message
+        assert "gather_data()" in message
+    first, other = two_processes[0]["save-gathered"]
+    assert "holds only this process's rows" in other, other
+    f = ppl.load_fit(first)
+    assert f.model.row_share is None and len(f.model.values["y"]) == N
+    with open(two_processes[2]) as fh:
+        assert np.array_equal(f.model.values["x"], np.loadtxt(fh, delimiter=",", skiprows=1)[:, 1])
+
+
 def test_minibatches_of_own_rows_are_the_one_process_minibatches(two_processes):
     """`--batch-size B` is each process's (as DDP's): the one-process batch of 2B rows (global N, scale
     N / 2B), of which each process evaluates the rows it read."""
@@ -267,6 +304,71 @@ def test_rank_pattern_gives_each_process_its_own_file(tmp_path):
     two = json.loads(p.stdout)
     assert "its own file" in two["device"] and "rows 1..16 of 31" in two["device"]
     _same(two["params"], two["elbo"], ppl.load(model).fit(data, seed=2, draws=200))
+
+
+def _level_files(tmp_path):
+    """LEVELS's data: the whole file, and its rows 1..16 and 17..31 as part-0.csv and part-1.csv (every
+    label in both, so each process's labels are the whole data's)."""
+    rng = np.random.default_rng(5)
+    effect = {"north": 1.0, "east": -1.0, "south": 0.5}
+    rows = []
+    for i in range(N):
+        g = list(effect)[i % 3]
+        x = rng.normal()
+        rows.append(f"{effect[g] + 0.3 * x * x + rng.normal()!r},{x!r},{g}\n")
+    head = "y,x,g\n"
+    (tmp_path / "lv.csv").write_text(head + "".join(rows))
+    (tmp_path / "part-0.csv").write_text(head + "".join(rows[:16]))
+    (tmp_path / "part-1.csv").write_text(head + "".join(rows[16:]))
+    model = tmp_path / "lv.ppl"
+    model.write_text(LEVELS)
+    return str(model), str(tmp_path / "lv.csv"), str(tmp_path / "part-{rank}.csv")
+
+
+@pytest.mark.parametrize("how", ["byte-range", "rank-files"])
+def test_own_rows_write_the_one_process_outputs(tmp_path, how):
+    """Each process read its own rows (its byte range of one CSV; its own file, with level labels and a
+    constant of the data): the first gathers every process's rows of the data after the fit, so --out
+    holds what one process reading the whole data writes -- the same data.json, a fit that
+    ppl.load_fit restores, fit.nc with the same groups, the same data and the same posterior
+    predictive (drawn as one process draws it)."""
+    xr = need("xarray")
+    if how == "byte-range":
+        model, whole = _csv(tmp_path)
+        data = whole
+    else:
+        model, whole, data = _level_files(tmp_path)
+    args = ("--seed", "2", "--draws", "200", "--format", "json")
+    d1, d2 = tmp_path / "D1", tmp_path / "D2"
+    one = _ppl("fit", model, whole, *args, "--procs", "1", "--out", str(d1))
+    two = _ppl("fit", model, data, *args, "--procs", "2", "--out", str(d2))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert "each read its own rows" in json.loads(two.stdout)["device"]
+    assert sorted(os.listdir(d2)) == sorted(os.listdir(d1))
+    assert (d2 / "data.json").read_bytes() == (d1 / "data.json").read_bytes()
+    assert json.loads((d2 / "run.json").read_text())["notes"] == json.loads((d1 / "run.json").read_text())["notes"]
+    f1, f2 = ppl.load_fit(str(d1)), ppl.load_fit(str(d2))
+    assert f2.model.levels == f1.model.levels and f2.model.dims == f1.model.dims
+    s1, s2 = f1.summary(), f2.summary()
+    assert s2.keys() == s1.keys()
+    for k in s1:
+        for stat in ("mean", "sd", "q5", "q50", "q95"):
+            assert abs(s2[k][stat] - s1[k][stat]) < 1e-6, (k, stat, s2[k][stat], s1[k][stat])
+    t1 = xr.open_datatree(d1 / "fit.nc", engine="h5netcdf")
+    t2 = xr.open_datatree(d2 / "fit.nc", engine="h5netcdf")
+    assert set(t2.children) == set(t1.children) >= {"posterior_predictive", "observed_data", "constant_data"}
+    for group in ("observed_data", "constant_data", "posterior_predictive"):
+        assert set(t2[group].data_vars) == set(t1[group].data_vars)
+        for k in t1[group].data_vars:
+            a, b = t1[group][k], t2[group][k]
+            assert a.dims == b.dims and a.shape == b.shape, (group, k)
+            if group == "posterior_predictive":     # the same noise on draws equal to 1e-6
+                assert np.allclose(b.values, a.values, atol=1e-6), (group, k)
+            else:
+                assert np.array_equal(b.values, a.values), (group, k)
+        for c in t1[group].coords:
+            assert list(t2[group][c].values) == list(t1[group][c].values), (group, c)
+    assert f2.predict()["y"].shape == (200, N)
 
 
 def test_rank_files_must_agree_on_sizes_and_level_labels(tmp_path):

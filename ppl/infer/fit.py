@@ -137,6 +137,19 @@ class Fit(PosteriorMethods):
                             "q50": float(q[1, j]), "q95": float(q[2, j])}
         return out
 
+    def gather_data(self) -> None:
+        """Each process of a data-parallel fit read its own rows of the data (ppl.dist): join them on
+        the first process, whose fit then holds the model checked on the whole data, as one process
+        reading it checks it -- what `save` (data.json, fit.nc's data and predictive groups) and
+        `predict` need.  A collective: every process calls it, once (`ppl fit --out` does, before the
+        first process writes).  The first then holds the whole data, as one process does.  Nothing to
+        do where the fit holds every row (one process, or each read the whole data)."""
+        if self.model.row_share is None:
+            return
+        whole = _whole_data_model(self.model)
+        if whole is not None:
+            self.model = whole
+
     def draws_table(self):
         """(flattened names, (draws, columns) matrix)."""
         names, cols = [], []
@@ -506,6 +519,30 @@ def _own_rows_pointwise(f: Fit, program: LogJoint, shard_batch) -> Optional[Dict
         if t is not None:
             out[k] = t.numpy()
     return out
+
+
+def _whole_data_model(model: Model) -> Optional[Model]:
+    """Each process read its own rows (ppl.dist): the model checked with every process's rows of the
+    data joined on the first process (None on the others; `Fit.gather_data`).  The other data (sizes,
+    level labels, columns without the row axis) are the same on every process (ppl.data._own_rows)."""
+    from .. import dist
+    from ..data import DataSet
+    from ..frontend import ast as A
+    from ..frontend.check import check
+    sym = model.rows.symbol
+    values = {}
+    for st in model.program.statements:            # in source order: the same collectives on every process
+        if not isinstance(st, A.DataDecl) or st.name not in model.values:
+            continue
+        v = np.asarray(model.values[st.name])
+        if st.type.dims and st.type.dims[0].value == sym:
+            v = dist.gather_rows(torch.from_numpy(np.ascontiguousarray(v)), 0)
+            v = None if v is None else v.numpy()
+        values[st.name] = v
+    if not dist.current().leader:
+        return None
+    ds = DataSet(values=values, dims=dict(model.dims), levels={k: list(v) for k, v in model.levels.items()})
+    return check(model.program, model.source, lambda decls, syms: ds)
 
 
 def _joined(model: Model, name: str, v: torch.Tensor, dim: int, first: bool) -> Optional[torch.Tensor]:
