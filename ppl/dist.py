@@ -221,10 +221,10 @@ def _split_like(flat: torch.Tensor, tensors):
     return out
 
 
-def gather_rows(t: torch.Tensor, dim: int = 1) -> Optional[torch.Tensor]:
+def gather_rows(t: torch.Tensor, dim: int = 1, everywhere: bool = False) -> Optional[torch.Tensor]:
     """Every rank's rows of a per-row value (`t`: this rank's, along `dim`), joined in rank order on
-    rank 0 (the whole value); None on the other ranks.  Rows may be unequal: padded to the largest
-    share for the collective, cut after."""
+    rank 0 (the whole value); None on the other ranks (`everywhere`: on every rank).  Rows may be
+    unequal: padded to the largest share for the collective, cut after."""
     if _GROUP is None:
         return t
     t = t.contiguous()
@@ -234,10 +234,13 @@ def gather_rows(t: torch.Tensor, dim: int = 1) -> Optional[torch.Tensor]:
         pad = list(t.shape)
         pad[dim] = top - t.shape[dim]
         t = torch.cat([t, t.new_zeros(pad)], dim)
-    parts = [torch.empty_like(t) for _ in sizes] if _GROUP.leader else None
-    tdist.gather(t, parts, dst=0)
-    if not _GROUP.leader:
-        return None
+    parts = [torch.empty_like(t) for _ in sizes] if _GROUP.leader or everywhere else None
+    if everywhere:
+        tdist.all_gather(parts, t)
+    else:
+        tdist.gather(t, parts, dst=0)
+        if not _GROUP.leader:
+            return None
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
 
 
