@@ -6,10 +6,12 @@ Stage: (world size, rank, rendezvous) -> `Group`, which the compiled model
 Every rank compiles the same model on the same data, holds the same
 variational parameters and draws the same Monte Carlo noise (one seed), so
 every decision the fit makes (mode search, fixed draws, step sizes,
-convergence) is made on identical numbers everywhere.  What differs is the
-rows: rank r evaluates the per-row terms of its share of the rows only
-(`share`: contiguous ranges, N need not divide evenly), and rank 0 alone adds
-the global terms (priors, Jacobians of global latents), so
+convergence) is made on identical numbers everywhere (a minibatch fit's
+per-row q, ppl.infer.minibatch.RowLocal: each rank steps only its own rows,
+which are joined on every rank before a decision or a draw reads them all).
+What differs is the rows: rank r evaluates the per-row terms of its share of
+the rows only (`share`: contiguous ranges, N need not divide evenly), and
+rank 0 alone adds the global terms (priors, Jacobians of global latents), so
 
     log p(y, theta) = sum over ranks of (rank r's terms)
 
