@@ -21,9 +21,10 @@ Latents:
   per-row variational parameters: `RowLocal` is q = q_global(globals) x
   prod_n N(z_n; m_n, diag s_n^2), one mean-field row per data row.  Only the
   batch's rows are drawn and updated, by natural-gradient steps (see the
-  class), so a step costs O(B), never O(N).  Its gradient is the `row-local`
-  estimator (registry GRADIENTS; a kind of its own, chosen only for this
-  family).  The per-row part lives here, in one place: any registered family
+  class), so a step costs O(B), never O(N); under `--procs` each process
+  draws the whole batch's local noise and steps the rows of it that it
+  owns.  Its gradient is the `row-local` estimator (registry GRADIENTS; a
+  kind of its own, chosen only for this family).  The per-row part lives here, in one place: any registered family
   that needs no model structure serves the globals.
 
 The run (`optimise`): shuffled batches each epoch from a generator seeded by
