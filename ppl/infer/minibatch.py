@@ -24,8 +24,9 @@ Latents:
   class), so a step costs O(B), never O(N); under `--procs` each process
   draws the whole batch's local noise and steps the rows of it that it
   owns.  Its gradient is the `row-local` estimator (registry GRADIENTS; a
-  kind of its own, chosen only for this family).  The per-row part lives here, in one place: any registered family
-  that needs no model structure serves the globals.
+  kind of its own, chosen only for this family).  The per-row part lives
+  here, in one place: any registered family that needs no model structure
+  serves the globals.
 
 The run (`optimise`): shuffled batches each epoch from a generator seeded by
 the fit's seed; Stan's relative-change test (engine.Convergence) and q's
