@@ -59,6 +59,8 @@ y ~ normal(a[1] + a[2] * x + b * x * x, sigma_y)
 MINIBATCH = dict(seed=2, draws=200, method="meanfield", batch_size=16, epochs=4)
 PER_PROCESS = dict(MINIBATCH, batch_size=8)      # two processes' batches of 8: the one-process batch of 16
 ROWS = dict(MINIBATCH, epochs=500)               # per-row latents: windows of 50 epochs; the test stops the fit
+PASS_CHUNK = 14_000       # minibatch.CHUNK_ELEMENTS giving the final pass's 2000 draws chunks of 7 rows (one
+                          # holds rows of both processes)
 N = 31       # odd: rank 0 owns 16 rows, rank 1 owns 15
 
 
@@ -127,7 +129,10 @@ def _group_worker(rank, world, port, out, model, data):
         results["minibatch"] = (f.summary(), f.elbo, f.steps, f.method_note)
         f = ppl.loads(REGRESSION, "r.ppl").fit(data, **PER_PROCESS)       # each process's own rows
         results["own-minibatch"] = (f.summary(), f.elbo, f.steps, f.device)
-        for key, rows in (("local-minibatch", _data()), ("own-local-minibatch", data)):
+        from ppl.infer import minibatch
+        for key, rows, chunk in (("local-minibatch", _data(), minibatch.CHUNK_ELEMENTS),
+                                 ("own-local-minibatch", data, PASS_CHUNK)):
+            minibatch.CHUNK_ELEMENTS = chunk
             f = ppl.loads(LOCAL, "m.ppl").fit(rows, **dict(ROWS, batch_size=8))
             results[key] = (f.summary(), f.elbo, f.steps, f.device)
         if rank == 0:
@@ -223,12 +228,17 @@ def test_minibatches_on_two_processes_are_the_one_process_minibatches(two_proces
 
 
 @pytest.mark.parametrize("key", ["local-minibatch", "own-local-minibatch"], ids=["shares", "own-rows"])
-def test_minibatches_with_per_row_latents_on_two_processes_are_the_one_process_minibatches(key, two_processes):
+def test_minibatches_with_per_row_latents_on_two_processes_are_the_one_process_minibatches(key, two_processes,
+                                                                                          monkeypatch):
     """Per-row latents (RowLocal): every process draws the one-process batch's local noise and steps
     the rows it owns; the globals' gradient, the value and the rows' entropy are summed in the step's
     one all-reduce, the rows' q joined before the convergence test and at the end -- so rows of both
-    processes' shares (z[1], z[16] | z[17], z[31]) and the final ELBO's pass are one process's."""
+    processes' shares (z[1], z[16] | z[17], z[31]) and the final ELBO's pass (with own rows: in chunks
+    of 7 rows, one of them holding rows of both processes) are one process's."""
     summary, elbo, steps, device = two_processes[0][key]
+    if key == "own-local-minibatch":
+        from ppl.infer import minibatch
+        monkeypatch.setattr(minibatch, "CHUNK_ELEMENTS", PASS_CHUNK)
     one = ppl.loads(LOCAL, "m.ppl").fit(_data(), **ROWS)
     assert 0 < steps == one.steps < 500 * 2 and "2 processes" in device      # stopped by the convergence test
     assert ("each read its own rows" in device) == (key == "own-local-minibatch")
