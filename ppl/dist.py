@@ -6,10 +6,12 @@ Stage: (world size, rank, rendezvous) -> `Group`, which the compiled model
 Every rank compiles the same model on the same data, holds the same
 variational parameters and draws the same Monte Carlo noise (one seed), so
 every decision the fit makes (mode search, fixed draws, step sizes,
-convergence) is made on identical numbers everywhere.  What differs is the
-rows: rank r evaluates the per-row terms of its share of the rows only
-(`share`: contiguous ranges, N need not divide evenly), and rank 0 alone adds
-the global terms (priors, Jacobians of global latents), so
+convergence) is made on identical numbers everywhere (a minibatch fit's
+per-row q, ppl.infer.minibatch.RowLocal: each rank steps only its own rows,
+which are joined on every rank before a decision or a draw reads them all).
+What differs is the rows: rank r evaluates the per-row terms of its share of
+the rows only (`share`: contiguous ranges, N need not divide evenly), and
+rank 0 alone adds the global terms (priors, Jacobians of global latents), so
 
     log p(y, theta) = sum over ranks of (rank r's terms)
 
@@ -221,10 +223,10 @@ def _split_like(flat: torch.Tensor, tensors):
     return out
 
 
-def gather_rows(t: torch.Tensor, dim: int = 1) -> Optional[torch.Tensor]:
+def gather_rows(t: torch.Tensor, dim: int = 1, everywhere: bool = False) -> Optional[torch.Tensor]:
     """Every rank's rows of a per-row value (`t`: this rank's, along `dim`), joined in rank order on
-    rank 0 (the whole value); None on the other ranks.  Rows may be unequal: padded to the largest
-    share for the collective, cut after."""
+    rank 0 (the whole value); None on the other ranks (`everywhere`: on every rank).  Rows may be
+    unequal: padded to the largest share for the collective, cut after."""
     if _GROUP is None:
         return t
     home = t.device
@@ -237,10 +239,13 @@ def gather_rows(t: torch.Tensor, dim: int = 1) -> Optional[torch.Tensor]:
         pad = list(t.shape)
         pad[dim] = top - t.shape[dim]
         t = torch.cat([t, t.new_zeros(pad)], dim)
-    parts = [torch.empty_like(t) for _ in sizes] if _GROUP.leader else None
-    tdist.gather(t, parts, dst=0)
-    if not _GROUP.leader:
-        return None
+    parts = [torch.empty_like(t) for _ in sizes] if _GROUP.leader or everywhere else None
+    if everywhere:
+        tdist.all_gather(parts, t)
+    else:
+        tdist.gather(t, parts, dst=0)
+        if not _GROUP.leader:
+            return None
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim).to(home)
 
 

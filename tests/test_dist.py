@@ -71,6 +71,9 @@ y ~ normal(a[g] + b * x2, sigma)
 """
 MINIBATCH = dict(seed=2, draws=200, method="meanfield", batch_size=16, epochs=4)
 PER_PROCESS = dict(MINIBATCH, batch_size=8)      # two processes' batches of 8: the one-process batch of 16
+ROWS = dict(MINIBATCH, epochs=500)               # per-row latents: windows of 50 epochs; the test stops the fit
+PASS_CHUNK = 14_000       # minibatch.CHUNK_ELEMENTS giving the final pass's 2000 draws chunks of 7 rows (one
+                          # holds rows of both processes)
 N = 31       # odd: rank 0 owns 16 rows, rank 1 owns 15
 
 
@@ -148,6 +151,12 @@ def _group_worker(rank, world, port, out, model, data):
         results["minibatch"] = (f.summary(), f.elbo, f.steps, f.method_note)
         f = ppl.loads(REGRESSION, "r.ppl").fit(data, **PER_PROCESS)       # each process's own rows
         results["own-minibatch"] = (f.summary(), f.elbo, f.steps, f.device)
+        from ppl.infer import minibatch
+        for key, rows, chunk in (("local-minibatch", _data(), minibatch.CHUNK_ELEMENTS),
+                                 ("own-local-minibatch", data, PASS_CHUNK)):
+            minibatch.CHUNK_ELEMENTS = chunk
+            f = ppl.loads(LOCAL, "m.ppl").fit(rows, **dict(ROWS, batch_size=8))
+            results[key] = (f.summary(), f.elbo, f.steps, f.device)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -255,6 +264,24 @@ def test_minibatches_on_two_processes_are_the_one_process_minibatches(two_proces
     _same(summary, elbo, one, ("mu", "beta", "sigma"))
 
 
+@pytest.mark.parametrize("key", ["local-minibatch", "own-local-minibatch"], ids=["shares", "own-rows"])
+def test_minibatches_with_per_row_latents_on_two_processes_are_the_one_process_minibatches(key, two_processes,
+                                                                                          monkeypatch):
+    """Per-row latents (RowLocal): every process draws the one-process batch's local noise and steps
+    the rows it owns; the globals' gradient, the value and the rows' entropy are summed in the step's
+    one all-reduce, the rows' q joined before the convergence test and at the end -- so rows of both
+    processes' shares (z[1], z[16] | z[17], z[31]) and the final ELBO's pass (with own rows: in chunks
+    of 7 rows, one of them holding rows of both processes) are one process's."""
+    summary, elbo, steps, device = two_processes[0][key]
+    if key == "own-local-minibatch":
+        from ppl.infer import minibatch
+        monkeypatch.setattr(minibatch, "CHUNK_ELEMENTS", PASS_CHUNK)
+    one = ppl.loads(LOCAL, "m.ppl").fit(_data(), **ROWS)
+    assert 0 < steps == one.steps < 500 * 2 and "2 processes" in device      # stopped by the convergence test
+    assert ("each read its own rows" in device) == (key == "own-local-minibatch")
+    _same(summary, elbo, one, ("mu", "beta", "tau", "z[1]", "z[16]", "z[17]", "z[31]"))
+
+
 def _same(summary, elbo, one, names=("mu", "beta", "tau", "z[1]", "z[31]")):
     s = one.summary()
     for k in names:
@@ -290,6 +317,17 @@ def test_ppl_fit_procs_2_is_the_one_process_fit_and_writes_once(tmp_path):
     # the first process wrote the outputs, whole: every row's latent is in the draws
     header = open(tmp_path / "out" / "draws.csv").readline().strip().split(",")
     assert "z[31]" in header and "z[1]" in header and "z[17]" in header
+
+
+def test_ppl_fit_procs_2_batch_size_with_per_row_latents_is_the_one_process_fit(tmp_path):
+    """`--batch-size 8` is each process's: the one-process fit with batches of 16, per-row latents too."""
+    model, data = _csv(tmp_path)
+    p = _ppl("fit", model, data, "--seed", "2", "--draws", "200", "--method", "meanfield", "--batch-size", "8",
+             "--epochs", "4", "--format", "json", "--procs", "2")
+    assert p.returncode == 0, p.stderr
+    two = json.loads(p.stdout)
+    assert "2 processes" in two["device"]
+    _same(two["params"], two["elbo"], ppl.load(model).fit(data, **MINIBATCH))
 
 
 def test_rank_pattern_gives_each_process_its_own_file(tmp_path):

@@ -359,8 +359,8 @@ class LogJoint:
             if kind == "block":
                 i, b = payload
                 u = us[i]
-                if shard is not None and b.per_row and u.shape[1] != shard[1] - shard[0]:
-                    u = u[:, shard[0]:shard[1]]      # a local latent: this process's rows
+                if shard is not None and b.per_row and u.shape[1] == b.ushape[0]:
+                    u = u[:, shard[0]:shard[1]]      # a local latent's every row: this process's (a batch: its own)
                 if b.kind == "real":
                     env[name] = u                    # identity: no transform, no Jacobian
                     continue

@@ -74,6 +74,8 @@ class Batch:
                                              # its log density is summed over the processes
     global_terms: bool = True                # global density terms are added here (one process of a group)
     world: int = 1                           # processes sharing the rows (with `shard`)
+    positions: Optional[torch.Tensor] = None  # `own_rows`: where the rows `index` are in the one-process batch
+    whole: Optional[int] = None              # `own_rows`: that batch's rows
 
     @classmethod
     def full(cls, row_data: Mapping[str, torch.Tensor], size: Optional[int]) -> "Batch":
@@ -92,8 +94,10 @@ class Batch:
         those this process owns (`shard.shard`: [lo, hi)), scaled by `n_total` over all of `index` (the
         sum over the processes is that batch's).  `offset`: the first row `row_data` holds (0: all)."""
         lo, hi = shard.shard
-        own = index[(index >= lo) & (index < hi)]
+        positions = torch.nonzero((index >= lo) & (index < hi)).reshape(-1)
+        own = index[positions]
         at = own - offset if offset else own
-        return cls({k: v.index_select(1, at) for k, v in row_data.items()}, n_total / int(index.shape[0]),
-                   int(own.shape[0]), index=own, shard=shard.shard, global_terms=shard.global_terms,
-                   world=shard.world)
+        B = int(index.shape[0])
+        return cls({k: v.index_select(1, at) for k, v in row_data.items()}, n_total / B, int(own.shape[0]),
+                   index=own, shard=shard.shard, global_terms=shard.global_terms, world=shard.world,
+                   positions=positions, whole=B)

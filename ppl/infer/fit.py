@@ -288,8 +288,6 @@ def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
     why = ("encoders (amortize)" if model.encoders else
            "discrete latents on the score path" if program.score else
            "counts summed over windows" if wins is not None else
-           f"{config.opt('batch_size')} with local latents" if config.batch_size is not None and
-           minibatch.local_blocks(program) else
            "no row axis in the data" if model.rows.size is None else None)
     if why:
         raise UsageError(f"{config.opt('procs')} cannot split this fit over processes yet: {why}")

@@ -21,10 +21,12 @@ Latents:
   per-row variational parameters: `RowLocal` is q = q_global(globals) x
   prod_n N(z_n; m_n, diag s_n^2), one mean-field row per data row.  Only the
   batch's rows are drawn and updated, by natural-gradient steps (see the
-  class), so a step costs O(B), never O(N).  Its gradient is the `row-local`
-  estimator (registry GRADIENTS; a kind of its own, chosen only for this
-  family).  The per-row part lives here, in one place: any registered family
-  that needs no model structure serves the globals.
+  class), so a step costs O(B), never O(N); under `--procs` each process
+  draws the whole batch's local noise and steps the rows of it that it
+  owns.  Its gradient is the `row-local` estimator (registry GRADIENTS; a
+  kind of its own, chosen only for this family).  The per-row part lives
+  here, in one place: any registered family that needs no model structure
+  serves the globals.
 
 The run (`optimise`): shuffled batches each epoch from a generator seeded by
 the fit's seed; Stan's relative-change test (engine.Convergence) and q's
@@ -383,6 +385,15 @@ class RowLocal:
         if self._avg is not None and self._n_avg:
             self.loc.copy_(self._avg)
 
+    @torch.no_grad()
+    def share_rows(self) -> None:
+        """A data-parallel fit (ppl.dist): each process steps only the rows it owns; -> every process
+        holds every row's [m | log s] (one collective; the processes' rows are contiguous, in rank order)."""
+        shard = self.program.batch.shard
+        if shard is not None:
+            from .. import dist
+            self.loc.copy_(dist.gather_rows(self.loc[shard[0]:shard[1]], 0, everywhere=True))
+
     # saved fits (ppl.posterior.Approximation.state; restored by ppl.infer.amortized.restore)
     def state_arrays(self):
         """The numbers beyond `parameters()` that define q: the rows' [m | log s], the globals' whitening."""
@@ -416,7 +427,10 @@ def antithetic_draws(fam, S: int, batch=None):
     half = max(1, (S + 1) // 2)
     theta_g, ent = fam.global_draws(half)
     rows = fam.loc[idx]
-    eps = fam.local_eps(rows.shape[0], half)
+    if batch is None or batch.positions is None:
+        eps = fam.local_eps(rows.shape[0], half)
+    else:   # a data-parallel fit: the one-process batch's draws (the shared generator advances alike on
+        eps = fam.local_eps(batch.whole, half)[:, batch.positions]      # every process), its own rows'
     return idx, scale, 2 * half, half, torch.cat([theta_g, theta_g]), ent, rows, torch.cat([eps, -eps])
 
 
@@ -435,7 +449,10 @@ class RowLocalGradient(GradientEstimator):
         fam, lj = self.vi.family, self.vi.program
         idx, scale, S, half, theta_g, ent, rows, eps = antithetic_draws(fam, S, batch)
         z = fam.local_theta(rows, eps).requires_grad_(True)
-        total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch).total
+        parts = (batch if batch is not None else lj.batch).shard is not None
+        total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch, collective=not parts).total
+        if parts:
+            return self._summed(total.mean(), ent, z, idx, rows, eps, scale, S, batch)
         value = total.mean() + ent
         v = float(value.detach()) + scale * float(fam.local_entropy(rows))
         if not math.isfinite(v):
@@ -445,6 +462,29 @@ class RowLocalGradient(GradientEstimator):
         if not bool(torch.isfinite(g).all()):
             return math.nan
         fam.step_rows(idx, eps, -g)
+        return v
+
+    def _summed(self, lp, ent, z, idx, rows, eps, scale: float, S: int, batch) -> float:
+        """A data-parallel fit (ppl.dist): this process's part of the value (its batch rows' log p and
+        entropy; the globals' entropy on the first process) and of the globals' gradients, summed over the
+        processes in one all-reduce; a row's gradient is its own terms', so each process steps its rows."""
+        from .. import dist
+        fam = self.vi.family
+        ps = [p for p in self.vi.parameters() if p.requires_grad]
+        part = lp + ent if batch.global_terms else lp
+        gs = torch.autograd.grad(part, [z] + ps, allow_unused=True)
+        gz = torch.zeros_like(z) if gs[0] is None else gs[0]
+        gs = [torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs[1:])]
+        # (a row's gradient that is not finite on one process fails the step on every process)
+        own = torch.stack([part.detach(), scale * fam.local_entropy(rows), (~torch.isfinite(gz)).sum().to(gz.dtype)])
+        summed = dist.all_reduce_flat([own] + gs)
+        value, ent_rows, not_finite = summed[0].tolist()
+        v = value + ent_rows
+        if not math.isfinite(v) or not_finite:
+            return math.nan
+        for p, g in zip(ps, summed[1:]):
+            p.grad = -g
+        fam.step_rows(idx, eps, gz * (S / scale))        # each draw's gradient of its rows' own terms
         return v
 
 
@@ -582,6 +622,8 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
         """At a window's end in phase 1: the windowed ELBO test passes and q's moments have settled."""
         nonlocal prev
         elbo_settled = conv.check(trace, state.t)
+        if local is not None:
+            local.share_rows()                  # (every process: the same moments, the same decision)
         cur = window_moments(vi.family, avg)
         moved = prev is None or drift(prev, cur) >= DRIFT_TOL
         prev = cur
@@ -630,6 +672,8 @@ def optimise(vi: VI, config, S: int, lr: float, progress: Optional[Callable] = N
                 avg.assign()
             if local is not None:
                 local.assign_average()
+        if local is not None:
+            local.share_rows()
     finally:
         batches_left.close()
         torch.set_num_threads(threads)
@@ -708,24 +752,45 @@ def full_elbo(vi: VI, draws: Optional[int] = None) -> float:
         draws = int(min(2000, max(ELBO_DRAWS, ELBO_BUDGET // max(1, program.largest_node()))))
     per_row = max(1, program.largest_node() // N)
     chunk = max(1, CHUNK_ELEMENTS // (draws * per_row))
-    local = fam if isinstance(fam, RowLocal) else None
-    if local is not None:
-        glob = local.glob
-        theta_g, lq = glob.rsample_with_log_q(draws)
-    else:
-        theta, lq = fam.rsample_with_log_q(draws)
+    if isinstance(fam, RowLocal):
+        theta_g, lq = fam.glob.rsample_with_log_q(draws)
+        acc, ent_local = _rows_pass(program, fam, theta_g, chunk)
+        return float((acc - lq).mean()) + ent_local
+    theta, lq = fam.rsample_with_log_q(draws)
     acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
-    ent_local = 0.0
     for b in pass_batches(program, chunk):
-        if local is not None:
-            rows = local.loc[b.index]
-            z = local.local_theta(rows, local.local_eps(rows.shape[0], draws))
-            total = program.evaluate(None, blocks=local.blocks(theta_g, z), batch=b).total
-            ent_local += float(local.local_entropy(rows))
-        else:
-            total = program.evaluate(theta, batch=b).total
-        acc += total
-    return float((acc - lq).mean()) + ent_local
+        acc += program.evaluate(theta, batch=b).total
+    return float((acc - lq).mean())
+
+
+def _rows_pass(program, local: RowLocal, theta_g: torch.Tensor, chunk: int):
+    """log p at the globals' draws theta_g and a draw of every row, summed over chunks of `chunk` rows
+    (global terms once), and the rows' entropy.  In a data-parallel fit every process draws each chunk's
+    local eps (the shared generator advances alike everywhere, and the draws are one process's) and
+    evaluates the rows of it that it owns; both sums over the processes in one all-reduce."""
+    N, S, shard = program.model.rows.size, theta_g.shape[0], program.batch.shard
+    lo, hi = shard if shard is not None else (0, N)
+    first = shard is None or program.batch.global_terms           # the global terms: once, here
+    off = program.row_offset                                      # (each process read its own rows: ppl.dist)
+    acc = torch.zeros(S, dtype=program.dtype, device=program.device)
+    ent = 0.0
+    for a in range(0, N, chunk):
+        eps = local.local_eps(min(N, a + chunk) - a, S)
+        a1, b1 = max(a, lo), min(a + chunk, hi)
+        if a1 >= b1:
+            continue
+        b = Batch({name: v[:, a1 - off:b1 - off] for name, v in program.row_data.items()}, 1.0, b1 - a1,  # views
+                  index=torch.arange(a1, b1, device=program.device), shard=shard, global_terms=first)
+        first = False
+        rows = local.loc[a1:b1]
+        z = local.local_theta(rows, eps[:, a1 - a:b1 - a])
+        acc += program.evaluate(None, blocks=local.blocks(theta_g, z), batch=b, collective=False).total
+        ent += float(local.local_entropy(rows))
+    if shard is None:
+        return acc, ent
+    from .. import dist
+    acc, ent = dist.all_reduce_flat([acc, torch.tensor([ent], dtype=acc.dtype, device=acc.device)])
+    return acc, float(ent)
 
 
 def global_batch(config, N: Optional[int]):
