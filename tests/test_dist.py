@@ -118,7 +118,17 @@ def _block_gradients(program):
     return [x.numpy() for x in torch.autograd.grad(value.sum(), blocks)]
 
 
-def _group_worker(rank, world, port, out, model, data):
+def _skewed_csv(tmp_path) -> str:
+    """The regression's rows, the first 24 written short and the last 7 long: each process's byte range
+    then holds far from half the rows (rank 0: more than 20 of 31)."""
+    d = _data()
+    lines = [f"{a:.3f},{b:.3f}\n" if i < 24 else f"{a:.17e},{b:.17e}\n" for i, (a, b) in enumerate(zip(d["y"], d["x"]))]
+    path = tmp_path / "skewed.csv"
+    path.write_text("y,x\n" + "".join(lines))
+    return str(path)
+
+
+def _group_worker(rank, world, port, out, model, data, skewed):
     """Everything the in-process tests compare, in one group of two (one start-up of the workers)."""
     torch.set_num_threads(1)
     dist.init(rank, world, port, timeout=60)
@@ -157,6 +167,11 @@ def _group_worker(rank, world, port, out, model, data):
             minibatch.CHUNK_ELEMENTS = chunk
             f = ppl.loads(LOCAL, "m.ppl").fit(rows, **dict(ROWS, batch_size=8))
             results[key] = (f.summary(), f.elbo, f.steps, f.device)
+        # passes over the rows in chunks of 5 rows (the anchor) and 1 row (the final pass): as many on
+        # every process as the longest share needs, here far from N / 2
+        minibatch.CHUNK_ELEMENTS = 5
+        f = ppl.loads(REGRESSION, "r.ppl").fit(skewed, **PER_PROCESS)
+        results["skewed-minibatch"] = (f.summary(), f.elbo, f.steps, f.model.row_share)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -168,9 +183,9 @@ def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     model, data = _csv(tmp)
     out = str(tmp / "results.pt")
-    mp.start_processes(_group_worker, args=(2, dist.free_port(), out, model, data), nprocs=2, join=True,
-                       start_method="spawn")
-    return torch.load(out, weights_only=False), model, data
+    mp.start_processes(_group_worker, args=(2, dist.free_port(), out, model, data, _skewed_csv(tmp)), nprocs=2,
+                       join=True, start_method="spawn")
+    return torch.load(out, weights_only=False), model, data, str(tmp / "skewed.csv")
 
 
 def test_share_splits_rows_contiguously_and_unequally():
@@ -490,3 +505,16 @@ def test_a_bad_value_in_a_later_process_s_rows_is_numbered_as_in_the_whole_file(
     assert "element 26 is 2" in two.stderr and "Traceback" not in two.stderr, two.stderr
     # the first process, ended inside a collective by the second's error, adds no message of its own
     assert two.stderr.count("error:") == 1 and "internal error" not in two.stderr, two.stderr
+
+
+def test_passes_over_unequal_own_rows_cover_every_row(two_processes, monkeypatch):
+    """Byte ranges hold unequal rows (rank 0: more than 20 of 31, not ceil(31 / 2)); the passes over all
+    rows (the control variate's anchor, the final ELBO and PSIS pass) make as many chunks on every
+    process as the longest share needs, so none leaves rows out: the one-process fit."""
+    from ppl.infer import minibatch
+    summary, elbo, steps, own = two_processes[0]["skewed-minibatch"]
+    assert own.hi - own.lo > 20
+    monkeypatch.setattr(minibatch, "CHUNK_ELEMENTS", 5)
+    one = ppl.loads(REGRESSION, "r.ppl").fit(two_processes[3], **MINIBATCH)
+    assert steps == one.steps > 0
+    _same(summary, elbo, one, ("mu", "beta", "sigma"))

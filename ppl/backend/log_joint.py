@@ -555,14 +555,18 @@ class LogJoint:
             out.append(u.reshape(S, -1))
         return torch.cat(out, 1) if out else torch.zeros((S, 0), dtype=self.dtype, device=self.device)
 
-    def use_shard(self, lo: int, hi: int, global_terms: bool, world: int, local: bool = False) -> None:
+    def use_shard(self, lo: int, hi: int, global_terms: bool, world: int, local: bool = False,
+                  longest: Optional[int] = None) -> None:
         """Evaluate this process's rows [lo, hi) of the data (a data-parallel fit, ppl.dist): every
         evaluation is then summed over the processes; `full_batch` keeps the whole data (`local`: the
-        data hold only these rows, read by this process alone: `row_data` is then its rows)."""
+        data hold only these rows, read by this process alone: `row_data` is then its rows).  `longest`:
+        the most rows any process holds (default: an even split's, ceil(N / world))."""
+        if longest is None:
+            longest = -(-int(self.model.rows.size) // world)
         self.row_offset = lo if local else 0
         self.local_rows = local
         rows = dict(self.full_batch.data) if local else {k: v[:, lo:hi] for k, v in self.full_batch.data.items()}
-        self.batch = Batch(rows, 1.0, hi - lo, shard=(lo, hi), global_terms=global_terms, world=world)
+        self.batch = Batch(rows, 1.0, hi - lo, shard=(lo, hi), global_terms=global_terms, longest=longest)
 
     def use_full_data(self) -> None:
         self.batch = self.full_batch

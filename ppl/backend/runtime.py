@@ -73,7 +73,7 @@ class Batch:
     shard: Optional[Any] = None              # (lo, hi): this process's rows of a data-parallel fit (ppl.dist):
                                              # its log density is summed over the processes
     global_terms: bool = True                # global density terms are added here (one process of a group)
-    world: int = 1                           # processes sharing the rows (with `shard`)
+    longest: Optional[int] = None            # (with `shard`) the most rows any process holds
     positions: Optional[torch.Tensor] = None  # `own_rows`: where the rows `index` are in the one-process batch
     whole: Optional[int] = None              # `own_rows`: that batch's rows
 
@@ -99,5 +99,5 @@ class Batch:
         at = own - offset if offset else own
         B = int(index.shape[0])
         return cls({k: v.index_select(1, at) for k, v in row_data.items()}, n_total / B, int(own.shape[0]),
-                   index=own, shard=shard.shard, global_terms=shard.global_terms, world=shard.world,
+                   index=own, shard=shard.shard, global_terms=shard.global_terms, longest=shard.longest,
                    positions=positions, whole=B)

@@ -298,7 +298,9 @@ def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
         if diags:
             from ..errors import PplError
             raise PplError(diags)
-        program.use_shard(own.lo, own.hi, group.leader, group.world, local=True)
+        # byte ranges hold unequal rows: every pass over the rows makes as many chunks as the longest's
+        longest = max(int(n) for n in dist.all_gather_object(own.hi - own.lo))
+        program.use_shard(own.lo, own.hi, group.leader, group.world, local=True, longest=longest)
         return
     lo, hi = dist.share(model.rows.size, group.rank, group.world)
     program.use_shard(lo, hi, group.leader, group.world)

@@ -175,15 +175,19 @@ def pass_batches(program, chunk: int) -> Iterator[Batch]:
     N = program.model.rows.size
     shard = program.batch.shard
     lo, hi = shard if shard is not None else (0, N)
-    longest = -(-N // program.batch.world) if shard is not None else N
+    longest = program.batch.longest if shard is not None else N
     for k in range(max(1, -(-longest // chunk))):
         a = min(hi, lo + k * chunk)
-        b = min(hi, a + chunk)
-        idx = torch.arange(a, b, device=program.device)
-        off = program.row_offset                     # (each process read its own rows: ppl.dist)
-        yield Batch({name: v[:, a - off:b - off] for name, v in program.row_data.items()}, 1.0,  # views
-                    b - a, index=idx, shard=shard,
-                    global_terms=k == 0 and (shard is None or program.batch.global_terms))
+        yield row_range(program, a, min(hi, a + chunk), k == 0 and (shard is None or program.batch.global_terms))
+
+
+def row_range(program, a: int, b: int, global_terms: bool) -> Batch:
+    """Rows [a, b) of the whole data (this process's, in a data-parallel fit) as an unscaled batch of
+    views; the global terms only where `global_terms`."""
+    off = program.row_offset                     # (each process read its own rows: ppl.dist)
+    return Batch({name: v[:, a - off:b - off] for name, v in program.row_data.items()}, 1.0, b - a,
+                 index=torch.arange(a, b, device=program.device), shard=program.batch.shard,
+                 global_terms=global_terms)
 
 
 # ---- the start: the mode search on a subsample ------------------------------------------------
@@ -771,7 +775,6 @@ def _rows_pass(program, local: RowLocal, theta_g: torch.Tensor, chunk: int):
     N, S, shard = program.model.rows.size, theta_g.shape[0], program.batch.shard
     lo, hi = shard if shard is not None else (0, N)
     first = shard is None or program.batch.global_terms           # the global terms: once, here
-    off = program.row_offset                                      # (each process read its own rows: ppl.dist)
     acc = torch.zeros(S, dtype=program.dtype, device=program.device)
     ent = 0.0
     for a in range(0, N, chunk):
@@ -779,8 +782,7 @@ def _rows_pass(program, local: RowLocal, theta_g: torch.Tensor, chunk: int):
         a1, b1 = max(a, lo), min(a + chunk, hi)
         if a1 >= b1:
             continue
-        b = Batch({name: v[:, a1 - off:b1 - off] for name, v in program.row_data.items()}, 1.0, b1 - a1,  # views
-                  index=torch.arange(a1, b1, device=program.device), shard=shard, global_terms=first)
+        b = row_range(program, a1, b1, first)
         first = False
         rows = local.loc[a1:b1]
         z = local.local_theta(rows, eps[:, a1 - a:b1 - a])
