@@ -9,10 +9,12 @@ Stage: (a logistic CSV, run configurations) -> a markdown table on stdout (bench
 
 Each configuration runs as its own `ppl fit` process (one thread per worker: OMP_NUM_THREADS=1), the
 two process counts interleaved, and reports the whole process's wall time, the fit's own time (the
-header's: for the default full-data fit, the time to its converged, accurate fit), the time per epoch
-of a minibatch run (the fit's time over its epochs), the peak resident memory of each process (VmHWM from /proc, read
+header's: for the default full-data fit, the time to its converged, accurate fit), the optimisation's
+own time (`--profile`) and the epochs it ran (`--batch-size` is each process's: two processes take a
+batch of 2B rows a step), the time per epoch (the optimisation's time over its epochs), the peak resident memory of each process (VmHWM from /proc, read
 every 0.2 s while it runs: the launcher, then each worker), and the worst difference of the posterior
-means from the one-process run (in posterior sds), which should be ~0: the same computation.
+means from the one-process run (in posterior sds): ~0 for the default fit (the same computation); a
+minibatch run of two processes is `--procs 1 --batch-size 2B`'s fit, another fit of the same posterior.
 `--reference`: also the worst difference from the Laplace reference (Newton's mode of the posterior,
 bench/minibatch.laplace_reference), i.e. how accurate the fit is in that time.  Under `--procs 2`
 each worker reads only its own rows of the CSV (its byte range; `ppl fit`'s header says so).
