@@ -147,36 +147,15 @@ def share(n: int, rank: int, world: int) -> Tuple[int, int]:
     return lo, lo + q + (1 if rank < r else 0)
 
 
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """In place: `t` becomes the sum over ranks of `t`, the same bits on every rank.  Between CPU
-    processes (gloo) whose number is a power of two: recursive doubling, log2(W) rounds in which each
-    process exchanges its partial sum with one partner (point-to-point: one message each way) and both
-    add the lower rank's part to the higher's.  gloo's all_reduce takes two rounds for two processes
-    (reduce-scatter, all-gather): on this 2-core machine 600-670 us against 220-240 us a step for the
-    exchange (bench/RESULTS.md, "Several processes: one exchange a step").  Otherwise all_reduce."""
-    world, rank = _GROUP.world, _GROUP.rank
-    if world & (world - 1) or t.device.type != "cpu":
-        tdist.all_reduce(t)
-        return t
-    other = torch.empty_like(t)
-    k = 1
-    while k < world:
-        peer = rank ^ k
-        sent = tdist.isend(t, peer)
-        tdist.recv(other, peer)
-        sent.wait()
-        torch.add(t, other, out=t) if rank < peer else torch.add(other, t, out=t)
-        k <<= 1
-    return t
-
-
 class AllReduce(torch.autograd.Function):
     """y = sum over ranks of x (every rank gets y); the gradient passes to x unchanged (each rank's
     loss is the same function of y)."""
 
     @staticmethod
     def forward(ctx, x):
-        return sum_over_ranks(x.clone())
+        y = x.clone()
+        tdist.all_reduce(y)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -210,7 +189,8 @@ def all_reduce_flat(tensors):
     tensors = list(tensors)
     if _GROUP is None or not tensors:
         return tensors
-    flat = sum_over_ranks(torch.cat([t.reshape(-1) for t in tensors]))
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    tdist.all_reduce(flat)
     return _split_like(flat, tensors)
 
 
