@@ -39,7 +39,8 @@ class PplModel:
         _check_data_size(files)
 
         def loader(decls, syms):
-            return load_data(decls, files, sets, syms, objects=objects, fill_missing=fill_missing)
+            return load_data(decls, files, sets, syms, objects=objects, fill_missing=fill_missing,
+                             own_rows=not self.program.encoders)
         return check(self.program, self.source, loader)
 
     def graph(self, data: DataArg = None, sets: Sequence[str] = (), estimator: str = "auto",

@@ -1108,17 +1108,21 @@ def _bind_all(b: "_Binder", decls, fill_missing) -> None:
 
 
 def load_data(decls: Sequence[A.DataDecl], files: Sequence[str], sets: Sequence[str] = (),
-              dim_symbols=(), objects: Sequence[dict] = (), fill_missing: Optional[Dict[str, float]] = None
-              ) -> DataSet:
+              dim_symbols=(), objects: Sequence[dict] = (), fill_missing: Optional[Dict[str, float]] = None,
+              own_rows: bool = True) -> DataSet:
     """Read every file, then bind each declaration in source order.  `fill_missing` (name -> value):
     declarations that may be absent (the observed columns of data for prediction), filled with that
     value in the shape the other data give.  In a data-parallel fit (ppl.dist) each process reads only
-    its own rows where it can (`_own_rows`; the DataSet's `rows` says which)."""
+    its own rows where it can (`_own_rows`; the DataSet's `rows` says which), unless not `own_rows`
+    (a model with encoders: q's draws encode every row on every process)."""
     group = _group()
     if group is None and any(RANK_FIELD in f for f in files):
         raise UsageError(f"a data path with {RANK_FIELD} gives each process of a data-parallel fit its own file; "
                          f"this fit runs in one process: use --procs W (or torchrun), or name one file")
-    if group is not None and not fill_missing:
+    if group is not None and not own_rows and any(RANK_FIELD in f for f in files):
+        raise UsageError(f"a model with encoders (amortize) reads the whole data on every process of a data-parallel "
+                         f"fit (q's draws encode every row); name one file, not a {RANK_FIELD} pattern")
+    if group is not None and not fill_missing and own_rows:
         ds = _own_rows(decls, files, sets, dim_symbols, objects, group)
         if ds is not None:
             return ds

@@ -3,8 +3,9 @@ with a timeout) compute the one-process log density, gradient and Hessian on the
 odd so the ranks own unequal rows -- sliced from the whole data, or read by each process alone (its
 byte range of the CSV, or its own file by a `{rank}` pattern); `ppl fit --procs 2` gives the
 one-process answer and, where each process read its own rows, the one-process outputs (data.json,
-fit.nc's data and predictive groups); a row-mixing model is refused where each process reads its own
-rows; a rank that fails ends the fit with its located message and exit 1 within seconds."""
+fit.nc's data and predictive groups); encoder fits (amortize) are the one-process fits; a row-mixing
+model is refused where each process reads its own rows; a rank that fails ends the fit with its
+located message and exit 1 within seconds."""
 from __future__ import annotations
 
 import json
@@ -69,6 +70,25 @@ b ~ normal(0, 2)
 sigma ~ half_normal(2)
 y ~ normal(a[g] + b * x2, sigma)
 """
+ENCODED = """data y: real[N]
+data x: real[N]
+mu ~ normal(0, 5)
+beta ~ normal(0, 2)
+tau ~ half_normal(2)
+z[N] ~ normal(mu + beta * x, tau)
+y ~ normal(z, 0.5)
+amortize z from y, x hidden [8]
+"""
+ENCODED_AND_ROWS = """data y: real[N]
+data x: real[N]
+mu ~ normal(0, 5)
+tau ~ half_normal(2)
+z[N] ~ normal(mu, tau)
+w[N] ~ normal(0, 1)
+y ~ normal(z + 0.3 * w * x, 0.5)
+amortize z from y linear
+"""
+ALL_ROWS = dict(seed=2, draws=200, method="meanfield", steps=30)     # an encoder fit without batch_size
 MINIBATCH = dict(seed=2, draws=200, method="meanfield", batch_size=16, epochs=4)
 PER_PROCESS = dict(MINIBATCH, batch_size=8)      # two processes' batches of 8: the one-process batch of 16
 ROWS = dict(MINIBATCH, epochs=500)               # per-row latents: windows of 50 epochs; the test stops the fit
@@ -172,6 +192,14 @@ def _group_worker(rank, world, port, out, model, data, skewed):
         minibatch.CHUNK_ELEMENTS = 5
         f = ppl.loads(REGRESSION, "r.ppl").fit(skewed, **PER_PROCESS)
         results["skewed-minibatch"] = (f.summary(), f.elbo, f.steps, f.model.row_share)
+        # encoders: the one-process batch of 16; all rows a step (the CSV: read whole by every process)
+        from ppl.infer import amortized
+        minibatch.CHUNK_ELEMENTS = amortized.CHUNK_ELEMENTS = PASS_CHUNK
+        for key, text, rows, options in (("encoder", ENCODED, _data(), PER_PROCESS),
+                                         ("encoder-all-rows", ENCODED, data, ALL_ROWS),
+                                         ("encoder-and-rows", ENCODED_AND_ROWS, _data(), PER_PROCESS)):
+            f = ppl.loads(text, "m.ppl").fit(rows, **options)
+            results[key] = (f.summary(), f.elbo, f.steps, f.method_note + "; " + f.device, f.encode()["z"])
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -295,6 +323,45 @@ def test_minibatches_with_per_row_latents_on_two_processes_are_the_one_process_m
     assert 0 < steps == one.steps < 500 * 2 and "2 processes" in device      # stopped by the convergence test
     assert ("each read its own rows" in device) == (key == "own-local-minibatch")
     _same(summary, elbo, one, ("mu", "beta", "tau", "z[1]", "z[16]", "z[17]", "z[31]"))
+
+
+@pytest.mark.parametrize("key", ["encoder", "encoder-all-rows", "encoder-and-rows"])
+def test_encoder_fits_on_two_processes_are_the_one_process_fits(key, two_processes, monkeypatch):
+    """Encoders (amortize): every process draws the one-process batch's noise (the encoders' too) and
+    encodes the rows of it that it owns; the globals' and the encoders' weights' gradients, the value
+    and the rows' entropy are summed in the step's one all-reduce, and the final ELBO's pass (in chunks
+    of 7 rows here) is split the same way -- so the fit, the encoders' q of rows of both shares and
+    the ELBO are one process's (a linear encoder beside per-row latents too; without batch_size every
+    process reads the whole CSV)."""
+    from ppl.infer import amortized, minibatch
+    summary, elbo, steps, note, encoded = two_processes[0][key]
+    monkeypatch.setattr(minibatch, "CHUNK_ELEMENTS", PASS_CHUNK)
+    monkeypatch.setattr(amortized, "CHUNK_ELEMENTS", PASS_CHUNK)
+    text = ENCODED_AND_ROWS if key == "encoder-and-rows" else ENCODED
+    one = ppl.loads(text, "m.ppl").fit(two_processes[2] if key == "encoder-all-rows" else _data(),
+                                       **(ALL_ROWS if key == "encoder-all-rows" else MINIBATCH))
+    assert steps == one.steps > 0 and "2 processes" in note and "each read its own rows" not in note
+    assert ("minibatches of 16 (8 a process) of 31 rows" in note) == (key != "encoder-all-rows"), note
+    names = ("mu", "tau", "z[1]", "z[16]", "z[17]", "z[31]") + (("w[1]", "w[31]") if key == "encoder-and-rows"
+                                                               else ("beta",))
+    _same(summary, elbo, one, names)
+    want = one.encode()["z"]
+    for stat in ("mean", "sd"):
+        assert encoded[stat].shape == (N,) and np.max(np.abs(encoded[stat] - want[stat])) < 1e-6
+
+
+def test_encoders_under_procs_refuse_holdout_and_rank_files(tmp_path):
+    """What an encoder fit does not split over processes is a usage error that says so."""
+    _, data = _csv(tmp_path)
+    model = tmp_path / "enc.ppl"
+    model.write_text(ENCODED)
+    p = _ppl("fit", str(model), data, "--procs", "2", "--holdout", "0.2")
+    assert p.returncode == 2, p.stderr
+    assert "--procs cannot split this fit over processes yet: encoders (amortize) with --holdout" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = _ppl("fit", str(model), str(tmp_path / "part-{rank}.csv"), "--procs", "2")
+    assert p.returncode == 2, p.stderr
+    assert "encoders (amortize) reads the whole data on every process" in p.stderr and "Traceback" not in p.stderr
 
 
 def _same(summary, elbo, one, names=("mu", "beta", "tau", "z[1]", "z[31]")):

@@ -28,7 +28,11 @@ are not).  Without globals or per-row rows a step draws z once a row (ENCODER_DR
 encoder an antithetic pair), at the full step size.
 
 The fit runs through minibatch.optimise whether or not `batch_size` is given (without it: one
-batch of all rows in order each step; the epoch is a step).
+batch of all rows in order each step; the epoch is a step).  In a data-parallel fit (ppl.dist)
+every process reads the whole data (so the inputs' standardisation, the encoders' start and q's
+draws of every row are one process's), draws the one-process batch's noise and encodes the rows of
+it that it owns; `AmortizedGradient._summed` and `elbo_of` sum the processes' parts in one
+all-reduce.  `--holdout` and `--refine-local` are one-process only (ppl.infer.fit.shard refuses).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ import torch
 from ..backend.runtime import Batch
 from ..frontend.encoders import ACTIVATIONS, EncoderSpec, encoder_of
 from .estimators import GradientEstimator, register_gradient
-from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal, antithetic_draws, pass_batches
+from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal, antithetic_draws, row_range
 
 ENCODER_LR_SCALE = 0.1
 IAF_HIDDEN_MIN = 16       # hidden units per IAF step's MADE layer: 2 k, at least this
@@ -493,13 +497,30 @@ def elbo_of(fam: Amortized, program, draws: Optional[int] = None, draw_enc=None)
     theta_g, lq = fam.glob.rsample_with_log_q(draws)
     acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
     ent_rows = 0.0
-    for b in pass_batches(program, chunk):
-        rows = fam.loc[b.index]
-        z_r = fam.local_theta(rows, fam.local_eps(rows.shape[0], draws))
-        z_e, lq_e = draw_enc(b.data, b.index, fam.encoder_eps(rows.shape[0], draws))
-        total = program.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=b).total
+    # in a data-parallel fit, as minibatch._rows_pass: every process draws each one-process chunk's eps
+    # and evaluates the rows of it that it owns; the sums over the processes in one all-reduce
+    shard = program.batch.shard
+    lo, hi = shard if shard is not None else (0, N)
+    first = shard is None or program.batch.global_terms           # the global terms: once, here
+    for a in range(0, N, chunk):
+        n = min(N, a + chunk) - a
+        eps_r, eps_e = fam.local_eps(n, draws), fam.encoder_eps(n, draws)
+        a1, b1 = max(a, lo), min(a + chunk, hi)
+        if a1 >= b1:
+            continue
+        b = row_range(program, a1, b1, first)
+        first = False
+        rows = fam.loc[a1:b1]
+        z_r = fam.local_theta(rows, eps_r[:, a1 - a:b1 - a])
+        z_e, lq_e = draw_enc(b.data, b.index, [e[:, a1 - a:b1 - a] for e in eps_e])
+        total = program.evaluate(None, blocks=fam.blocks(theta_g, fam.assemble(z_r, z_e)), batch=b,
+                                 collective=False).total
         acc += total - lq_e
         ent_rows += float(fam.local_entropy(rows))
+    if shard is not None:
+        from .. import dist
+        acc, ent = dist.all_reduce_flat([acc, torch.tensor([ent_rows], dtype=acc.dtype, device=acc.device)])
+        ent_rows = float(ent)
     return float((acc - lq).mean()) + ent_rows
 
 
@@ -527,7 +548,11 @@ class AmortizedGradient(GradientEstimator):
             z = fam.assemble(z_r, z_e)
         else:                                           # every local latent encoded
             z = fam.assemble_encoded(z_e)
-        total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch).total
+        parts = (batch if batch is not None else lj.batch).shard is not None
+        total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch, collective=not parts).total
+        if parts:
+            return self._summed(total.mean() + scale * ent_e, ent, z_r if fam.K else None, idx, rows, eps, scale,
+                                S, batch)
         value = total.mean() + ent + scale * ent_e
         v = float(value.detach()) + (scale * float(fam.local_entropy(rows)) if fam.K else 0.0)
         if not math.isfinite(v):
@@ -540,13 +565,49 @@ class AmortizedGradient(GradientEstimator):
             fam.step_rows(idx, eps, -g)
         return v
 
+    def _summed(self, lp, ent, z_r, idx, rows, eps, scale: float, S: int, batch) -> float:
+        """A data-parallel fit (ppl.dist), as minibatch.RowLocalGradient._summed: this process's part of
+        the value (its batch rows' log p and encoders' entropy; the globals' entropy on the first
+        process) and of the gradients of the globals' family and the encoders' weights, summed over
+        the processes in one all-reduce; each process steps its own per-row rows."""
+        from .. import dist
+        fam = self.vi.family
+        ps = [p for p in self.vi.parameters() if p.requires_grad]
+        part = lp + ent if batch.global_terms else lp
+        leaves = ([z_r] if z_r is not None else []) + ps
+        # (a process none of whose rows are in the batch, and not the first: a part that is a constant)
+        gs = torch.autograd.grad(part, leaves, allow_unused=True) if part.requires_grad else [None] * len(leaves)
+        gs = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+        gz = gs.pop(0) if z_r is not None else None
+        own = torch.stack([part.detach(), scale * fam.local_entropy(rows) if z_r is not None else torch.zeros_like(lp),
+                           (~torch.isfinite(gz)).sum().to(lp.dtype) if z_r is not None else torch.zeros_like(lp)])
+        summed = dist.all_reduce_flat([own.detach()] + gs)
+        value, ent_rows, not_finite = summed[0].tolist()
+        v = value + ent_rows
+        if not math.isfinite(v) or not_finite:
+            return math.nan
+        for p, g in zip(ps, summed[1:]):
+            p.grad = -g
+        if z_r is not None:
+            fam.step_rows(idx, eps, gz * (S / scale))        # each draw's gradient of its rows' own terms
+        return v
+
+
+def batch_encoder_eps(fam: Amortized, S: int, batch=None, rows: Optional[int] = None) -> List[torch.Tensor]:
+    """The encoders' eps of a batch's `rows` rows; in a data-parallel fit, the one-process batch's
+    (drawn on every process, the shared generator advancing alike), its own rows' kept."""
+    if batch is None or batch.positions is None:
+        return fam.encoder_eps(rows, S)
+    return [e[:, batch.positions] for e in fam.encoder_eps(batch.whole, S)]
+
 
 def paired_draws(fam: Amortized, S: int, batch=None):
     """antithetic_draws, with the encoders' eps in antithetic pairs too.  -> (row indices, the batch's
     scale, S (even), the globals' draws, their entropy, the rows' parameters, the rows' eps, the
     encoders' eps)."""
     idx, scale, S, half, theta_g, ent, rows, eps = antithetic_draws(fam, S, batch)
-    return idx, scale, S, theta_g, ent, rows, eps, [torch.cat([e, -e]) for e in fam.encoder_eps(rows.shape[0], half)]
+    return idx, scale, S, theta_g, ent, rows, eps, [torch.cat([e, -e])
+                                                    for e in batch_encoder_eps(fam, half, batch, rows.shape[0])]
 
 
 def plain_draws(fam: Amortized, S: int, batch=None):
@@ -555,7 +616,7 @@ def plain_draws(fam: Amortized, S: int, batch=None):
     idx = batch.index if batch is not None and batch.index is not None else fam.all_rows
     scale = 1.0 if batch is None else batch.scale
     theta_g, ent = fam.global_draws(S)
-    return idx, scale, S, theta_g, ent, None, None, fam.encoder_eps(idx.shape[0], S)
+    return idx, scale, S, theta_g, ent, None, None, batch_encoder_eps(fam, S, batch, idx.shape[0])
 
 
 # ---- after the fit: new rows, refinement ------------------------------------------------------------

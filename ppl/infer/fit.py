@@ -285,7 +285,9 @@ def shard(model: Model, program: LogJoint, wins, config: FitConfig) -> None:
     if group is None:
         return
     from ..errors import UsageError
-    why = ("encoders (amortize)" if model.encoders else
+    o = config.opt
+    why = ("encoders (amortize) with " + (o('holdout') if config.holdout is not None else o('refine_local'))
+           if model.encoders and (config.holdout is not None or config.refine_local is not None) else
            "discrete latents on the score path" if program.score else
            "counts summed over windows" if wins is not None else
            "no row axis in the data" if model.rows.size is None else None)

@@ -394,7 +394,7 @@ class RowLocal:
         """A data-parallel fit (ppl.dist): each process steps only the rows it owns; -> every process
         holds every row's [m | log s] (one collective; the processes' rows are contiguous, in rank order)."""
         shard = self.program.batch.shard
-        if shard is not None:
+        if shard is not None and self.loc.shape[1]:         # (every local latent encoded: no rows of its own)
             from .. import dist
             self.loc.copy_(dist.gather_rows(self.loc[shard[0]:shard[1]], 0, everywhere=True))
 
