@@ -70,15 +70,7 @@ b ~ normal(0, 2)
 sigma ~ half_normal(2)
 y ~ normal(a[g] + b * x2, sigma)
 """
-ENCODED = """data y: real[N]
-data x: real[N]
-mu ~ normal(0, 5)
-beta ~ normal(0, 2)
-tau ~ half_normal(2)
-z[N] ~ normal(mu + beta * x, tau)
-y ~ normal(z, 0.5)
-amortize z from y, x hidden [8]
-"""
+ENCODED = LOCAL + "amortize z from y, x hidden [8]\n"
 ENCODED_AND_ROWS = """data y: real[N]
 data x: real[N]
 mu ~ normal(0, 5)

@@ -31,7 +31,7 @@ The fit runs through minibatch.optimise whether or not `batch_size` is given (wi
 batch of all rows in order each step; the epoch is a step).  In a data-parallel fit (ppl.dist)
 every process reads the whole data (so the inputs' standardisation, the encoders' start and q's
 draws of every row are one process's), draws the one-process batch's noise and encodes the rows of
-it that it owns; `AmortizedGradient._summed` and `elbo_of` sum the processes' parts in one
+it that it owns; `minibatch.summed_step` and `elbo_of` sum the processes' parts in one
 all-reduce.  `--holdout` and `--refine-local` are one-process only (ppl.infer.fit.shard refuses).
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ import torch
 from ..backend.runtime import Batch
 from ..frontend.encoders import ACTIVATIONS, EncoderSpec, encoder_of
 from .estimators import GradientEstimator, register_gradient
-from .minibatch import CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal, antithetic_draws, row_range
+from .minibatch import (CHUNK_ELEMENTS, ELBO_BUDGET, ELBO_DRAWS, RowLocal, antithetic_draws, chunk_walk, sum_parts,
+                        summed_step)
 
 ENCODER_LR_SCALE = 0.1
 IAF_HIDDEN_MIN = 16       # hidden units per IAF step's MADE layer: 2 k, at least this
@@ -497,19 +498,10 @@ def elbo_of(fam: Amortized, program, draws: Optional[int] = None, draw_enc=None)
     theta_g, lq = fam.glob.rsample_with_log_q(draws)
     acc = torch.zeros(draws, dtype=program.dtype, device=program.device)
     ent_rows = 0.0
-    # in a data-parallel fit, as minibatch._rows_pass: every process draws each one-process chunk's eps
-    # and evaluates the rows of it that it owns; the sums over the processes in one all-reduce
-    shard = program.batch.shard
-    lo, hi = shard if shard is not None else (0, N)
-    first = shard is None or program.batch.global_terms           # the global terms: once, here
-    for a in range(0, N, chunk):
-        n = min(N, a + chunk) - a
+    for a, n, a1, b1, b in chunk_walk(program, chunk):          # (in a data-parallel fit: this process's rows)
         eps_r, eps_e = fam.local_eps(n, draws), fam.encoder_eps(n, draws)
-        a1, b1 = max(a, lo), min(a + chunk, hi)
-        if a1 >= b1:
+        if b is None:
             continue
-        b = row_range(program, a1, b1, first)
-        first = False
         rows = fam.loc[a1:b1]
         z_r = fam.local_theta(rows, eps_r[:, a1 - a:b1 - a])
         z_e, lq_e = draw_enc(b.data, b.index, [e[:, a1 - a:b1 - a] for e in eps_e])
@@ -517,10 +509,7 @@ def elbo_of(fam: Amortized, program, draws: Optional[int] = None, draw_enc=None)
                                  collective=False).total
         acc += total - lq_e
         ent_rows += float(fam.local_entropy(rows))
-    if shard is not None:
-        from .. import dist
-        acc, ent = dist.all_reduce_flat([acc, torch.tensor([ent_rows], dtype=acc.dtype, device=acc.device)])
-        ent_rows = float(ent)
+    acc, ent_rows = sum_parts(program, acc, ent_rows)
     return float((acc - lq).mean()) + ent_rows
 
 
@@ -551,8 +540,8 @@ class AmortizedGradient(GradientEstimator):
         parts = (batch if batch is not None else lj.batch).shard is not None
         total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch, collective=not parts).total
         if parts:
-            return self._summed(total.mean() + scale * ent_e, ent, z_r if fam.K else None, idx, rows, eps, scale,
-                                S, batch)
+            return summed_step(self.vi, total.mean() + scale * ent_e, ent, z_r if fam.K else None, idx, rows, eps,
+                               scale, S, batch)
         value = total.mean() + ent + scale * ent_e
         v = float(value.detach()) + (scale * float(fam.local_entropy(rows)) if fam.K else 0.0)
         if not math.isfinite(v):
@@ -563,33 +552,6 @@ class AmortizedGradient(GradientEstimator):
             if not bool(torch.isfinite(g).all()):
                 return math.nan
             fam.step_rows(idx, eps, -g)
-        return v
-
-    def _summed(self, lp, ent, z_r, idx, rows, eps, scale: float, S: int, batch) -> float:
-        """A data-parallel fit (ppl.dist), as minibatch.RowLocalGradient._summed: this process's part of
-        the value (its batch rows' log p and encoders' entropy; the globals' entropy on the first
-        process) and of the gradients of the globals' family and the encoders' weights, summed over
-        the processes in one all-reduce; each process steps its own per-row rows."""
-        from .. import dist
-        fam = self.vi.family
-        ps = [p for p in self.vi.parameters() if p.requires_grad]
-        part = lp + ent if batch.global_terms else lp
-        leaves = ([z_r] if z_r is not None else []) + ps
-        # (a process none of whose rows are in the batch, and not the first: a part that is a constant)
-        gs = torch.autograd.grad(part, leaves, allow_unused=True) if part.requires_grad else [None] * len(leaves)
-        gs = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
-        gz = gs.pop(0) if z_r is not None else None
-        own = torch.stack([part.detach(), scale * fam.local_entropy(rows) if z_r is not None else torch.zeros_like(lp),
-                           (~torch.isfinite(gz)).sum().to(lp.dtype) if z_r is not None else torch.zeros_like(lp)])
-        summed = dist.all_reduce_flat([own.detach()] + gs)
-        value, ent_rows, not_finite = summed[0].tolist()
-        v = value + ent_rows
-        if not math.isfinite(v) or not_finite:
-            return math.nan
-        for p, g in zip(ps, summed[1:]):
-            p.grad = -g
-        if z_r is not None:
-            fam.step_rows(idx, eps, gz * (S / scale))        # each draw's gradient of its rows' own terms
         return v
 
 

@@ -43,7 +43,7 @@ reported ELBO: one pass over all rows, in chunks, with the final q.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -456,7 +456,7 @@ class RowLocalGradient(GradientEstimator):
         parts = (batch if batch is not None else lj.batch).shard is not None
         total = lj.evaluate(None, blocks=fam.blocks(theta_g, z), batch=batch, collective=not parts).total
         if parts:
-            return self._summed(total.mean(), ent, z, idx, rows, eps, scale, S, batch)
+            return summed_step(self.vi, total.mean(), ent, z, idx, rows, eps, scale, S, batch)
         value = total.mean() + ent
         v = float(value.detach()) + scale * float(fam.local_entropy(rows))
         if not math.isfinite(v):
@@ -468,28 +468,35 @@ class RowLocalGradient(GradientEstimator):
         fam.step_rows(idx, eps, -g)
         return v
 
-    def _summed(self, lp, ent, z, idx, rows, eps, scale: float, S: int, batch) -> float:
-        """A data-parallel fit (ppl.dist): this process's part of the value (its batch rows' log p and
-        entropy; the globals' entropy on the first process) and of the globals' gradients, summed over the
-        processes in one all-reduce; a row's gradient is its own terms', so each process steps its rows."""
-        from .. import dist
-        fam = self.vi.family
-        ps = [p for p in self.vi.parameters() if p.requires_grad]
-        part = lp + ent if batch.global_terms else lp
-        gs = torch.autograd.grad(part, [z] + ps, allow_unused=True)
-        gz = torch.zeros_like(z) if gs[0] is None else gs[0]
-        gs = [torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs[1:])]
-        # (a row's gradient that is not finite on one process fails the step on every process)
-        own = torch.stack([part.detach(), scale * fam.local_entropy(rows), (~torch.isfinite(gz)).sum().to(gz.dtype)])
-        summed = dist.all_reduce_flat([own] + gs)
-        value, ent_rows, not_finite = summed[0].tolist()
-        v = value + ent_rows
-        if not math.isfinite(v) or not_finite:
-            return math.nan
-        for p, g in zip(ps, summed[1:]):
-            p.grad = -g
+def summed_step(vi: VI, lp, ent, z, idx, rows, eps, scale: float, S: int, batch: Batch) -> float:
+    """A data-parallel fit (ppl.dist) of per-row q (RowLocal, Amortized): this process's part of the
+    value (its batch rows' log p `lp`; the globals' entropy `ent` on the first process only) and of the
+    gradients of the family's parameters (the globals', the encoders'), summed over the processes in one
+    all-reduce with the rows' entropy and a count of rows whose gradient is not finite (which fails the
+    step on every process); a row's gradient is its own terms', so each process steps its own rows.
+    `z`: the batch rows' local draws (None: every local latent encoded, no rows to step)."""
+    from .. import dist
+    fam = vi.family
+    ps = [p for p in vi.parameters() if p.requires_grad]
+    part = lp + ent if batch.global_terms else lp
+    leaves = ([z] if z is not None else []) + ps
+    # (a process none of whose rows are in the batch, and not the first: a part that is a constant)
+    gs = torch.autograd.grad(part, leaves, allow_unused=True) if part.requires_grad else [None] * len(leaves)
+    gs = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+    gz = gs.pop(0) if z is not None else None
+    zero = torch.zeros_like(part.detach())
+    own = torch.stack([part.detach(), scale * fam.local_entropy(rows).detach() if z is not None else zero,
+                       (~torch.isfinite(gz)).sum().to(zero.dtype) if z is not None else zero])
+    summed = dist.all_reduce_flat([own] + gs)
+    value, ent_rows, not_finite = summed[0].tolist()
+    v = value + ent_rows
+    if not math.isfinite(v) or not_finite:
+        return math.nan
+    for p, g in zip(ps, summed[1:]):
+        p.grad = -g
+    if z is not None:
         fam.step_rows(idx, eps, gz * (S / scale))        # each draw's gradient of its rows' own terms
-        return v
+    return v
 
 
 # ---- a control variate for the subsampling noise (no local latents) ------------------------------
@@ -769,30 +776,47 @@ def full_elbo(vi: VI, draws: Optional[int] = None) -> float:
 
 def _rows_pass(program, local: RowLocal, theta_g: torch.Tensor, chunk: int):
     """log p at the globals' draws theta_g and a draw of every row, summed over chunks of `chunk` rows
-    (global terms once), and the rows' entropy.  In a data-parallel fit every process draws each chunk's
-    local eps (the shared generator advances alike everywhere, and the draws are one process's) and
-    evaluates the rows of it that it owns; both sums over the processes in one all-reduce."""
-    N, S, shard = program.model.rows.size, theta_g.shape[0], program.batch.shard
-    lo, hi = shard if shard is not None else (0, N)
-    first = shard is None or program.batch.global_terms           # the global terms: once, here
-    acc = torch.zeros(S, dtype=program.dtype, device=program.device)
+    (global terms once), and the rows' entropy (`chunk_walk`)."""
+    acc = torch.zeros(theta_g.shape[0], dtype=program.dtype, device=program.device)
     ent = 0.0
-    for a in range(0, N, chunk):
-        eps = local.local_eps(min(N, a + chunk) - a, S)
-        a1, b1 = max(a, lo), min(a + chunk, hi)
-        if a1 >= b1:
+    for a, n, a1, b1, b in chunk_walk(program, chunk):
+        eps = local.local_eps(n, theta_g.shape[0])
+        if b is None:
             continue
-        b = row_range(program, a1, b1, first)
-        first = False
         rows = local.loc[a1:b1]
         z = local.local_theta(rows, eps[:, a1 - a:b1 - a])
         acc += program.evaluate(None, blocks=local.blocks(theta_g, z), batch=b, collective=False).total
         ent += float(local.local_entropy(rows))
-    if shard is None:
+    return sum_parts(program, acc, ent)
+
+
+def chunk_walk(program, chunk: int) -> Iterator[Tuple[int, int, int, int, Optional[Batch]]]:
+    """The one-process chunks of `chunk` rows, in order: (first row, rows, this process's rows of it
+    [a1, b1), their batch, or None where it holds none).  In a data-parallel
+    fit every process walks every chunk, so draws made per chunk advance the shared generator alike and
+    are one process's; the global terms are in the first batch only.  Evaluate with collective=False and
+    add the parts up with `sum_parts`."""
+    N, shard = program.model.rows.size, program.batch.shard
+    lo, hi = shard if shard is not None else (0, N)
+    first = shard is None or program.batch.global_terms
+    for a in range(0, N, chunk):
+        n = min(N, a + chunk) - a
+        a1, b1 = max(a, lo), min(a + n, hi)
+        if a1 >= b1:
+            yield a, n, a1, b1, None
+            continue
+        yield a, n, a1, b1, row_range(program, a1, b1, first)
+        first = False
+
+
+def sum_parts(program, acc: torch.Tensor, ent: float) -> Tuple[torch.Tensor, float]:
+    """(log p summed over this process's rows, its rows' entropy) -> the sums over the processes (one
+    all-reduce; one process: as they are)."""
+    if program.batch.shard is None:
         return acc, ent
     from .. import dist
-    acc, ent = dist.all_reduce_flat([acc, torch.tensor([ent], dtype=acc.dtype, device=acc.device)])
-    return acc, float(ent)
+    acc, e = dist.all_reduce_flat([acc, torch.tensor([ent], dtype=acc.dtype, device=acc.device)])
+    return acc, float(e)
 
 
 def global_batch(config, N: Optional[int]):
