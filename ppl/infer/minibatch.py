@@ -525,19 +525,23 @@ class ControlVariate:
         g = torch.zeros_like(self.theta0)
         for b in pass_batches(lj, chunk):
             g += self._grad(b)
+        if lj.batch.shard is not None:          # the processes' parts: one all-reduce, not two a chunk
+            from .. import dist
+            g, = dist.all_reduce_flat([g])
         self.g_full = g[0]
         return bool(torch.isfinite(self.g_full).all())
 
-    def _grad(self, batch: Batch, collective: bool = True) -> torch.Tensor:
+    def _grad(self, batch: Batch) -> torch.Tensor:
+        """The gradient of log p at the anchor over `batch` (in a data-parallel fit: this process's part)."""
         x = self.theta0.clone().requires_grad_(True)
-        g, = torch.autograd.grad(self.program.evaluate(x, batch=batch, collective=collective).total.sum(), x)
+        g, = torch.autograd.grad(self.program.evaluate(x, batch=batch, collective=False).total.sum(), x)
         return g
 
     def attach(self, batch: Batch) -> Batch:
         """In a data-parallel fit, each process's part of c (no collective: the step's one all-reduce
         sums the parts with the rest): the full gradient on the first, less its own rows' gradient."""
         if self.theta0 is not None:
-            c = -self._grad(batch, collective=False)[0]
+            c = -self._grad(batch)[0]
             if batch.shard is None or batch.global_terms:
                 c = c + self.g_full
             if bool(torch.isfinite(c).all()):
@@ -829,7 +833,8 @@ def global_batch(config, N: Optional[int]):
     if group is None or config.batch_size is None or group.world == 1:
         return config
     from dataclasses import replace
-    return replace(config, batch_size=min(N or config.batch_size * group.world, config.batch_size * group.world))
+    B = config.batch_size * group.world
+    return replace(config, batch_size=min(N, B) if N else B)
 
 
 def describe(config, result: OptimResult, N: int) -> str:
